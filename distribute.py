@@ -37,7 +37,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import click
 
@@ -94,7 +94,8 @@ def alias_problem(alias: str) -> Optional[str]:
         return f"{alias!r} is not a file name"
     if "/" in alias or "\\" in alias:
         return f"{alias!r} must be a plain file name, without '/'"
-    if any(ord(c) < 32 for c in alias) or len(alias.encode()) > 255:
+    if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in alias) \
+            or len(alias.encode("utf-8", "replace")) > 255:
         return f"{alias!r} is not a usable file name"
     return None
 
@@ -109,7 +110,7 @@ def inside(root: Path, *parts: str) -> Path:
     return path
 
 
-_DURATION_RE = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z")
+_DURATION_RE = re.compile(r"(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m)?(?:([0-9]{1,9})s)?\Z")
 
 
 def parse_duration(text: str, maximum: Optional[float] = None) -> int:
@@ -255,7 +256,8 @@ class _Y:
         return self.node.start_mark.line + 1
 
     def fail(self, message: str) -> UserError:
-        return UserError(f"{self.file}:{self.line}: {self.path}: {message}")
+        where = f"{self.path}: " if self.path else ""
+        return UserError(f"{self.file}:{self.line}: {where}{message}")
 
     @property
     def kind(self) -> str:
@@ -314,9 +316,13 @@ class _Y:
         return None if self.is_null() else self.text()
 
     def integer(self, minimum: int = 0) -> int:
-        if not self.node.tag.endswith(":int"):
+        import yaml
+        if not self.node.tag.endswith(":int") or not isinstance(self.node, yaml.ScalarNode):
             raise self.fail(f"expected a whole number, found {self.kind}")
-        value = int(self.node.value.replace("_", ""), 0)
+        try:    # YAML 1.1 ints: 0x1f, 0o17, 017, 1_000, 1:30 (base 60)
+            value = yaml.constructor.SafeConstructor().construct_yaml_int(self.node)
+        except (ValueError, TypeError, yaml.YAMLError):
+            raise self.fail(f"{self.node.value!r} is not a usable whole number") from None
         if value < minimum:
             raise self.fail(f"must be at least {minimum}")
         return value
@@ -331,7 +337,12 @@ class _Y:
     def plain(self) -> Any:
         """The value as ordinary Python data (for free-form sections such as params)."""
         import yaml
-        return yaml.constructor.SafeConstructor().construct_document(self.node)
+        try:    # dates and the like become text: the value must fit in job.json
+            value = yaml.constructor.SafeConstructor().construct_document(self.node)
+            return json.loads(json.dumps(value, default=str))
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+            problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
 def read_yaml(path: str) -> _Y:
@@ -360,7 +371,10 @@ def read_yaml(path: str) -> _Y:
         where = f"{path}:{mark.line + 1}" if mark else path
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: YAML error: {exc}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: YAML error: {first}") from None
+    except RecursionError:
+        raise UserError(f"{path}: YAML error: nested too deeply") from None
     if node is None:
         raise UserError(f"{path}: the file is empty")
     return _Y(node, path, "")
@@ -371,16 +385,23 @@ def _file_spec(y: _Y, base: Path, default_alias: Optional[str] = None) -> FileSp
     import yaml
     if isinstance(y.node, yaml.MappingNode):
         keys = y.mapping(("path", "alias"), required=("path",))
-        rel = keys["path"].text()
+        path_y = keys["path"]
+        rel = path_y.text()
         alias_y = keys.get("alias")
         alias = alias_y.optional_text() if alias_y else None
     else:
-        rel, alias_y, alias = y.text(), None, None
+        path_y, rel, alias_y, alias = y, y.text(), None, None
     full = (base / rel) if not os.path.isabs(rel) else Path(rel)
-    if not full.exists():
-        raise y.fail(f"file {rel!r} does not exist (looked at {full})")
-    if not full.is_file():
-        raise y.fail(f"{rel!r} is not a regular file")
+    try:
+        if "\0" in rel:
+            raise ValueError("NUL byte")
+        exists, regular = full.exists(), full.is_file()
+    except (OSError, ValueError):   # too long, NUL byte, not encodable...
+        raise path_y.fail(f"{rel!r} is not a usable path") from None
+    if not exists:
+        raise path_y.fail(f"file {rel!r} does not exist (looked at {full})")
+    if not regular:
+        raise path_y.fail(f"{rel!r} is not a regular file")
     alias = alias or default_alias or full.name
     problem = alias_problem(alias)
     if problem:
@@ -456,8 +477,11 @@ def _job(y: _Y, flavour: str, base: Path) -> Job:
         job.retries = keys["retries"].integer(minimum=0)
     job.slurm = _slurm_options(keys.get("slurm"))
     if "params" in keys and not keys["params"].is_null():
-        keys["params"].mapping(tuple(str(k.value) for k, _ in keys["params"].node.value))
-        job.params = keys["params"].plain()
+        params_y = keys["params"]
+        if params_y.kind != "a mapping":
+            raise params_y.fail(f"expected a mapping of parameter names to values, found {params_y.kind}")
+        params_y.mapping(tuple(str(k.value) for k, _ in params_y.node.value))     # duplicate names
+        job.params = params_y.plain()
     return job
 
 
@@ -503,9 +527,10 @@ def load_job_file(path: str) -> JobFile:
     seen: Dict[str, int] = {}
     for item in job_nodes:
         job = _job(item, flavour, base)
+        name_y = item.mapping(_JOB_KEYS[flavour])["name"]
         if job.name in seen:
-            raise item.fail(f"job name {job.name!r} is used twice (first at line {seen[job.name]})")
-        seen[job.name] = item.line
+            raise name_y.fail(f"job name {job.name!r} is used twice (first at line {seen[job.name]})")
+        seen[job.name] = name_y.line
         initial = {f.alias: f.path for f in batch.initial_files}
         for spec in job.required_files:
             if spec.alias in initial and initial[spec.alias] != spec.path:
@@ -558,6 +583,565 @@ def describe_batch(batch: JobFile) -> Tuple[int, int]:
 
 
 #@@PYTHON API: begin@@
+# The Python API (SPEC §6): build job files in code (`Batch`, `File`), turn
+# parameter lists into one job each (`sweep`), and pick jobs by their parameters
+# (`parse_where`, behind `pull --where`).  A code-built batch is checked by
+# writing it as YAML and loading that with load_job_file, so it obeys exactly
+# the rules, and gets the same errors, as a hand-written file.
+
+import itertools  # noqa: E402  (lead: move up to the other imports)
+from typing import Callable, Union  # noqa: E402  (lead: merge into the typing import)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class File:
+    """A file a batch or job needs, and the name it gets in input/ (default: its own)."""
+    path: str
+    alias: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        # Made absolute at once, so a later chdir cannot change which file is meant.
+        self.path = os.path.abspath(os.fspath(self.path))
+
+
+def _as_file(value: Any, what: str) -> File:
+    if isinstance(value, File):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return File(value)
+    raise UserError(f"{what}: expected a path or File(path, alias), found {type(value).__name__}")
+
+
+def _as_files(values: Any, what: str) -> List[File]:
+    if values is None:
+        return []
+    if isinstance(values, (str, os.PathLike, File)):
+        values = [values]
+    return [_as_file(value, what) for value in values]
+
+
+def _slurm_data(value: Any, what: str) -> Optional[Dict[str, Any]]:
+    """SlurmOptions or a plain dict -> the mapping written under `slurm:`."""
+    if value is None:
+        return None
+    if isinstance(value, SlurmOptions):
+        return {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+    if isinstance(value, dict):
+        return dict(value)
+    raise UserError(f"{what}: slurm must be SlurmOptions or a dict, found {type(value).__name__}")
+
+
+def _yaml_path(path: str, folder: Optional[Path]) -> str:
+    """Relative to the job file's folder when the file lies inside it, else absolute."""
+    if folder is None:
+        return path
+    relative = os.path.relpath(path, os.path.abspath(folder))
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+        return path
+    return relative
+
+
+def _relabel(message: str, yaml_path: str, label: str) -> str:
+    """Errors about a generated YAML file name the batch instead of a file the user never saw."""
+    if not message.startswith(yaml_path + ":"):
+        return message
+    return f"{label}: " + re.sub(r"\A(\d+:)?\s*", "", message[len(yaml_path) + 1:])
+
+
+@dataclass
+class BatchJob:
+    """One job of a Batch, as add_job or sweep made it."""
+    name: str
+    file: Optional[File] = None          # python flavour: becomes job.py
+    command: Optional[str] = None        # shell flavour
+    files: List[File] = field(default_factory=list)
+    retries: int = 0
+    params: Optional[Dict[str, Any]] = None
+    slurm: Any = None                    # SlurmOptions, a dict of SLURM_KEYS, or None
+
+
+@dataclass
+class Batch:
+    """A job file built in code: add jobs, then `write()` it or `validate()` it.
+
+    `build` is the python flavour's build file, `build_command` the shell one's,
+    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    """
+    namespace: str
+    name: str
+    flavour: str = "python"
+    capabilities: List[str] = field(default_factory=list)
+    matrix: Optional[str] = None
+    build: Any = None
+    build_command: Optional[str] = None
+    sif: Any = None
+    initial_files: List[Any] = field(default_factory=list)
+    mounts: List[str] = field(default_factory=list)
+    slurm: Any = None
+    jobs: List[BatchJob] = field(default_factory=list)
+
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+
+    def __post_init__(self) -> None:
+        if self.flavour not in FLAVOURS:
+            raise UserError(f"Batch flavour {self.flavour!r}: use one of {', '.join(FLAVOURS)}")
+        for what, value in (("namespace", self.namespace), ("name", self.name)):
+            _check_api_name(value, f"Batch {what}")
+        for attr, owner in self._ONLY_FOR:
+            if getattr(self, attr) and self.flavour != owner:
+                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+        self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
+        self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
+        self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
+        self.capabilities = list(self.capabilities or [])
+        self.mounts = list(self.mounts or [])
+
+    @property
+    def label(self) -> str:
+        return f"batch {self.namespace}/{self.name}"
+
+    def add_job(self, name: str, file: Any = None, command: Optional[str] = None, files: Any = None,
+                retries: int = 0, params: Optional[Dict[str, Any]] = None, slurm: Any = None) -> BatchJob:
+        """Append a job; python jobs need `file`, shell jobs `command`, apptainer jobs neither."""
+        _check_api_name(name, f"{self.label}: job name")
+        where = f"{self.label}: job {name!r}"
+        if any(job.name == name for job in self.jobs):
+            raise UserError(f"{self.label}: job name {name!r} is used twice")
+        if self.flavour == "python" and file is None:
+            raise UserError(f"{where}: a python job needs file= (the script that runs as job.py)")
+        if self.flavour == "shell" and command is None:
+            raise UserError(f"{where}: a shell job needs command=")
+        if file is not None and self.flavour != "python":
+            raise UserError(f"{where}: file= is only for python batches (shell jobs take command=)")
+        if command is not None and self.flavour != "shell":
+            raise UserError(f"{where}: command= is only for shell batches")
+        if params is not None and not isinstance(params, dict):
+            raise UserError(f"{where}: params must be a dict, found {type(params).__name__}")
+        job = BatchJob(name, _as_file(file, f"{where}: file") if file is not None else None, command,
+                       _as_files(files, f"{where}: files"), retries, dict(params) if params else None, slurm)
+        self.jobs.append(job)
+        return job
+
+    def to_yaml(self, folder: Optional[PathLike] = None) -> str:
+        """The job file's text; paths inside `folder` (the file's folder) are written relative."""
+        import yaml
+        document = self._document(Path(folder) if folder is not None else None)
+        try:
+            body = yaml.safe_dump(document, sort_keys=False, default_flow_style=False,
+                                  allow_unicode=True, width=1000)
+        except yaml.YAMLError as exc:
+            raise UserError(f"{self.label}: cannot be written as YAML ({exc}); "
+                            "params must be numbers, text, true/false, lists or dicts") from None
+        return "# Written by the distribute Python API; check it with `distribute check`.\n" + body
+
+    def validate(self) -> JobFile:
+        """Check the batch exactly as `distribute check` would; UserError on the first problem."""
+        with tempfile.TemporaryDirectory(prefix="distribute-api-") as scratch:
+            loaded = self._load_generated(self.to_yaml(), Path(scratch) / JOBS_FILE)
+        loaded.path = self.label
+        return loaded
+
+    def write(self, path: PathLike = JOBS_FILE) -> Path:
+        """Write the job file (into a folder: as distribute-jobs.yaml); nothing is written if invalid."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / JOBS_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = self.to_yaml(target.parent)
+        write_atomically(target, lambda tmp: self._load_generated(text, tmp))
+        return target
+
+    @classmethod
+    def from_file(cls, path: PathLike) -> "Batch":
+        """A Batch holding what a job file says (checked by load_job_file)."""
+        loaded = load_job_file(os.fspath(path))
+        python, apptainer = loaded.flavour == "python", loaded.flavour == "apptainer"
+        batch = cls(loaded.meta.namespace, loaded.meta.batch_name, loaded.flavour,
+                    capabilities=list(loaded.meta.capabilities), matrix=loaded.meta.matrix,
+                    build=File(loaded.build.path) if python and loaded.build else None,
+                    build_command=loaded.build_command,
+                    sif=_file_of(loaded.build) if apptainer and loaded.build else None,
+                    initial_files=[_file_of(spec) for spec in loaded.initial_files],
+                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+        for job in loaded.jobs:
+            batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
+                          files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
+                          params=job.params, slurm=job.slurm)
+        return batch
+
+    def _load_generated(self, text: str, where: Path) -> JobFile:
+        where.write_text(text, encoding="utf-8")
+        try:
+            return load_job_file(str(where))
+        except UserError as exc:
+            raise UserError(_relabel(str(exc), str(where), self.label)) from None
+
+    def _document(self, folder: Optional[Path]) -> Dict[str, Any]:
+        meta: Dict[str, Any] = {"batch_name": self.name, "namespace": self.namespace,
+                                "capabilities": list(self.capabilities)}
+        if self.matrix is not None:
+            meta["matrix"] = self.matrix
+        document: Dict[str, Any] = {"meta": meta}
+        if self.slurm is not None:
+            document["slurm"] = _slurm_data(self.slurm, self.label)
+        init: Dict[str, Any] = {}
+        if self.build is not None:
+            init["build_file"] = _yaml_path(self.build.path, folder)  # renamed build.py anyway
+        if self.build_command is not None:
+            init["build"] = self.build_command
+        if self.sif is not None:
+            init["sif"] = _file_entry(self.sif, folder)
+        if self.initial_files:
+            init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
+        if self.mounts:
+            init["required_mounts"] = list(self.mounts)
+        section: Dict[str, Any] = {"initialize": init} if init else {}
+        section["jobs"] = [self._job_entry(job, folder) for job in self.jobs]
+        document[self.flavour] = section
+        return document
+
+    def _job_entry(self, job: BatchJob, folder: Optional[Path]) -> Dict[str, Any]:
+        entry: Dict[str, Any] = {"name": job.name}
+        if job.file is not None:
+            entry["file"] = _yaml_path(job.file.path, folder)   # always runs as job.py
+        if job.command is not None:
+            entry["command"] = job.command
+        if job.files:
+            entry["required_files"] = [_file_entry(f, folder) for f in job.files]
+        if job.retries:
+            entry["retries"] = job.retries
+        if job.slurm is not None:
+            entry["slurm"] = _slurm_data(job.slurm, f"{self.label}: job {job.name!r}")
+        if job.params:
+            entry["params"] = job.params
+        return entry
+
+
+def _check_api_name(value: Any, what: str) -> None:
+    if not isinstance(value, str):
+        raise UserError(f"{what}: expected text, found {type(value).__name__}")
+    problem = name_problem(value)
+    if problem:
+        raise UserError(f"{what}: {problem}")
+
+
+def _file_entry(file: File, folder: Optional[Path]) -> Any:
+    path = _yaml_path(file.path, folder)
+    return path if file.alias is None else {"path": path, "alias": file.alias}
+
+
+def _file_of(spec: FileSpec) -> File:
+    """A loaded FileSpec back as a File; an alias equal to the file's own name is left out."""
+    return File(spec.path, None if spec.alias == os.path.basename(spec.path) else spec.alias)
+
+
+# Sweeps: one job per combination of parameter values, each with its values in
+# a generated input file (aliased to one fixed name, so every job reads the
+# same path) and in `params`, which the archive keeps in job.json.
+
+def write_params_json(path: Path, params: Dict[str, Any]) -> None:
+    """The default sweep input writer: the job's parameters as a JSON object."""
+    try:
+        text = json.dumps(params, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"sweep: cannot write {params!r} as JSON ({exc}); pass writer=") from None
+    path.write_text(text + "\n")
+
+
+def sweep_job_name(params: Dict[str, Any]) -> str:
+    """`{'re': 1000, 'nx': 128}` -> 're_1000-nx_128', cut to the job name rule."""
+    raw = "-".join(f"{key}_{_name_part(value)}" for key, value in params.items())
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", raw).lstrip("._-")[:128]
+    return name or "job"
+
+
+def _name_part(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value)     # shortest round-trip form: 0.5, 1e-05
+    return str(value)
+
+
+def _sweep_combinations(parameters: Any, zipped: bool) -> List[Dict[str, Any]]:
+    """The parameter dicts of a sweep, in a stable order (first parameter varies slowest)."""
+    if not isinstance(parameters, dict) or not parameters:
+        raise UserError("sweep: give the parameters as a non-empty dict: name -> list of values")
+    lists: Dict[str, List[Any]] = {}
+    for key, values in parameters.items():
+        if not isinstance(key, str) or not key:
+            raise UserError(f"sweep: parameter name {key!r} must be non-empty text")
+        if isinstance(values, (str, bytes, dict)) or not isinstance(values, Iterable):
+            raise UserError(f"sweep: parameter {key!r} needs a list of values, found {type(values).__name__}")
+        lists[key] = list(values)
+        if not lists[key]:
+            raise UserError(f"sweep: parameter {key!r} has no values")
+    keys = list(lists)
+    if zipped:
+        lengths = {len(values) for values in lists.values()}
+        if len(lengths) > 1:
+            counts = ", ".join(f"{key} has {len(values)}" for key, values in lists.items())
+            raise UserError(f"sweep(zip=True): the parameter lists must have equal lengths ({counts})")
+        rows: Iterable[Tuple[Any, ...]] = zip(*lists.values())
+    else:
+        rows = itertools.product(*lists.values())
+    return [dict(zip(keys, row)) for row in rows]
+
+
+def _sweep_names(batch: Batch, combinations: List[Dict[str, Any]],
+                 name: Optional[Callable[[Dict[str, Any]], str]]) -> List[str]:
+    """One job name per combination; two combinations (or an existing job) sharing one: UserError."""
+    existing = {job.name for job in batch.jobs}
+    first: Dict[str, Dict[str, Any]] = {}
+    names = []
+    for combination in combinations:
+        job_name = name(dict(combination)) if name else sweep_job_name(combination)
+        if job_name in existing:
+            raise UserError(f"sweep: job name {job_name!r} (from {combination}) is already a job of {batch.label}")
+        if job_name in first:
+            raise UserError(f"sweep: parameters {first[job_name]} and {combination} both give the job name "
+                            f"{job_name!r}; pass name= to name the jobs yourself")
+        first[job_name] = combination
+        names.append(job_name)
+    return names
+
+
+def sweep(batch: Batch, parameters: Dict[str, Iterable[Any]], folder: PathLike, *, zip: bool = False,
+          alias: str = "params.json", writer: Optional[Callable[[Path, Dict[str, Any]], None]] = None,
+          name: Optional[Callable[[Dict[str, Any]], str]] = None, file: Any = None,
+          command: Optional[str] = None, files: Any = None, retries: int = 0, slurm: Any = None
+          ) -> List[BatchJob]:
+    """Add one job per combination of `parameters` to `batch` and return those jobs.
+
+    Combinations are the cartesian product (first parameter varies slowest), or,
+    with zip=True, the lists taken side by side (equal lengths required).  Each
+    job is named from its values (`re_1000-nx_128`, or `name(params)`), gets
+    `params`, and a file `<folder>/<job name><alias suffix>` written by
+    `writer(path, params)` (JSON by default) that it sees as input/<alias>.
+    `file`, `command`, `files`, `retries` and `slurm` go to every job as in add_job.
+    Put `folder` next to the job file so the file can name it relatively.
+    """
+    combinations = _sweep_combinations(parameters, zipped=zip)
+    names = _sweep_names(batch, combinations, name)
+    problem = alias_problem(alias)
+    if problem:
+        raise UserError(f"sweep: alias {problem}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    extra = _as_files(files, "sweep: files")
+    jobs: List[BatchJob] = []
+    try:
+        for index, combination in enumerate(combinations):
+            job_name = names[index]     # (the builtin zip is shadowed by the argument)
+            target = folder / (job_name + Path(alias).suffix)
+            jobs.append(batch.add_job(job_name, file=file, command=command, files=extra + [File(target, alias)],
+                                      retries=retries, params=combination, slurm=slurm))
+            (writer or write_params_json)(target, dict(combination))
+    except BaseException:
+        # All or nothing for the batch: a half-added sweep would be easy to write out by mistake.
+        batch.jobs[:] = [job for job in batch.jobs if job not in jobs]
+        raise
+    return jobs
+
+
+# `--where`: a tiny expression language over a job's parameters, parsed here by
+# hand (never eval) so that text typed on a command line can only compare.
+#
+#   expr       := disjunction
+#   disjunction:= conjunction ("or" conjunction)*
+#   conjunction:= negation ("and" negation)*
+#   negation   := "not" negation | "(" disjunction ")" | NAME OP VALUE
+#   OP         := == != < <= > >=      VALUE := number | 'text' | "text" | true | false
+#
+# A parameter the job lacks makes every comparison on it false (so `not` of one
+# is true).  Values of different kinds (number, text, true/false, other) are
+# never equal and never ordered: `==` and orderings are false, `!=` true.
+
+WHERE_MAX_LENGTH = 1000
+WHERE_MAX_DEPTH = 50
+
+_WHERE_TOKEN_RE = re.compile(r"""
+    (?P<space>\s+)
+  | (?P<number>[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)
+  | (?P<string>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+  | (?P<op>==|!=|<=|>=|<|>)
+  | (?P<paren>[()])
+  | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+""", re.VERBOSE | re.DOTALL)
+
+_WHERE_WORDS = {"and": "and", "or": "or", "not": "not"}
+_WHERE_BOOLS = {"true": True, "false": False, "True": True, "False": False}
+
+
+@dataclass
+class _Token:
+    kind: str          # name, value, op, and, or, not, (, ), end
+    text: str
+    column: int        # 1-based, for error messages
+    value: Any = None
+
+
+def _where_error(expr: str, column: int, message: str, found: Optional[str] = None) -> UserError:
+    return UserError(f"--where {expr!r}: {message} at column {column}" + (f", found {found}" if found else ""))
+
+
+def _unexpected_character(char: str) -> str:
+    if char in "\"'":
+        return "unterminated string starting"
+    if char == "=":
+        return "'=' is not an operator (use '==')"
+    if char == "!":
+        return "'!' is not an operator (use '!=' or 'not')"
+    return f"unexpected character {char!r}"
+
+
+def _where_tokens(expr: str) -> List[_Token]:
+    tokens: List[_Token] = []
+    position = 0
+    while position < len(expr):
+        match = _WHERE_TOKEN_RE.match(expr, position)
+        if match is None:
+            raise _where_error(expr, position + 1, _unexpected_character(expr[position]))
+        kind, text, column = match.lastgroup or "", match.group(), position + 1
+        position = match.end()
+        if kind == "number":
+            is_int = re.match(r"[-+]?[0-9]+\Z", text)
+            tokens.append(_Token("value", text, column, int(text) if is_int else float(text)))
+        elif kind == "string":
+            tokens.append(_Token("value", text, column, re.sub(r"\\(.)", r"\1", text[1:-1], flags=re.DOTALL)))
+        elif kind == "word" and text in _WHERE_BOOLS:
+            tokens.append(_Token("value", text, column, _WHERE_BOOLS[text]))
+        elif kind == "word":
+            tokens.append(_Token(_WHERE_WORDS.get(text, "name"), text, column))
+        elif kind in ("op", "paren"):
+            tokens.append(_Token(text if kind == "paren" else "op", text, column))
+    tokens.append(_Token("end", "", len(expr) + 1))
+    return tokens
+
+
+def _where_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    return "text" if isinstance(value, str) else "other"
+
+
+def _where_compare(value: Any, op: str, literal: Any) -> bool:
+    if _where_kind(value) != _where_kind(literal):
+        return op == "!="
+    if op == "==":
+        return bool(value == literal)
+    if op == "!=":
+        return bool(value != literal)
+    if isinstance(literal, bool):
+        return False       # true/false have no order
+    if op == "<":
+        return bool(value < literal)
+    if op == "<=":
+        return bool(value <= literal)
+    if op == ">":
+        return bool(value > literal)
+    return bool(value >= literal)
+
+
+def _where_comparison(name: str, op: str, literal: Any) -> Callable[[Dict[str, Any]], bool]:
+    def test(params: Dict[str, Any]) -> bool:
+        return name in params and _where_compare(params[name], op, literal)
+    return test
+
+
+class _WhereParser:
+    """Recursive descent over the tokens; nesting is capped so no input can exhaust the stack."""
+
+    def __init__(self, expr: str):
+        self.expr = expr
+        self.tokens = _where_tokens(expr)
+        self.index = 0
+        self.depth = 0
+
+    def peek(self) -> _Token:
+        return self.tokens[self.index]
+
+    def take(self) -> _Token:
+        token = self.tokens[self.index]
+        self.index = min(self.index + 1, len(self.tokens) - 1)
+        return token
+
+    def fail(self, token: _Token, expected: str) -> UserError:
+        found = "the end" if token.kind == "end" else repr(token.text)
+        return _where_error(self.expr, token.column, f"expected {expected}", found)
+
+    def parse(self) -> Callable[[Dict[str, Any]], bool]:
+        test = self.disjunction()
+        if self.peek().kind != "end":
+            raise self.fail(self.peek(), "'and', 'or' or the end")
+        return test
+
+    def disjunction(self) -> Callable[[Dict[str, Any]], bool]:
+        tests = [self.conjunction()]
+        while self.peek().kind == "or":
+            self.take()
+            tests.append(self.conjunction())
+        return tests[0] if len(tests) == 1 else (lambda params: any(t(params) for t in tests))
+
+    def conjunction(self) -> Callable[[Dict[str, Any]], bool]:
+        tests = [self.negation()]
+        while self.peek().kind == "and":
+            self.take()
+            tests.append(self.negation())
+        return tests[0] if len(tests) == 1 else (lambda params: all(t(params) for t in tests))
+
+    def negation(self) -> Callable[[Dict[str, Any]], bool]:
+        token = self.take()
+        if token.kind == "not":
+            inner = self.nested(token, self.negation)
+            return lambda params: not inner(params)
+        if token.kind == "(":
+            inner = self.nested(token, self.disjunction)
+            if self.peek().kind != ")":
+                closing = self.fail(self.peek(), "')'")
+                raise UserError(f"{closing}; the '(' at column {token.column} is not closed")
+            self.take()
+            return inner
+        if token.kind != "name":
+            raise self.fail(token, "a parameter name, 'not' or '('")
+        op = self.take()
+        if op.kind != "op":
+            raise self.fail(op, f"a comparison (== != < <= > >=) after {token.text!r}")
+        literal = self.take()
+        if literal.kind != "value":
+            raise self.fail(literal, "a value (a number, 'text', true or false)")
+        return _where_comparison(token.text, op.text, literal.value)
+
+    def nested(self, token: _Token, parse: Callable[[], Callable[[Dict[str, Any]], bool]]
+               ) -> Callable[[Dict[str, Any]], bool]:
+        self.depth += 1
+        if self.depth > WHERE_MAX_DEPTH:
+            raise _where_error(self.expr, token.column, f"nested more than {WHERE_MAX_DEPTH} deep")
+        try:
+            return parse()
+        finally:
+            self.depth -= 1
+
+
+def parse_where(expr: str) -> Callable[[Dict[str, Any]], bool]:
+    """Compile a `--where` expression into a test on a job's params dict.
+
+    `re>=1000 and nx==128`, `solver == "piso" or not (dt < 0.01)`: comparisons of
+    a parameter with a number, quoted text or true/false, joined by and/or/not
+    and parentheses.  Bad syntax raises UserError naming the column.
+    """
+    if not isinstance(expr, str):
+        raise UserError(f"--where: expected text, found {type(expr).__name__}")
+    if len(expr) > WHERE_MAX_LENGTH:
+        raise UserError(f"--where: the expression is {len(expr)} characters long, the limit is {WHERE_MAX_LENGTH}")
+    test = _WhereParser(expr).parse()
+    return lambda params: bool(isinstance(params, dict) and test(params))
 #@@PYTHON API: end@@
 
 
@@ -644,20 +1228,23 @@ class Workspace:
         if plan.build_alias:
             shutil.copyfile(source, inside(self.root, plan.build_alias))
 
-    def prepare_job(self, plan: BatchPlan, sources: Dict[str, str], script: Optional[str]) -> None:
-        """Refresh input/ (initial files + this job's), empty distribute_save/ and mounts."""
+    def reset_for_job(self, plan: BatchPlan) -> None:
+        """input/ holds just the initial files, distribute_save/ and mounts are empty."""
         for folder in (self.input, self.save, self.root / "mounts"):
             if folder.exists():
                 shutil.rmtree(folder)
         self.input.mkdir()
         self.save.mkdir()
         for alias in plan.initial:
-            shutil.copyfile(inside(self.initial, alias) if not self.initial.is_symlink()
-                            else self.initial / alias, inside(self.input, alias))
-        for alias, source in sources.items():
-            shutil.copyfile(source, inside(self.input, alias))
+            shutil.copyfile(inside(self.initial, alias), inside(self.input, alias))
         for index, _ in enumerate(plan.mounts):
             (self.root / "mounts" / str(index)).mkdir(parents=True)
+
+    def prepare_job(self, plan: BatchPlan, sources: Dict[str, str], script: Optional[str]) -> None:
+        """Refresh input/ (initial files + this job's), empty distribute_save/ and mounts."""
+        self.reset_for_job(plan)
+        for alias, source in sources.items():
+            shutil.copyfile(source, inside(self.input, alias))
         if script is not None:
             shutil.copyfile(script, self.root / "job.py")
 
@@ -681,6 +1268,7 @@ class Workspace:
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
                 ) -> Dict[str, str]:
         env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")     # keeps print() and tracebacks in order in stdout.txt
         env.update(DISTRIBUTE_JOB=job.name, DISTRIBUTE_BATCH=plan.batch,
                    DISTRIBUTE_NAMESPACE=plan.namespace, DISTRIBUTE_CPUS=str(cpus),
                    DISTRIBUTE_PROGRESS=str(self.progress_file(job.name)))
@@ -875,14 +1463,2914 @@ def run_job_locally(ws: Workspace, plan: BatchPlan, job: Job, python: str, cpus:
 
 
 #@@SLURM: begin@@
+# The Slurm transpiler (`distribute slurm`, SPEC §6 and §8): pure functions from
+# a loaded JobFile to a folder that runs the batch on a Slurm cluster with the
+# same directory contract as our nodes.  The folder is also the working tree on
+# the cluster, because there the scripts find everything relative to the
+# directory sbatch was called from (SLURM_SUBMIT_DIR):
+#   build/              the build directory of SPEC §3 (build.py or the .sif, initial_files/)
+#   jobs/<job>/         the job's own input/, job.py or command, job.json.in
+#   tasks/array-N.txt   line i: "<job> <retries>" for array task i of array-N.sbatch
+#   build.sbatch        the build, once (python; shell with a build command)
+#   array-N.sbatch      one job array per group of jobs with equal slurm options
+#   run-task.sh         what every array task runs
+#   submit.sh, upload.sh, fetch.sh, README.txt
+#   work/<job>/         (made on the cluster) a task's private copy of build/
+#   results/<ns>/<batch>/<job>/   (made on the cluster) our archive layout
+
+
+import shlex   # only the transpiler quotes for a shell; lead: move to the top imports
+
+DEFAULT_MAX_ARRAY_SIZE = 1001
+SLURM_MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",
+                    "TIME_LIMIT", "TIME_LIMIT_90", "TIME_LIMIT_80", "TIME_LIMIT_50", "ARRAY_TASKS")
+SLURM_HINTS = ("compute_bound", "memory_bound", "multithread", "nomultithread")
+_SLURM_TIME_RE = re.compile(r"(?:\d+-\d+(?::\d+){0,2}|\d+(?::\d+){0,2}|UNLIMITED|INFINITE)\Z", re.I)
+_SLURM_MEM_RE = re.compile(r"\d+[KMGTkmgt]?\Z")
+_SLURM_WORD_RE = re.compile(r"[A-Za-z0-9_.-]+\Z")
+_SLURM_PARTITION_RE = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*\Z")
+_SLURM_MAIL_USER_RE = re.compile(r"[A-Za-z0-9._%+-]+(?:@[A-Za-z0-9.-]+)?\Z")
+_SLURM_PATH_RE = re.compile(r"[^\s'\"\\]+\Z")
+_CLUSTER_DIR_RE = re.compile(r"[A-Za-z0-9_./+@-]+\Z")
+_CLUSTER_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z")
+_CLUSTER_HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]+\Z")
+# job.json is written on the cluster by sed from a template with these markers.
+_JSON_SLOTS = ("node", "start", "end", "exit_code", "attempts", "state")
+
+
+@dataclass
+class SlurmArray:
+    """One sbatch script: a job array over jobs that share the same slurm options."""
+    script: str
+    options: SlurmOptions
+    jobs: List[Job]
+
+    @property
+    def task_list(self) -> str:
+        return f"tasks/{self.script.rsplit('.', 1)[0]}.txt"
+
+
+@dataclass
+class ClusterTarget:
+    """Where the folder goes: `[user@]host:dir`, or a local (shared) directory when host is None."""
+    directory: str
+    host: Optional[str] = None
+    user: Optional[str] = None
+
+    @property
+    def rsync_prefix(self) -> str:
+        if not self.host:
+            return ""
+        return f"{self.user}@{self.host}:" if self.user else f"{self.host}:"
+
+    @property
+    def ssh_destination(self) -> Optional[str]:
+        if not self.host:
+            return None
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
+def slurm_option_problem(key: str, value: Any) -> Optional[str]:
+    """Why sbatch would refuse `value` for the option `key` (None when it is fine)."""
+    text = str(value)
+    if key == "job_name" and not NAME_RE.match(text):
+        return (f"job name {text!r} must be letters, digits, '.', '_' and '-' "
+                "(no spaces), starting with a letter or digit")
+    if key == "time" and not _SLURM_TIME_RE.match(text):
+        return (f"time {text!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, "
+                "D-HH, D-HH:MM or D-HH:MM:SS")
+    if key == "mem_per_cpu" and not _SLURM_MEM_RE.match(text):
+        return f"mem_per_cpu {text!r} is not a Slurm size: a whole number with an optional K, M, G or T (e.g. 4G)"
+    if key == "hint" and text not in SLURM_HINTS:
+        return f"hint {text!r} is not one of {', '.join(SLURM_HINTS)}"
+    if key == "mail_type":
+        bad = [t for t in text.split(",") if t.upper() not in SLURM_MAIL_TYPES]
+        if bad:
+            return f"mail_type {bad[0]!r} is not one of {', '.join(SLURM_MAIL_TYPES)} (comma-separated)"
+    if key == "partition" and not _SLURM_PARTITION_RE.match(text):
+        return f"partition {text!r} must be partition names (letters, digits, '_', '.', '-') separated by commas"
+    if key == "account" and not _SLURM_WORD_RE.match(text):
+        return f"account {text!r} must be letters, digits, '_', '.' and '-'"
+    if key == "mail_user" and not _SLURM_MAIL_USER_RE.match(text):
+        return f"mail_user {text!r} is not a user name or mail address"
+    if key == "output" and not _SLURM_PATH_RE.match(text):
+        return f"output {text!r} must be a path without spaces, quotes or backslashes"
+    return None
+
+
+def _yaml_line(path: str, keys: List[Any]) -> Optional[int]:
+    """The line of the value at `keys` (str for mapping keys, int for list items) in a YAML file."""
+    import yaml
+    try:
+        node = read_yaml(path).node
+        for key in keys:
+            if isinstance(key, int) and isinstance(node, yaml.SequenceNode):
+                node = node.value[key]
+            elif isinstance(node, yaml.MappingNode):
+                node = next(v for k, v in node.value if k.value == key)
+            else:
+                return None
+        return node.start_mark.line + 1
+    except (UserError, StopIteration, IndexError):
+        return None
+
+
+def _slurm_option_where(batch: JobFile, job_index: Optional[int], key: str) -> str:
+    """'file:line: key path' of a slurm option, found again in the YAML (the JobFile keeps no lines)."""
+    keys: List[Any] = ["slurm", key] if job_index is None else [batch.flavour, "jobs", job_index, "slurm", key]
+    label = ".".join(f"[{k}]" if isinstance(k, int) else k for k in keys).replace(".[", "[")
+    line = _yaml_line(batch.path, keys) if os.path.isfile(batch.path) else None
+    return f"{batch.path}:{line}: {label}" if line else f"{batch.path}: {label}"
+
+
+def check_slurm_options(batch: JobFile) -> None:
+    """Refuse, naming file, line and key, any slurm option that sbatch would refuse."""
+    sources: List[Tuple[Optional[int], Optional[SlurmOptions]]] = [(None, batch.slurm)]
+    sources += list(enumerate(job.slurm for job in batch.jobs))
+    for job_index, options in sources:
+        if options is None:
+            continue
+        for key, value in dataclasses.asdict(options).items():
+            problem = None if value is None else slurm_option_problem(key, value)
+            if problem:
+                raise UserError(f"{_slurm_option_where(batch, job_index, key)}: {problem}")
+
+
+def effective_slurm_options(batch: JobFile, job: Job) -> SlurmOptions:
+    """The batch's slurm options with the job's own (non-null) overrides on top."""
+    merged = dataclasses.asdict(batch.slurm or SlurmOptions())
+    overrides = dataclasses.asdict(job.slurm or SlurmOptions())
+    merged.update({key: value for key, value in overrides.items() if value is not None})
+    return SlurmOptions(**merged)
+
+
+def plan_slurm_arrays(batch: JobFile, max_array_size: int) -> List[SlurmArray]:
+    """Group jobs by equal slurm options (in order of first use), then cut each group
+    into arrays of at most max_array_size tasks (indices 0..size-1 < MaxArraySize)."""
+    if max_array_size < 1:
+        raise UserError(f"--max-array-size must be at least 1, not {max_array_size}")
+    groups: Dict[Tuple[Any, ...], Tuple[SlurmOptions, List[Job]]] = {}
+    for job in batch.jobs:
+        options = effective_slurm_options(batch, job)
+        key = dataclasses.astuple(options)
+        groups.setdefault(key, (options, []))[1].append(job)
+    arrays: List[SlurmArray] = []
+    for options, jobs in groups.values():
+        for start in range(0, len(jobs), max_array_size):
+            arrays.append(SlurmArray(f"array-{len(arrays) + 1}.sbatch", options,
+                                     jobs[start:start + max_array_size]))
+    return arrays
+
+
+def sbatch_lines(options: SlurmOptions, default_name: str, default_output: str) -> List[str]:
+    """#SBATCH lines for the options that are set; sbatch parses these itself, no shell."""
+    flags = [("job-name", options.job_name or default_name), ("output", options.output or default_output),
+             ("nodes", options.nodes), ("ntasks", options.ntasks), ("cpus-per-task", options.cpus_per_task),
+             ("mem-per-cpu", options.mem_per_cpu), ("hint", options.hint), ("time", options.time),
+             ("partition", options.partition), ("account", options.account),
+             ("mail-user", options.mail_user), ("mail-type", options.mail_type)]
+    return [f"#SBATCH --{flag}={value}" for flag, value in flags if value is not None]
+
+
+def _fill(template: str, **values: str) -> str:
+    """Put already shell-safe values into a script template's @KEY@ slots."""
+    for key, value in values.items():
+        template = template.replace(f"@{key.upper()}@", value)
+    return template
+
+
+_RUN_TASK_SH = r'''#!/bin/sh
+# One array task of @LABEL@, written by `distribute slurm`.  It runs the job named
+# on line SLURM_ARRAY_TASK_ID+1 of the task list $1 in work/<job>/, a private copy
+# of build/ (tasks run at the same time), and lands its results in
+# results/<namespace>/<batch>/<job>/ exactly as our archive does.
+set -u
+namespace=@NAMESPACE@
+batch=@BATCH@
+base=${SLURM_SUBMIT_DIR:?"submit with submit.sh"}
+cd "$base" || exit 1
+line=$(sed -n "$((${SLURM_ARRAY_TASK_ID:?"not a Slurm array task"} + 1))p" "$1")
+job=${line% *}
+retries=${line##* }
+if [ -z "$line" ] || [ ! -d "jobs/$job" ]; then
+    echo "distribute: no job for array task $SLURM_ARRAY_TASK_ID in $1" >&2
+    exit 1
+fi
+node=${SLURMD_NODENAME:-$(hostname -s)}
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+task=$base/work/$job
+results=$base/results/$namespace/$batch
+now() { date -u +%Y-%m-%dT%H:%M:%S.%3N+00:00; }
+@CHECK@
+# What the build made is shared through links; input/, distribute_save/ and job.py are the task's own.
+rm -rf "$task"
+mkdir -p "$task/.distribute" "$results"
+for entry in "$base/build"/* "$base/build"/.[!.]* "$base/build"/..?*; do
+    [ -e "$entry" ] || [ -L "$entry" ] || continue
+    case ${entry##*/} in input|distribute_save|job.py|mounts|.distribute) continue ;; esac
+    ln -s "$entry" "$task/${entry##*/}"
+done
+
+prepare() {
+    rm -rf "$task/input" "$task/distribute_save" "$task/mounts"
+    mkdir "$task/input" "$task/distribute_save"
+@PREPARE@    cp -R "$base/jobs/$job/input/." "$task/input/"
+}
+
+run() {
+    cd "$task" || exit 1
+    export DISTRIBUTE_JOB="$job" DISTRIBUTE_BATCH="$batch" DISTRIBUTE_NAMESPACE="$namespace" \
+        DISTRIBUTE_CPUS="$cpus" DISTRIBUTE_PROGRESS="$task/.distribute/progress-$job"
+    @RUN@
+}
+
+start=$(now)
+attempts=0
+while :; do
+    attempts=$((attempts + 1))
+    prepare
+    (run) > "$task/.distribute/stdout.txt" 2>&1 < /dev/null
+    code=$?
+    if [ "$code" -eq 0 ] || [ "$attempts" -gt "$retries" ]; then
+        break
+    fi
+done
+end=$(now)
+state=ok
+[ "$code" -eq 0 ] || state=failed
+
+# Results appear complete or not at all: fill a hidden folder, then rename it into place.
+stamp=${SLURM_JOB_ID:-$$}
+incoming=$results/.incoming-$job-$stamp
+rm -rf "$incoming"
+mkdir "$incoming"
+cp -a "$task/distribute_save/." "$incoming/"
+cp "$task/.distribute/stdout.txt" "$incoming/stdout.txt"
+sed -e "s/__distribute_node__/$node/" -e "s/__distribute_start__/$start/" \
+    -e "s/__distribute_end__/$end/" -e "s/\"__distribute_exit_code__\"/$code/" \
+    -e "s/\"__distribute_attempts__\"/$attempts/" -e "s/__distribute_state__/$state/" \
+    "$base/jobs/$job/job.json.in" > "$incoming/job.json"
+if [ -e "$results/$job" ]; then
+    mv "$results/$job" "$results/.replaced-$job-$stamp"
+    mv "$incoming" "$results/$job"
+    rm -rf "$results/.replaced-$job-$stamp"
+else
+    mv "$incoming" "$results/$job"
+fi
+rm -rf "$task"
+echo "distribute: $job: $state (exit code $code, $attempts attempt(s)) on $node"
+exit "$code"
+'''
+
+_BUILD_SBATCH = r'''#!/bin/sh
+@SBATCH@
+# The build of @LABEL@, written by `distribute slurm`: runs once in build/, before
+# the array tasks (they depend on it with afterok).  Its output lands in
+# results/<namespace>/<batch>/build/<node>.txt as on our nodes.
+set -u
+base=${SLURM_SUBMIT_DIR:?"submit with submit.sh"}
+node=${SLURMD_NODENAME:-$(hostname -s)}
+logs=$base/results/@NAMESPACE@/@BATCH@/build
+mkdir -p "$logs" "$base/build/input" "$base/build/distribute_save" "$base/build/.distribute"
+cd "$base/build" || exit 1
+export DISTRIBUTE_JOB=build DISTRIBUTE_BATCH=@BATCH@ DISTRIBUTE_NAMESPACE=@NAMESPACE@ \
+    DISTRIBUTE_CPUS="${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}" \
+    DISTRIBUTE_PROGRESS="$base/build/.distribute/progress-build"
+@BUILD@ > .distribute/build.txt 2>&1 < /dev/null
+code=$?
+cp .distribute/build.txt "$logs/.$node.txt.tmp" && mv "$logs/.$node.txt.tmp" "$logs/$node.txt"
+if [ "$code" -ne 0 ]; then
+    echo "distribute: the build of @LABEL@ failed with exit code $code; its output is in $logs/$node.txt" >&2
+fi
+exit "$code"
+'''
+
+_ARRAY_SBATCH = r'''#!/bin/sh
+@SBATCH@
+# @LABEL@, written by `distribute slurm`: @COUNT@ job(s), one array task each;
+# task i runs the job on line i+1 of @TASKS@.
+exec /bin/sh "${SLURM_SUBMIT_DIR:?"submit with submit.sh"}/run-task.sh" @TASKS@
+'''
+
+_SUBMIT_SH = r'''#!/bin/sh
+# Submit @LABEL@ to Slurm, written by `distribute slurm`.
+# Run it on the cluster, from anywhere:  sh submit.sh
+set -u
+cd "$(dirname "$0")" || exit 1
+if ! command -v sbatch > /dev/null 2>&1; then
+    echo "submit.sh: sbatch is not on PATH: run this on a login node of the cluster" >&2
+    exit 1
+fi
+mkdir -p logs @DIRS@
+submitted=""
+# submit SCRIPT [SBATCH OPTIONS...]: sets $id, or stops with sbatch's reason.
+submit() {
+    script=$1
+    shift
+    if ! answer=$(sbatch --parsable "$@" "$script" 2> logs/sbatch-errors.txt); then
+        echo "submit.sh: sbatch refused $script: $(tr '\n' ' ' < logs/sbatch-errors.txt)" >&2
+        if [ -n "$submitted" ]; then
+            echo "submit.sh: already submitted:$submitted; cancel them with: scancel$submitted" >&2
+        fi
+        exit 1
+    fi
+    cat logs/sbatch-errors.txt >&2
+    id=$(printf '%s\n' "$answer" | tail -n 1)
+    id=${id%%;*}
+    submitted="$submitted $id"
+    echo "$script: Slurm job $id"
+}
+@SUBMITS@
+echo "$submitted" > submitted.txt
+echo "submitted @LABEL@ (@COUNT@ job(s)); watch with: squeue -j $(echo $submitted | tr ' ' ,)"
+'''
+
+_UPLOAD_SH = r'''#!/bin/sh
+# Copy this folder to the cluster (written by `distribute slurm`); then run submit.sh there.
+set -eu
+cd "$(dirname "$0")"
+exec rsync -a --partial --exclude=/results/ --exclude=/work/ --exclude=/logs/ ./ @DEST@/
+'''
+
+_FETCH_SH = r'''#!/bin/sh
+# Fetch the results of @LABEL@ from the cluster into our archive layout,
+# <DIR>/<namespace>/<batch>/<job>/ (written by `distribute slurm`).  Usage: sh fetch.sh [DIR]
+set -eu
+dest=${1:-@SAVE_DIR@}
+mkdir -p "$dest"
+exec rsync -a --delay-updates --exclude='.incoming-*' --exclude='.replaced-*' @SOURCE@/results/ "$dest/"
+'''
+
+
+def _shell_list(values: Iterable[str]) -> str:
+    return " ".join(shlex.quote(v) for v in values)
+
+
+def slurm_job_command(batch: JobFile) -> str:
+    """The shell line run-task.sh runs in the task's directory: SPEC §3's command for the flavour."""
+    if batch.flavour == "python":
+        return '"${DISTRIBUTE_PYTHON:-python3}" job.py'
+    if batch.flavour == "shell":
+        return '/bin/sh -c "$(cat "$base/jobs/$job/command.txt")"'
+    binds = '"$task/distribute_save:/distribute_save:rw,$task/input:/input:rw'
+    for index, mount in enumerate(batch.mounts):
+        binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
+    binds += '"'
+    sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
+    return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
+
+
+def slurm_build_command(batch: JobFile) -> Optional[str]:
+    if batch.flavour == "python":
+        return '"${DISTRIBUTE_PYTHON:-python3}" build.py'
+    if batch.flavour == "shell" and batch.build_command:
+        return '/bin/sh -c "$(cat "$base/build-command.txt")"'
+    return None
+
+
+def run_task_script(batch: JobFile) -> str:
+    prepare = "".join(f'    cp "$base/build/initial_files/"{shlex.quote(f.alias)} "$task/input/"{shlex.quote(f.alias)}\n'
+                      for f in batch.initial_files)
+    prepare += "".join(f'    mkdir -p "$task/mounts/{i}"\n' for i, _ in enumerate(batch.mounts))
+    if batch.flavour == "python":
+        prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
+    check = ""
+    if batch.flavour == "apptainer":
+        check = ('case $task in *[,:]*)\n'
+                 '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
+                 '    exit 1 ;;\nesac\n')
+    meta = batch.meta
+    return _fill(_RUN_TASK_SH, label=f"{meta.namespace}/{meta.batch_name}",
+                 namespace=shlex.quote(meta.namespace), batch=shlex.quote(meta.batch_name),
+                 check=check, prepare=prepare, run=slurm_job_command(batch))
+
+
+def build_sbatch_script(batch: JobFile, build_command: str) -> str:
+    meta = batch.meta
+    options = batch.slurm or SlurmOptions()
+    lines = sbatch_lines(dataclasses.replace(options, output=None), f"{meta.batch_name}-build",
+                         "logs/%x-%j.out")
+    return _fill(_BUILD_SBATCH, sbatch="\n".join(lines), label=f"{meta.namespace}/{meta.batch_name}",
+                 namespace=shlex.quote(meta.namespace), batch=shlex.quote(meta.batch_name),
+                 build=build_command)
+
+
+def array_sbatch_script(batch: JobFile, array: SlurmArray, throttle: Optional[int]) -> str:
+    meta = batch.meta
+    lines = sbatch_lines(array.options, meta.batch_name, "logs/%x-%A_%a.out")
+    lines.insert(1, f"#SBATCH --array=0-{len(array.jobs) - 1}" + (f"%{throttle}" if throttle else ""))
+    return _fill(_ARRAY_SBATCH, sbatch="\n".join(lines), label=f"{meta.namespace}/{meta.batch_name}",
+                 count=str(len(array.jobs)), tasks=array.task_list)
+
+
+def submit_script(batch: JobFile, arrays: List[SlurmArray], has_build: bool) -> str:
+    meta = batch.meta
+    dirs = [f"results/{meta.namespace}/{meta.batch_name}"]
+    dirs += sorted({os.path.dirname(a.options.output) for a in arrays
+                    if a.options.output and os.path.dirname(a.options.output)
+                    and "%" not in os.path.dirname(a.options.output)})
+    after = ""
+    submits = []
+    if has_build:
+        submits += ["submit build.sbatch", "build=$id"]
+        after = ' --dependency="afterok:$build" --kill-on-invalid-dep=yes'
+    submits += [f"submit {a.script}{after}" for a in arrays]
+    return _fill(_SUBMIT_SH, label=f"{meta.namespace}/{meta.batch_name}", dirs=_shell_list(dirs),
+                 submits="\n".join(submits), count=str(len(batch.jobs)))
+
+
+def cluster_target(batch: JobFile, outdir: Path, user: Optional[str], host: Optional[str],
+                   directory: Optional[str]) -> ClusterTarget:
+    """Check --cluster-user/--cluster-host/--cluster-dir; the default dir is the folder itself
+    (no host: it already is on the cluster) or distribute-slurm/<ns>/<batch> in the remote home."""
+    if user is not None and not _CLUSTER_USER_RE.match(user):
+        raise UserError(f"--cluster-user {user!r} is not a user name")
+    if user is not None and host is None:
+        raise UserError("--cluster-user needs --cluster-host")
+    if host is not None and (not _CLUSTER_HOST_RE.match(host) or host.startswith("-")):
+        raise UserError(f"--cluster-host {host!r} is not a host name")
+    if directory is None:
+        directory = (f"distribute-slurm/{batch.meta.namespace}/{batch.meta.batch_name}" if host
+                     else os.path.abspath(outdir))
+    elif not _CLUSTER_DIR_RE.match(directory) or directory.startswith("-"):
+        raise UserError(f"--cluster-dir {directory!r} must be a path of letters, digits and _ . / + @ - "
+                        "(apptainer binds and rsync cannot take spaces, ':' or ',')")
+    return ClusterTarget(directory=directory.rstrip("/") or "/", host=host, user=user)
+
+
+def _copy_job_inputs(folder: Path, batch: JobFile) -> None:
+    """build/ as SPEC §3 lays it out before the build, and jobs/<job>/ with the job's own files."""
+    build = folder / "build"
+    for sub in ("initial_files", "input", "distribute_save"):
+        (build / sub).mkdir(parents=True)
+    for spec in batch.initial_files:
+        shutil.copyfile(spec.path, inside(build / "initial_files", spec.alias))
+    if batch.build:
+        shutil.copyfile(batch.build.path, inside(build, batch.build.alias))
+    if batch.build_command:
+        (folder / "build-command.txt").write_text(batch.build_command)
+    plan = BatchPlan.of(batch)
+    for job in batch.jobs:
+        job_folder = inside(folder / "jobs", job.name)
+        (job_folder / "input").mkdir(parents=True)
+        for spec in job.required_files:
+            shutil.copyfile(spec.path, inside(job_folder / "input", spec.alias))
+        if job.file:
+            shutil.copyfile(job.file.path, job_folder / "job.py")
+        if job.command is not None:
+            (job_folder / "command.txt").write_text(job.command)
+        slots = {name: f"__distribute_{name}__" for name in _JSON_SLOTS}
+        record = job_record(plan, JobPlan.of(job), slots["node"],
+                            JobOutcome(job.name, 0, 0, 0.0, 0.0), slots["state"])
+        record.update({name: slots[name] for name in ("start", "end", "exit_code", "attempts")})
+        write_json(job_folder / "job.json.in", record)
+
+
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def slurm_instructions(batch: JobFile, outdir: Path, target: ClusterTarget) -> List[str]:
+    """The three commands a user runs: upload, submit, fetch."""
+    folder = shlex.quote(str(outdir))
+    remote = target.ssh_destination
+    submit = (f"ssh {shlex.quote(remote)} {shlex.quote(f'sh {target.directory}/submit.sh')}" if remote
+              else f"sh {shlex.quote(target.directory + '/submit.sh')}")
+    return [f"upload:  sh {folder}/upload.sh", f"submit:  {submit}", f"fetch:   sh {folder}/fetch.sh"]
+
+
+_SLURM_README = """\
+@LABEL@ for Slurm, written by `distribute slurm`.
+
+  1. upload:  sh upload.sh        (rsync this folder to @DEST@)
+  2. submit:  sh submit.sh        (on the cluster; stops and says why if sbatch refuses a script)
+  3. fetch:   sh fetch.sh [DIR]   (results into DIR/<namespace>/<batch>/<job>/, default @SAVE_DIR@)
+
+build.sbatch (if present) runs the build once in build/; the array-N.sbatch job
+arrays start after it succeeds.  Every array task runs one job in work/<job>/,
+whose entries link to build/, with its own input/ (initial files + the job's
+files) and distribute_save/, and lands distribute_save/, stdout.txt and job.json
+in results/<namespace>/<batch>/<job>/.  Slurm's own logs go to logs/.
+"""
+
+
+def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_array_size: int,
+                       throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
+    """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
+    check_slurm_options(batch)
+    if throttle is not None and throttle < 1:
+        raise UserError(f"--throttle must be at least 1, not {throttle}")
+    arrays = plan_slurm_arrays(batch, max_array_size)
+    outdir = Path(outdir)
+    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+        raise UserError(f"{outdir} already exists and is not an empty folder; choose another OUTDIR")
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    meta = batch.meta
+    label = f"{meta.namespace}/{meta.batch_name}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}-", dir=outdir.parent))
+    try:
+        _copy_job_inputs(staging, batch)
+        build_command = slurm_build_command(batch)
+        if build_command:
+            _write_script(staging / "build.sbatch", build_sbatch_script(batch, build_command))
+        (staging / "tasks").mkdir()
+        for array in arrays:
+            _write_script(staging / array.script, array_sbatch_script(batch, array, throttle))
+            (staging / array.task_list).write_text("".join(f"{job.name} {job.retries}\n" for job in array.jobs))
+        _write_script(staging / "run-task.sh", run_task_script(batch))
+        _write_script(staging / "submit.sh", submit_script(batch, arrays, build_command is not None))
+        source = shlex.quote(target.rsync_prefix + target.directory)
+        _write_script(staging / "upload.sh", _fill(_UPLOAD_SH, dest=source))
+        _write_script(staging / "fetch.sh", _fill(_FETCH_SH, label=label, source=source,
+                                                  save_dir=shlex.quote(os.path.abspath(save_dir))))
+        (staging / "README.txt").write_text(_fill(_SLURM_README, label=label, save_dir=os.path.abspath(save_dir),
+                                                  dest=target.rsync_prefix + target.directory))
+        staging.chmod(0o755)
+        if outdir.exists():
+            outdir.rmdir()
+        os.rename(staging, outdir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return arrays
 #@@SLURM: end@@
 
 
 #@@PAUSE: begin@@
+# Workstation pause, node side.  This section owns the pause locks (one JSON
+# file per pausing user in pause_dir()), deciding whether the node is paused,
+# stopping and continuing a job's whole process tree, and the watcher the node
+# supervisor runs.  The lock is the only channel between `pause` (run by any
+# local user) and the supervisor (run by the head's account), so everything
+# here trusts files only as far as their owner and their age allow.
+
+from typing import Callable  # noqa: E402  (lead: move to the imports at the top)
+
+PAUSE_LOCK_PREFIX = "pause-"
+PAUSE_LOCK_SUFFIX = ".json"
+_PAUSE_LOCK_MAX_BYTES = 4096
+# A lock can claim any expiry; none keeps jobs stopped longer than the maximum
+# pause (plus a little clock slack) after it was written.
+_PAUSE_LOCK_SLACK = 60.0
+# Directory mtimes can be coarse (1 s on some file systems): while the folder
+# changed this recently, re-read it on every tick instead of trusting the stamp.
+_RACY_STAMP_SECONDS = 2.0
+# While paused, look for processes that escaped (or were continued by hand) this often.
+_PAUSE_RESWEEP_SECONDS = 1.0
+_FREEZE_MAX_ROUNDS = 100
+
+
+@dataclass
+class PauseLock:
+    """One user's pause: jobs stay stopped until `until` (epoch seconds)."""
+    user: str
+    until: float
+    pid: int                  # the waiting `pause` process (for --detach: the one that wrote it)
+    detached: bool
+    since: float = 0.0        # when the lock was written
+    pid_started: Optional[float] = None  # pid's start time, so a reused pid is not taken for it
+
+
+def pause_dir() -> Path:
+    """The lock folder ($DISTRIBUTE_PAUSE_DIR or /var/tmp/distribute), created sticky and world-writable."""
+    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or DEFAULT_PAUSE_DIR)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder)
+        # mkdir's mode is filtered by the umask; every local user must be able to add their lock.
+        os.chmod(folder, 0o1777)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise Failed(f"cannot create the pause folder {folder}: {exc.strerror}") from None
+    check_pause_dir(folder)
+    return folder
+
+
+def check_pause_dir(folder: Path) -> None:
+    """Refuse a lock folder that another user could swap or empty behind our back."""
+    import stat
+    info = os.lstat(folder)
+    if stat.S_ISLNK(info.st_mode):
+        raise UserError(f"pause folder {folder} is a symlink; point DISTRIBUTE_PAUSE_DIR at a real folder")
+    if not stat.S_ISDIR(info.st_mode):
+        raise UserError(f"pause folder {folder} is not a folder")
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        raise UserError(f"pause folder {folder} is world-writable without the sticky bit "
+                        f"(fix: chmod 1777 {folder})")
+
+
+def current_user() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid{os.geteuid()}"
+
+
+def _user_of_uid(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def pause_lock_path(folder: Path, user: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)
+    return folder / f"{PAUSE_LOCK_PREFIX}{safe}{PAUSE_LOCK_SUFFIX}"
+
+
+def process_start_time(pid: int) -> Optional[float]:
+    """When pid started (epoch seconds), or None when it cannot be seen."""
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def write_pause_lock(folder: Path, until: float, detached: bool, pid: Optional[int] = None) -> PauseLock:
+    """Atomically write (or replace) the calling user's lock; returns what was written."""
+    pid = os.getpid() if pid is None else pid
+    lock = PauseLock(current_user(), until, pid, detached, time.time(), process_start_time(pid))
+    path = pause_lock_path(folder, lock.user)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
+    except PermissionError:
+        raise Failed(f"cannot write a pause lock in {folder}: permission denied "
+                     f"(the folder needs mode 1777)") from None
+    try:
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o644)
+            json.dump(dataclasses.asdict(lock), out)
+        os.replace(tmp, path)
+    except PermissionError:
+        raise Failed(f"cannot replace {path}: it belongs to {_owner_name(path)}; ask root to remove it") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return lock
+
+
+def _owner_name(path: Path) -> str:
+    try:
+        return _user_of_uid(os.lstat(path).st_uid)
+    except OSError:
+        return "someone else"
+
+
+def remove_pause_lock(folder: Path, user: str, pid: Optional[int] = None) -> bool:
+    """End `user`'s pause; with pid, only if the lock is still that process's.  True if one was removed."""
+    path = pause_lock_path(folder, user)
+    if pid is not None:
+        found = read_pause_lock(path)
+        if found is None or found[0].pid != pid:
+            return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except PermissionError:
+        raise Failed(f"cannot remove {path}: permission denied") from None
+    return True
+
+
+def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
+    """The lock in `path` and the file's stat, or None for anything that is not a sound lock file."""
+    import stat
+    try:
+        # O_NONBLOCK: a FIFO planted under a lock's name must not hang the supervisor.
+        fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        data = json.loads(os.read(fd, _PAUSE_LOCK_MAX_BYTES).decode())
+        lock = PauseLock(
+            # Who paused is whoever owns the file: a lock cannot speak for someone else.
+            user=_user_of_uid(info.st_uid),
+            until=min(float(data["until"]), info.st_mtime + MAX_PAUSE_SECONDS + _PAUSE_LOCK_SLACK),
+            pid=int(data["pid"]), detached=bool(data["detached"]), since=float(data.get("since") or 0.0),
+            pid_started=None if data.get("pid_started") is None else float(data["pid_started"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+    return lock, info
+
+
+def pauser_alive(lock: PauseLock, thorough: bool = True) -> bool:
+    """Whether the process waiting on a non-detached lock still runs (pid reuse checked when thorough)."""
+    if lock.detached:
+        return True
+    try:
+        os.kill(lock.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, it is just someone else's
+    if not thorough or lock.pid_started is None:
+        return True
+    started = process_start_time(lock.pid)
+    # None: exists but hidden from us (hidepid); give it the benefit of the doubt.
+    return started is None or abs(started - lock.pid_started) < 1.0
+
+
+def _lock_files(folder: Path) -> List[Path]:
+    return [folder / name for name in os.listdir(folder)
+            if name.startswith(PAUSE_LOCK_PREFIX) and name.endswith(PAUSE_LOCK_SUFFIX)]
+
+
+def _remove_if_unchanged(path: Path, seen: Optional[os.stat_result]) -> None:
+    """Drop a stale lock, unless its user replaced it since we read it (or it is not ours to drop)."""
+    with contextlib.suppress(OSError):
+        now = os.lstat(path)
+        if seen is None or (now.st_ino, now.st_dev, now.st_mtime_ns) == (seen.st_ino, seen.st_dev, seen.st_mtime_ns):
+            os.unlink(path)
+
+
+def active_pauses(folder: Optional[Path] = None, now: Optional[float] = None) -> List[PauseLock]:
+    """The pauses in force, soonest to end first.  Stale locks are ignored, and removed when we may."""
+    folder = pause_dir() if folder is None else folder
+    now = time.time() if now is None else now
+    try:
+        paths = _lock_files(folder)
+    except OSError:
+        return []  # no readable folder: no pause can be in force
+    found = []
+    for path in paths:
+        read = read_pause_lock(path)
+        if read is None:
+            info = _lstat_or_none(path)
+            # Locks are written atomically, so an unreadable one is garbage, not half-written.
+            if info is not None and now - info.st_mtime > 10:
+                _remove_if_unchanged(path, info)
+            continue
+        lock, info = read
+        if lock.until > now and pauser_alive(lock):
+            found.append(lock)
+        else:
+            _remove_if_unchanged(path, info)
+    return sorted(found, key=lambda lock: (lock.until, lock.user))
+
+
+def _lstat_or_none(path: Path) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def is_paused(folder: Optional[Path] = None) -> bool:
+    """For the supervisor, before it starts a job or a build."""
+    return bool(active_pauses(folder))
+
+
+def clock_time(timestamp: float) -> str:
+    """A local wall-clock time for people: '14:05:09', with the date when it is not today."""
+    moment = time.localtime(timestamp)
+    if time.strftime("%Y-%m-%d", moment) == time.strftime("%Y-%m-%d"):
+        return time.strftime("%H:%M:%S", moment)
+    return time.strftime("%Y-%m-%d %H:%M:%S", moment)
+
+
+def describe_pauses(pauses: List[PauseLock]) -> str:
+    """'alice until 14:05:09, bob until 15:00:00' (for `resume` and `nodes`)."""
+    return ", ".join(f"{lock.user} until {clock_time(lock.until)}" for lock in pauses)
+
+
+# --- stopping and continuing a job's processes -------------------------------
+#
+# A job is the process tree under its root, which the supervisor starts as the
+# leader of a new session (pgid == sid == pid).  Members: everything in that
+# group or session, plus every descendant of a member (a child that called
+# setsid() or setpgid() is still found through its parent).  Stopping is done
+# top-down and repeated until a pass finds nobody new: a process that forks
+# while we stop it either has its child already (the next pass sees it) or
+# has its fork restarted after the SIGSTOP (the kernel does that), so the
+# repetition converges.  Continuing is bottom-up, children before parents:
+# a parent that wakes up first could take a still-stopped child for hung.
+
+@dataclass
+class ProcInfo:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    start: int       # start time in clock ticks (or any value that changes when a pid is reused)
+    state: str       # 'R', 'S', 'T' (stopped), 'Z' ...
+
+
+def process_table() -> Dict[int, ProcInfo]:
+    """Every visible process.  Reads /proc directly: psutil.process_iter is ~5x slower here."""
+    if not os.path.isdir("/proc/self"):
+        return _process_table_psutil()
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as stat_file:
+                data = stat_file.read()
+        except OSError:
+            continue  # it just ended
+        # comm (field 2) may hold spaces and parentheses: split after its last ')'.
+        rest = data[data.rindex(b")") + 2:].split()
+        table[int(name)] = ProcInfo(int(name), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]),
+                                    rest[0].decode())
+    return table
+
+
+def _process_table_psutil() -> Dict[int, ProcInfo]:
+    import psutil
+    table = {}
+    for proc in psutil.process_iter(["ppid", "create_time", "status"]):
+        try:
+            table[proc.pid] = ProcInfo(proc.pid, proc.info["ppid"] or 0, os.getpgid(proc.pid),
+                                       os.getsid(proc.pid), int(proc.info["create_time"] * 100),
+                                       "T" if proc.info["status"] == psutil.STATUS_STOPPED else "R")
+        except (OSError, TypeError):
+            continue
+    return table
+
+
+def _job_roots(root_pids: Iterable[int]) -> List[int]:
+    """Roots that are safe to signal as groups: never init, never our own group or session."""
+    ours = {os.getpid(), os.getpgrp(), os.getsid(0)}
+    return sorted({pid for pid in root_pids if pid > 1 and pid not in ours})
+
+
+def job_processes(root_pids: Iterable[int], table: Optional[Dict[int, ProcInfo]] = None) -> List[int]:
+    """Every process of the given jobs, parents before their children."""
+    roots = set(_job_roots(root_pids))
+    table = process_table() if table is None else table
+    members = {pid for pid, proc in table.items()
+               if pid in roots or proc.pgid in roots or proc.sid in roots}
+    children: Dict[int, List[int]] = {}
+    for proc in table.values():
+        children.setdefault(proc.ppid, []).append(proc.pid)
+    # Breadth-first from the members whose parent is not one: parents come out first.
+    ordered = sorted((pid for pid in members if table[pid].ppid not in members),
+                     key=lambda pid: (pid not in roots, pid))
+    seen = set(ordered)
+    for pid in ordered:  # grows while we walk it
+        for child in sorted(children.get(pid, ())):
+            if child not in seen:
+                seen.add(child)
+                ordered.append(child)
+    ours = os.getpid()
+    return [pid for pid in ordered if pid != ours]
+
+
+def _send(pid: int, signum: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass  # ended meanwhile, or not ours to signal
+
+
+def stop_job_processes(root_pids: Iterable[int]) -> Dict[int, int]:
+    """SIGSTOP every process of the jobs; returns {pid: start} of everything stopped."""
+    roots = _job_roots(root_pids)
+    for root in roots:
+        _send(root, signal.SIGSTOP, group=True)  # the whole group at once, before any scan
+    stopped: Dict[int, int] = {}
+    for _ in range(_FREEZE_MAX_ROUNDS):
+        table = process_table()
+        fresh = [pid for pid in job_processes(roots, table) if pid not in stopped]
+        if not fresh:
+            break
+        for pid in fresh:
+            _send(pid, signal.SIGSTOP)
+            stopped[pid] = table[pid].start
+    return stopped
+
+
+def freeze_tree(root_pids: Iterable[int]) -> List[int]:
+    """SIGSTOP every process of each job (group, session and descendants); returns their pids."""
+    return sorted(stop_job_processes(root_pids))
+
+
+def thaw_tree(root_pids: Iterable[int], also: Optional[Dict[int, int]] = None) -> List[int]:
+    """SIGCONT every process of each job, children first; `also` ({pid: start}, from
+    stop_job_processes) adds processes stopped earlier that left the tree, if still the same."""
+    roots = _job_roots(root_pids)
+    table = process_table()
+    ordered = job_processes(roots, table)
+    strays = [pid for pid, start in (also or {}).items()
+              if pid not in ordered and pid in table and table[pid].start == start]
+    for pid in strays + ordered[::-1]:
+        _send(pid, signal.SIGCONT)
+    for root in roots:
+        _send(root, signal.SIGCONT, group=True)  # anyone who joined the group since the scan
+    return sorted(set(strays + ordered))
+
+
+# --- the watcher -------------------------------------------------------------
+
+@dataclass
+class PauseWatch:
+    """What the watcher knows between ticks: the pauses in force and what it stopped."""
+    folder: Path
+    stamp: Optional[Tuple[int, int]] = None         # (inode, mtime_ns) of the folder at the last read
+    pauses: List[PauseLock] = field(default_factory=list)
+    next_expiry: float = float("inf")
+    stopped: Dict[int, int] = field(default_factory=dict)  # pid -> start, everything we stopped
+    stopped_roots: set = field(default_factory=set)
+    last_sweep: float = 0.0
+    settled: bool = False  # False until the first tick: a restarted supervisor thaws leftovers
+
+    def poll(self, now: float) -> List[PauseLock]:
+        """The pauses in force; costs one stat() per tick unless something changed."""
+        try:
+            info = os.stat(self.folder)
+        except OSError:
+            self.stamp, self.pauses, self.next_expiry = None, [], float("inf")
+            return self.pauses
+        stamp = (info.st_ino, info.st_mtime_ns)
+        if (stamp != self.stamp or time.time() - info.st_mtime < _RACY_STAMP_SECONDS
+                or now >= self.next_expiry
+                or not all(pauser_alive(lock, thorough=False) for lock in self.pauses)):
+            self.stamp = stamp
+            self.pauses = active_pauses(self.folder, now)
+            self.next_expiry = min((lock.until for lock in self.pauses), default=float("inf"))
+        return self.pauses
+
+    def step(self, roots: Iterable[int], now: Optional[float] = None) -> bool:
+        """One tick: stop or continue jobs as the pauses say.  True when the pauses changed."""
+        now = time.time() if now is None else now
+        before = [(lock.user, lock.until) for lock in self.pauses]
+        pauses = self.poll(now)
+        roots = set(_job_roots(roots))
+        if pauses:
+            # Every tick: jobs started meanwhile.  Every second: all of them again, for
+            # processes continued by hand or missed while a job was being started.
+            sweep = now - self.last_sweep >= _PAUSE_RESWEEP_SECONDS
+            targets = roots if sweep else roots - self.stopped_roots
+            if targets:
+                self.stopped.update(stop_job_processes(targets))
+            self.stopped_roots |= roots
+            if sweep:
+                self.last_sweep = now
+        elif self.stopped_roots or self.stopped or not self.settled:
+            self.release(roots)
+        self.settled = True
+        return before != [(lock.user, lock.until) for lock in pauses]
+
+    def release(self, roots: Iterable[int] = ()) -> None:
+        """Continue everything we stopped (also on shutdown: never leave jobs stopped)."""
+        thaw_tree(set(roots) | self.stopped_roots, also=self.stopped)
+        self.stopped, self.stopped_roots, self.last_sweep = {}, set(), 0.0
+
+
+async def watch_pauses(job_roots: Callable[[], List[int]],
+                       on_change: Optional[Callable[[List[PauseLock]], None]] = None,
+                       interval: float = 0.05, folder: Optional[Path] = None) -> None:
+    """Run forever in the supervisor's event loop: stop every job while any pause is in force.
+
+    job_roots() gives the root pids of the running jobs (each a session leader);
+    on_change(pauses) is called whenever who pauses or until when changes.
+    Cancelling the task continues whatever it stopped."""
+    import asyncio
+    watch = PauseWatch(pause_dir() if folder is None else folder)
+    try:
+        while True:
+            if watch.step(job_roots()) and on_change is not None:
+                on_change(list(watch.pauses))
+            await asyncio.sleep(interval)
+    finally:
+        watch.release(job_roots())
 #@@PAUSE: end@@
 
 
 #@@CLUSTER: begin@@
+# ---------------------------------------------------------------------------
+# 5. The head's store and scheduling
+#
+# SQLite (WAL) under the head's --state folder holds batches, jobs, attempts
+# and builds: everything needed to carry on after a crash.  Scheduling is a set
+# of pure functions over small snapshots of that state, tested on their own.
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
+    flavour TEXT NOT NULL, plan TEXT NOT NULL, capabilities TEXT NOT NULL, matrix TEXT,
+    created REAL NOT NULL, finished REAL, state TEXT NOT NULL DEFAULT 'active');
+CREATE UNIQUE INDEX IF NOT EXISTS batch_name ON batches(namespace, name) WHERE state != 'replaced';
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id), idx INTEGER NOT NULL,
+    name TEXT NOT NULL, plan TEXT NOT NULL, retries INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, run_id TEXT,
+    node TEXT, started REAL, ended REAL, exit_code INTEGER, progress REAL, slot INTEGER);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(batch_id, state, idx);
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(state) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS builds (
+    batch_id INTEGER NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (batch_id, node));
+"""
+
+JOB_STATES = ("queued", "running", "done", "failed", "killed")
+
+
+@dataclass
+class BatchRow:
+    id: int
+    namespace: str
+    name: str
+    owner: str
+    flavour: str
+    plan: BatchPlan
+    capabilities: List[str]
+    matrix: Optional[str]
+    created: float
+    state: str
+    finished: Optional[float] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class JobRow:
+    id: int
+    batch_id: int
+    name: str
+    plan: JobPlan
+    retries: int
+    state: str
+    attempts: int
+    run_id: Optional[str]
+    node: Optional[str]
+    started: Optional[float]
+    ended: Optional[float]
+    exit_code: Optional[int]
+    progress: Optional[float]
+    slot: Optional[int]
+
+
+class Store:
+    """The head's database.  One connection, used from the event loop only."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    # batches
+    def add_batch(self, namespace: str, name: str, owner: str, plan: BatchPlan, capabilities: List[str],
+                  matrix: Optional[str], jobs: List[Tuple[JobPlan, int]]) -> int:
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO batches (namespace, name, owner, flavour, plan, capabilities, matrix, created)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (namespace, name, owner, plan.flavour, json.dumps(dataclasses.asdict(plan)),
+                 json.dumps(capabilities), matrix, time.time()))
+            batch_id = cur.lastrowid
+            self.db.executemany(
+                "INSERT INTO jobs (batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?)",
+                ((batch_id, i, job.name, json.dumps(dataclasses.asdict(job)), retries)
+                 for i, (job, retries) in enumerate(jobs)))
+        return batch_id
+
+    def _batch(self, row) -> BatchRow:
+        return BatchRow(row[0], row[1], row[2], row[3], row[4], BatchPlan(**json.loads(row[5])),
+                        json.loads(row[6]), row[7], row[8], row[10], row[9])
+
+    def batch(self, batch_id: int) -> Optional[BatchRow]:
+        row = self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
+        return self._batch(row) if row else None
+
+    def find_batch(self, namespace: Optional[str], name: str) -> Optional[BatchRow]:
+        sql = "SELECT * FROM batches WHERE name=? AND state != 'replaced'"
+        args: Tuple = (name,)
+        if namespace:
+            sql, args = sql + " AND namespace=?", (name, namespace)
+        rows = self.db.execute(sql + " ORDER BY id DESC", args).fetchall()
+        if len(rows) > 1:
+            raise UserError(f"batch name {name!r} exists in several namespaces: write NAMESPACE/{name}")
+        return self._batch(rows[0]) if rows else None
+
+    def active_batches(self) -> List[BatchRow]:
+        rows = self.db.execute("SELECT * FROM batches WHERE state='active' ORDER BY created, id").fetchall()
+        return [self._batch(r) for r in rows]
+
+    def all_batches(self, limit: int = 10000) -> List[BatchRow]:
+        rows = self.db.execute("SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [self._batch(r) for r in reversed(rows)]
+
+    def set_batch_state(self, batch_id: int, state: str) -> None:
+        self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
+                        (state, time.time() if state != "active" else None, batch_id))
+
+    # jobs
+    def _job(self, row) -> JobRow:
+        return JobRow(row[0], row[1], row[3], JobPlan(**json.loads(row[4])), row[5], row[6], row[7],
+                      row[8], row[9], row[10], row[11], row[12], row[13], row[14])
+
+    def job(self, job_id: int) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def job_by_name(self, batch_id: int, name: str) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND name=?", (batch_id, name)).fetchone()
+        return self._job(row) if row else None
+
+    def jobs(self, batch_id: int, state: Optional[str] = None) -> List[JobRow]:
+        if state:
+            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state=? ORDER BY idx",
+                                   (batch_id, state))
+        else:
+            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? ORDER BY idx", (batch_id,))
+        return [self._job(r) for r in rows]
+
+    def next_queued(self, batch_id: int) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state='queued' ORDER BY idx LIMIT 1",
+                              (batch_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def running_jobs(self) -> List[JobRow]:
+        return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
+
+    def counts(self) -> Dict[int, Dict[str, int]]:
+        """{batch_id: {state: count}} for every batch, in one query."""
+        out: Dict[int, Dict[str, int]] = {}
+        for batch_id, state, count in self.db.execute(
+                "SELECT batch_id, state, COUNT(*) FROM jobs GROUP BY batch_id, state"):
+            out.setdefault(batch_id, {})[state] = count
+        return out
+
+    def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
+        self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
+                        " exit_code=NULL, progress=NULL, attempts=attempts+1 WHERE id=?",
+                        (run_id, node, slot, time.time(), job_id))
+
+    def mark_ended(self, job_id: int, state: str, exit_code: Optional[int]) -> None:
+        self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=? WHERE id=?",
+                        (state, exit_code, time.time(), job_id))
+
+    def requeue(self, job_id: int, count_attempt: bool) -> None:
+        self.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL,"
+                        " attempts=attempts - ? WHERE id=?", (0 if count_attempt else 1, job_id))
+
+    def set_progress(self, job_id: int, progress: Optional[float]) -> None:
+        self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
+
+    # builds
+    def builds(self) -> Dict[Tuple[int, str], str]:
+        return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
+
+    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
+        if state is None:
+            self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+
+class _Transaction:
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN")
+
+    def __exit__(self, kind, *_):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+# Scheduling: which batch a node with a free slot should take next.
+
+@dataclass
+class NodeView:
+    name: str
+    capabilities: List[str]
+    gpus: int
+    free_slots: int
+    paused: bool = False
+    reachable: bool = True
+
+
+@dataclass
+class BatchView:
+    id: int
+    owner: str
+    created: float
+    capabilities: List[str]
+    queued: int
+    built_on: List[str] = field(default_factory=list)     # nodes where the build succeeded
+    failed_on: List[str] = field(default_factory=list)    # nodes where the build failed
+
+    @property
+    def needs_gpu(self) -> bool:
+        return "gpu" in self.capabilities
+
+
+def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
+    offered = set(offered)
+    return [cap for cap in needed if cap not in offered]
+
+
+def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
+    """Why `node` cannot take a job of `batch` right now (None: it can)."""
+    if not node.reachable:
+        return "unreachable"
+    missing = missing_capabilities(batch.capabilities, node.capabilities)
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if node.name in batch.failed_on:
+        return "the batch's build failed there"
+    if node.paused:
+        return "paused"
+    if node.free_slots <= 0:
+        return "busy"
+    return None
+
+
+def pick_batch(node: NodeView, batches: List[BatchView], last_owner: Optional[str]) -> Optional[BatchView]:
+    """SPEC §6 order: on a GPU node, batches that need a GPU first; then the next owner in
+    round-robin order after `last_owner`; within that owner a batch already built on this
+    node, else the oldest.  Fairness across owners comes before build reuse, so one
+    person's long sweep never starves another's few jobs (builds are kept per node until
+    the node is done with a batch, so switching batches does not repeat them)."""
+    eligible = [b for b in batches if b.queued > 0 and why_not(node, b) is None]
+    if not eligible:
+        return None
+    if node.gpus > 0 and any(b.needs_gpu for b in eligible):
+        eligible = [b for b in eligible if b.needs_gpu]
+    owners = sorted({b.owner for b in eligible})
+    later = [o for o in owners if last_owner is not None and o > last_owner]
+    owner = later[0] if later else owners[0]
+    mine = [b for b in eligible if b.owner == owner]
+    built = [b for b in mine if node.name in b.built_on]
+    return min(built or mine, key=lambda b: (b.created, b.id))
+
+
+def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for a job in `slot`: each slot its own share of the GPUs."""
+    if gpus <= 0:
+        return None
+    if slots <= 1:
+        return ",".join(str(i) for i in range(gpus))
+    if slots >= gpus:
+        return str(slot % gpus)
+    per = gpus // slots
+    return ",".join(str(i) for i in range(slot * per, (slot + 1) * per))
+
+
+# ---------------------------------------------------------------------------
+# 6. Wire format, tar streams and transports
+#
+# Head, supervisor and clients exchange frames: an 8-byte prefix (header and
+# payload lengths), a JSON header, then raw payload bytes.  Files travel as tar
+# streams, checked member by member on arrival.  A transport reaches one
+# machine: the local one directly, any other over one persistent SSH connection.
+# ---------------------------------------------------------------------------
+
+MAX_HEADER = 64 * 1024 * 1024
+INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
+PROTOCOL = 1
+
+
+class ProtocolError(Failed):
+    """The other side spoke something that is not our protocol (or hung up)."""
+
+
+class UnsafeArchive(Failed):
+    """A tar stream tried to write outside its folder, or held a device or link out."""
+
+
+class Channel:
+    """Frames over a pair of asyncio-like streams; sends are serialised by a lock."""
+
+    def __init__(self, reader, writer):
+        import asyncio
+        self.reader, self.writer = reader, writer
+        self._lock = asyncio.Lock()
+
+    async def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        body = json.dumps(header, separators=(",", ":")).encode()
+        async with self._lock:
+            self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
+            if payload:
+                self.writer.write(payload)
+            await self.writer.drain()
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        import asyncio
+        try:
+            prefix = await self.reader.readexactly(8)
+            size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+            if size > MAX_HEADER:
+                raise ProtocolError("frame header too large")
+            header = json.loads(await self.reader.readexactly(size))
+            payload = await self.reader.readexactly(payload_size) if payload_size else b""
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ProtocolError("connection closed") from exc
+        except ValueError as exc:
+            raise ProtocolError(f"bad frame: {exc}") from exc
+        return header, payload
+
+    async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        await self.send(header, payload)
+        return await self.receive()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
+    """A tar (in memory) of (name in archive, path on disk) pairs."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in entries:
+            tar.add(path, arcname=name, recursive=False)
+    return buffer.getvalue()
+
+
+def tar_folder(folder: Path, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
+    """A tar of everything under folder (links kept as links), plus extra entries."""
+    entries: List[Tuple[str, str]] = []
+    for top, dirs, files in os.walk(folder):
+        rel_top = os.path.relpath(top, folder)
+        for name in sorted(dirs) + sorted(files):
+            rel = name if rel_top == "." else f"{rel_top}/{name}"
+            entries.append((rel, os.path.join(top, name)))
+    return tar_of(entries + list(extra))
+
+
+def tar_size(folder: Path) -> int:
+    total = 0
+    for top, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(top, name)).st_size
+    return total
+
+
+def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
+    """Where a tar member may land under dest; UnsafeArchive if it may not."""
+    name = member.name
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts or not parts:
+        raise UnsafeArchive(f"refused tar entry {name!r}: it escapes its folder")
+    target = dest.joinpath(*parts)
+    if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()):
+        raise UnsafeArchive(f"refused tar entry {name!r}: not a regular file, folder or symlink")
+    if member.issym():
+        link = member.linkname
+        resolved = os.path.normpath(os.path.join(os.path.dirname(str(target)), link))
+        if link.startswith("/") or not (resolved + os.sep).startswith(str(dest) + os.sep):
+            raise UnsafeArchive(f"refused tar entry {name!r}: symlink to {link!r} points outside")
+    return target
+
+
+def extract_tar(source, dest: Path) -> int:
+    """Extract a tar (bytes or a readable file object, read as a stream) into dest,
+    refusing anything unsafe before writing it.  Returns the bytes written."""
+    dest = Path(os.path.abspath(dest))
+    dest.mkdir(parents=True, exist_ok=True)
+    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    written = 0
+    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+        for member in tar:
+            target = check_member(member, dest)
+            real_parent = os.path.realpath(target.parent)
+            if not (real_parent + os.sep).startswith(os.path.realpath(dest) + os.sep) \
+                    and real_parent != os.path.realpath(dest):
+                raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(target):
+                if os.path.isdir(target) and not os.path.islink(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+            if member.issym():
+                os.symlink(member.linkname, target)
+                continue
+            handle = tar.extractfile(member)
+            with open(target, "wb") as out:
+                shutil.copyfileobj(handle, out, 1024 * 1024)
+            if out_size(target) != member.size:
+                raise Failed(f"{member.name}: size {out_size(target)} != {member.size}")
+            written += member.size
+            os.chmod(target, member.mode & 0o777)
+            os.utime(target, (member.mtime, member.mtime))
+    return written
+
+
+def out_size(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                     "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def quote_argv(argv: List[str]) -> str:
+    """One shell-safe command line: every argument quoted (sshd hands it to a shell)."""
+    import shlex
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+class LocalTransport:
+    """This machine, no SSH: the embedded default."""
+
+    def __init__(self, node: NodeSpec):
+        self.node = node
+
+    async def connect(self) -> None:
+        return None
+
+    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
+        import asyncio
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate(stdin)
+        return proc.returncode or 0, out, err
+
+    async def open_socket(self, path: str):
+        import asyncio
+        return await asyncio.open_unix_connection(path, limit=2 ** 24)
+
+    async def close(self) -> None:
+        return None
+
+    def describe_error(self, exc: BaseException) -> str:
+        return str(exc) or type(exc).__name__
+
+
+class SshTransport:
+    """One node over one persistent asyncssh connection; every channel reuses it.
+
+    Host keys are checked against known_hosts (asyncssh's default, honouring
+    ~/.ssh/config), never skipped.  aes-gcm comes first: it is the fastest cipher
+    where the CPU has AES instructions, which is every lab machine of the last decade."""
+
+    def __init__(self, node: NodeSpec, connect_timeout: float = 15.0):
+        self.node = node
+        self.conn = None
+        self.connect_timeout = connect_timeout
+
+    async def connect(self) -> None:
+        import asyncssh
+        options: Dict[str, Any] = {}
+        if self.node.port:
+            options["port"] = self.node.port
+        if self.node.user:
+            options["username"] = self.node.user
+        self.conn = await asyncssh.connect(
+            self.node.host, encryption_algs=PREFERRED_CIPHERS, compression_algs=None,
+            keepalive_interval=5, keepalive_count_max=3, connect_timeout=self.connect_timeout, **options)
+
+    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
+        result = await self.conn.run(quote_argv(argv), input=stdin, encoding=None, check=False)
+        return result.exit_status if result.exit_status is not None else 255, result.stdout or b"", \
+            result.stderr or b""
+
+    async def open_socket(self, path: str):
+        """A stream to a Unix socket on the node: stream-local forwarding when sshd allows
+        it, else a relay process (`node attach`) on an exec channel."""
+        import asyncssh
+        try:
+            return await self.conn.open_unix_connection(path)
+        except asyncssh.ChannelOpenError:
+            process = await self.conn.create_process(
+                quote_argv(self.relay_argv(path)), encoding=None)
+            return process.stdout, process.stdin
+
+    def relay_argv(self, path: str) -> List[str]:
+        return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
+
+    remote_pyz = ""
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            with contextlib.suppress(Exception):
+                await self.conn.wait_closed()
+            self.conn = None
+
+    def describe_error(self, exc: BaseException) -> str:
+        import asyncssh
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return (f"host key of {self.node.host} not verified ({exc.reason}): it is unknown or has "
+                    "changed; check the head's known_hosts")
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return f"SSH login to {self.node.host} refused: {exc.reason}"
+        if isinstance(exc, asyncssh.DisconnectError):
+            return f"SSH to {self.node.host}: {exc.reason}"
+        if isinstance(exc, OSError):
+            return f"cannot reach {self.node.host}: {exc.strerror or exc}"
+        return f"{self.node.host}: {exc or type(exc).__name__}"
+
+
+def transport_for(node: NodeSpec):
+    return LocalTransport(node) if node.is_local else SshTransport(node)
+
+
+# ---------------------------------------------------------------------------
+# 7. The node-side supervisor
+#
+# One long-lived process per node (`distribute node supervise`), started by the
+# head over SSH and detached from it.  It builds batches, starts every job
+# process itself, keeps each run's record and results on the node's disk until
+# the head has archived them, freezes jobs while someone pauses the machine,
+# and exits by itself once it is idle and no head has been connected for a while.
+# ---------------------------------------------------------------------------
+
+PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gcc", "nvcc",
+                "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
+
+
+def probe_machine() -> Dict[str, Any]:
+    """Capabilities found on PATH, cores, memory and GPUs of this machine."""
+    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    gpus = 0
+    if shutil.which("nvidia-smi"):
+        with contextlib.suppress(Exception):
+            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=10).stdout.decode()
+            gpus = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    if gpus:
+        caps.append("gpu")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return {"capabilities": caps, "cpus": os.cpu_count() or 1, "memory": memory, "gpus": gpus,
+            "hostname": socket.gethostname(), "python": sys.version.split()[0], "version": __version__}
+
+
+@dataclass
+class RunRecord:
+    """One attempt of one job on this node, as kept on the node's disk."""
+    run_id: str
+    namespace: str
+    batch: str
+    job: str
+    state: str = "running"           # running | finished
+    pid: Optional[int] = None
+    start: float = 0.0
+    end: Optional[float] = None
+    exit_code: Optional[int] = None
+    killed: bool = False
+
+
+class Supervisor:
+    """The node side of distribute; see the section comment."""
+
+    def __init__(self, workdir: Path, idle_timeout: float = 600.0):
+        self.workdir = Path(workdir)
+        self.home = self.workdir / ".distribute"
+        self.runs_dir = self.home / "runs"
+        self.socket_path = self.home / "supervisor.sock"
+        self.idle_timeout = idle_timeout
+        self.head: Optional[Channel] = None
+        self.head_seen = time.time()
+        self.procs: Dict[str, Any] = {}            # run_id -> asyncio process
+        self.builds: Dict[str, Any] = {}           # batch key -> task
+        self.python = shutil.which("python3") or sys.executable
+        self.machine = probe_machine()
+        self.pause_locks: List[Any] = []
+
+    # records on disk
+    def run_dir(self, run_id: str) -> Path:
+        if not re.match(r"[0-9]+\.[0-9]+\Z", run_id):
+            raise ProtocolError(f"bad run id {run_id!r}")
+        return self.runs_dir / run_id
+
+    def save_record(self, record: RunRecord) -> None:
+        folder = self.run_dir(record.run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / "record.json",
+                         lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(record))))
+
+    def load_record(self, run_id: str) -> Optional[RunRecord]:
+        try:
+            return RunRecord(**json.loads((self.run_dir(run_id) / "record.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def all_records(self) -> List[RunRecord]:
+        if not self.runs_dir.exists():
+            return []
+        records = [self.load_record(entry.name) for entry in os.scandir(self.runs_dir)
+                   if re.match(r"[0-9]+\.[0-9]+\Z", entry.name)]
+        return [r for r in records if r is not None]
+
+    def workspace(self, namespace: str, batch: str) -> Workspace:
+        return Workspace(inside(self.workdir, namespace, batch))
+
+    # the server
+    async def serve(self) -> None:
+        import asyncio
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        self.runs_dir.mkdir(exist_ok=True)
+        self.reap_orphans()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        server = await asyncio.start_unix_server(self.on_connection, path=str(self.socket_path),
+                                                 limit=2 ** 24)
+        os.chmod(self.socket_path, 0o600)
+        watcher = asyncio.ensure_future(self.watch_pauses())
+        try:
+            while not self.idle_long_enough():
+                await asyncio.sleep(1.0)
+        finally:
+            watcher.cancel()
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+
+    def idle_long_enough(self) -> bool:
+        if self.head is not None or self.procs or self.builds:
+            self.head_seen = time.time()
+            return False
+        return time.time() - self.head_seen > self.idle_timeout
+
+    def reap_orphans(self) -> None:
+        """Runs recorded as running by an earlier supervisor whose process is gone: finished, lost."""
+        for record in self.all_records():
+            if record.state == "running" and not (record.pid and pid_alive(record.pid)):
+                record.state, record.end, record.exit_code = "finished", time.time(), -1
+                self.save_record(record)
+
+    async def watch_pauses(self) -> None:
+        def roots() -> List[int]:
+            return [proc.pid for proc in self.procs.values()]
+
+        def changed(locks) -> None:
+            self.pause_locks = list(locks)
+            self.notify({"event": "paused", "locks": [dataclasses.asdict(l) for l in locks]})
+        await watch_pauses(roots, changed)
+
+    def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
+        """Send an event to the head if one is connected; records on disk cover the rest."""
+        import asyncio
+        head = self.head
+        if head is not None:
+            async def send() -> None:
+                with contextlib.suppress(Exception):
+                    await head.send(event, payload)
+            asyncio.ensure_future(send())
+
+    async def on_connection(self, reader, writer) -> None:
+        channel = Channel(reader, writer)
+        try:
+            while True:
+                header, payload = await channel.receive()
+                op = header.get("op")
+                handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+                try:
+                    if handler is None:
+                        raise ProtocolError(f"unknown operation {op!r}")
+                    reply = await handler(channel, header, payload)
+                except Failed as exc:
+                    reply = ({"ok": False, "error": str(exc)}, b"")
+                if reply is not None:
+                    await channel.send(dict(reply[0], reply_to=header.get("id")), reply[1])
+        except ProtocolError:
+            pass
+        finally:
+            if self.head is channel:
+                self.head = None
+                self.head_seen = time.time()
+            channel.close()
+
+    # operations
+    async def op_hello(self, channel: Channel, header, payload):
+        """The head (re)connects: it becomes the one that gets events."""
+        if header.get("head"):
+            if self.head is not None and self.head is not channel:
+                self.head.close()
+            self.head = channel
+        runs = [dataclasses.asdict(r) for r in self.all_records()]
+        return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
+                    protocol=PROTOCOL), b""
+
+    async def op_build(self, channel: Channel, header, payload):
+        import asyncio
+        plan = BatchPlan(**header["plan"])
+        ws = self.workspace(plan.namespace, plan.batch)
+        if ws.root.exists():
+            shutil.rmtree(ws.root)
+        ws.create()
+        extract_tar(payload, ws.root)
+        key = f"{plan.namespace}/{plan.batch}"
+        self.builds[key] = asyncio.ensure_future(self.run_build(ws, plan, header.get("env") or {}))
+        return {"ok": True}, b""
+
+    async def run_build(self, ws: Workspace, plan: BatchPlan, env: Dict[str, str]) -> None:
+        import asyncio
+        log = ws.private / "build.txt"
+        log.write_bytes(b"")
+        argv = ws.build_argv(plan, self.python)
+        key = f"{plan.namespace}/{plan.batch}"
+        code = 0
+        try:
+            if argv:
+                while is_paused(pause_dir()):
+                    await asyncio.sleep(0.2)
+                code = await self.spawn_and_wait(argv, ws.root, ws.job_env(plan, JobPlan("build"),
+                                                 self.machine["cpus"], env), log, "build:" + key)
+        finally:
+            self.builds.pop(key, None)
+        self.notify({"event": "built", "namespace": plan.namespace, "batch": plan.batch, "exit_code": code},
+                    log.read_bytes()[-4 * 1024 * 1024:])
+
+    async def spawn_and_wait(self, argv: List[str], cwd: Path, env: Dict[str, str], log: Path,
+                             key: str, record: Optional[RunRecord] = None) -> int:
+        """Start one build or job process in its own session and wait for it; while the
+        machine is paused it starts frozen."""
+        import asyncio
+        with open(log, "ab") as out:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, cwd=str(cwd), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                    stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                out.write(f"distribute: cannot start {argv[0]}: {exc.strerror}\n".encode())
+                return 127
+        self.procs[key] = proc
+        if self.pause_locks:
+            freeze_tree([proc.pid])
+        if record is not None:
+            record.pid = proc.pid
+            self.save_record(record)
+        try:
+            return await proc.wait()
+        finally:
+            self.procs.pop(key, None)
+
+    async def op_start(self, channel: Channel, header, payload):
+        import asyncio
+        plan, job = BatchPlan(**header["plan"]), JobPlan(**header["job"])
+        run_id, slot = header["run_id"], int(header.get("slot", 0))
+        ws = self.workspace(plan.namespace, plan.batch)
+        if not ws.root.exists():
+            raise Failed(f"{plan.namespace}/{plan.batch} is not built on this node")
+        if slot:
+            ws = ws.shadow(slot)
+        ws.reset_for_job(plan)
+        extract_tar(payload, ws.root)
+        folder = self.run_dir(run_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time())
+        self.save_record(record)
+        cpus = int(header.get("cpus") or self.machine["cpus"])
+        env = ws.job_env(plan, job, cpus, header.get("env") or {})
+        asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
+        return None
+
+    async def run_job(self, ws: Workspace, plan: BatchPlan, job: JobPlan, record: RunRecord,
+                      env: Dict[str, str], cpus: int) -> None:
+        folder = self.run_dir(record.run_id)
+        argv = ws.job_argv(plan, job, self.python, cpus)
+        code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
+        record.state, record.end, record.exit_code = "finished", time.time(), code
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(ws.save, folder / "save")
+        (folder / "save").mkdir(exist_ok=True)
+        progress = read_progress(ws.progress_file(job.name))
+        self.save_record(record)
+        self.notify(*self.finished_event(record, progress))
+
+    def finished_event(self, record: RunRecord, progress: Optional[float] = None
+                       ) -> Tuple[Dict[str, Any], bytes]:
+        folder = self.run_dir(record.run_id)
+        size = tar_size(folder / "save") + tar_size_file(folder / "stdout.txt")
+        event = {"event": "finished", "run": dataclasses.asdict(record), "size": size, "progress": progress}
+        if size <= INLINE_LIMIT:
+            return dict(event, inline=True), self.result_tar(record.run_id)
+        return dict(event, inline=False), b""
+
+    def result_tar(self, run_id: str) -> bytes:
+        folder = self.run_dir(run_id)
+        extra = [("stdout.txt", str(folder / "stdout.txt"))] if (folder / "stdout.txt").exists() else []
+        return tar_folder(folder / "save", extra)
+
+    async def op_fetch(self, channel: Channel, header, payload):
+        """Stream a run's results (for results too large to ride along with the event)."""
+        record = self.load_record(header["run_id"])
+        if record is None or record.state != "finished":
+            raise Failed(f"no finished run {header['run_id']}")
+        return {"ok": True}, self.result_tar(record.run_id)
+
+    async def op_ack(self, channel: Channel, header, payload):
+        """The head has archived (or discarded) a run: forget it."""
+        for run_id in header.get("run_ids", []):
+            shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+        return None
+
+    async def op_kill(self, channel: Channel, header, payload):
+        import asyncio
+        grace = float(header.get("grace", 10.0))
+        for run_id in header.get("run_ids", []):
+            proc = self.procs.get(run_id)
+            record = self.load_record(run_id)
+            if record is not None and record.state == "running":
+                record.killed = True
+                self.save_record(record)
+            if proc is not None:
+                asyncio.ensure_future(terminate_tree(proc, grace))
+        return None
+
+    async def op_cleanup(self, channel: Channel, header, payload):
+        """The head is done with a batch on this node: delete its build directory."""
+        ws = self.workspace(header["namespace"], header["batch"])
+        for folder in [ws.root] + list(ws.root.parent.glob(glob_escape(ws.root.name) + ".slot*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            ws.root.parent.rmdir()
+        return None
+
+    async def op_tail(self, channel: Channel, header, payload):
+        """Bytes of a run's output from `offset` on (for `logs -f`)."""
+        log = self.run_dir(header["run_id"]) / "stdout.txt"
+        record = self.load_record(header["run_id"])
+        try:
+            with open(log, "rb") as handle:
+                handle.seek(int(header.get("offset", 0)))
+                data = handle.read(4 * 1024 * 1024)
+        except OSError:
+            data = b""
+        return {"ok": True, "state": record.state if record else "unknown"}, data
+
+    async def op_progress(self, channel: Channel, header, payload):
+        out = {}
+        for record in self.all_records():
+            if record.state == "running":
+                out[record.run_id] = read_progress(
+                    self.workspace(record.namespace, record.batch).progress_file(record.job))
+        return {"ok": True, "progress": out}, b""
+
+
+def tar_size_file(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def glob_escape(name: str) -> str:
+    import glob
+    return glob.escape(name)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def terminate_tree(proc, grace: float) -> None:
+    """SIGTERM the job's whole session (waking it if paused), then SIGKILL after `grace`."""
+    import asyncio
+    for sig in (signal.SIGTERM, signal.SIGCONT):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except asyncio.TimeoutError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def supervisor_socket(workdir: str) -> str:
+    return str(Path(workdir) / ".distribute" / "supervisor.sock")
+
+
+def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[str]) -> str:
+    """Start a supervisor for workdir unless one answers already; return when it listens."""
+    sock_path = supervisor_socket(str(workdir))
+    if socket_answers(sock_path):
+        return "running"
+    home = Path(workdir) / ".distribute"
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    log = open(home / "supervisor.log", "ab")
+    subprocess.Popen(argv0 + ["node", "supervise", "--workdir", str(workdir), "--idle-timeout", str(idle_timeout)],
+                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if socket_answers(sock_path):
+            return "started"
+        time.sleep(0.02)
+    raise Failed(f"the supervisor did not start; see {home / 'supervisor.log'}")
+
+
+def socket_answers(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
+def relay_stdio_to_socket(path: str) -> None:
+    """`node attach`: copy stdin to the supervisor's socket and its replies to stdout, for
+    sshd setups that forbid stream-local forwarding."""
+    import selectors
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    selector = selectors.DefaultSelector()
+    selector.register(sys.stdin.buffer.raw, selectors.EVENT_READ, "in")
+    selector.register(conn, selectors.EVENT_READ, "sock")
+    while True:
+        for key, _ in selector.select():
+            if key.data == "in":
+                data = os.read(sys.stdin.fileno(), 1 << 16)
+                if not data:
+                    conn.shutdown(socket.SHUT_WR)
+                    selector.unregister(sys.stdin.buffer.raw)
+                    continue
+                conn.sendall(data)
+            else:
+                data = conn.recv(1 << 16)
+                if not data:
+                    return
+                os.write(sys.stdout.fileno(), data)
+
+
+# ---------------------------------------------------------------------------
+# 8. The head daemon
+#
+# `distribute serve`: one asyncio process.  A NodeLink per node keeps its SSH
+# connection and supervisor channel alive; the Head turns events (job finished,
+# build done, node paused or lost, batch added) into store updates, archive
+# writes and new work, and answers clients on a Unix socket.
+# ---------------------------------------------------------------------------
+
+def default_state_dir() -> Path:
+    if os.environ.get("DISTRIBUTE_STATE"):
+        return Path(os.environ["DISTRIBUTE_STATE"])
+    system = Path("/var/lib/distribute")
+    if os.access(system, os.W_OK) or (os.geteuid() == 0 and not system.exists()):
+        return system
+    return Path.home() / ".local" / "state" / "distribute"
+
+
+def default_socket_candidates() -> List[Path]:
+    found = [Path(os.environ["DISTRIBUTE_STATE"]) / "head.sock"] if os.environ.get("DISTRIBUTE_STATE") else []
+    return found + [Path("/var/lib/distribute/head.sock"),
+                    Path.home() / ".local" / "state" / "distribute" / "head.sock"]
+
+
+REMOTE_SOCKET = "/var/lib/distribute/head.sock"
+
+
+def program_argv() -> List[str]:
+    """How to run this very program again on this machine (the pyz, or distribute.py)."""
+    here = os.path.abspath(__file__)
+    container = os.path.dirname(here)
+    if os.path.isfile(container):                   # inside distribute.pyz
+        return [sys.executable, container]
+    return [sys.executable, here]
+
+
+def program_bytes() -> Tuple[bytes, str]:
+    """The pyz the head copies to nodes, and its hash.  Running from source, a thin pyz of
+    this module alone is made (the nodes' python3 must then have click, pyyaml, psutil)."""
+    here = os.path.abspath(__file__)
+    container = os.path.dirname(here)
+    if os.path.isfile(container):
+        data = Path(container).read_bytes()
+    else:
+        import zipfile
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, text in (("distribute.py", Path(here).read_bytes()),
+                               ("__main__.py", b"import distribute\ndistribute.main()\n")):
+                info = zipfile.ZipInfo(name, (2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zf.writestr(info, text)
+        data = buffer.getvalue()
+    return data, hashlib.sha256(data).hexdigest()[:16]
+
+
+@dataclass
+class HeadConfig:
+    state: Path
+    archive: Path
+    nodes: List[NodeSpec]
+    pyz: Optional[Path] = None
+    node_timeout: float = 120.0
+    supervisor_idle: float = 600.0
+    kill_grace: float = 10.0
+    matrix_config: Optional[Path] = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.state / "head.sock"
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{now_iso()} {message}\n")
+    sys.stderr.flush()
+
+
+class NodeLink:
+    """The head's side of one node: connection, supervisor channel, slots, pause state."""
+
+    def __init__(self, spec: NodeSpec, head: "Head"):
+        self.spec, self.head = spec, head
+        self.transport = transport_for(spec)
+        self.state = "connecting"
+        self.error: Optional[str] = None
+        self.info: Dict[str, Any] = {}
+        self.channel: Optional[Channel] = None
+        self.slots: Dict[int, str] = {}              # slot -> run id, or "build:<batch id>"
+        self.paused: List[Dict[str, Any]] = []
+        self.down_since: Optional[float] = time.time()
+        self.pending: Dict[int, Any] = {}
+        self.next_id = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def capabilities(self) -> List[str]:
+        return sorted(set(self.spec.capabilities) | set(self.info.get("capabilities", [])))
+
+    @property
+    def workdir(self) -> str:
+        if self.spec.is_local and self.spec.workdir == DEFAULT_NODE_WORKDIR:
+            return str(self.head.config.state / "nodes" / self.name)
+        return self.spec.workdir
+
+    @property
+    def up(self) -> bool:
+        return self.state == "up"
+
+    def free_slot(self) -> Optional[int]:
+        for slot in range(self.spec.slots):
+            if slot not in self.slots:
+                return slot
+        return None
+
+    def view(self) -> NodeView:
+        return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
+                        self.spec.slots - len(self.slots), bool(self.paused), self.up)
+
+    async def run_forever(self) -> None:
+        import asyncio
+        backoff = 0.5
+        while True:
+            try:
+                await self.connect_once()
+                backoff = 0.5
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:                     # any failure: node is down, retry
+                self.error = self.transport.describe_error(exc)
+                refused = "host key" in self.error
+                self.state = "refused" if refused else "down"
+                log(f"node {self.name}: {self.error}")
+            self.mark_down()
+            await self.transport.close()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0 if self.state != "refused" else 60.0)
+
+    def mark_down(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.state == "up":
+            self.state = "down"
+        if self.down_since is None:
+            self.down_since = time.time()
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(ProtocolError(f"node {self.name} went away"))
+        self.pending.clear()
+
+    async def connect_once(self) -> None:
+        self.state = "connecting"
+        await self.transport.connect()
+        argv0 = await self.install_program()
+        code, out, err = await self.transport.run(
+            argv0 + ["node", "start", "--workdir", self.workdir, "--idle-timeout",
+                     str(self.head.config.supervisor_idle)])
+        if code != 0:
+            text = (err or out).decode("utf-8", "replace").strip().splitlines()
+            raise Failed(f"cannot start the supervisor: {text[-1] if text else f'exit code {code}'}")
+        if isinstance(self.transport, SshTransport):
+            self.transport.remote_pyz = argv0[1]
+        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        self.channel = Channel(reader, writer)
+        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0})
+        if not hello.get("ok"):
+            raise Failed(f"supervisor refused: {hello.get('error')}")
+        self.info, self.paused = hello, hello.get("paused", [])
+        self.state, self.error, self.down_since = "up", None, None
+        log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
+        await self.head.reconcile(self, hello.get("runs", []))
+        self.head.wake()
+        await self.read_events()
+
+    async def install_program(self) -> List[str]:
+        """Copy distribute.pyz to the node unless it already has this exact build."""
+        if self.spec.is_local:
+            return program_argv()
+        data, digest = self.head.program
+        folder = f"{self.workdir}/.distribute"
+        remote = f"{folder}/distribute-{digest}.pyz"
+        code, _, _ = await self.transport.run(["test", "-f", remote])
+        if code != 0:
+            script = 'mkdir -p "$1" && chmod 700 "$1" && cat > "$2.part" && mv "$2.part" "$2"'
+            code, _, err = await self.transport.run(["sh", "-c", script, "sh", folder, remote], stdin=data)
+            if code != 0:
+                raise Failed(f"cannot copy distribute.pyz to {remote}: {err.decode(errors='replace').strip()}")
+        return [self.spec.python, remote]
+
+    async def read_events(self) -> None:
+        while True:
+            header, payload = await self.channel.receive()
+            if "event" in header:
+                await self.head.on_event(self, header, payload)
+                continue
+            future = self.pending.pop(header.get("reply_to"), None)
+            if future is not None and not future.done():
+                future.set_result((header, payload))
+
+    async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        import asyncio
+        if self.channel is None:
+            raise ProtocolError(f"node {self.name} is not connected")
+        self.next_id += 1
+        future = asyncio.get_event_loop().create_future()
+        self.pending[self.next_id] = future
+        await self.channel.send(dict(header, id=self.next_id), payload)
+        reply, data = await future
+        if not reply.get("ok", True):
+            raise Failed(reply.get("error") or "the node refused")
+        return reply, data
+
+    async def tell(self, header: Dict[str, Any]) -> None:
+        """A one-way message; lost if the node is away (records on the node cover that)."""
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                await self.channel.send(header)
+
+
+class Head:
+    """The scheduler, archivist and API server; see the section comment."""
+
+    def __init__(self, config: HeadConfig):
+        self.config = config
+        config.state.mkdir(parents=True, exist_ok=True)
+        config.archive.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.state / "distribute.sqlite")
+        self.files = config.state / "files"
+        self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
+        self.batches = {b.id: b for b in self.store.active_batches()}
+        self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
+        self.builds = self.store.builds()
+        self.last_owner: Optional[str] = None
+        self.program = (config.pyz.read_bytes(), "") if config.pyz else program_bytes()
+        if config.pyz:
+            self.program = (self.program[0], hashlib.sha256(self.program[0]).hexdigest()[:16])
+        self._wake = None
+        self.matrix = None
+
+    # the main loop
+    async def serve(self) -> None:
+        import asyncio
+        self._wake = asyncio.Event()
+        for job in self.store.running_jobs():
+            link = self.links.get(job.node or "")
+            if link is not None and job.slot is not None:
+                link.slots[job.slot] = job.run_id or ""
+        for (batch_id, node), state in list(self.builds.items()):
+            if state == "running":
+                self.set_build(batch_id, node, None)
+        server = await self.start_api()
+        tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
+        tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
+        log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
+            f"archive {self.config.archive}")
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                await self.schedule()
+        finally:
+            for task in tasks:
+                task.cancel()
+            server.close()
+
+    def wake(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def watch_lost_nodes(self) -> None:
+        """Requeue the jobs of a node that has been away longer than the node timeout."""
+        import asyncio
+        while True:
+            await asyncio.sleep(1.0)
+            for link in self.links.values():
+                if link.up or link.down_since is None:
+                    continue
+                if time.time() - link.down_since < self.config.node_timeout:
+                    continue
+                lost = [j for j in self.store.running_jobs() if j.node == link.name]
+                for job in lost:
+                    log(f"node {link.name}: lost, requeueing {job.name} (run {job.run_id})")
+                    self.store.requeue(job.id, count_attempt=False)
+                    self.queued[job.batch_id] = self.queued.get(job.batch_id, 0) + 1
+                link.slots.clear()
+                for (batch_id, node) in [k for k in self.builds if k[1] == link.name and self.builds[k] != "failed"]:
+                    self.set_build(batch_id, node, None)
+                if lost:
+                    self.wake()
+
+    # scheduling
+    def batch_views(self) -> List[BatchView]:
+        views = []
+        for batch in self.batches.values():
+            if batch.state != "active" or self.queued.get(batch.id, 0) <= 0:
+                continue
+            built = [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"]
+            blocked = [n for (b, n), s in self.builds.items() if b == batch.id and s in ("failed", "running")]
+            views.append(BatchView(batch.id, batch.owner, batch.created, batch.capabilities,
+                                   self.queued.get(batch.id, 0), built, blocked))
+        return views
+
+    async def schedule(self) -> None:
+        import asyncio
+        views = self.batch_views()
+        if not views:
+            return
+        progress = True
+        while progress:
+            progress = False
+            for link in self.links.values():
+                slot = link.free_slot()
+                if not link.up or slot is None or link.paused:
+                    continue
+                choice = pick_batch(link.view(), views, self.last_owner)
+                if choice is None:
+                    continue
+                progress = True
+                self.last_owner = choice.owner
+                batch = self.batches[choice.id]
+                if self.builds.get((batch.id, link.name)) == "ok":
+                    job = self.claim_job(batch, link, slot)
+                    choice.queued -= 1
+                    asyncio.ensure_future(self.start_job(link, batch, job, slot))
+                else:
+                    link.slots[slot] = f"build:{batch.id}"
+                    self.set_build(batch.id, link.name, "running")
+                    choice.failed_on.append(link.name)
+                    asyncio.ensure_future(self.start_build(link, batch, slot))
+                views = [v for v in views if v.queued > 0]
+
+    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
+        self.store.set_build(batch_id, node, state)
+        if state is None:
+            self.builds.pop((batch_id, node), None)
+        else:
+            self.builds[(batch_id, node)] = state
+
+    def claim_job(self, batch: BatchRow, link: NodeLink, slot: int) -> JobRow:
+        job = self.store.next_queued(batch.id)
+        run_id = f"{job.id}.{job.attempts + 1}"
+        self.store.mark_started(job.id, run_id, link.name, slot)
+        self.queued[batch.id] -= 1
+        link.slots[slot] = run_id
+        job.run_id, job.attempts = run_id, job.attempts + 1
+        return job
+
+    def job_env(self, link: NodeLink, slot: int) -> Dict[str, str]:
+        gpus = gpu_for_slot(slot, link.spec.slots, int(link.info.get("gpus", 0)))
+        return {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}
+
+    def cpus_per_slot(self, link: NodeLink) -> int:
+        return max(1, int(link.info.get("cpus", 1)) // link.spec.slots)
+
+    async def start_build(self, link: NodeLink, batch: BatchRow, slot: int) -> None:
+        payload = tar_folder(self.files / str(batch.id) / "shared")
+        try:
+            await link.request({"op": "build", "plan": dataclasses.asdict(batch.plan),
+                                "env": self.job_env(link, slot)}, payload)
+        except Failed as exc:
+            log(f"node {link.name}: build of {batch.key} could not start: {exc}")
+            link.slots.pop(slot, None)
+            self.set_build(batch.id, link.name, None)
+            self.wake()
+
+    async def start_job(self, link: NodeLink, batch: BatchRow, job: JobRow, slot: int) -> None:
+        payload = tar_folder(self.files / str(batch.id) / "jobs" / job.name)
+        try:
+            await link.request({"op": "start", "run_id": job.run_id, "slot": slot,
+                                "plan": dataclasses.asdict(batch.plan), "job": dataclasses.asdict(job.plan),
+                                "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, payload)
+        except Failed as exc:
+            log(f"node {link.name}: {batch.key}/{job.name} could not start: {exc}")
+            current = self.store.job(job.id)
+            if current is not None and current.run_id == job.run_id and current.state == "running":
+                self.store.requeue(job.id, count_attempt=False)
+                self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
+                if link.slots.get(slot) == job.run_id:
+                    del link.slots[slot]
+                self.set_build(batch.id, link.name, None)
+                self.wake()
+
+    # events from nodes
+    async def on_event(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
+        kind = header.get("event")
+        if kind == "finished":
+            await self.on_finished(link, header, payload)
+        elif kind == "built":
+            self.on_built(link, header, payload)
+        elif kind == "paused":
+            link.paused = header.get("locks", [])
+            log(f"node {link.name}: {'paused by ' + ', '.join(l['user'] for l in link.paused) if link.paused else 'resumed'}")
+        self.wake()
+
+    def on_built(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
+        batch = self.active_batch(header.get("namespace"), header.get("batch"))
+        for slot, holder in list(link.slots.items()):
+            if batch is not None and holder == f"build:{batch.id}":
+                del link.slots[slot]
+        if batch is None:
+            return
+        ok = header.get("exit_code") == 0
+        self.set_build(batch.id, link.name, "ok" if ok else "failed")
+        self.archive_build_log(batch, link.name, payload)
+        if not ok:
+            log(f"node {link.name}: build of {batch.key} failed (exit code {header.get('exit_code')})")
+            asyncio_spawn(link.tell({"op": "cleanup", "namespace": batch.namespace, "batch": batch.name}))
+            self.fail_if_unbuildable(batch)
+
+    def archive_build_log(self, batch: BatchRow, node: str, data: bytes) -> None:
+        folder = batch_archive(self.config.archive, batch.namespace, batch.name) / "build"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(inside(folder, f"{node}.txt"), lambda tmp: tmp.write_bytes(data))
+
+    def fail_if_unbuildable(self, batch: BatchRow) -> None:
+        """When every node that could run the batch failed its build, its jobs cannot run."""
+        capable = [l for l in self.links.values()
+                   if not missing_capabilities(batch.capabilities, l.capabilities)]
+        if capable and all(self.builds.get((batch.id, l.name)) == "failed" for l in capable):
+            for job in self.store.jobs(batch.id, "queued"):
+                self.store.mark_ended(job.id, "failed", None)
+            self.queued[batch.id] = 0
+            self.maybe_finish_batch(batch)
+
+    def active_batch(self, namespace: Optional[str], name: Optional[str]) -> Optional[BatchRow]:
+        for batch in self.batches.values():
+            if batch.namespace == namespace and batch.name == name:
+                return batch
+        return None
+
+    async def on_finished(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
+        run = header["run"]
+        run_id = run["run_id"]
+        job = self.store.job(int(run_id.split(".")[0]))
+        if job is None or job.run_id != run_id or job.state != "running":
+            log(f"node {link.name}: discarding stale run {run_id}")
+            await link.tell({"op": "ack", "run_ids": [run_id]})
+            return
+        batch = self.batches.get(job.batch_id) or self.store.batch(job.batch_id)
+        if not header.get("inline"):
+            try:
+                _, payload = await link.request({"op": "fetch", "run_id": run_id})
+            except Failed as exc:
+                log(f"node {link.name}: cannot fetch results of {run_id}: {exc}")
+                return
+        killed = bool(run.get("killed"))
+        code = run.get("exit_code")
+        state = "killed" if killed else "done" if code == 0 else "failed"
+        record = {"namespace": batch.namespace, "batch": batch.name, "job": job.name, "node": link.name,
+                  "start": now_iso(run.get("start")), "end": now_iso(run.get("end") or time.time()),
+                  "exit_code": code, "attempts": job.attempts, "state": "ok" if state == "done" else state,
+                  "params": job.plan.params or {}}
+        try:
+            land_job(self.config.archive, batch.namespace, batch.name, job.name,
+                     lambda folder: extract_tar(payload, folder), record)
+        except (OSError, Failed) as exc:
+            log(f"archive: cannot store {batch.key}/{job.name}: {exc}; will retry")
+            asyncio_spawn(self.retry_archive_later(link, header))
+            return
+        current = self.store.job(job.id)
+        if current is None or current.run_id != run_id:
+            return
+        self.store.set_progress(job.id, header.get("progress"))
+        if state == "failed" and job.attempts <= job.retries and batch.state == "active":
+            self.store.requeue(job.id, count_attempt=True)
+            self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
+        else:
+            self.store.mark_ended(job.id, state, code)
+        for slot, holder in list(link.slots.items()):
+            if holder == run_id:
+                del link.slots[slot]
+        await link.tell({"op": "ack", "run_ids": [run_id]})
+        self.release_build_if_done(link, batch)
+        self.maybe_finish_batch(batch)
+
+    async def retry_archive_later(self, link: NodeLink, header: Dict[str, Any]) -> None:
+        import asyncio
+        await asyncio.sleep(5.0)
+        if link.up:
+            await self.on_finished(link, dict(header, inline=False), b"")
+
+    def release_build_if_done(self, link: NodeLink, batch: BatchRow) -> None:
+        """Delete the node's build directory once it has nothing more to do for the batch."""
+        if self.queued.get(batch.id, 0) > 0 and batch.state == "active":
+            return
+        if any(j.node == link.name for j in self.store.jobs(batch.id, "running")):
+            return
+        if self.builds.get((batch.id, link.name)) == "ok":
+            self.set_build(batch.id, link.name, None)
+        asyncio_spawn(link.tell({"op": "cleanup", "namespace": batch.namespace, "batch": batch.name}))
+
+    def maybe_finish_batch(self, batch: BatchRow) -> None:
+        counts = self.store.counts().get(batch.id, {}) if False else self.batch_counts(batch.id)
+        if counts.get("queued", 0) or counts.get("running", 0):
+            return
+        if batch.state == "active":
+            self.store.set_batch_state(batch.id, "done")
+            batch.state = "done"
+        self.batches.pop(batch.id, None)
+        shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+        log(f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
+            f"{counts.get('killed', 0)} killed)")
+        for (batch_id, node) in [k for k in self.builds if k[0] == batch.id]:
+            self.set_build(batch_id, node, None)
+        self.on_batch_finished(batch, counts)
+
+    def on_batch_finished(self, batch: BatchRow, counts: Dict[str, int]) -> None:
+        """Hook for notifications (Matrix)."""
+
+    def batch_counts(self, batch_id: int) -> Dict[str, int]:
+        return {state: count for state, count in self.store.db.execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE batch_id=? GROUP BY state", (batch_id,))}
+
+    async def reconcile(self, link: NodeLink, runs: List[Dict[str, Any]]) -> None:
+        """After (re)connecting: adopt runs we still expect, archive finished ones, stop stale ones."""
+        seen = set()
+        for run in runs:
+            run_id = run["run_id"]
+            seen.add(run_id)
+            job = self.store.job(int(run_id.split(".")[0]))
+            current = job is not None and job.run_id == run_id and job.state == "running" \
+                and job.node == link.name
+            if not current:
+                if run["state"] == "running":
+                    await link.tell({"op": "kill", "run_ids": [run_id], "grace": 0})
+                else:
+                    await link.tell({"op": "ack", "run_ids": [run_id]})
+                continue
+            link.slots[job.slot or 0] = run_id
+            if run["state"] == "finished":
+                asyncio_spawn(self.on_finished(link, {"event": "finished", "run": run, "inline": False}, b""))
+        for job in self.store.running_jobs():
+            if job.node == link.name and job.run_id not in seen:
+                log(f"node {link.name}: run {job.run_id} of job {job.name} is unknown there; requeueing")
+                self.store.requeue(job.id, count_attempt=False)
+                self.queued[job.batch_id] = self.queued.get(job.batch_id, 0) + 1
+                if link.slots.get(job.slot or 0) == job.run_id:
+                    del link.slots[job.slot or 0]
+
+    # the client API
+    async def start_api(self):
+        import asyncio
+        path = self.config.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        old = os.umask(0o117)
+        try:
+            server = await asyncio.start_unix_server(self.on_client, path=str(path), limit=2 ** 24)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        return server
+
+    async def on_client(self, reader, writer) -> None:
+        channel = Channel(reader, writer)
+        user = peer_user(writer.get_extra_info("socket"))
+        try:
+            header, payload = await channel.receive()
+            op = header.get("op")
+            handler = getattr(self, f"api_{op}", None) if isinstance(op, str) else None
+            try:
+                if handler is None:
+                    raise UserError(f"unknown request {op!r}")
+                await handler(channel, user, header, payload)
+            except UserError as exc:
+                await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
+            except Failed as exc:
+                await channel.send({"ok": False, "error": str(exc), "code": EXIT_FAILED})
+        except ProtocolError:
+            pass
+        finally:
+            channel.close()
+
+    def is_admin(self, user: Dict[str, Any]) -> bool:
+        return user["uid"] in (0, os.geteuid())
+
+    def lookup_batch(self, ref: str) -> BatchRow:
+        namespace, _, name = ref.rpartition("/")
+        batch = self.store.find_batch(namespace or None, name)
+        if batch is None:
+            raise UserError(f"no batch {ref!r} on this head")
+        return self.batches.get(batch.id, batch)
+
+    def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
+        if user["name"] != batch.owner and not self.is_admin(user):
+            raise UserError(f"{user['name']} may not {what} {batch.key}: it belongs to {batch.owner}")
+
+    async def api_add(self, channel: Channel, user: Dict[str, Any], header: Dict[str, Any], payload: bytes):
+        plan = BatchPlan(**header["plan"])
+        for name in (plan.namespace, plan.batch):
+            problem = name_problem(name)
+            if problem:
+                raise UserError(problem)
+        jobs = [(JobPlan(**j["plan"]), int(j.get("retries", 0))) for j in header["jobs"]]
+        for job, _ in jobs:
+            problem = name_problem(job.name)
+            if problem:
+                raise UserError(problem)
+        capabilities = list(header.get("capabilities", []))
+        capable = self.capable_nodes(capabilities)
+        if header.get("show_caps") or header.get("dry"):
+            await channel.send({"ok": True, "dry": True, "capable": capable, "nodes": self.node_report()})
+            return
+        if not capable:
+            raise UserError(self.no_node_message(capabilities))
+        existing = self.store.find_batch(plan.namespace, plan.batch)
+        skip: set = set()
+        if existing is not None:
+            if header.get("resume"):
+                skip = {j.name for j in self.store.jobs(existing.id, "done")}
+                if self.batch_counts(existing.id).get("running") or self.batch_counts(existing.id).get("queued"):
+                    raise UserError(f"{existing.key} is still running; wait for it or kill it first")
+            elif not header.get("replace"):
+                raise UserError(f"a batch {existing.key} exists already: use --resume to run only the jobs "
+                                "that did not succeed, or --replace to start over")
+            self.check_owner(user, existing, "replace" if header.get("replace") else "resume")
+            await self.kill_batch(existing)
+            self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
+            if header.get("replace"):
+                shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
+        todo = [(job, retries) for job, retries in jobs if job.name not in skip]
+        batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
+                                        header.get("matrix"), todo)
+        folder = self.files / str(batch_id)
+        try:
+            extract_tar(payload, folder)
+        except Failed:
+            self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (batch_id,))
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        batch = self.store.batch(batch_id)
+        self.batches[batch_id] = batch
+        self.queued[batch_id] = len(todo)
+        if not todo:
+            self.maybe_finish_batch(batch)
+        log(f"batch {batch.key}: added by {user['name']}, {len(todo)} job(s)")
+        self.wake()
+        await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
+                            "capable": capable})
+
+    def capable_nodes(self, capabilities: List[str]) -> List[str]:
+        return [l.name for l in self.links.values()
+                if not missing_capabilities(capabilities, l.capabilities)]
+
+    def no_node_message(self, capabilities: List[str]) -> str:
+        offered = set()
+        for link in self.links.values():
+            offered |= set(link.capabilities)
+        missing = [c for c in capabilities if c not in offered]
+        if missing:
+            return f"no node offers {', '.join(missing)} (needed by meta.capabilities)"
+        return f"no single node offers all of {', '.join(capabilities)}"
+
+    def node_report(self) -> List[Dict[str, Any]]:
+        out = []
+        for link in self.links.values():
+            running = []
+            for slot, holder in sorted(link.slots.items()):
+                if holder.startswith("build:"):
+                    batch = self.batches.get(int(holder.split(":")[1]))
+                    running.append({"slot": slot, "build": batch.key if batch else None})
+                    continue
+                job = self.store.job(int(holder.split(".")[0])) if holder else None
+                batch = self.batches.get(job.batch_id) if job else None
+                running.append({"slot": slot, "job": job.name if job else None,
+                                "batch": batch.key if batch else None, "run_id": holder})
+            out.append({"name": link.name, "host": link.spec.host, "state": link.state, "error": link.error,
+                        "reachable": link.up, "version": link.info.get("version"),
+                        "capabilities": link.capabilities, "slots": link.spec.slots,
+                        "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
+                        "gpus": link.info.get("gpus"), "running": running,
+                        "paused": [{"user": l.get("user"), "until": now_iso(l.get("until"))}
+                                   for l in link.paused]})
+        return out
+
+    async def api_nodes(self, channel, user, header, payload):
+        await channel.send({"ok": True, "nodes": self.node_report()})
+
+    async def api_status(self, channel, user, header, payload):
+        counts = self.store.counts()
+        batches = []
+        for batch in self.store.all_batches():
+            c = counts.get(batch.id, {})
+            batches.append({"batch": batch.key, "owner": batch.owner, "state": batch.state,
+                            "created": now_iso(batch.created),
+                            "finished": now_iso(batch.finished) if batch.finished else None,
+                            "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
+        running = []
+        for job in self.store.running_jobs():
+            batch = self.batches.get(job.batch_id)
+            running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
+                            "started": now_iso(job.started) if job.started else None,
+                            "progress": job.progress})
+        await channel.send({"ok": True, "batches": batches, "running": running})
+
+    async def api_kill(self, channel, user, header, payload):
+        batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "kill")
+        stopped = await self.kill_batch(batch)
+        await channel.send({"ok": True, "batch": batch.key, "dropped": stopped[0], "stopped": stopped[1]})
+
+    async def kill_batch(self, batch: BatchRow) -> Tuple[int, int]:
+        dropped = len(self.store.jobs(batch.id, "queued"))
+        self.store.db.execute("UPDATE jobs SET state='killed', ended=? WHERE batch_id=? AND state='queued'",
+                              (time.time(), batch.id))
+        self.queued[batch.id] = 0
+        running = self.store.jobs(batch.id, "running")
+        if batch.state == "active":
+            self.store.set_batch_state(batch.id, "killed")
+            batch.state = "killed"
+        for job in running:
+            link = self.links.get(job.node or "")
+            if link is not None:
+                await link.tell({"op": "kill", "run_ids": [job.run_id], "grace": self.config.kill_grace})
+        if not running:
+            self.maybe_finish_batch(batch)
+        return dropped, len(running)
+
+    async def api_retry(self, channel, user, header, payload):
+        batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "retry")
+        states = ("failed",) if header.get("failed_only", True) else ("failed", "killed")
+        jobs = [j for s in states for j in self.store.jobs(batch.id, s)]
+        for job in jobs:
+            self.store.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, exit_code=NULL"
+                                  " WHERE id=?", (job.id,))
+        if jobs:
+            self.store.set_batch_state(batch.id, "active")
+            batch.state = "active"
+            self.batches[batch.id] = batch
+            self.queued[batch.id] = self.queued.get(batch.id, 0) + len(jobs)
+            self.wake()
+        await channel.send({"ok": True, "batch": batch.key, "requeued": len(jobs)})
+
+    async def api_why(self, channel, user, header, payload):
+        batch = self.lookup_batch(header["batch"])
+        job = self.store.job_by_name(batch.id, header["job"]) if header.get("job") else None
+        if header.get("job") and job is None:
+            raise UserError(f"no job {header['job']!r} in {batch.key}")
+        view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1,
+                         [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"],
+                         [n for (b, n), s in self.builds.items() if b == batch.id and s == "failed"])
+        reasons = {}
+        for link in self.links.values():
+            node = link.view()
+            reason = why_not(node, view)
+            if link.state == "refused":
+                reason = link.error
+            elif reason == "busy":
+                reason = "busy with " + ", ".join(r.get("job") or f"build of {r.get('build')}"
+                                                  for r in next(n for n in self.node_report()
+                                                                if n["name"] == link.name)["running"])
+            elif reason == "unreachable" and link.error:
+                reason = f"unreachable: {link.error}"
+            reasons[link.name] = reason or "can run it: it will when its turn comes"
+        state = job.state if job else batch.state
+        await channel.send({"ok": True, "batch": batch.key, "job": job.name if job else None, "state": state,
+                            "node": job.node if job else None, "reasons": reasons})
+
+    async def api_logs(self, channel, user, header, payload):
+        batch = self.lookup_batch(header["batch"])
+        job = self.store.job_by_name(batch.id, header["job"])
+        if job is None:
+            raise UserError(f"no job {header['job']!r} in {batch.key}")
+        offset = int(header.get("offset", 0))
+        link = self.links.get(job.node or "")
+        if job.state == "running" and link is not None and link.up:
+            reply, data = await link.request({"op": "tail", "run_id": job.run_id, "offset": offset})
+            await channel.send({"ok": True, "state": "running", "offset": offset + len(data)}, data)
+            return
+        path = batch_archive(self.config.archive, batch.namespace, batch.name) / job.name / "stdout.txt"
+        try:
+            with open(path, "rb") as handle:
+                handle.seek(offset)
+                data = handle.read(16 * 1024 * 1024)
+        except OSError:
+            data = b""
+        await channel.send({"ok": True, "state": job.state, "offset": offset + len(data)}, data)
+
+
+def asyncio_spawn(coroutine) -> None:
+    import asyncio
+    asyncio.ensure_future(coroutine)
+
+
+def peer_user(sock) -> Dict[str, Any]:
+    """The Unix user on the other end of the API socket (SO_PEERCRED): the batch owner."""
+    import pwd
+    import struct
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    return {"uid": uid, "name": name}
+
+
+# ---------------------------------------------------------------------------
+# 9. The client
+#
+# Commands on a user's machine reach the head's Unix socket: directly with
+# `--head local`, else through one SSH connection to the head (stream-local
+# forwarding), honouring ~/.ssh/config, the agent and known_hosts.
+# ---------------------------------------------------------------------------
+
+def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
+    """'[user@]host[:port]' -> (user, host, port)."""
+    match = re.match(r"(?:([A-Za-z_][A-Za-z0-9_.-]*)@)?([A-Za-z0-9_.-]+|\[[0-9a-fA-F:]+\])(?::(\d{1,5}))?\Z", text)
+    if not match or match.group(2).startswith("-"):
+        raise UserError(f"--head {text!r} is not like [user@]host[:port] or 'local'")
+    return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
+
+
+class HeadClient:
+    """One connection to the head's API; each request opens its own channel on it."""
+
+    def __init__(self, head: Optional[str], socket_path: Optional[str]):
+        self.head, self.socket_path, self.conn = head, socket_path, None
+
+    def local_socket(self) -> str:
+        if self.socket_path:
+            return self.socket_path
+        for candidate in default_socket_candidates():
+            if candidate.exists():
+                return str(candidate)
+        raise UserError("no head runs on this machine (no head.sock found): start `distribute serve`, "
+                        "or give --head [user@]host")
+
+    async def open(self) -> Channel:
+        import asyncio
+        if self.head in (None, "", "local"):
+            path = self.local_socket()
+            try:
+                reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
+            except FileNotFoundError:
+                raise Failed(f"no head listens on {path}") from None
+            except PermissionError:
+                raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
+            except ConnectionRefusedError:
+                raise Failed(f"no head listens on {path} (stale socket)") from None
+            return Channel(reader, writer)
+        import asyncssh
+        if self.conn is None:
+            user, host, port = parse_head(self.head)
+            options: Dict[str, Any] = {}
+            if user:
+                options["username"] = user
+            if port:
+                options["port"] = port
+            try:
+                self.conn = await asyncssh.connect(host, encryption_algs=PREFERRED_CIPHERS,
+                                                   compression_algs=None, **options)
+            except (OSError, asyncssh.Error) as exc:
+                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+        path = self.socket_path or REMOTE_SOCKET
+        try:
+            reader, writer = await self.conn.open_unix_connection(path)
+        except asyncssh.ChannelOpenError as exc:
+            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+        return Channel(reader, writer)
+
+    async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        channel = await self.open()
+        try:
+            reply, data = await channel.request(header, payload)
+        finally:
+            channel.close()
+        if not reply.get("ok"):
+            message = reply.get("error") or "the head refused"
+            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
+        return reply, data
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    import asyncio
+
+    async def go():
+        client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        try:
+            return await client.call(header, payload)
+        finally:
+            await client.close()
+    return asyncio.run(go())
+
+
+def batch_upload(batch: JobFile) -> bytes:
+    """The tar a batch travels in: shared/ (build file, initial_files/) and jobs/<name>/."""
+    entries: List[Tuple[str, str]] = []
+    if batch.build:
+        entries.append((f"shared/{batch.build.alias}", batch.build.path))
+    entries += [(f"shared/initial_files/{f.alias}", f.path) for f in batch.initial_files]
+    for job in batch.jobs:
+        if job.file:
+            entries.append((f"jobs/{job.name}/job.py", job.file.path))
+        entries += [(f"jobs/{job.name}/input/{f.alias}", f.path) for f in job.required_files]
+    return tar_of(entries)
+
+
+def add_request(batch: JobFile, **flags: Any) -> Dict[str, Any]:
+    return dict({"op": "add", "plan": dataclasses.asdict(BatchPlan.of(batch)),
+                 "jobs": [{"plan": dataclasses.asdict(JobPlan.of(j)), "retries": j.retries} for j in batch.jobs],
+                 "capabilities": batch.meta.capabilities, "matrix": batch.meta.matrix}, **flags)
+
+
+def format_status(reply: Dict[str, Any]) -> List[str]:
+    lines = []
+    running_by_batch: Dict[str, List[Dict[str, Any]]] = {}
+    for job in reply.get("running", []):
+        running_by_batch.setdefault(job["batch"], []).append(job)
+    for batch in reply.get("batches", []):
+        jobs = batch["jobs"]
+        total = sum(jobs.values()) or 1
+        bar = status_bar(jobs, total)
+        lines.append(f"{batch['batch']:<32} {batch['owner']:<10} {batch['state']:<7} {bar} "
+                     f"{jobs['done']} done, {jobs['running']} running, {jobs['queued']} queued, "
+                     f"{jobs['failed']} failed" + (f", {jobs['killed']} killed" if jobs["killed"] else ""))
+        for job in running_by_batch.get(batch["batch"], []):
+            progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
+            lines.append(f"    {job['job']} on {job['node']}{progress}")
+    return lines or ["no batches"]
+
+
+def status_bar(jobs: Dict[str, int], total: int, width: int = 20) -> str:
+    cells = ""
+    for state, mark in (("done", "#"), ("failed", "x"), ("killed", "x"), ("running", ">"), ("queued", ".")):
+        cells += mark * int(round(width * jobs.get(state, 0) / total))
+    return "[" + (cells + "." * width)[:width] + "]"
+
+
+def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
+    lines = []
+    for node in nodes:
+        state = node["state"]
+        if node["paused"]:
+            state = "paused by " + ", ".join(f"{p['user']} until {p['until'][11:19]}" for p in node["paused"])
+        busy = ", ".join(r.get("job") and f"{r['batch']}/{r['job']}" or f"build {r.get('build')}"
+                         for r in node["running"]) or "idle"
+        lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{node['slots']} slots  {busy}")
+        lines.append(f"{'':<12} capabilities: {', '.join(node['capabilities']) or '-'}"
+                     + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
+                     + (f", {node['gpus']} gpus" if node.get("gpus") else "")
+                     + (f"; version {node['version']}" if node.get("version") else ""))
+        if node.get("error"):
+            lines.append(f"{'':<12} {node['error']}")
+    return lines
+
+
+def split_job_ref(ref: str) -> Tuple[str, str]:
+    batch, _, job = ref.rpartition("/")
+    if not batch or not job:
+        raise UserError(f"{ref!r} is not BATCH/JOB (or NAMESPACE/BATCH/JOB)")
+    return batch, job
 #@@CLUSTER: end@@
 
 
@@ -983,7 +4471,8 @@ def write_template(flavour: str, output: str) -> List[Path]:
     """Write a template job file and the scripts it names; never overwrite a file."""
     files = TEMPLATES[flavour]
     target = Path(output)
-    if target.is_dir():
+    # `-o DIR` (existing or not): the job file goes inside; only a *.yaml/*.yml name is a file name
+    if target.is_dir() or output.endswith(("/", os.sep)) or target.suffix.lower() not in (".yaml", ".yml"):
         target = target / JOBS_FILE
     folder = target.parent
     planned = {target: files[JOBS_FILE]}
@@ -1068,10 +4557,411 @@ def run(file: Optional[str], save_dir: str, clean_save: bool) -> None:
 
 
 #@@CLI SLURM: begin@@
+# `distribute slurm`: the command around write_slurm_folder (section "Slurm transpiler").
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, metavar="[FILE] OUTDIR")
+@click.option("--cluster-user", default=None, metavar="USER", help="Your user name on the cluster.")
+@click.option("--cluster-host", default=None, metavar="HOST",
+              help="The cluster's login node (default: the folder already is on the cluster).")
+@click.option("--cluster-dir", default=None, metavar="DIR",
+              help="Where the folder goes on the cluster [default: distribute-slurm/<namespace>/<batch>].")
+@click.option("--max-array-size", default=DEFAULT_MAX_ARRAY_SIZE, show_default=True, type=int,
+              help="The cluster's MaxArraySize: bigger batches are split into several arrays.")
+@click.option("--throttle", default=None, type=int, metavar="N",
+              help="Run at most N tasks of each array at once (sbatch --array=...%N).")
+@click.option("--save-dir", default="distribute-results", show_default=True,
+              help="Where fetch.sh puts results: <save-dir>/<namespace>/<batch>/<job>/.")
+def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Optional[str],
+          cluster_dir: Optional[str], max_array_size: int, throttle: Optional[int], save_dir: str) -> None:
+    """Write OUTDIR: a batch as sbatch job arrays, with submit/upload/fetch scripts."""
+    if len(paths) > 2:
+        raise UserError(f"slurm takes [FILE] OUTDIR, got {len(paths)} arguments")
+    file, outdir = (None, paths[0]) if len(paths) == 1 else paths
+    batch = load_job_file(find_job_file(file))
+    target = cluster_target(batch, Path(outdir), cluster_user, cluster_host, cluster_dir)
+    arrays = write_slurm_folder(batch, Path(outdir), target, max_array_size, throttle, save_dir)
+    tasks = sum(len(a.jobs) for a in arrays)
+    click.echo(f"wrote {outdir}: {batch.meta.namespace}/{batch.meta.batch_name}, {tasks} job"
+               f"{'s' if tasks != 1 else ''} in {len(arrays)} job array{'s' if len(arrays) != 1 else ''}")
+    for line in slurm_instructions(batch, Path(outdir).resolve(), target):
+        click.echo(f"  {line}")
 #@@CLI SLURM: end@@
 
 
+#@@CLI CLUSTER: begin@@
+@cli.command()
+@click.option("--nodes", "nodes_file", default=None, metavar="FILE",
+              help="distribute-nodes.yaml (default: this machine is the one node).")
+@click.option("--archive", default=None, metavar="DIR", help="Where results are kept (default: STATE/archive).")
+@click.option("--state", default=None, metavar="DIR", help="Queue database and socket (default: /var/lib/"
+              "distribute if writable, else ~/.local/state/distribute).")
+@click.option("--pyz", default=None, metavar="FILE", help="The distribute.pyz to copy to nodes.")
+@click.option("--node-timeout", default=120.0, show_default=True, help="Seconds before a silent node's jobs move.")
+@click.option("--kill-grace", default=10.0, show_default=True, help="Seconds between SIGTERM and SIGKILL.")
+@click.option("--supervisor-idle", default=600.0, show_default=True,
+              help="Seconds an idle node supervisor waits for a head before it exits.")
+@click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
+def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_idle, matrix_config) -> None:
+    """Run the head daemon."""
+    import asyncio
+    state_dir = Path(state) if state else default_state_dir()
+    nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    config = HeadConfig(state=state_dir, archive=Path(archive) if archive else state_dir / "archive",
+                        nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
+                        kill_grace=kill_grace, supervisor_idle=supervisor_idle,
+                        matrix_config=Path(matrix_config) if matrix_config else None)
+    if config.pyz and not config.pyz.is_file():
+        raise UserError(f"--pyz {pyz}: no such file")
+    head = Head(config)
+    try:
+        asyncio.run(head.serve())
+    except KeyboardInterrupt:
+        log("head: stopped")
+
+
+@cli.command()
+@click.argument("file", required=False)
+@click.option("--dry", is_flag=True, help="Check and show which nodes could run it; send nothing.")
+@click.option("--show-caps", is_flag=True, help="List every node's capabilities.")
+@click.option("--resume", is_flag=True, help="Re-add an existing batch, skipping jobs that succeeded.")
+@click.option("--replace", is_flag=True, help="Replace an existing batch (its archive is deleted).")
+@click.pass_obj
+def add(obj, file, dry, show_caps, resume, replace) -> None:
+    """Submit a batch to the head (uploads its files)."""
+    if resume and replace:
+        raise UserError("--resume and --replace exclude each other")
+    batch = load_job_file(find_job_file(file))
+    flags = {"dry": dry, "show_caps": show_caps, "resume": resume, "replace": replace}
+    payload = b"" if dry or show_caps else batch_upload(batch)
+    reply, _ = client_call(obj, add_request(batch, **flags), payload)
+    if show_caps:
+        for node in reply["nodes"]:
+            click.echo(f"{node['name']:<12} {node['state']:<10} {', '.join(node['capabilities']) or '-'}")
+        return
+    if dry:
+        count, size = describe_batch(batch)
+        click.echo(f"{batch.meta.namespace}/{batch.meta.batch_name}: {len(batch.jobs)} jobs, {count} files, "
+                   f"{human_bytes(size)}; could run on: {', '.join(reply['capable']) or 'no node'}")
+        return
+    skipped = f" ({reply['skipped']} already done)" if reply.get("skipped") else ""
+    click.echo(f"added {reply['batch']}: {reply['jobs']} jobs queued{skipped}; "
+               f"can run on {', '.join(reply['capable'])}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+@click.pass_obj
+def status(obj, as_json, watch) -> None:
+    """Show batches: done, running, queued and failed jobs, where, progress."""
+    while True:
+        reply, _ = client_call(obj, {"op": "status"})
+        if as_json:
+            click.echo(json.dumps({"batches": reply["batches"], "running": reply["running"]}, indent=2))
+        else:
+            if watch:
+                click.clear()
+            click.echo("\n".join(format_status(reply)))
+        if not watch:
+            return
+        time.sleep(2)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def nodes(obj, as_json) -> None:
+    """Show each node: reachable, version, capabilities, running jobs, paused until."""
+    reply, _ = client_call(obj, {"op": "nodes"})
+    if as_json:
+        click.echo(json.dumps({"nodes": reply["nodes"]}, indent=2))
+    else:
+        click.echo("\n".join(format_nodes(reply["nodes"])))
+
+
+@cli.command()
+@click.argument("batch")
+@click.pass_obj
+def kill(obj, batch) -> None:
+    """Drop a batch's queued jobs and stop its running ones."""
+    reply, _ = client_call(obj, {"op": "kill", "batch": batch})
+    click.echo(f"killed {reply['batch']}: {reply['dropped']} queued jobs dropped, {reply['stopped']} stopped")
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("--failed", "failed_only", is_flag=True, default=True,
+              help="Queue failed jobs again (the default); killed ones stay killed.")
+@click.option("--all", "everything", is_flag=True, help="Also queue killed jobs again.")
+@click.pass_obj
+def retry(obj, batch, failed_only, everything) -> None:
+    """Queue a batch's failed jobs again."""
+    reply, _ = client_call(obj, {"op": "retry", "batch": batch, "failed_only": not everything})
+    click.echo(f"{reply['batch']}: {reply['requeued']} jobs queued again")
+
+
+@cli.command()
+@click.argument("ref", metavar="BATCH[/JOB]")
+@click.pass_obj
+def why(obj, ref) -> None:
+    """For each node, say why a waiting job does not run there."""
+    batch, _, job = ref.rpartition("/") if ref.count("/") >= 1 else (ref, "", "")
+    if ref.count("/") == 1 and not job:
+        batch, job = ref, ""
+    reply = None
+    if job:
+        try:
+            reply, _ = client_call(obj, {"op": "why", "batch": batch, "job": job})
+        except UserError:
+            reply = None
+    if reply is None:
+        reply, _ = client_call(obj, {"op": "why", "batch": ref})
+    target = f"{reply['batch']}/{reply['job']}" if reply.get("job") else reply["batch"]
+    click.echo(f"{target}: {reply['state']}" + (f" on {reply['node']}" if reply.get("node") else ""))
+    for node, reason in reply["reasons"].items():
+        click.echo(f"  {node}: {reason}")
+
+
+@cli.command()
+@click.argument("ref", metavar="BATCH/JOB")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing while the job runs.")
+@click.pass_obj
+def logs(obj, ref, follow) -> None:
+    """Print a job's output (stdout and stderr), live while it runs."""
+    batch, job = split_job_ref(ref)
+    offset = 0
+    while True:
+        reply, data = client_call(obj, {"op": "logs", "batch": batch, "job": job, "offset": offset})
+        if data:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+        offset = reply["offset"]
+        if not follow or reply["state"] not in ("running", "queued"):
+            return
+        if not data:
+            time.sleep(0.5)
+
+
+@cli.command()
+@click.option("--dir", "folder", default="distribute-demo", show_default=True,
+              help="Where the demo keeps its head state, nodes and archive.")
+@click.option("--nodes", "node_count", default=2, show_default=True, help="How many local nodes.")
+def demo(folder, node_count) -> None:
+    """Run a real batch through head, scheduler, supervisors and archive on this machine."""
+    import asyncio
+    root = Path(folder).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    jobs_dir = root / "batch"
+    write_template("python", str(jobs_dir / JOBS_FILE))
+    nodes_file = root / NODES_FILE
+    nodes_file.write_text("nodes:\n" + "".join(
+        f"  - {{name: local{i + 1}, host: local, workdir: {root / 'nodes' / f'local{i + 1}'}}}\n"
+        for i in range(node_count)))
+    state = root / "state"
+    head = subprocess.Popen(program_argv() + ["serve", "--nodes", str(nodes_file), "--state", str(state),
+                                              "--archive", str(root / "archive"), "--supervisor-idle", "5"],
+                            stderr=open(root / "head.log", "wb"))
+    obj = {"head": "local", "socket": str(state / "head.sock")}
+    try:
+        wait_for(lambda: (state / "head.sock").exists() and socket_answers(str(state / "head.sock")), 20,
+                 f"the head did not start; see {root / 'head.log'}")
+        batch = load_job_file(str(jobs_dir / JOBS_FILE))
+        reply, _ = asyncio.run(_retry_add(obj, batch))
+        click.echo(f"added {reply['batch']} ({reply['jobs']} jobs) to a head with {node_count} local nodes")
+        done = None
+
+        def finished() -> bool:
+            nonlocal done
+            status_reply, _ = client_call(obj, {"op": "status"})
+            done = status_reply["batches"][-1]
+            return done["state"] != "active"
+        wait_for(finished, 120, "the demo batch did not finish in 2 minutes")
+        click.echo("\n".join(format_status(client_call(obj, {"op": "status"})[0])))
+        click.echo(f"results: {root / 'archive' / batch.meta.namespace / batch.meta.batch_name}")
+    finally:
+        head.terminate()
+        head.wait()
+
+
+async def _retry_add(obj, batch: JobFile):
+    """Add a batch once the local nodes are up (the head refuses batches no node can run)."""
+    import asyncio
+    deadline = time.time() + 30
+    while True:
+        client = HeadClient(obj["head"], obj["socket"])
+        try:
+            return await client.call(add_request(batch), batch_upload(batch))
+        except UserError:
+            if time.time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+def wait_for(condition, timeout: float, message: str) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise Failed(message)
+        time.sleep(0.05)
+
+
+@cli.group(name="node")
+def node_group() -> None:
+    """Node-side commands (the head runs these over SSH)."""
+
+
+@node_group.command("start")
+@click.option("--workdir", required=True)
+@click.option("--idle-timeout", default=600.0)
+def node_start(workdir, idle_timeout) -> None:
+    """Start the supervisor for WORKDIR unless it runs already; print its socket."""
+    start_supervisor_detached(Path(workdir), idle_timeout, program_argv())
+    click.echo(supervisor_socket(workdir))
+
+
+@node_group.command("supervise")
+@click.option("--workdir", required=True)
+@click.option("--idle-timeout", default=600.0)
+def node_supervise(workdir, idle_timeout) -> None:
+    """Run the supervisor in the foreground."""
+    import asyncio
+    asyncio.run(Supervisor(Path(workdir), idle_timeout).serve())
+
+
+@node_group.command("attach")
+@click.option("--socket", "socket_path", required=True)
+def node_attach(socket_path) -> None:
+    """Relay stdin/stdout to the supervisor's socket."""
+    relay_stdio_to_socket(socket_path)
+#@@CLI CLUSTER: end@@
+
+
 #@@CLI PAUSE: begin@@
+# `pause` and `resume`: run by a workstation's own user, who may not be root.
+# They only write and remove that user's lock; the node supervisor does the
+# stopping.  A waiting `pause` must end its pause however it ends itself.
+
+_PAUSE_DEFAULT_DURATION = "1h"
+_PAUSE_NOTE_EVERY = 300.0  # without a terminal, a line every 5 minutes is enough
+
+
+class PauseInterrupted(Exception):
+    """A signal ended a waiting `pause`."""
+
+
+@contextlib.contextmanager
+def signals_end_pause() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP (the terminal closed) raise PauseInterrupted, once."""
+    fired: List[int] = []
+
+    def handler(signum, _frame):
+        if not fired:  # a second Ctrl-C must not interrupt the clean-up
+            fired.append(signum)
+            raise PauseInterrupted(signal.Signals(signum).name)
+
+    previous = {signum: signal.signal(signum, handler)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+def wait_out_pause(folder: Path, lock: PauseLock, echo_line: Callable[[str, bool], None]) -> str:
+    """Wait until the pause is over, showing the time left; returns why it ended."""
+    path = pause_lock_path(folder, lock.user)
+    last_note = time.monotonic()
+    while True:
+        left = lock.until - time.time()
+        if left <= 0:
+            return "the time is up"
+        found = read_pause_lock(path)
+        if found is None:
+            return "ended by `distribute resume`"
+        if found[0].pid != lock.pid:
+            return f"replaced by a newer pause of yours, until {clock_time(found[0].until)}"
+        if time.monotonic() - last_note >= _PAUSE_NOTE_EVERY:
+            last_note = time.monotonic()
+            echo_line(f"still paused, {format_duration(left)} left", False)
+        echo_line(f"paused, {format_duration(left)} left (until {clock_time(lock.until)}); "
+                  "Ctrl-C resumes", True)
+        time.sleep(min(0.2, max(left, 0.01)))
+
+
+def pause_echo(tty: bool) -> Callable[[str, bool], None]:
+    """On a terminal, one line that updates in place; elsewhere only the occasional note."""
+    def echo_line(text: str, live: bool) -> None:
+        if tty and live:
+            click.echo(f"\r\033[K{text}", nl=False)
+        elif not tty and not live:
+            click.echo(text)
+    return echo_line
+
+
+@cli.command()
+@click.option("--duration", default=_PAUSE_DEFAULT_DURATION, show_default=True, metavar="DURATION",
+              help="How long: 4h, 90m, 1h30m10s, 60s (at most 4h).")
+@click.option("--detach", is_flag=True,
+              help="Return at once; the pause ends at its expiry or at `distribute resume`.")
+def pause(duration: str, detach: bool) -> None:
+    """Stop every job on this workstation while you use it (SIGSTOP, resumed by SIGCONT).
+
+    Without --detach it waits, showing the time left, and resumes on Ctrl-C,
+    when the terminal closes, on SIGTERM, or when the time is up."""
+    seconds = parse_duration(duration, maximum=MAX_PAUSE_SECONDS)
+    folder = pause_dir()
+    if detach:
+        lock = write_pause_lock(folder, time.time() + seconds, detached=True)
+        click.echo(f"paused this machine's jobs until {clock_time(lock.until)} ({format_duration(seconds)}); "
+                   "`distribute resume` ends it earlier")
+        return
+    tty = sys.stdout.isatty()
+    with signals_end_pause():
+        lock = None
+        try:
+            lock = write_pause_lock(folder, time.time() + seconds, detached=False)
+            click.echo(f"paused this machine's jobs until {clock_time(lock.until)} "
+                       f"({format_duration(seconds)}); Ctrl-C resumes them")
+            reason = wait_out_pause(folder, lock, pause_echo(tty))
+        except PauseInterrupted as exc:
+            reason = f"stopped by {exc}"
+        finally:
+            if lock is not None:
+                remove_pause_lock(folder, lock.user, pid=lock.pid)
+        with contextlib.suppress(OSError):  # the terminal may be gone (SIGHUP)
+            click.echo(("\r\033[K" if tty else "") + f"resumed: {reason}")
+            report_other_pauses(folder)
+
+
+def report_other_pauses(folder: Path) -> None:
+    others = active_pauses(folder)
+    if others:
+        click.echo(f"this machine stays paused by {describe_pauses(others)}")
+    else:
+        click.echo("jobs on this machine continue now")
+
+
+@cli.command()
+@click.option("--all", "everyone", is_flag=True, help="End every user's pause (root only).")
+def resume(everyone: bool) -> None:
+    """End your pause of this workstation's jobs (started with `distribute pause`)."""
+    folder = pause_dir()
+    if everyone:
+        if os.geteuid() != 0:
+            raise UserError("`resume --all` ends other users' pauses too: only root may do that")
+        ended = [lock.user for lock in active_pauses(folder)]
+        for path in _lock_files(folder):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        click.echo(f"ended the pauses of {', '.join(ended)}" if ended else "nobody had paused this machine")
+    elif remove_pause_lock(folder, current_user()):
+        click.echo("your pause has ended")
+    else:
+        click.echo("you had not paused this machine")
+    report_other_pauses(folder)
 #@@CLI PAUSE: end@@
 
 

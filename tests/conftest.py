@@ -13,4 +13,74 @@ sys.path.insert(0, str(ROOT))
 # (filled in by the zipapp work)
 
 # --- sshd cluster ------------------------------------------------------------
-# (filled in by the sshd fixture work)
+# Real OpenSSH sshd processes on loopback addresses (implementation: sshd.py).
+# Needs root; creates Unix users dnode, dalice, dbob and group distribute.
+
+import contextlib as _contextlib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sshd as _sshd  # noqa: E402
+
+NODE_NAMES = ("node1", "node2", "node3")
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory):
+    """KeyStore: ed25519 key pairs made once per session, `ssh_keys.get(name)` -> path.
+
+    Also creates the test users once (dnode, dalice, dbob; group distribute).
+    """
+    _sshd.ensure_users()
+    _sshd.ensure_privsep_dir()
+    return _sshd.KeyStore(tmp_path_factory.mktemp("ssh-keys"))
+
+
+@pytest.fixture
+def ssh_nodes(ssh_keys):
+    """SshCluster: three running node sshds node1..node3 and `.head_home`.
+
+    `ssh_nodes["node1"]` is an Sshd (.host, .port, .cut(), .heal());
+    `ssh_nodes.head_home` is the head's SshClientHome with aliases node1..node3
+    logging in as dnode: `asyncssh.connect("node1", **home.asyncssh_options())`
+    or `subprocess.run(home.ssh("node1", "id -un"), env=home.env())`.
+    """
+    with _contextlib.ExitStack() as stack:
+        home = _sshd.SshClientHome("head", key=ssh_keys.get("client-head"))
+        stack.callback(home.close)
+        nodes = []
+        for name in NODE_NAMES:
+            node = _sshd.Sshd(name, host_key=ssh_keys.get(f"host-{name}"))
+            stack.callback(node.stop)
+            node.start()
+            home.add_host(name, node, _sshd.NODE_USER)
+            nodes.append(node)
+        yield _sshd.SshCluster(nodes, home)
+
+
+@pytest.fixture
+def head_home(ssh_nodes):
+    """The head's SshClientHome (same object as ssh_nodes.head_home)."""
+    return ssh_nodes.head_home
+
+
+@pytest.fixture
+def head_sshd(ssh_keys):
+    """Sshd for the head machine (name "head"), running; lab members log in to it."""
+    with _sshd.Sshd("head", host_key=ssh_keys.get("host-head")) as head:
+        yield head
+
+
+@pytest.fixture
+def alice_home(head_sshd, ssh_keys):
+    """SshClientHome of dalice's laptop: alias `head` logs in to head_sshd as dalice."""
+    with _sshd.SshClientHome("alice", key=ssh_keys.get("client-alice")) as home:
+        home.add_host("head", head_sshd, "dalice")
+        yield home
+
+
+@pytest.fixture
+def bob_home(head_sshd, ssh_keys):
+    """SshClientHome of dbob's laptop: alias `head` logs in to head_sshd as dbob."""
+    with _sshd.SshClientHome("bob", key=ssh_keys.get("client-bob")) as home:
+        home.add_host("head", head_sshd, "dbob")
+        yield home
