@@ -24,6 +24,7 @@ import dataclasses
 import datetime
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -589,8 +590,6 @@ def describe_batch(batch: JobFile) -> Tuple[int, int]:
 # writing it as YAML and loading that with load_job_file, so it obeys exactly
 # the rules, and gets the same errors, as a hand-written file.
 
-import itertools  # noqa: E402  (lead: move up to the other imports)
-from typing import Callable, Union  # noqa: E402  (lead: merge into the typing import)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -1534,27 +1533,27 @@ def slurm_option_problem(key: str, value: Any) -> Optional[str]:
     """Why sbatch would refuse `value` for the option `key` (None when it is fine)."""
     text = str(value)
     if key == "job_name" and not NAME_RE.match(text):
-        return (f"job name {text!r} must be letters, digits, '.', '_' and '-' "
+        return (f"{text!r} must be letters, digits, '.', '_' and '-' "
                 "(no spaces), starting with a letter or digit")
     if key == "time" and not _SLURM_TIME_RE.match(text):
-        return (f"time {text!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, "
+        return (f"{text!r} is not a Slurm time: use minutes, MM:SS, HH:MM:SS, "
                 "D-HH, D-HH:MM or D-HH:MM:SS")
     if key == "mem_per_cpu" and not _SLURM_MEM_RE.match(text):
-        return f"mem_per_cpu {text!r} is not a Slurm size: a whole number with an optional K, M, G or T (e.g. 4G)"
+        return f"{text!r} is not a Slurm size: a whole number with an optional K, M, G or T (e.g. 4G)"
     if key == "hint" and text not in SLURM_HINTS:
-        return f"hint {text!r} is not one of {', '.join(SLURM_HINTS)}"
+        return f"{text!r} is not one of {', '.join(SLURM_HINTS)}"
     if key == "mail_type":
         bad = [t for t in text.split(",") if t.upper() not in SLURM_MAIL_TYPES]
         if bad:
-            return f"mail_type {bad[0]!r} is not one of {', '.join(SLURM_MAIL_TYPES)} (comma-separated)"
+            return f"{bad[0]!r} is not one of {', '.join(SLURM_MAIL_TYPES)} (comma-separated)"
     if key == "partition" and not _SLURM_PARTITION_RE.match(text):
-        return f"partition {text!r} must be partition names (letters, digits, '_', '.', '-') separated by commas"
+        return f"{text!r} must be partition names (letters, digits, '_', '.', '-') separated by commas"
     if key == "account" and not _SLURM_WORD_RE.match(text):
-        return f"account {text!r} must be letters, digits, '_', '.' and '-'"
+        return f"{text!r} must be letters, digits, '_', '.' and '-'"
     if key == "mail_user" and not _SLURM_MAIL_USER_RE.match(text):
-        return f"mail_user {text!r} is not a user name or mail address"
+        return f"{text!r} is not a user name or mail address"
     if key == "output" and not _SLURM_PATH_RE.match(text):
-        return f"output {text!r} must be a path without spaces, quotes or backslashes"
+        return f"{text!r} must be a path without spaces, quotes or backslashes"
     return None
 
 
@@ -2853,27 +2852,37 @@ def extract_tar(source, dest: Path) -> int:
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            if os.path.lexists(target):
-                if os.path.isdir(target) and not os.path.islink(target):
-                    shutil.rmtree(target)
-                else:
-                    os.unlink(target)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
             if member.issym():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
                 os.symlink(member.linkname, target)
                 continue
-            handle = tar.extractfile(member)
-            with open(target, "wb") as out:
-                shutil.copyfileobj(handle, out, 1024 * 1024)
-            if out_size(target) != member.size:
-                raise Failed(f"{member.name}: size {out_size(target)} != {member.size}")
-            written += member.size
-            os.chmod(target, member.mode & 0o777)
-            os.utime(target, (member.mtime, member.mtime))
+            written += land_member(tar, member, target)
     return written
 
 
-def out_size(path: Path) -> int:
-    return os.stat(path).st_size
+PART_SUFFIX = ".distribute-part"
+
+
+def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
+    """Write one regular file under a temporary name, check its size, then rename it into place."""
+    part = target.with_name(f".{target.name}{PART_SUFFIX}")
+    try:
+        with open(part, "wb") as out:
+            shutil.copyfileobj(tar.extractfile(member), out, 1024 * 1024)
+        size = os.stat(part).st_size
+        if size != member.size:
+            raise Failed(f"{member.name}: received {size} of {member.size} bytes")
+        os.chmod(part, member.mode & 0o777)
+        os.utime(part, (member.mtime, member.mtime))
+        os.replace(part, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    return member.size
 
 
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -3031,7 +3040,7 @@ class Supervisor:
     """The node side of distribute; see the section comment."""
 
     def __init__(self, workdir: Path, idle_timeout: float = 600.0):
-        self.workdir = Path(workdir)
+        self.workdir = Path(os.path.abspath(workdir))
         self.home = self.workdir / ".distribute"
         self.runs_dir = self.home / "runs"
         self.socket_path = self.home / "supervisor.sock"
@@ -3039,6 +3048,7 @@ class Supervisor:
         self.head: Optional[Channel] = None
         self.head_seen = time.time()
         self.procs: Dict[str, Any] = {}            # run_id -> asyncio process
+        self.live: Dict[str, RunRecord] = {}       # run_id -> record of a running job
         self.builds: Dict[str, Any] = {}           # batch key -> task
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
@@ -3231,8 +3241,9 @@ class Supervisor:
         self.save_record(record)
         cpus = int(header.get("cpus") or self.machine["cpus"])
         env = ws.job_env(plan, job, cpus, header.get("env") or {})
+        self.live[run_id] = record
         asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
-        return None
+        return {"ok": True}, b""
 
     async def run_job(self, ws: Workspace, plan: BatchPlan, job: JobPlan, record: RunRecord,
                       env: Dict[str, str], cpus: int) -> None:
@@ -3240,6 +3251,7 @@ class Supervisor:
         argv = ws.job_argv(plan, job, self.python, cpus)
         code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
         record.state, record.end, record.exit_code = "finished", time.time(), code
+        self.live.pop(record.run_id, None)
         with contextlib.suppress(FileNotFoundError):
             os.rename(ws.save, folder / "save")
         (folder / "save").mkdir(exist_ok=True)
@@ -3279,8 +3291,8 @@ class Supervisor:
         grace = float(header.get("grace", 10.0))
         for run_id in header.get("run_ids", []):
             proc = self.procs.get(run_id)
-            record = self.load_record(run_id)
-            if record is not None and record.state == "running":
+            record = self.live.get(run_id)
+            if record is not None:
                 record.killed = True
                 self.save_record(record)
             if proc is not None:
@@ -3411,6 +3423,107 @@ def relay_stdio_to_socket(path: str) -> None:
                 os.write(sys.stdout.fileno(), data)
 
 
+# Pulling results: the head lists a batch's archive (filtered by regular
+# expressions and job parameters), the client asks only for what it lacks, and
+# the files come back as one tar stream, each landing under a temporary name
+# first.
+
+@dataclass
+class PullSelection:
+    filters: List[str] = field(default_factory=list)
+    excludes: List[str] = field(default_factory=list)
+    where: Optional[str] = None
+
+    @classmethod
+    def of(cls, header: Dict[str, Any]) -> "PullSelection":
+        selection = cls(list(header.get("filters", [])), list(header.get("excludes", [])), header.get("where"))
+        selection.compile()
+        return selection
+
+    def compile(self):
+        def compiled(option: str, patterns: List[str]):
+            out = []
+            for pattern in patterns:
+                try:
+                    out.append(re.compile(pattern))
+                except re.error as exc:
+                    raise UserError(f"{option} {pattern!r}: not a regular expression ({exc})") from None
+            return out
+        test = parse_where(self.where) if self.where else None
+        return compiled("--filter", self.filters), compiled("--exclude", self.excludes), test
+
+    def header(self) -> Dict[str, Any]:
+        return {"filters": self.filters, "excludes": self.excludes, "where": self.where}
+
+
+def archive_manifest(root: Path, selection: PullSelection) -> List[Dict[str, Any]]:
+    """Every archived file under a batch folder that the selection keeps."""
+    filters, excludes, where = selection.compile()
+    files: List[Dict[str, Any]] = []
+    if not root.is_dir():
+        return files
+    for job_dir in sorted(os.scandir(root), key=lambda e: e.name):
+        if job_dir.name.startswith(".") or not job_dir.is_dir(follow_symlinks=False):
+            continue
+        if where is not None:
+            try:
+                params = json.loads(Path(job_dir.path, "job.json").read_text()).get("params") or {}
+            except (OSError, ValueError):
+                params = {}
+            if not where(dict(params, job=job_dir.name)):
+                continue
+        for top, dirs, names in os.walk(job_dir.path):
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(top, name)
+                rel = os.path.relpath(full, root)
+                if filters and not any(p.search(rel) for p in filters):
+                    continue
+                if any(p.search(rel) for p in excludes):
+                    continue
+                info = os.lstat(full)
+                if not stat_is_regular(info.st_mode):
+                    continue
+                files.append({"path": rel, "size": info.st_size, "mtime": int(info.st_mtime),
+                              "mode": info.st_mode & 0o777})
+    return files
+
+
+def stat_is_regular(mode: int) -> bool:
+    import stat
+    return stat.S_ISREG(mode)
+
+
+def archive_path(root: Path, rel: str) -> Path:
+    parts = rel.split("/")
+    if rel.startswith("/") or ".." in parts or any(p.startswith(".incoming-") for p in parts):
+        raise UserError(f"refused path {rel!r}")
+    return inside(root, *parts)
+
+
+def file_sha256(path: Path) -> Optional[str]:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
+
+
+def write_tar_to_fd(fd: int, root: Path, paths: List[str]) -> None:
+    """Write a tar of root/paths into a pipe (runs in a thread while the loop sends)."""
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        try:
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for rel in paths:
+                    with contextlib.suppress(FileNotFoundError):
+                        tar.add(str(archive_path(root, rel)), arcname=rel, recursive=False)
+        except BrokenPipeError:
+            pass
+
+
 # ---------------------------------------------------------------------------
 # 8. The head daemon
 #
@@ -3477,6 +3590,7 @@ class HeadConfig:
     supervisor_idle: float = 600.0
     kill_grace: float = 10.0
     matrix_config: Optional[Path] = None
+    group: Optional[str] = None
 
     @property
     def socket_path(self) -> Path:
@@ -3965,6 +4079,9 @@ class Head:
         finally:
             os.umask(old)
         os.chmod(path, 0o660)
+        if self.config.group:
+            import grp
+            os.chown(path, -1, grp.getgrnam(self.config.group).gr_gid)
         return server
 
     async def on_client(self, reader, writer) -> None:
@@ -4170,6 +4287,8 @@ class Head:
                 reason = f"unreachable: {link.error}"
             reasons[link.name] = reason or "can run it: it will when its turn comes"
         state = job.state if job else batch.state
+        if state not in ("queued", "active"):
+            reasons = {}
         await channel.send({"ok": True, "batch": batch.key, "job": job.name if job else None, "state": state,
                             "node": job.node if job else None, "reasons": reasons})
 
@@ -4192,6 +4311,48 @@ class Head:
         except OSError:
             data = b""
         await channel.send({"ok": True, "state": job.state, "offset": offset + len(data)}, data)
+
+    async def api_pull(self, channel, user, header, payload):
+        """The manifest of a batch's archive, filtered, and how many jobs are not finished."""
+        batch = self.lookup_batch(header["batch"])
+        selection = PullSelection.of(header)
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files = archive_manifest(root, selection)
+        counts = self.batch_counts(batch.id)
+        await channel.send({"ok": True, "batch": batch.key, "files": files,
+                            "unfinished": counts.get("queued", 0) + counts.get("running", 0)})
+
+    async def api_pull_files(self, channel, user, header, payload):
+        """Stream the requested archive files as one tar; files whose hash the client
+        already has are only named in the header ("same")."""
+        import asyncio
+        batch = self.lookup_batch(header["batch"])
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        wanted: List[str] = []
+        same: List[str] = []
+        for rel in header.get("paths", []):
+            path = archive_path(root, rel)
+            known = header.get("hashes", {}).get(rel)
+            if known and file_sha256(path) == known:
+                same.append(rel)
+            else:
+                wanted.append(rel)
+        await channel.send({"ok": True, "same": same, "stream": True})
+        loop = asyncio.get_event_loop()
+        read_fd, write_fd = os.pipe()
+        producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+                if not chunk:
+                    break
+                channel.writer.write(chunk)
+                await channel.writer.drain()
+        finally:
+            os.close(read_fd)
+            await producer
+        if channel.writer.can_write_eof():
+            channel.writer.write_eof()
 
 
 def asyncio_spawn(coroutine) -> None:
@@ -4364,6 +4525,117 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
     return lines
+
+
+def plan_pull(dest: Path, files: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], Dict[str, str], int]:
+    """Which files to ask for: missing or different ones (size, then mtime, then hash).
+    Returns (wanted, {path: local sha256 when only the mtime differs}, files already here)."""
+    wanted, hashes, present = [], {}, 0
+    for entry in files:
+        local = dest / entry["path"]
+        try:
+            info = os.stat(local)
+        except OSError:
+            wanted.append(entry)
+            continue
+        if info.st_size == entry["size"] and int(info.st_mtime) == entry["mtime"]:
+            present += 1
+            continue
+        if info.st_size == entry["size"]:
+            hashes[entry["path"]] = file_sha256(local) or ""
+        wanted.append(entry)
+    return wanted, hashes, present
+
+
+def remove_partial_files(dest: Path) -> None:
+    """Leftovers of an interrupted pull never stay around (they never had a final name)."""
+    if dest.is_dir():
+        for top, _, names in os.walk(dest):
+            for name in names:
+                if name.endswith(PART_SUFFIX):
+                    os.unlink(os.path.join(top, name))
+
+
+class Progress:
+    """Bytes, rate and ETA on one terminal line; silent when not a terminal."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.start = self.last = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and (now - self.last > 0.2 or self.done >= self.total):
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6)
+            eta = (self.total - self.done) / rate if rate > 0 else 0
+            sys.stderr.write(f"\r{human_bytes(self.done)} / {human_bytes(self.total)}  "
+                             f"{human_bytes(rate)}/s  ETA {format_duration(eta) if eta >= 1 else '0s'}   ")
+            sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def receive_tar_stream(channel: Channel, dest: Path, progress: Progress) -> None:
+    """Extract the raw tar bytes that follow a reply header, in a thread, as they arrive."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    read_fd, write_fd = os.pipe()
+    reader_file = os.fdopen(read_fd, "rb", buffering=1 << 20)
+    extractor = loop.run_in_executor(None, extract_tar, reader_file, dest)
+    try:
+        while True:
+            chunk = await channel.reader.read(1 << 20)
+            if not chunk:
+                break
+            progress.advance(len(chunk))
+            view = memoryview(chunk)
+            while view:
+                sent = await loop.run_in_executor(None, os.write, write_fd, view) if len(view) > 65536 \
+                    else os.write(write_fd, view)
+                view = view[sent:]
+    finally:
+        os.close(write_fd)
+        try:
+            await extractor
+        finally:
+            reader_file.close()
+
+
+async def pull_batch(client: HeadClient, batch_ref: str, selection: PullSelection, save_dir: Path,
+                     dry: bool, show_progress: bool) -> Dict[str, Any]:
+    manifest, _ = await client.call(dict(selection.header(), op="pull", batch=batch_ref))
+    namespace, name = manifest["batch"].split("/", 1)
+    dest = inside(save_dir, namespace, name)
+    wanted, hashes, present = plan_pull(dest, manifest["files"])
+    summary = {"batch": manifest["batch"], "destination": str(dest), "files": len(manifest["files"]),
+               "up_to_date": present, "unfinished_jobs": manifest["unfinished"],
+               "bytes": sum(e["size"] for e in wanted), "transferred": 0, "wanted": wanted}
+    if dry or not wanted:
+        return summary
+    remove_partial_files(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    channel = await client.open()
+    try:
+        reply, _ = await channel.request({"op": "pull_files", "batch": manifest["batch"],
+                                          "paths": [e["path"] for e in wanted], "hashes": hashes})
+        if not reply.get("ok"):
+            raise Failed(reply.get("error") or "the head refused")
+        by_path = {e["path"]: e for e in wanted}
+        for rel in reply.get("same", []):
+            os.utime(dest / rel, (by_path[rel]["mtime"], by_path[rel]["mtime"]))
+            summary["up_to_date"] += 1
+        progress = Progress(sum(by_path[p]["size"] for p in by_path if p not in reply.get("same", [])),
+                            show_progress)
+        await receive_tar_stream(channel, dest, progress)
+        progress.finish()
+        summary["transferred"] = progress.done
+    finally:
+        channel.close()
+    return summary
 
 
 def split_job_ref(ref: str) -> Tuple[str, str]:
@@ -4602,15 +4874,24 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
 @click.option("--supervisor-idle", default=600.0, show_default=True,
               help="Seconds an idle node supervisor waits for a head before it exits.")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
-def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_idle, matrix_config) -> None:
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the socket is mode 0660).")
+def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_idle, matrix_config,
+          group) -> None:
     """Run the head daemon."""
     import asyncio
-    state_dir = Path(state) if state else default_state_dir()
+    state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
-    config = HeadConfig(state=state_dir, archive=Path(archive) if archive else state_dir / "archive",
+    config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
-                        matrix_config=Path(matrix_config) if matrix_config else None)
+                        matrix_config=Path(matrix_config) if matrix_config else None, group=group)
+    if group:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise UserError(f"--group {group}: no such group") from None
     if config.pyz and not config.pyz.is_file():
         raise UserError(f"--pyz {pyz}: no such file")
     head = Head(config)
@@ -4741,6 +5022,51 @@ def logs(obj, ref, follow) -> None:
             return
         if not data:
             time.sleep(0.5)
+
+
+@cli.command()
+@click.argument("file", required=False)
+@click.option("--batch", "batch_ref", metavar="NAMESPACE/BATCH", help="Instead of a job file's meta.")
+@click.option("--filter", "filters", multiple=True, metavar="RE", help="Keep only paths matching (repeatable).")
+@click.option("--exclude", "excludes", multiple=True, metavar="RE", help="Then drop paths matching (repeatable).")
+@click.option("--where", default=None, metavar="EXPR", help="Keep jobs whose parameters match, e.g. 're>=1000 and nx==128'.")
+@click.option("--dry", is_flag=True, help="List what would come, with sizes; write nothing.")
+@click.option("--save-dir", default=".", show_default=True, help="Files land in SAVE_DIR/<namespace>/<batch>/.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.pass_obj
+def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json) -> None:
+    """Fetch archived results, only what is missing or changed."""
+    import asyncio
+    selection = PullSelection(list(filters), list(excludes), where)
+    selection.compile()
+    if not batch_ref:
+        meta = load_job_file(find_job_file(file)).meta
+        batch_ref = f"{meta.namespace}/{meta.batch_name}"
+
+    async def go():
+        client = HeadClient(obj.get("head"), obj.get("socket"))
+        try:
+            return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
+                                    sys.stderr.isatty() and not as_json)
+        finally:
+            await client.close()
+    summary = asyncio.run(go())
+    wanted = summary.pop("wanted")
+    if as_json:
+        if dry:
+            summary["would_transfer"] = [{"path": e["path"], "size": e["size"]} for e in wanted]
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if dry:
+        for entry in wanted:
+            click.echo(f"{human_bytes(entry['size']):>10}  {entry['path']}")
+        click.echo(f"{len(wanted)} files, {human_bytes(summary['bytes'])} would come to "
+                   f"{summary['destination']} ({summary['up_to_date']} already there)")
+    else:
+        click.echo(f"{summary['batch']}: {len(wanted)} files, {human_bytes(summary['transferred'])} pulled to "
+                   f"{summary['destination']}; {summary['up_to_date']} already up to date")
+    if summary["unfinished_jobs"]:
+        click.echo(f"note: {summary['unfinished_jobs']} jobs are not finished yet; pull again later for their results")
 
 
 @cli.command()

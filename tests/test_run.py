@@ -183,7 +183,6 @@ def test_failing_job_fails_the_run_but_the_others_still_run(tmp_path):
       file: run.py
 """)
     (tmp_path / "batch" / "fail.py").write_text("import sys\nprint('about to fail')\nsys.exit(3)\n")
-    # put the failing job in the middle
     text = job_file.read_text()
     save = tmp_path / "results"
     result = cli("run", job_file, "--save-dir", save)
@@ -246,7 +245,7 @@ def test_shell_batch_output_order_env_and_clean_save(tmp_path):
     - name: talk
       command: "echo one; echo two >&2; echo three; echo four >&2; echo $DISTRIBUTE_JOB $DISTRIBUTE_BATCH $DISTRIBUTE_NAMESPACE > distribute_save/who.txt"
     - name: listing
-      command: "ls -A distribute_save > distribute_save/at_start.txt; cat tools/made_by_build"
+      command: "ls -A distribute_save > at_start.txt; mv at_start.txt distribute_save/; cat tools/made_by_build"
 """, build="mkdir -p tools && echo built > tools/made_by_build")
     save = tmp_path / "res"
     batch_dir = save / "bob" / "shells"
@@ -399,5 +398,5 @@ def test_run_refuses_bad_file_before_running_anything(tmp_path):
 """)
     result = cli("run", job_file, "--save-dir", tmp_path / "res")
     assert result.returncode == 2
-    assert f"{job_file}:7: shell.jobs[1].name" in one_line(result.stderr)
+    assert f"{job_file}:8: shell.jobs[1].name" in one_line(result.stderr)
     assert not marker.exists() and not (tmp_path / "res").exists()

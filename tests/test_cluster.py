@@ -1,0 +1,232 @@
+"""End to end through `distribute serve` and the CLI, with real sshd nodes (SPEC §2, §4, §6)."""
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster import HeadProcess, nodes_yaml, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def node_workdirs(ssh_nodes):
+    """One workdir per node, owned by the node account (the nodes share this machine's disk)."""
+    base = Path(tempfile.mkdtemp(prefix="dnodes-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    dirs = {}
+    for node in ssh_nodes:
+        folder = base / node.name
+        folder.mkdir()
+        shutil.chown(folder, "dnode", "dnode")
+        dirs[node.name] = folder
+    return dirs
+
+
+@pytest.fixture
+def head(ssh_nodes, pyz, request):
+    """A head serving the three sshd nodes; `request.param`-free: caps/slots via markers."""
+    marker = request.node.get_closest_marker("nodes")
+    options = marker.kwargs if marker else {}
+    workdirs = node_workdirs(ssh_nodes)
+    text = nodes_yaml(list(ssh_nodes), workdirs, caps=options.get("caps"), slots=options.get("slots"))
+    process = HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz,
+                          extra=options.get("extra", ["--kill-grace", "2"]))
+    process.workdirs = workdirs
+    process.start()
+    yield process
+    process.stop()
+    shutil.rmtree(process.dir, ignore_errors=True)
+
+
+def write_python_batch(folder, name="sweep", jobs=20, build_script=None, sleep=0.0, caps=("python3",)):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "build.py").write_text(build_script or textwrap.dedent("""\
+        import os
+        with open("built_here.txt", "w") as out:
+            out.write(os.getcwd())
+        with open(os.environ["BUILD_COUNTER"], "a") as counter:
+            counter.write(os.getcwd() + "\\n")
+        """))
+    (folder / "run.py").write_text(textwrap.dedent(f"""\
+        import os, time
+        time.sleep({sleep})
+        case = open("input/case.txt").read().strip()
+        assert open("built_here.txt").read() == os.getcwd() or ".slot" in os.getcwd()
+        with open("distribute_save/result.txt", "w") as out:
+            out.write(case + " " + os.environ["DISTRIBUTE_JOB"])
+        os.makedirs("distribute_save/sub", exist_ok=True)
+        open("distribute_save/sub/nested.csv", "w").write("a,b\\n1,2\\n")
+        print("job", os.environ["DISTRIBUTE_JOB"], "done")
+        """))
+    lines = [f"meta: {{batch_name: {name}, namespace: lab, capabilities: [{', '.join(caps)}]}}",
+             "python:", "  initialize:", "    build_file: build.py", "  jobs:"]
+    for i in range(jobs):
+        (folder / f"case_{i}.txt").write_text(f"case {i}\n")
+        lines += [f"    - name: job_{i}", "      file: run.py",
+                  f"      required_files: [{{path: case_{i}.txt, alias: case.txt}}]"]
+    (folder / "distribute-jobs.yaml").write_text("\n".join(lines) + "\n")
+    return folder / "distribute-jobs.yaml"
+
+
+def archived_jobs(head, key):
+    folder = head.archive / key
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "build" and not p.name.startswith("."))
+
+
+@pytest.mark.nodes(caps={"node2": ["openfoam"]})
+def test_batches_run_everywhere_and_capable_node_gets_its_batch(head, tmp_path):
+    counter = Path(tempfile.mkdtemp(prefix="dcount-", dir="/tmp")) / "builds.txt"
+    os.chmod(counter.parent, 0o777)
+    head.env = dict(head.env)
+    python_file = write_python_batch(tmp_path / "py", jobs=20)
+    shell_dir = tmp_path / "sh"
+    shell_dir.mkdir()
+    (shell_dir / "distribute-jobs.yaml").write_text(textwrap.dedent("""\
+        meta: {batch_name: foam, namespace: lab, capabilities: [openfoam]}
+        shell:
+          initialize:
+            build: "echo built > built.txt"
+          jobs:
+        """) + "".join(f"    - {{name: case_{i}, command: 'cat built.txt > distribute_save/out.txt; hostname >> distribute_save/out.txt'}}\n"
+                       for i in range(5)))
+    head.wait_nodes_up(3)
+    # the build counter path reaches builds through the environment of the head's nodes
+    build_py = (tmp_path / "py" / "build.py").read_text().replace('os.environ["BUILD_COUNTER"]', repr(str(counter)))
+    (tmp_path / "py" / "build.py").write_text(build_py)
+    head.cli("add", python_file)
+    head.cli("add", shell_dir / "distribute-jobs.yaml")
+    py = head.wait_batch("lab/sweep")
+    sh = head.wait_batch("lab/foam")
+    assert py["jobs"]["done"] == 20 and sh["jobs"]["done"] == 5
+
+    assert archived_jobs(head, "lab/sweep") == sorted(f"job_{i}" for i in range(20))
+    for i in range(20):
+        folder = head.archive / "lab" / "sweep" / f"job_{i}"
+        assert (folder / "result.txt").read_text() == f"case {i} job_{i}"
+        assert (folder / "sub" / "nested.csv").read_text() == "a,b\n1,2\n"
+        assert f"job job_{i} done" in (folder / "stdout.txt").read_text()
+        record = json.loads((folder / "job.json").read_text())
+        assert record["exit_code"] == 0 and record["attempts"] == 1 and record["node"] in ("node1", "node2", "node3")
+    for i in range(5):
+        record = json.loads((head.archive / "lab" / "foam" / f"case_{i}" / "job.json").read_text())
+        assert record["node"] == "node2"
+    assert sorted(p.name for p in (head.archive / "lab" / "foam" / "build").iterdir()) == ["node2.txt"]
+
+    # one build per node per batch, and one build log per node that built
+    builds = counter.read_text().splitlines()
+    assert len(builds) == len(set(builds))
+    logs = sorted(p.stem for p in (head.archive / "lab" / "sweep" / "build").iterdir())
+    assert len(logs) == len(builds)
+    # nodes keep no job data once done with a batch
+    for name, workdir in head.workdirs.items():
+        wait_until(lambda: not (workdir / "lab" / "sweep").exists() and not (workdir / "lab" / "foam").exists(),
+                   10, f"{name}'s build dirs to be deleted")
+
+
+@pytest.mark.nodes(extra=["--kill-grace", "2"])
+def test_build_failing_on_one_node_completes_on_the_others(head, tmp_path):
+    for name in ("node1", "node2"):
+        marker = head.workdirs[name] / "allow-build"
+        marker.write_text("yes")
+    build = textwrap.dedent("""\
+        import os, sys
+        here = os.path.abspath("../../allow-build")
+        if not os.path.exists(here):
+            print("build: allow-build is missing here", file=sys.stderr)
+            sys.exit(3)
+        open("built_here.txt", "w").write(os.getcwd())
+        """)
+    job_file = write_python_batch(tmp_path / "b", name="partial", jobs=8, build_script=build, sleep=0.2)
+    head.wait_nodes_up(3)
+    head.cli("add", job_file)
+    batch = head.wait_batch("lab/partial")
+    assert batch["jobs"]["done"] == 8
+    nodes_used = {json.loads((head.archive / "lab" / "partial" / f"job_{i}" / "job.json").read_text())["node"]
+                  for i in range(8)}
+    assert "node3" not in nodes_used
+    log = head.archive / "lab" / "partial" / "build" / "node3.txt"
+    assert "allow-build is missing" in log.read_text()
+    why = head.cli("why", "lab/partial").stdout
+    assert "node3: the batch's build failed there" in why
+
+
+def job_processes(marker):
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_kill_stops_running_jobs_and_archives_them_as_killed(head, tmp_path):
+    folder = tmp_path / "k"
+    folder.mkdir()
+    marker = f"killme{os.getpid()}"
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent(f"""\
+        meta: {{batch_name: long, namespace: lab}}
+        shell:
+          jobs:
+        """) + "".join(f"    - {{name: j{i}, command: 'echo started; exec sleep 300 # {marker}'}}\n" for i in range(6)))
+    head.wait_nodes_up(3)
+    head.cli("add", folder / "distribute-jobs.yaml")
+    wait_until(lambda: len(job_processes(marker)) == 3, 30, "three jobs running")
+    out = head.cli("kill", "lab/long").stdout
+    assert "3 queued jobs dropped, 3 stopped" in out
+    wait_until(lambda: not job_processes(marker), 15, "job processes to be gone")
+    batch = head.wait_batch("lab/long")
+    assert batch["state"] == "killed"
+    assert batch["jobs"]["killed"] == 6
+    killed = [json.loads(p.read_text()) for p in (head.archive / "lab" / "long").glob("*/job.json")]
+    assert len(killed) == 3 and all(r["state"] == "killed" for r in killed)
+
+
+def test_one_user_cannot_kill_anothers_batch(head, head_sshd, alice_home, bob_home, tmp_path):
+    subprocess.run(["chgrp", "distribute", str(head.socket)], check=True)
+    folder = tmp_path / "u"
+    folder.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(folder, 0o755)
+    (folder / "distribute-jobs.yaml").write_text(
+        "meta: {batch_name: mine, namespace: alice}\nshell:\n  jobs:\n    - {name: a, command: 'sleep 60'}\n")
+    head.wait_nodes_up(1)
+    added = head.cli("add", folder / "distribute-jobs.yaml", env=alice_home.env(), head="head")
+    assert "added alice/mine" in added.stdout
+    status = head.status()
+    assert status["batches"][0]["owner"] == "dalice"
+    refused = head.cli("kill", "alice/mine", env=bob_home.env(), head="head", check=False)
+    assert refused.returncode == 2
+    assert "dbob may not kill alice/mine: it belongs to dalice" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert head.batch("alice/mine")["state"] == "active"
+    done = head.cli("kill", "alice/mine", env=alice_home.env(), head="head")
+    assert "killed alice/mine" in done.stdout
+
+
+def test_unknown_host_key_refuses_the_node(ssh_nodes, pyz, tmp_path):
+    home = ssh_nodes.head_home
+    known = Path(home.known_hosts)
+    node3 = ssh_nodes["node3"]
+    lines = [l for l in known.read_text().splitlines() if f"[{node3.host}]:{node3.port}" not in l]
+    known.write_text("\n".join(lines) + "\n")
+    workdirs = node_workdirs(ssh_nodes)
+    process = HeadProcess(None, nodes_yaml(list(ssh_nodes), workdirs), home.env(), pyz=pyz).start()
+    try:
+        process.wait_nodes_up(2)
+        node = wait_until(lambda: next((n for n in process.nodes() if n["name"] == "node3" and n["error"]), None),
+                          30, "node3 to be refused")
+        assert node["state"] == "refused" and not node["reachable"]
+        assert "host key" in node["error"] and "known_hosts" in node["error"]
+        text = process.cli("nodes").stdout
+        assert "node3" in text and "host key" in text
+    finally:
+        process.stop()
