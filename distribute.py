@@ -1683,6 +1683,9 @@ run() {
     @RUN@
 }
 
+# Slurm sends SIGTERM at the time limit and on scancel: keep what the job left, marked killed.
+killed=""
+trap 'killed=yes' TERM
 start=$(now)
 attempts=0
 while :; do
@@ -1690,13 +1693,14 @@ while :; do
     prepare
     (run) > "$task/.distribute/stdout.txt" 2>&1 < /dev/null
     code=$?
-    if [ "$code" -eq 0 ] || [ "$attempts" -gt "$retries" ]; then
+    if [ "$code" -eq 0 ] || [ "$attempts" -gt "$retries" ] || [ -n "$killed" ]; then
         break
     fi
 done
 end=$(now)
 state=ok
 [ "$code" -eq 0 ] || state=failed
+[ -z "$killed" ] || state=killed
 
 # Results appear complete or not at all: fill a hidden folder, then rename it into place.
 stamp=${SLURM_JOB_ID:-$$}

@@ -10,7 +10,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # --- pyz (built once per test session) -------------------------------------
-# (filled in by the zipapp work)
+# build_zipapp.py keeps the wheels it downloads in ~/.cache/distribute-build, so
+# only the first build on a machine needs the network (about a minute); later
+# ones take a few seconds.
+
+
+@pytest.fixture(scope="session")
+def pyz(tmp_path_factory):
+    """Path of a distribute.pyz built from this tree; what build_zipapp.py
+    printed is beside it, in build.log."""
+    import subprocess
+
+    folder = tmp_path_factory.mktemp("pyz")
+    out = folder / "distribute.pyz"
+    proc = subprocess.run([sys.executable, str(ROOT / "build_zipapp.py"), "-o", str(out)],
+                          cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          universal_newlines=True, timeout=1500)
+    (folder / "build.log").write_text(proc.stdout)
+    if proc.returncode != 0:
+        pytest.fail("build_zipapp.py failed (exit %d):\n%s" % (proc.returncode, proc.stdout))
+    return out
+
 
 # --- sshd cluster ------------------------------------------------------------
 # Real OpenSSH sshd processes on loopback addresses (implementation: sshd.py).

@@ -143,25 +143,27 @@ def test_build_failing_on_one_node_completes_on_the_others(head, tmp_path):
             sys.exit(3)
         open("built_here.txt", "w").write(os.getcwd())
         """)
-    job_file = write_python_batch(tmp_path / "b", name="partial", jobs=8, build_script=build, sleep=0.2)
+    job_file = write_python_batch(tmp_path / "b", name="partial", jobs=8, build_script=build, sleep=1.0)
     head.wait_nodes_up(3)
     head.cli("add", job_file)
+    log = head.archive / "lab" / "partial" / "build" / "node3.txt"
+    wait_until(log.exists, 30, "node3's build log")
+    why = head.cli("why", "lab/partial").stdout
+    assert "node3: the batch's build failed there" in why
     batch = head.wait_batch("lab/partial")
     assert batch["jobs"]["done"] == 8
     nodes_used = {json.loads((head.archive / "lab" / "partial" / f"job_{i}" / "job.json").read_text())["node"]
                   for i in range(8)}
     assert "node3" not in nodes_used
-    log = head.archive / "lab" / "partial" / "build" / "node3.txt"
     assert "allow-build is missing" in log.read_text()
-    why = head.cli("why", "lab/partial").stdout
-    assert "node3: the batch's build failed there" in why
 
 
-def job_processes(marker):
+def job_processes(namespace):
+    """Every process (children too) of jobs in `namespace`, found by their environment."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter():
         try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
+            if proc.environ().get("DISTRIBUTE_NAMESPACE") == namespace and proc.status() != psutil.STATUS_ZOMBIE:
                 found.append(proc)
         except psutil.Error:
             pass
@@ -171,23 +173,27 @@ def job_processes(marker):
 def test_kill_stops_running_jobs_and_archives_them_as_killed(head, tmp_path):
     folder = tmp_path / "k"
     folder.mkdir()
-    marker = f"killme{os.getpid()}"
+    namespace = f"kill{os.getpid()}"
     (folder / "distribute-jobs.yaml").write_text(textwrap.dedent(f"""\
-        meta: {{batch_name: long, namespace: lab}}
+        meta: {{batch_name: long, namespace: {namespace}}}
         shell:
           jobs:
-        """) + "".join(f"    - {{name: j{i}, command: 'echo started; exec sleep 300 # {marker}'}}\n" for i in range(6)))
+        """) + "".join(f"    - {{name: j{i}, command: 'echo started; sleep 300; echo never'}}\n" for i in range(6)))
     head.wait_nodes_up(3)
     head.cli("add", folder / "distribute-jobs.yaml")
-    wait_until(lambda: len(job_processes(marker)) == 3, 30, "three jobs running")
-    out = head.cli("kill", "lab/long").stdout
+    # each running job is a shell and its sleep child
+    wait_until(lambda: len(job_processes(namespace)) == 6, 30, "three jobs running")
+    out = head.cli("kill", f"{namespace}/long").stdout
     assert "3 queued jobs dropped, 3 stopped" in out
-    wait_until(lambda: not job_processes(marker), 15, "job processes to be gone")
-    batch = head.wait_batch("lab/long")
+    wait_until(lambda: not job_processes(namespace), 15, "job processes to be gone")
+    batch = head.wait_batch(f"{namespace}/long")
     assert batch["state"] == "killed"
     assert batch["jobs"]["killed"] == 6
-    killed = [json.loads(p.read_text()) for p in (head.archive / "lab" / "long").glob("*/job.json")]
+    killed = [json.loads(p.read_text()) for p in (head.archive / namespace / "long").glob("*/job.json")]
     assert len(killed) == 3 and all(r["state"] == "killed" for r in killed)
+    for record in killed:
+        output = (head.archive / namespace / "long" / record["job"] / "stdout.txt").read_text()
+        assert output == "started\n"
 
 
 def test_one_user_cannot_kill_anothers_batch(head, head_sshd, alice_home, bob_home, tmp_path):
@@ -230,3 +236,9 @@ def test_unknown_host_key_refuses_the_node(ssh_nodes, pyz, tmp_path):
         assert "node3" in text and "host key" in text
     finally:
         process.stop()
+
+
+@pytest.fixture(scope="session")
+def pyz():
+    """(provisional) the packed program the head copies to nodes."""
+    return Path("/tmp/dev.pyz")

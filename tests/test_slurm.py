@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -363,3 +364,35 @@ def test_submit_stops_when_sbatch_refuses_a_script(tmp_path, slurm):
     assert lines[1] == f"submit.sh: already submitted: {build_id}; cancel them with: scancel {build_id}"
     assert not (out / "submitted.txt").exists()
     slurm.wait_for_jobs([build_id])
+
+
+def test_scancel_lands_partial_output_marked_killed(tmp_path, slurm):
+    path = write_batch(tmp_path / "src", (
+        "meta: {batch_name: long, namespace: ns}\n"
+        "shell:\n  jobs:\n"
+        "    - name: slow\n"
+        "      command: \"echo started; echo partial > distribute_save/p.txt; sleep 120\"\n"
+        "      retries: 3\n"))
+    out = tmp_path / "out"
+    assert distribute("slurm", str(path), str(out)).returncode == 0
+    submit = slurm.run(["sh", str(out / "submit.sh")], cwd=tmp_path)
+    assert submit.returncode == 0, submit.stderr
+    job_id = (out / "submitted.txt").read_text().split()[0]
+    started = out / "work" / "slow" / ".distribute" / "stdout.txt"
+    deadline = time.monotonic() + 60
+    while not (started.exists() and started.read_text() == "started\n"):
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+
+    begin = time.monotonic()
+    assert slurm.run(["scancel", job_id]).returncode == 0
+    states = slurm.wait_for_jobs([job_id])
+
+    assert time.monotonic() - begin < 20          # not Slurm's KillWait: the job ended on SIGTERM
+    assert list(states.values()) == ["CANCELLED"]
+    landed = out / "results" / "ns" / "long" / "slow"
+    assert (landed / "stdout.txt").read_text() == "started\n"
+    assert (landed / "p.txt").read_text() == "partial\n"
+    record = json.loads((landed / "job.json").read_text())
+    assert (record["state"], record["attempts"]) == ("killed", 1)
+    assert record["exit_code"] != 0
