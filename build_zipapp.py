@@ -186,11 +186,6 @@ def pick_tags(wheel: WheelName, arch: str) -> Tuple[str, str]:
 # Downloading (pip download into a persistent cache)
 # ---------------------------------------------------------------------------
 
-NETWORK_TROUBLE = ("NewConnectionError", "Max retries exceeded", "ConnectTimeout",
-                   "ReadTimeout", "Temporary failure in name resolution", "SSLError",
-                   "ProxyError", "ConnectionError", "HTTP error", "Server Error")
-
-
 class WheelCache:
     """`pip download` into a folder that persists across builds, so that a second
     build is fast and works offline.  Combinations known to have no wheel are
@@ -202,6 +197,7 @@ class WheelCache:
         self.verbose = verbose
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
+        self.abort = threading.Event()  # set on the first error: other threads stop asking pip
         self.missing_file = folder / "missing.json"
         self.missing: Dict[str, str] = {}
         if self.missing_file.exists() and not refresh:
@@ -228,29 +224,34 @@ class WheelCache:
             tmp.write_text(json.dumps(self.missing, indent=1, sort_keys=True))
             os.replace(tmp, self.missing_file)
 
-    def _pip(self, requirement: str, python: Tuple[int, int], extra: Sequence[str]) -> Tuple[bool, str]:
-        """Run pip download into a scratch folder, move the wheel into the cache."""
-        with tempfile.TemporaryDirectory(prefix="pip-", dir=self.folder) as scratch:
+    def _pip(self, requirement: str, python: Tuple[int, int], extra: Sequence[str]) -> bool:
+        """Run pip download into a scratch folder and move the wheel into the
+        cache.  False if the index answered and has no fitting wheel; any other
+        failure (no network, an index that did not answer) is a BuildError."""
+        if self.abort.is_set():
+            raise BuildError("stopped")
+        with tempfile.TemporaryDirectory(prefix="pip-", dir=str(self.folder)) as scratch:
             # A late patch release: pip checks Requires-Python against this full
             # version (plain "3.9" would mean 3.9.0, which cryptography excludes).
-            cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check",
+            # -vv: to tell "no such wheel" (pages fetched) from "no answer".
+            cmd = [sys.executable, "-m", "pip", "download", "-vv", "--disable-pip-version-check",
                    "--no-deps", "--only-binary=:all:", "--dest", scratch,
                    "--python-version", "%d.%d.99" % python, *extra, requirement]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   universal_newlines=True)
             if proc.returncode == 0:
                 for name in os.listdir(scratch):
                     if name.endswith(".whl"):
-                        os.replace(os.path.join(scratch, name), self.folder / name)
-                return True, ""
-            errors = [line for line in proc.stderr.splitlines()
-                      if line.strip() and not line.startswith("WARNING: Location")]
-            if any(word in proc.stderr for word in NETWORK_TROUBLE) or not any(
-                    "No matching distribution" in line or "Could not find a version" in line
-                    for line in errors):
-                raise BuildError("pip could not download %s: %s" % (
-                    requirement, errors[-1] if errors else "exit code %d" % proc.returncode))
-            return False, errors[-1] if errors else ""
+                        os.replace(os.path.join(scratch, name), str(self.folder / name))
+                return True
+        lines = proc.stdout.splitlines()
+        unreachable = [line for line in lines if line.startswith("Could not fetch URL")]
+        fetched = [line for line in lines if line.startswith("Fetched page ")]
+        if fetched and not unreachable and any("No matching distribution" in line for line in lines):
+            return False
+        errors = unreachable or [line for line in lines if line.startswith("ERROR:")] or lines[-1:]
+        reason = errors[0] if errors else "exit code %d" % proc.returncode
+        raise BuildError("pip could not download %s: %s" % (requirement, reason[:300]))
 
     def native(self, pin: Native, python: Tuple[int, int], arch: str) -> Optional[WheelName]:
         """The wheel of `pin` for CPython `python` on `arch`, oldest glibc first;
@@ -274,8 +275,7 @@ class WheelCache:
         for platform in PLATFORMS:
             extra = ["--platform", "%s_%s" % (platform, arch), "--implementation", "cp",
                      "--abi", tag, "--abi", "abi3", "--abi", "none"]
-            ok, _ = self._pip("%s==%s" % (pin.project, pin.version), python, extra)
-            if ok:
+            if self._pip("%s==%s" % (pin.project, pin.version), python, extra):
                 return self.native(pin, python, arch)
         self._remember_missing(key)
         return None
@@ -286,10 +286,10 @@ class WheelCache:
             return found[0]
         if self.offline:
             raise BuildError("no %s==%s wheel in %s and --offline was given" % (project, version, self.folder))
-        ok, error = self._pip("%s==%s" % (project, version), python, [])
+        ok = self._pip("%s==%s" % (project, version), python, [])
         found = [w for w in self.local(project, version) if w.is_pure]
         if not ok or not found:
-            raise BuildError("pip found no wheel for %s==%s: %s" % (project, version, error))
+            raise BuildError("%s==%s has no pure-Python wheel" % (project, version))
         return found[0]
 
 
@@ -404,23 +404,34 @@ def build(output: Path, cache: WheelCache, keep_debug: bool, log) -> dict:
     jobs = [(pin, arch) for pin in NATIVE for arch in ARCHES]
     plan: Dict[Tuple[str, str], Dict[Tuple[int, int], WheelName]] = {}
 
-    def resolve(pin: Native, arch: str) -> Dict[Tuple[int, int], WheelName]:
+    def guarded(function, *args):
+        try:
+            return function(*args)
+        except BuildError:
+            cache.abort.set()  # the other threads stop asking pip
+            raise
+
+    def resolve_all(pin: Native, arch: str) -> Dict[Tuple[int, int], WheelName]:
         chosen = {}
         for python in PYTHONS:
             if python < pin.first:
                 continue
             wheel = cache.native(pin, python, arch)
             if wheel is None and python == pin.first:
-                raise BuildError("%s==%s publishes no wheel for CPython %d.%d on %s (manylinux)"
-                                 % (pin.project, pin.version, python[0], python[1], arch))
+                raise BuildError("%s==%s publishes no wheel for CPython %d.%d on %s (%s)" % (
+                    pin.project, pin.version, python[0], python[1], arch, " or ".join(PLATFORMS)))
             if wheel is not None:
                 chosen[python] = wheel
         return chosen
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-        futures = {(pin.project, arch): pool.submit(resolve, pin, arch) for pin, arch in jobs}
-        pures = {project: pool.submit(cache.pure, project, version, first)
+        futures = {(pin.project, arch): pool.submit(guarded, resolve_all, pin, arch) for pin, arch in jobs}
+        pures = {project: pool.submit(guarded, cache.pure, project, version, first)
                  for project, version, first in PURE}
+        errors = [f.exception() for f in list(futures.values()) + list(pures.values())]
+        real = [e for e in errors if e is not None and str(e) != "stopped"]
+        if real or any(errors):
+            raise real[0] if real else errors[0]
         for key, future in futures.items():
             plan[key] = future.result()
         pure_wheels = {project: future.result() for project, future in pures.items()}
@@ -441,7 +452,7 @@ def build(output: Path, cache: WheelCache, keep_debug: bool, log) -> dict:
 
     # 3. Native wheels: their files, stored once per distinct content.
     log("packing (native wheels, files shared between wheels stored once):")
-    table = []      # for the boot module: (project, python tag, abi, arch, glibc)
+    table = []      # for the boot module: (project, python tag, abi, arch, glibc, oldest python)
     wheels_manifest = []
     fallback: Dict[str, List[List[str]]] = {}
     notes = []
@@ -462,7 +473,7 @@ def build(output: Path, cache: WheelCache, keep_debug: bool, log) -> dict:
                 index_of[(wheel.filename, arch)] = len(table)
                 py, abi = pick_tags(wheel, arch)
                 glibc = wheel.glibc(arch)
-                table.append((normalize(pin.project), py, abi, arch, glibc))
+                table.append((normalize(pin.project), py, abi, arch, glibc, pin.first))
                 wheels_manifest.append({"wheel": wheel.filename, "files": files})
                 if pin.pure_fallback and normalize(pin.project) not in fallback:
                     fallback[normalize(pin.project)] = [f for f in files if not is_extension(f[0])]
@@ -604,8 +615,8 @@ import sys
 
 BUILD_ID = "@BUILD_ID@"
 VERSION = "@VERSION@"
-# (project, python tag, abi tag, arch, oldest glibc) of each native wheel,
-# in the order of _distribute_deps/MANIFEST.json.
+# (project, python tag, abi tag, arch, oldest glibc, oldest CPython wanted) of
+# each native wheel, in the order of _distribute_deps/MANIFEST.json.
 WHEELS = @WHEELS@
 FALLBACK = @FALLBACK@  # projects whose Python part works without their wheel
 NODE_MODULES = @NODE_MODULES@
@@ -645,7 +656,9 @@ def select():
     tag, abiflags, arch, glibc = interpreter()
     best = {}
     projects = []
-    for index, (project, py, abi, wheel_arch, needs) in enumerate(WHEELS):
+    for index, (project, py, abi, wheel_arch, needs, oldest) in enumerate(WHEELS):
+        if sys.version_info[:2] < oldest:
+            continue  # e.g. cryptography below 3.10: asyncssh cannot use it there
         if project not in projects:
             projects.append(project)
         if wheel_arch != arch or glibc is None or needs > glibc or not tag.startswith("cp"):
@@ -698,7 +711,7 @@ def setup():
         import _distribute_unpack
         target = _distribute_unpack.unpack(name, chosen)
         if target is None:
-            MISSING = tuple(project for project, _, _, _, _ in WHEELS)
+            MISSING = tuple(sorted(set(row[0] for row in WHEELS)))
             return None
     elif sys.dont_write_bytecode and not os.path.exists(os.path.join(target, COMPILED)):
         # Unpacked by a start that let imports write .pyc files as they went;

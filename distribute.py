@@ -240,6 +240,7 @@ class NodeSpec:
     slots: int = 1
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
+    pause_dir: Optional[str] = None          # where `distribute pause` locks live there
 
     @property
     def is_local(self) -> bool:
@@ -549,7 +550,8 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
         raise root.fail("the node list is empty")
     nodes: List[NodeSpec] = []
     for item in items:
-        keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python"),
+        keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
+                             "pause_dir"),
                             required=("name", "host"))
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
                         capabilities=_capabilities(keys.get("capabilities")))
@@ -571,6 +573,10 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
                 raise keys["workdir"].fail("must be an absolute path")
         if "python" in keys:
             node.python = keys["python"].text()
+        if "pause_dir" in keys:
+            node.pause_dir = keys["pause_dir"].text()
+            if not node.pause_dir.startswith("/"):
+                raise keys["pause_dir"].fail("must be an absolute path")
         if any(n.name == node.name for n in nodes):
             raise keys["name"].fail(f"node name {node.name!r} is used twice")
         nodes.append(node)
@@ -1680,10 +1686,17 @@ run() {
     cd "$task" || exit 1
     export DISTRIBUTE_JOB="$job" DISTRIBUTE_BATCH="$batch" DISTRIBUTE_NAMESPACE="$namespace" \
         DISTRIBUTE_CPUS="$cpus" DISTRIBUTE_PROGRESS="$task/.distribute/progress-$job"
-    @RUN@
+    exec $setsid @RUN@
 }
 
-# Slurm sends SIGTERM at the time limit and on scancel: keep what the job left, marked killed.
+# The job gets its own process group (setsid), so a kill reaches everything it started.
+setsid=""
+if command -v setsid > /dev/null 2>&1; then
+    setsid=setsid
+fi
+
+# Slurm sends SIGTERM to this script at the time limit and on scancel: pass it on to the
+# job, and keep what the job left, marked killed.
 killed=""
 trap 'killed=yes' TERM
 start=$(now)
@@ -1691,8 +1704,16 @@ attempts=0
 while :; do
     attempts=$((attempts + 1))
     prepare
-    (run) > "$task/.distribute/stdout.txt" 2>&1 < /dev/null
+    (run) > "$task/.distribute/stdout.txt" 2>&1 < /dev/null &
+    child=$!
+    [ -z "$killed" ] || kill -TERM "-$child" "$child" 2> /dev/null
+    wait "$child"
     code=$?
+    if [ -n "$killed" ]; then
+        kill -TERM "-$child" "$child" 2> /dev/null
+        wait "$child"
+        code=$?
+    fi
     if [ "$code" -eq 0 ] || [ "$attempts" -gt "$retries" ] || [ -n "$killed" ]; then
         break
     fi
@@ -1792,6 +1813,7 @@ _UPLOAD_SH = r'''#!/bin/sh
 # Copy this folder to the cluster (written by `distribute slurm`); then run submit.sh there.
 set -eu
 cd "$(dirname "$0")"
+@MKDIR@
 exec rsync -a --partial --exclude=/results/ --exclude=/work/ --exclude=/logs/ ./ @DEST@/
 '''
 
@@ -1929,12 +1951,20 @@ def _copy_job_inputs(folder: Path, batch: JobFile) -> None:
         write_json(job_folder / "job.json.in", record)
 
 
+def _make_cluster_dir(target: ClusterTarget) -> str:
+    """The line of upload.sh that creates the folder first: rsync makes only the last level."""
+    mkdir = f"mkdir -p -- {shlex.quote(target.directory)}"
+    if target.ssh_destination:
+        return f"ssh {shlex.quote(target.ssh_destination)} {shlex.quote(mkdir)}"
+    return mkdir
+
+
 def _write_script(path: Path, text: str) -> None:
     path.write_text(text)
     path.chmod(0o755)
 
 
-def slurm_instructions(batch: JobFile, outdir: Path, target: ClusterTarget) -> List[str]:
+def slurm_instructions(outdir: Path, target: ClusterTarget) -> List[str]:
     """The three commands a user runs: upload, submit, fetch."""
     folder = shlex.quote(str(outdir))
     remote = target.ssh_destination
@@ -1984,7 +2014,7 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
         _write_script(staging / "run-task.sh", run_task_script(batch))
         _write_script(staging / "submit.sh", submit_script(batch, arrays, build_command is not None))
         source = shlex.quote(target.rsync_prefix + target.directory)
-        _write_script(staging / "upload.sh", _fill(_UPLOAD_SH, dest=source))
+        _write_script(staging / "upload.sh", _fill(_UPLOAD_SH, dest=source, mkdir=_make_cluster_dir(target)))
         _write_script(staging / "fetch.sh", _fill(_FETCH_SH, label=label, source=source,
                                                   save_dir=shlex.quote(os.path.abspath(save_dir))))
         (staging / "README.txt").write_text(_fill(_SLURM_README, label=label, save_dir=os.path.abspath(save_dir),
@@ -2007,8 +2037,6 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
 # supervisor runs.  The lock is the only channel between `pause` (run by any
 # local user) and the supervisor (run by the head's account), so everything
 # here trusts files only as far as their owner and their age allow.
-
-from typing import Callable  # noqa: E402  (lead: move to the imports at the top)
 
 PAUSE_LOCK_PREFIX = "pause-"
 PAUSE_LOCK_SUFFIX = ".json"
@@ -2356,6 +2384,18 @@ def stop_job_processes(root_pids: Iterable[int]) -> Dict[int, int]:
 def freeze_tree(root_pids: Iterable[int]) -> List[int]:
     """SIGSTOP every process of each job (group, session and descendants); returns their pids."""
     return sorted(stop_job_processes(root_pids))
+
+
+def signal_job_processes(root_pids: Iterable[int], signum: int) -> List[int]:
+    """Send signum to every process of the jobs, including children that left the job's
+    session (a killpg alone misses them); returns the pids signalled."""
+    roots = _job_roots(root_pids)
+    ordered = job_processes(roots)
+    for pid in ordered:
+        _send(pid, signum)
+    for root in roots:
+        _send(root, signum, group=True)
+    return ordered
 
 
 def thaw_tree(root_pids: Iterable[int], also: Optional[Dict[int, int]] = None) -> List[int]:
@@ -3372,7 +3412,8 @@ def supervisor_socket(workdir: str) -> str:
     return str(Path(workdir) / ".distribute" / "supervisor.sock")
 
 
-def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[str]) -> str:
+def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[str],
+                              pause_folder: Optional[str] = None) -> str:
     """Start a supervisor for workdir unless one answers already; return when it listens."""
     sock_path = supervisor_socket(str(workdir))
     if socket_answers(sock_path):
@@ -3381,7 +3422,9 @@ def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[st
     home.mkdir(parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     log = open(home / "supervisor.log", "ab")
-    subprocess.Popen(argv0 + ["node", "supervise", "--workdir", str(workdir), "--idle-timeout", str(idle_timeout)],
+    pause = ["--pause-dir", pause_folder] if pause_folder else []
+    subprocess.Popen(argv0 + ["node", "supervise", "--workdir", str(workdir), "--idle-timeout", str(idle_timeout)]
+                     + pause,
                      stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -3526,6 +3569,353 @@ def write_tar_to_fd(fd: int, root: Path, paths: List[str]) -> None:
                         tar.add(str(archive_path(root, rel)), arcname=rel, recursive=False)
         except BrokenPipeError:
             pass
+
+
+#@@MATRIX: begin@@
+# Matrix notifications.  When a batch with `meta.matrix` ends, the head sends that
+# user one message through the Matrix client-server API, in a direct room it
+# creates once and remembers (STATE/matrix-rooms.json, also listed in the bot's
+# m.direct so clients show it as a chat).  All network work runs on one worker
+# thread, one message at a time: a slow or dead homeserver never stalls the event
+# loop and never touches a batch; a failure is one line in the head's log.  The
+# access token lives only in MatrixConfig and the Authorization header: it is
+# never logged, printed or put in a URL.
+
+MATRIX_CONFIG_KEYS = ("homeserver", "access_token", "room_store")
+MATRIX_TIMEOUT = 20.0                   # seconds per homeserver request
+MATRIX_FAILED_JOBS_SHOWN = 5
+MATRIX_LINES_PER_JOB = 3
+MATRIX_TAIL_BYTES = 256 * 1024          # how much of a failed job's stdout.txt is searched
+MATRIX_ERROR_LINE = re.compile(r"error|exception|traceback|fatal|panic|abort|segmentation fault|killed|"
+                               r"no such file|not found|denied", re.IGNORECASE)
+
+
+@dataclass
+class MatrixConfig:
+    """serve --matrix-config: which homeserver, as which bot, where rooms are remembered."""
+    homeserver: str                                 # base URL without a trailing slash
+    access_token: str = field(repr=False)           # the secret: never printed nor logged
+    room_store: Path = field(default=Path("matrix-rooms.json"))
+
+
+def load_matrix_config(path: Path, state: Path) -> MatrixConfig:
+    """Read and check --matrix-config; every problem is a one-line UserError naming file and line.
+
+    The file holds a bot's access token, so, like ssh with a private key, we refuse
+    one that other users may read or change.
+    """
+    keys = read_yaml(str(path)).mapping(MATRIX_CONFIG_KEYS, required=("homeserver", "access_token"))
+    refuse_shared_secret_file(path)
+    homeserver = matrix_homeserver_url(keys["homeserver"])
+    token_y = keys["access_token"]
+    if not re.fullmatch(r"[\x21-\x7e]+", token_y.text()):      # it goes into an HTTP header
+        raise token_y.fail("must be one word of printable ASCII: the bot's access token")
+    store_y = keys.get("room_store")
+    store = store_y.optional_text() if store_y else None
+    if store is not None and not store.strip():
+        raise store_y.fail("must be a file path")
+    room_store = Path(os.path.abspath(path)).parent / store if store else state / "matrix-rooms.json"
+    return MatrixConfig(homeserver, token_y.text(), room_store)
+
+
+def refuse_shared_secret_file(path: Path) -> None:
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UserError(f"{path}: holds an access token but other users may read or change it "
+                        f"(mode {mode:04o}); run: chmod 600 {path}")
+
+
+def matrix_homeserver_url(y: _Y) -> str:
+    """The homeserver's base URL: https://host[:port][/prefix]; plain http only on loopback."""
+    import ipaddress
+    import urllib.parse
+    text = y.text().strip()
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port                                                  # checks the port number
+    except ValueError as exc:
+        raise y.fail(f"not a usable URL ({exc})") from None
+    if re.search(r"\s", text) or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise y.fail("expected the homeserver's URL, like https://matrix.example.org")
+    if parts.username or parts.password or parts.query or parts.fragment:   # may hold secrets: not echoed
+        raise y.fail("give the homeserver's base URL only (no user, password, ?query or #fragment)")
+    if parts.scheme == "http":
+        try:
+            loopback = parts.hostname == "localhost" or ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise y.fail("use https:// (over plain http the access token would cross the network readable)")
+    return text.rstrip("/")
+
+
+class MatrixError(Exception):
+    """A homeserver call that failed.  The message names the call, never the token."""
+
+    def __init__(self, message: str, status: Optional[int] = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _matrix_opener():
+    """urllib without redirects: a redirect would carry the Authorization header elsewhere."""
+    import urllib.request
+
+    class NoRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None                 # urllib then raises HTTPError for the 3xx answer
+
+    return urllib.request.build_opener(NoRedirects)
+
+
+def _q(text: str) -> str:
+    """One path segment (user id, room id, event type): quoted whole, never parsed."""
+    import urllib.parse
+    return urllib.parse.quote(text, safe="")
+
+
+class MatrixClient:
+    """The few client-server API calls the head needs, over urllib (stdlib only)."""
+
+    def __init__(self, homeserver: str, token: str, timeout: float = MATRIX_TIMEOUT):
+        self.homeserver, self._token, self.timeout = homeserver, token, timeout
+        self._opener = _matrix_opener()
+        self._user_id: Optional[str] = None
+
+    def call(self, method: str, path: str, body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """One request; JSON in and out.  A rate limit (429) is waited out twice at most."""
+        import urllib.error
+        import urllib.request
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        for attempt in range(3):
+            request = urllib.request.Request(self.homeserver + path, data=data, method=method, headers={
+                "Authorization": f"Bearer {self._token}", "Content-Type": "application/json",
+                "User-Agent": f"distribute/{__version__}"})
+            try:
+                with self._opener.open(request, timeout=self.timeout) as reply:
+                    answer = json.loads(reply.read() or b"{}")
+                return answer if isinstance(answer, dict) else {}
+            except urllib.error.HTTPError as exc:
+                detail = _matrix_error_detail(exc)
+                if exc.code == 429 and attempt < 2:
+                    time.sleep(min(float(detail.get("retry_after_ms") or 1000) / 1000.0, 10.0))
+                    continue
+                text = f"{detail.get('errcode', '')} {str(detail.get('error', ''))[:200]}".strip()
+                raise MatrixError(f"{method} {path}: HTTP {exc.code}" + (f" {text}" if text else ""),
+                                  exc.code) from None
+            except (urllib.error.URLError, OSError) as exc:
+                reason = getattr(exc, "reason", None) or exc
+                raise MatrixError(f"{method} {self.homeserver}{path}: {reason}") from None
+            except ValueError:
+                raise MatrixError(f"{method} {path}: the answer is not JSON") from None
+        raise MatrixError(f"{method} {path}: still rate-limited")
+
+    def user_id(self) -> str:
+        if self._user_id is None:
+            self._user_id = str(self.call("GET", "/_matrix/client/v3/account/whoami")["user_id"])
+        return self._user_id
+
+    def membership(self, room_id: str, user: str) -> Optional[str]:
+        """`user`'s membership of the room ("join", "invite", "leave"...), None if unknown to us."""
+        try:
+            state = self.call("GET", f"/_matrix/client/v3/rooms/{_q(room_id)}/state/m.room.member/{_q(user)}")
+        except MatrixError as exc:
+            if exc.status in (403, 404):    # we are not in the room, or the user never was
+                return None
+            raise
+        return state.get("membership")
+
+    def create_direct_room(self, user: str) -> str:
+        reply = self.call("POST", "/_matrix/client/v3/createRoom", {
+            "preset": "trusted_private_chat", "is_direct": True, "invite": [user],
+            "name": "distribute", "topic": "Messages from the distribute head when your batches end"})
+        return str(reply["room_id"])
+
+    def direct_rooms(self) -> Dict[str, List[str]]:
+        """The bot's m.direct account data: user id -> direct room ids."""
+        try:
+            data = self.call("GET", f"/_matrix/client/v3/user/{_q(self.user_id())}/account_data/m.direct")
+        except MatrixError as exc:
+            if exc.status == 404:
+                return {}
+            raise
+        return {k: [r for r in v if isinstance(r, str)] for k, v in data.items() if isinstance(v, list)}
+
+    def set_direct_rooms(self, rooms: Dict[str, List[str]]) -> None:
+        self.call("PUT", f"/_matrix/client/v3/user/{_q(self.user_id())}/account_data/m.direct", rooms)
+
+    def send_text(self, room_id: str, body: str) -> str:
+        txn = f"distribute-{os.urandom(12).hex()}"          # fresh per message, kept across 429 retries
+        reply = self.call("PUT", f"/_matrix/client/v3/rooms/{_q(room_id)}/send/m.room.message/{txn}",
+                          {"msgtype": "m.text", "body": body})
+        return str(reply.get("event_id", ""))
+
+
+def _matrix_error_detail(exc) -> Dict[str, Any]:
+    try:
+        detail = json.loads(exc.read(4096) or b"{}")
+        return detail if isinstance(detail, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+class MatrixRooms:
+    """The direct room of each user, per bot, in a small JSON file (mode 0600).
+
+    Only the notifier's single worker thread reads and writes it."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _load(self) -> Dict[str, Dict[str, str]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}                   # lost or damaged: rooms are found again through m.direct
+        return data if isinstance(data, dict) else {}
+
+    def get(self, bot: str, user: str) -> Optional[str]:
+        room = self._load().get(bot, {}).get(user)
+        return room if isinstance(room, str) else None
+
+    def put(self, bot: str, user: str, room: str) -> None:
+        data = self._load()
+        data.setdefault(bot, {})[user] = room
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path) -> None:
+            fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_atomically(self.path, write)
+
+
+@dataclass
+class BatchNotice:
+    """What one message says about a finished batch; gathered on the event loop."""
+    user: str
+    batch: str                                      # namespace/name
+    counts: Dict[str, int]
+    wall_seconds: float
+    archive: Path
+    failed: List[Tuple[str, Optional[int]]]         # (job, exit code) of the first failed jobs
+    failed_total: int
+
+
+def job_error_lines(stdout: Path, count: int = MATRIX_LINES_PER_JOB) -> List[str]:
+    """The last lines near the end of a job's output that look like errors, else its last lines."""
+    try:
+        with open(stdout, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - MATRIX_TAIL_BYTES))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return []
+    lines = [line.strip()[:200] for line in tail.splitlines() if line.strip()]
+    errors = [line for line in lines if MATRIX_ERROR_LINE.search(line)]
+    return (errors or lines)[-count:]
+
+
+def matrix_message(notice: BatchNotice) -> str:
+    """The text of the message (m.text, plain); reads the failed jobs' archived output."""
+    counts = notice.counts
+    lines = [f"distribute: batch {notice.batch} finished: {counts.get('done', 0)} ok, "
+             f"{counts.get('failed', 0)} failed, {counts.get('killed', 0)} killed "
+             f"in {format_duration(notice.wall_seconds)}",
+             f"archive: {notice.archive}"]
+    if notice.failed:
+        lines += ["", "failed jobs:"]
+    for job, code in notice.failed:
+        stdout = notice.archive / job / "stdout.txt"
+        if stdout.exists():
+            lines.append(f"  {job} (exit code {code}):")
+            lines += [f"    {line}" for line in job_error_lines(stdout)]
+        else:
+            lines.append(f"  {job}: never ran (its build failed? see {notice.archive / 'build'})")
+    if notice.failed_total > len(notice.failed):
+        lines.append(f"  ... and {notice.failed_total - len(notice.failed)} more")
+    lines += ["", "get the results:", f"  distribute pull --batch {notice.batch}"]
+    return "\n".join(lines)
+
+
+class MatrixNotifier:
+    """Sends batch messages from one worker thread; `submit` returns at once."""
+
+    def __init__(self, config: MatrixConfig):
+        self.config = config
+        self.client = MatrixClient(config.homeserver, config.access_token)
+        self.rooms = MatrixRooms(config.room_store)
+        self._worker = None
+
+    def submit(self, task: Callable, *args):
+        from concurrent.futures import ThreadPoolExecutor
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matrix")
+        return self._worker.submit(task, *args)
+
+    def check_login(self) -> bool:
+        """At start: tell the admin now, not at the first batch, when the token or URL is wrong."""
+        try:
+            log(f"matrix: batch messages come from {self.client.user_id()} on {self.config.homeserver}")
+            return True
+        except Exception as exc:        # only logged: the homeserver may come back later
+            log(f"matrix: cannot log in to {self.config.homeserver}: {exc}")
+            return False
+
+    def deliver(self, notice: BatchNotice) -> bool:
+        try:
+            room = self.direct_room(notice.user)
+            self.client.send_text(room, matrix_message(notice))
+        except Exception as exc:        # whatever goes wrong, the batch is not affected
+            log(f"matrix: cannot notify {notice.user} about {notice.batch}: {exc}")
+            return False
+        log(f"matrix: told {notice.user} that {notice.batch} finished")
+        return True
+
+    def direct_room(self, user: str) -> str:
+        """The room shared with `user`: remembered, else listed in m.direct, else created now."""
+        bot = self.client.user_id()
+        remembered = self.rooms.get(bot, user)
+        if remembered and self.still_shared(remembered, user):
+            return remembered
+        direct = self.client.direct_rooms()
+        for room in direct.get(user, []):
+            if room != remembered and self.still_shared(room, user):
+                self.rooms.put(bot, user, room)
+                return room
+        room = self.client.create_direct_room(user)
+        self.rooms.put(bot, user, room)
+        try:
+            direct[user] = [room] + [r for r in direct.get(user, []) if r != room]
+            self.client.set_direct_rooms(direct)
+        except MatrixError as exc:      # the room works without it; clients just list it as a group
+            log(f"matrix: cannot mark the room with {user} as direct: {exc}")
+        log(f"matrix: created a direct room with {user}")
+        return room
+
+    def still_shared(self, room: str, user: str) -> bool:
+        return self.client.membership(room, user) in ("join", "invite")
+
+
+def matrix_notifier(config: HeadConfig) -> Optional[MatrixNotifier]:
+    """serve: load --matrix-config before serving (a bad file exits 2) and check the login."""
+    if config.matrix_config is None:
+        return None
+    notifier = MatrixNotifier(load_matrix_config(config.matrix_config, config.state))
+    notifier.submit(notifier.check_login)
+    return notifier
+
+
+def notify_batch_finished(head: "Head", batch: BatchRow, counts: Dict[str, int]) -> None:
+    """Head.on_batch_finished: gather the facts here (store access is loop-only), send elsewhere."""
+    if head.matrix is None:
+        log(f"matrix: {batch.key} asks for a message to {batch.matrix}, but the head has no --matrix-config")
+        return
+    failed = head.store.jobs(batch.id, "failed")
+    notice = BatchNotice(batch.matrix, batch.key, dict(counts), time.time() - batch.created,
+                         batch_archive(head.config.archive, batch.namespace, batch.name),
+                         [(j.name, j.exit_code) for j in failed[:MATRIX_FAILED_JOBS_SHOWN]], len(failed))
+    head.matrix.submit(head.matrix.deliver, notice)
+#@@MATRIX: end@@
 
 
 # ---------------------------------------------------------------------------
@@ -3686,9 +4076,10 @@ class NodeLink:
         self.state = "connecting"
         await self.transport.connect()
         argv0 = await self.install_program()
+        pause = ["--pause-dir", self.spec.pause_dir] if self.spec.pause_dir else []
         code, out, err = await self.transport.run(
             argv0 + ["node", "start", "--workdir", self.workdir, "--idle-timeout",
-                     str(self.head.config.supervisor_idle)])
+                     str(self.head.config.supervisor_idle)] + pause)
         if code != 0:
             text = (err or out).decode("utf-8", "replace").strip().splitlines()
             raise Failed(f"cannot start the supervisor: {text[-1] if text else f'exit code {code}'}")
@@ -3711,11 +4102,13 @@ class NodeLink:
         if self.spec.is_local:
             return program_argv()
         data, digest = self.head.program
-        folder = f"{self.workdir}/.distribute"
+        folder = f"{self.workdir}/bin"
         remote = f"{folder}/distribute-{digest}.pyz"
         code, _, _ = await self.transport.run(["test", "-f", remote])
         if code != 0:
-            script = 'mkdir -p "$1" && chmod 700 "$1" && cat > "$2.part" && mv "$2.part" "$2"'
+            # readable by everyone: the workstation's users run `pause` from it
+            script = ('mkdir -p "$1" && chmod 755 "$1" && cat > "$2.part" && chmod 644 "$2.part" && '
+                      'mv "$2.part" "$2" && ln -sfn "${2##*/}" "$1/distribute.pyz"')
             code, _, err = await self.transport.run(["sh", "-c", script, "sh", folder, remote], stdin=data)
             if code != 0:
                 raise Failed(f"cannot copy distribute.pyz to {remote}: {err.decode(errors='replace').strip()}")
@@ -4040,6 +4433,8 @@ class Head:
 
     def on_batch_finished(self, batch: BatchRow, counts: Dict[str, int]) -> None:
         """Hook for notifications (Matrix)."""
+        if batch.matrix:
+            notify_batch_finished(self, batch, counts)      # sends from a worker thread
 
     def batch_counts(self, batch_id: int) -> Dict[str, int]:
         return {state: count for state, count in self.store.db.execute(
@@ -4860,7 +5255,7 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
     tasks = sum(len(a.jobs) for a in arrays)
     click.echo(f"wrote {outdir}: {batch.meta.namespace}/{batch.meta.batch_name}, {tasks} job"
                f"{'s' if tasks != 1 else ''} in {len(arrays)} job array{'s' if len(arrays) != 1 else ''}")
-    for line in slurm_instructions(batch, Path(outdir).resolve(), target):
+    for line in slurm_instructions(Path(outdir).resolve(), target):
         click.echo(f"  {line}")
 #@@CLI SLURM: end@@
 
@@ -4898,7 +5293,9 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
             raise UserError(f"--group {group}: no such group") from None
     if config.pyz and not config.pyz.is_file():
         raise UserError(f"--pyz {pyz}: no such file")
+    matrix = matrix_notifier(config)            # a bad --matrix-config exits 2 before serving
     head = Head(config)
+    head.matrix = matrix
     try:
         asyncio.run(head.serve())
     except KeyboardInterrupt:
@@ -5145,18 +5542,23 @@ def node_group() -> None:
 @node_group.command("start")
 @click.option("--workdir", required=True)
 @click.option("--idle-timeout", default=600.0)
-def node_start(workdir, idle_timeout) -> None:
+@click.option("--pause-dir", default=None, help="Where pause locks live (default $DISTRIBUTE_PAUSE_DIR or "
+              f"{DEFAULT_PAUSE_DIR}).")
+def node_start(workdir, idle_timeout, pause_dir) -> None:
     """Start the supervisor for WORKDIR unless it runs already; print its socket."""
-    start_supervisor_detached(Path(workdir), idle_timeout, program_argv())
+    start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir)
     click.echo(supervisor_socket(workdir))
 
 
 @node_group.command("supervise")
 @click.option("--workdir", required=True)
 @click.option("--idle-timeout", default=600.0)
-def node_supervise(workdir, idle_timeout) -> None:
+@click.option("--pause-dir", default=None)
+def node_supervise(workdir, idle_timeout, pause_dir) -> None:
     """Run the supervisor in the foreground."""
     import asyncio
+    if pause_dir:
+        os.environ["DISTRIBUTE_PAUSE_DIR"] = pause_dir
     asyncio.run(Supervisor(Path(workdir), idle_timeout).serve())
 
 
@@ -5287,10 +5689,12 @@ def resume(everyone: bool) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         click.echo(f"ended the pauses of {', '.join(ended)}" if ended else "nobody had paused this machine")
-    elif remove_pause_lock(folder, current_user()):
-        click.echo("your pause has ended")
     else:
-        click.echo("you had not paused this machine")
+        user = current_user()
+        in_force = any(lock.user == user for lock in active_pauses(folder))
+        # Remove even a stale lock of ours, but only call it an ended pause if it was in force.
+        removed = remove_pause_lock(folder, user)
+        click.echo("your pause has ended" if in_force and removed else "you had not paused this machine")
     report_other_pauses(folder)
 #@@CLI PAUSE: end@@
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -37,15 +38,17 @@ def socket_answers(path):
         probe.close()
 
 
-def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode"):
+def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode", pause_dirs=None):
     """A distribute-nodes.yaml for sshd nodes reached through the head home's aliases."""
-    caps, slots = caps or {}, slots or {}
+    caps, slots, pause_dirs = caps or {}, slots or {}, pause_dirs or {}
     lines = ["nodes:"]
     for node in nodes:
         lines += [f"  - name: {node.name}", f"    host: {node.name}", f"    user: {user}",
                   f"    workdir: {workdirs[node.name]}", f"    python: {NODE_PYTHON}",
                   f"    slots: {slots.get(node.name, 1)}",
                   f"    capabilities: [{', '.join(caps.get(node.name, []))}]"]
+        if node.name in pause_dirs:
+            lines.append(f"    pause_dir: {pause_dirs[node.name]}")
     return "\n".join(lines) + "\n"
 
 
@@ -129,3 +132,16 @@ class HeadProcess:
             return wait_until(finished, timeout, f"batch {key} to finish")
         except AssertionError:
             raise AssertionError(f"batch {key} did not finish: {self.batch(key)}\n{self.log.read_text()[-4000:]}")
+
+
+def node_workdirs(ssh_nodes):
+    """One workdir per node, owned by the node account (the nodes share this machine's disk)."""
+    base = Path(tempfile.mkdtemp(prefix="dnodes-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    dirs = {}
+    for node in ssh_nodes:
+        folder = base / node.name
+        folder.mkdir()
+        shutil.chown(folder, "dnode", "dnode")
+        dirs[node.name] = folder
+    return dirs

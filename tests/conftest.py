@@ -104,3 +104,41 @@ def bob_home(head_sshd, ssh_keys):
     with _sshd.SshClientHome("bob", key=ssh_keys.get("client-bob")) as home:
         home.add_host("head", head_sshd, "dbob")
         yield home
+
+
+# --- a head over the sshd nodes ----------------------------------------------
+# `head`: `distribute serve` (a real subprocess) with node1..node3 as its nodes.
+# Mark a test with @pytest.mark.nodes(caps={...}, slots={...}, extra=[...]) to shape them.
+
+from cluster import HeadProcess as _HeadProcess, node_workdirs as _node_workdirs, nodes_yaml as _nodes_yaml  # noqa: E402
+
+
+@pytest.fixture
+def head(ssh_nodes, pyz, request):
+    """A running head serving node1..node3 over SSH (`head.cli(...)`, `head.archive`, `head.workdirs`)."""
+    marker = request.node.get_closest_marker("nodes")
+    options = marker.kwargs if marker else {}
+    workdirs = _node_workdirs(ssh_nodes)
+    pause_dirs = {name: folder.parent / f"{name}-pause" for name, folder in workdirs.items()}
+    for folder in pause_dirs.values():
+        folder.mkdir()
+        os.chmod(folder, 0o1777)
+    text = _nodes_yaml(list(ssh_nodes), workdirs, caps=options.get("caps"), slots=options.get("slots"),
+                       pause_dirs=pause_dirs)
+    process = _HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz,
+                           extra=options.get("extra", ["--kill-grace", "2"]))
+    process.workdirs = workdirs
+    process.pause_dirs = pause_dirs
+    process.start()
+    yield process
+    process.stop()
+    import shutil as _shutil
+    _shutil.rmtree(process.dir, ignore_errors=True)
+    _shutil.rmtree(next(iter(workdirs.values())).parent, ignore_errors=True)
+
+
+if "pyz" not in globals():
+    @pytest.fixture(scope="session")
+    def pyz():
+        """(provisional until the pyz block lands) the packed program the head copies to nodes."""
+        return Path("/tmp/dev.pyz")

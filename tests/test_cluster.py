@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import textwrap
 from pathlib import Path
@@ -11,38 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import HeadProcess, nodes_yaml, wait_until
+from cluster import HeadProcess, node_workdirs, nodes_yaml, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def node_workdirs(ssh_nodes):
-    """One workdir per node, owned by the node account (the nodes share this machine's disk)."""
-    base = Path(tempfile.mkdtemp(prefix="dnodes-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    dirs = {}
-    for node in ssh_nodes:
-        folder = base / node.name
-        folder.mkdir()
-        shutil.chown(folder, "dnode", "dnode")
-        dirs[node.name] = folder
-    return dirs
-
-
-@pytest.fixture
-def head(ssh_nodes, pyz, request):
-    """A head serving the three sshd nodes; `request.param`-free: caps/slots via markers."""
-    marker = request.node.get_closest_marker("nodes")
-    options = marker.kwargs if marker else {}
-    workdirs = node_workdirs(ssh_nodes)
-    text = nodes_yaml(list(ssh_nodes), workdirs, caps=options.get("caps"), slots=options.get("slots"))
-    process = HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz,
-                          extra=options.get("extra", ["--kill-grace", "2"]))
-    process.workdirs = workdirs
-    process.start()
-    yield process
-    process.stop()
-    shutil.rmtree(process.dir, ignore_errors=True)
 
 
 def write_python_batch(folder, name="sweep", jobs=20, build_script=None, sleep=0.0, caps=("python3",)):
@@ -238,7 +210,33 @@ def test_unknown_host_key_refuses_the_node(ssh_nodes, pyz, tmp_path):
         process.stop()
 
 
-@pytest.fixture(scope="session")
-def pyz():
-    """(provisional) the packed program the head copies to nodes."""
-    return Path("/tmp/dev.pyz")
+def run_as_dalice_on(head, node, *args):
+    """`python3 <workdir>/bin/distribute.pyz ARGS` as the workstation user dalice, as a user would."""
+    env = dict(os.environ, DISTRIBUTE_PAUSE_DIR=str(head.pause_dirs[node]), HOME="/home/dalice")
+    program = head.workdirs[node] / "bin" / "distribute.pyz"
+    return subprocess.run(["runuser", "-u", "dalice", "--", "/usr/bin/python3", str(program)] + list(args),
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_a_paused_node_gets_no_new_job_and_nodes_reports_the_pause(head, tmp_path):
+    head.wait_nodes_up(3)
+    paused = run_as_dalice_on(head, "node1", "pause", "--duration", "10m", "--detach")
+    assert paused.returncode == 0, paused.stderr
+
+    def node1_paused():
+        node = next(n for n in head.nodes() if n["name"] == "node1")
+        return node if node["paused"] else None
+    node1 = wait_until(node1_paused, 10, "node1 to report its pause")
+    assert node1["paused"][0]["user"] == "dalice" and node1["paused"][0]["until"]
+    assert "paused by dalice" in head.cli("nodes").stdout
+
+    job_file = write_python_batch(tmp_path / "p", name="while_paused", jobs=8, sleep=1.0,
+                                  build_script="open('built_here.txt', 'w').write(__import__('os').getcwd())\n")
+    head.cli("add", job_file)
+    assert "node1: paused" in head.cli("why", "lab/while_paused").stdout
+    head.wait_batch("lab/while_paused")
+    used = {json.loads(p.read_text())["node"] for p in (head.archive / "lab" / "while_paused").glob("*/job.json")}
+    assert used and "node1" not in used
+    resumed = run_as_dalice_on(head, "node1", "resume")
+    assert resumed.returncode == 0, resumed.stderr
+    wait_until(lambda: not node1_paused(), 10, "node1 to report the end of its pause")

@@ -158,8 +158,8 @@ class Job:
         for name, text in scripts.items():
             (folder / name).write_text(text)
         folder.chmod(0o777)
-        self.proc = subprocess.Popen(["sh", "root.sh", str(count_to)], cwd=str(folder), user=user,
-                                     start_new_session=True, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(["sh", "root.sh", str(count_to)], start_new_session=True,
+                                     stdin=subprocess.DEVNULL, **dict(as_user(user), cwd=str(folder)))
         self.pid = self.proc.pid
 
     def processes(self):
@@ -186,8 +186,8 @@ class Job:
         return states
 
     def all_stopped(self):
-        states = self.states()
-        return len(states) >= 3 and all(s == psutil.STATUS_STOPPED for s in states.values())
+        states = self.states()  # a zombie (ended before the pause, not yet reaped) has nothing to stop
+        return len(states) >= 3 and all(s in (psutil.STATUS_STOPPED, psutil.STATUS_ZOMBIE) for s in states.values())
 
     def none_stopped(self):
         return all(s != psutil.STATUS_STOPPED for s in self.states().values())
@@ -198,10 +198,10 @@ class Job:
 
     def kill(self):
         """SIGKILL the whole tree (SIGKILL works on stopped processes too)."""
-        if self.proc.poll() is None:
-            for proc in self.processes_or_none():
-                with_suppress(proc.kill)
-            with_suppress(lambda: os.killpg(self.pid, signal.SIGKILL))
+        for proc in self.processes_or_none():
+            with_suppress(proc.kill)
+        with_suppress(lambda: os.killpg(self.pid, signal.SIGKILL))
+        if self.proc is not None:
             self.proc.wait(timeout=10)
 
     def processes_or_none(self):
@@ -270,14 +270,18 @@ class WatcherThread:
         assert not self.thread.is_alive()
 
 
+def make_pause_folder_as_root(locks):
+    os.environ["DISTRIBUTE_PAUSE_DIR"] = str(locks)
+    try:
+        assert distribute.pause_dir() == locks
+    finally:
+        del os.environ["DISTRIBUTE_PAUSE_DIR"]
+
+
 @pytest.fixture
 def job_and_watcher(shared_tmp, locks, accounts):
     """A counting job tree as dnode, watched; the pause folder exists as `pause` would leave it."""
-    os.environ["DISTRIBUTE_PAUSE_DIR"] = str(locks)
-    try:
-        distribute.pause_dir()
-    finally:
-        del os.environ["DISTRIBUTE_PAUSE_DIR"]
+    make_pause_folder_as_root(locks)
     job = Job(Path(tempfile.mkdtemp(prefix="job-", dir=shared_tmp)) / "work")
     watcher = WatcherThread(locks, [job.pid])
     try:
@@ -473,6 +477,7 @@ def test_freeze_catches_processes_started_while_stopping(shared_tmp):
         assert job.pid in stopped
         seen = {p.pid for p in job.processes()}
         assert set(stopped) >= seen
+        wait_for(job.all_stopped, STOP_WITHIN, "SIGSTOP delivered to every process")
         assert stays(lambda: job.all_stopped() and {p.pid for p in job.processes()} == seen, 0.3)
         distribute.thaw_tree([job.pid])
         wait_for(job.none_stopped, 1, "every process running again")
@@ -499,3 +504,80 @@ def test_watcher_cancelled_while_paused_continues_the_jobs(job_and_watcher, lock
         assert job.none_stopped()
     finally:
         del os.environ["DISTRIBUTE_PAUSE_DIR"]
+
+
+SUPERVISOR_STANDIN = """
+import asyncio, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import distribute
+
+async def main():
+    job = subprocess.Popen(["sh", "root.sh", sys.argv[3]], start_new_session=True, stdin=subprocess.DEVNULL)
+    print(job.pid, flush=True)
+    watcher = asyncio.ensure_future(distribute.watch_pauses(lambda: [job.pid], folder=Path(sys.argv[2])))
+    await asyncio.get_event_loop().run_in_executor(None, sys.stdin.read)  # until the test closes stdin
+    watcher.cancel()
+    await asyncio.gather(watcher, return_exceptions=True)
+    print(await asyncio.get_event_loop().run_in_executor(None, job.wait), flush=True)
+
+asyncio.get_event_loop().run_until_complete(main())
+"""
+
+
+def test_unprivileged_watcher_obeys_alice_and_ignores_a_stale_lock_it_cannot_remove(
+        shared_tmp, locks, cli, user_python):
+    """The supervisor runs as dnode, not root: it reads dalice's lock, and dbob's stale lock
+    (sticky folder: dnode may not delete it) must not keep the job stopped."""
+    python, env = user_python
+    make_pause_folder_as_root(locks)  # as an admin would: the folder's owner may delete any lock
+    folder = Path(tempfile.mkdtemp(prefix="job-", dir=shared_tmp)) / "work"
+    job = Job.__new__(Job)
+    job.folder, job.proc = folder, None
+    folder.mkdir()
+    for name, text in JOB_SCRIPTS.items():
+        (folder / name).write_text(text)
+    folder.chmod(0o777)
+    standin = subprocess.Popen([python, "-c", SUPERVISOR_STANDIN, str(ROOT), str(locks), str(COUNT_TO)],
+                               env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                               **dict(as_user("dnode"), cwd=str(folder)))
+    try:
+        job.pid = int(standin.stdout.readline())
+        assert psutil.Process(job.pid).username() == "dnode"
+        job.wait_until_all_counting()
+        stale = runs_as("dbob", [python, "-c", (
+            "import json, subprocess, sys, time; dead = subprocess.Popen(['true']); dead.wait(); "
+            "open(sys.argv[1], 'w').write(json.dumps({'until': time.time() + 600, 'pid': dead.pid, "
+            "'detached': False}))"), str(locks / "pause-dbob.json")], env)
+        assert stale.returncode == 0, stale.stderr
+        assert stays(job.none_stopped, 0.3)
+
+        waiting = cli.start("dalice", "pause", "--duration", "5m")
+        first_line(waiting)
+        wait_for(job.all_stopped, STOP_WITHIN, "every job process stopped")
+        assert cli("dalice", "resume").returncode == 0
+        wait_for(job.none_stopped, STOP_WITHIN, "every job process running again")
+        assert (locks / "pause-dbob.json").exists(), "dnode cannot remove dbob's file, and need not"
+        waiting.communicate(timeout=10)
+
+        standin.stdin.close()
+        assert standin.stdout.readline().strip() == "0"
+        assert int((folder / "result.txt").read_text()) == COUNT_TO * len(LEVELS)
+    finally:
+        if standin.poll() is None:
+            standin.kill()
+        if hasattr(job, "pid"):
+            job.kill()
+        standin.wait(timeout=10)
+
+
+def test_signal_job_processes_reaches_children_outside_the_session(job_and_watcher):
+    """Killing a paused job: the setsid grandchild is out of the group, yet must get the signal."""
+    job, watcher = job_and_watcher
+    processes = job.processes()
+    assert any(os.getsid(p.pid) != job.pid for p in processes), "the grandchild has a session of its own"
+    signalled = distribute.signal_job_processes([job.pid], signal.SIGKILL)
+    assert {p.pid for p in processes} <= set(signalled)
+    assert job.proc.wait(timeout=10) == -signal.SIGKILL
+    psutil.wait_procs(processes, timeout=5)
+    assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -202,6 +202,7 @@ def test_job_file_from_the_current_folder_and_remote_commands(tmp_path):
                         "--cluster-user", "alice", "--save-dir", str(tmp_path / "archive"), cwd=path.parent)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "out"
+    assert "\nssh alice@login.hpc.example 'mkdir -p -- distribute-slurm/ns/b'\n" in (out / "upload.sh").read_text()
     assert "rsync -a --partial --exclude=/results/ --exclude=/work/ --exclude=/logs/ ./ " \
            "alice@login.hpc.example:distribute-slurm/ns/b/\n" in (out / "upload.sh").read_text()
     fetch = (out / "fetch.sh").read_text()
@@ -283,10 +284,15 @@ def archive_contents(folder: Path) -> Dict[str, object]:
     return contents
 
 
-def submit_and_fetch(slurm, out: Path, fetched: Path) -> Dict[str, str]:
-    submit = slurm.run(["sh", str(out / "submit.sh")], cwd=out.parent)
+def submit_and_fetch(slurm, out: Path, fetched: Path, cluster_dir: Path = None) -> Dict[str, str]:
+    """Upload (when the cluster dir is elsewhere), submit there, wait, fetch into `fetched`."""
+    cluster_dir = cluster_dir or out
+    if cluster_dir != out:
+        upload = subprocess.run(["sh", str(out / "upload.sh")], capture_output=True, text=True)
+        assert upload.returncode == 0, upload.stderr
+    submit = slurm.run(["sh", str(cluster_dir / "submit.sh")], cwd=out.parent)
     assert submit.returncode == 0, submit.stderr
-    ids = (out / "submitted.txt").read_text().split()
+    ids = (cluster_dir / "submitted.txt").read_text().split()
     states = slurm.wait_for_jobs(ids)
     fetch = subprocess.run(["sh", str(out / "fetch.sh"), str(fetched)], capture_output=True, text=True)
     assert fetch.returncode == 0, fetch.stderr
@@ -302,17 +308,19 @@ def test_python_batch_on_slurm_matches_distribute_run(tmp_path, slurm):
     local = distribute("run", str(job_file), "--save-dir", str(tmp_path / "local"))
     assert local.returncode == 0, local.stderr
     out = tmp_path / "out"
-    made = distribute("slurm", str(job_file), str(out))
+    cluster_dir = tmp_path / "cluster" / "oscillator"
+    made = distribute("slurm", str(job_file), str(out), "--cluster-dir", str(cluster_dir))
     assert made.returncode == 0, made.stderr
 
-    states = submit_and_fetch(slurm, out, tmp_path / "fetched")
+    states = submit_and_fetch(slurm, out, tmp_path / "fetched", cluster_dir)
 
     assert sorted(states.values()) == ["COMPLETED"] * 4      # the build and three array tasks
     expected = archive_contents(tmp_path / "local")
     assert set(expected) >= {"examples/oscillator_demo/damping_0.5/trajectory.csv",
                              f"examples/oscillator_demo/build/{slurm.node}.txt"}
     assert archive_contents(tmp_path / "fetched") == expected
-    assert list((out / "work").iterdir()) == []
+    assert list((cluster_dir / "work").iterdir()) == []      # no task copies left behind
+    assert not (out / "results").exists()
 
 
 def test_shell_batch_with_retries_and_split_arrays_matches_distribute_run(tmp_path, slurm):
@@ -321,7 +329,7 @@ def test_shell_batch_with_retries_and_split_arrays_matches_distribute_run(tmp_pa
     job_file = src / "distribute-jobs.yaml"
     job_file.write_text(job_file.read_text() + (
         "    - name: flaky\n"
-        "      command: \"echo attempt >> $HOME/../$(basename $PWD).tries 2>/dev/null; echo out; echo err >&2; exit 3\"\n"
+        "      command: \"echo out; echo err >&2; exit 3\"\n"
         "      retries: 1\n"
         "      params: {re: 100, mesh: fine}\n"
         "    - name: cwd_and_env\n"

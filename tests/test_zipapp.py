@@ -304,9 +304,9 @@ def test_two_cold_starts_at_the_same_moment(pyz, home):
     assert results[0][0] == results[1][0]
     builds = glob.glob(str(home / ".cache" / "distribute" / "*"))
     assert len(builds) == 1
-    assert [os.path.basename(p) for p in glob.glob(os.path.join(builds[0], "*"))] == [
-        os.path.basename(p) for p in unpacked(home / ".cache" / "distribute")]
-    assert len(os.listdir(builds[0])) == 1, os.listdir(builds[0])  # no half-made leftovers
+    # One folder, complete, and no half-made leftovers beside it.
+    assert len(os.listdir(builds[0])) == 1, os.listdir(builds[0])
+    assert os.path.isfile(os.path.join(unpacked(home / ".cache" / "distribute")[0], ".distribute-complete"))
 
 
 def test_cold_starts_that_may_not_write_bytecode_compile_everything(pyz, home):
@@ -411,7 +411,6 @@ def test_head_side_modules_load_from_the_archive(pyz, home):
 def _other_pythons():
     found = {}
     candidates = ["/usr/bin/python3"] + sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.*/bin/python3")))
-    candidates += [shutil.which("python3.%d" % minor) for minor in range(6, 16)]
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
             found.setdefault(os.path.realpath(path), path)
@@ -447,8 +446,7 @@ def test_runs_on_other_interpreters(pyz, home, tmp_path, python):
     proc = subprocess.run([python, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == ("()" if minor >= 10 else "('cryptography', 'cffi')" if minor == 8
-                                   else "('cffi',)")
+    assert proc.stdout.strip() == "()"  # head-side wheels are not even looked for below 3.10
 
 
 # ---------------------------------------------------------------------------
@@ -479,4 +477,17 @@ def test_failed_download_is_one_clear_line(tmp_path):
                           universal_newlines=True, timeout=TIMEOUT)
     assert proc.returncode == 1
     assert proc.stderr.startswith("build_zipapp: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "x.pyz").exists()
+
+
+def test_unreachable_index_is_one_clear_line(tmp_path):
+    """pip cannot reach the index (a closed port on loopback): exit 1, one line."""
+    env = dict(os.environ, PIP_INDEX_URL="http://127.0.0.1:9/simple", PIP_EXTRA_INDEX_URL="",
+               PIP_FIND_LINKS="", PIP_RETRIES="0", PIP_TIMEOUT="5")
+    proc = subprocess.run([PYTHON, str(ROOT / "build_zipapp.py"), "--wheels", str(tmp_path / "empty"),
+                           "-o", str(tmp_path / "x.pyz")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("build_zipapp: error: pip could not download "), proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "x.pyz").exists()

@@ -1,0 +1,527 @@
+"""`pull` (SPEC §5, §6 Archive; issue 5) end to end: a laptop (the test process, as root,
+with dalice's SSH home) reaches a real sshd "head" as dalice, whose `distribute serve`
+(a local-node head, started as root, socket group `distribute`) streams the archive."""
+
+import hashlib
+import io
+import json
+import os
+import pty
+import select
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import sshd as sshd_lib
+from cluster import DISTRIBUTE, socket_answers, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import distribute  # noqa: E402
+
+
+class LocalHead:
+    """`distribute serve` with this machine as its one node; clients come in through sshd as dalice."""
+
+    def __init__(self, client_env):
+        self.dir = Path(tempfile.mkdtemp(prefix="dpull-", dir="/tmp"))
+        os.chmod(self.dir, 0o755)
+        self.state, self.archive = self.dir / "state", self.dir / "archive"
+        self.state.mkdir(mode=0o755)
+        os.chmod(self.state, 0o755)
+        self.log = self.dir / "head.log"
+        self.client_env = client_env
+        self.proc = subprocess.Popen(
+            DISTRIBUTE + ["serve", "--state", str(self.state), "--archive", str(self.archive),
+                          "--group", "distribute", "--supervisor-idle", "30", "--kill-grace", "1"],
+            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
+        wait_until(lambda: self.proc.poll() is not None or socket_answers(self.socket), 20, "the head's socket")
+        assert self.proc.poll() is None, self.log.read_text()
+
+    @property
+    def socket(self):
+        return self.state / "head.sock"
+
+    def local(self, *args, check=True):
+        """A client command on the head machine itself (as root)."""
+        return self._run(["--head", "local", "--socket", str(self.socket)], args, None, check)
+
+    def remote(self, *args, check=True, **popen):
+        """A client command from the laptop: SSH to the head as dalice."""
+        return self._run(["--head", "head", "--socket", str(self.socket)], args, self.client_env, check)
+
+    def remote_argv(self, *args):
+        return DISTRIBUTE + ["--head", "head", "--socket", str(self.socket)] + [str(a) for a in args]
+
+    def _run(self, target, args, env, check):
+        result = subprocess.run(DISTRIBUTE + target + [str(a) for a in args], env=env,
+                                capture_output=True, text=True, timeout=180)
+        if check and result.returncode != 0:
+            raise AssertionError(f"distribute {' '.join(map(str, args))} exited {result.returncode}:\n"
+                                 f"{result.stderr}\n--- head log ---\n{self.log.read_text()[-3000:]}")
+        return result
+
+    def pull_json(self, batch, save_dir, *options):
+        return json.loads(self.remote("pull", "--batch", batch, "--save-dir", save_dir, "--json", *options).stdout)
+
+    def batch(self, key):
+        for batch in json.loads(self.local("status", "--json").stdout)["batches"]:
+            if batch["batch"] == key:
+                return batch
+        return None
+
+    def wait_batch(self, key, timeout=120):
+        def finished():
+            batch = self.batch(key)
+            return batch if batch and batch["state"] != "active" else None
+        try:
+            return wait_until(finished, timeout, f"batch {key} to finish")
+        except AssertionError:
+            raise AssertionError(f"{self.batch(key)}\n{self.log.read_text()[-3000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def lab(ssh_keys):
+    """One head for this module's tests (each test uses batches of its own)."""
+    with sshd_lib.Sshd("head", host_key=ssh_keys.get("host-head")) as head_sshd, \
+            sshd_lib.SshClientHome("alice", key=ssh_keys.get("client-alice")) as alice:
+        alice.add_host("head", head_sshd, "dalice")
+        head = LocalHead(alice.env())
+        head.sshd = head_sshd
+        try:
+            yield head
+        finally:
+            head.stop()
+
+
+_counter = iter(range(10 ** 6))
+
+
+def known_batch(lab, tmp_path, jobs=1):
+    """A finished batch of trivial jobs: the head knows it, so it serves whatever is in its archive folder."""
+    name = f"crafted{next(_counter)}"
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "distribute-jobs.yaml").write_text(
+        f"meta: {{batch_name: {name}, namespace: lab}}\nshell:\n  jobs:\n"
+        + "".join(f"    - {{name: seed_{i}, command: 'true'}}\n" for i in range(jobs)))
+    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.wait_batch(f"lab/{name}")
+    return f"lab/{name}", lab.archive / "lab" / name
+
+
+def write_file(path, data, mode=0o644, mtime=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def tree(folder):
+    """{relative path: (sha256, mode, mtime)} of every regular file under folder."""
+    found = {}
+    for top, _, names in os.walk(folder):
+        for name in names:
+            path = Path(top, name)
+            info = path.lstat()
+            if stat.S_ISREG(info.st_mode):
+                found[str(path.relative_to(folder))] = (hashlib.sha256(path.read_bytes()).hexdigest(),
+                                                       stat.S_IMODE(info.st_mode), int(info.st_mtime))
+    return found
+
+
+def partial_files(folder):
+    return [str(p) for p in Path(folder).rglob(f"*{distribute.PART_SUFFIX}")]
+
+
+# --- a real batch: nested trees, filters, excludes, --where -----------------------------
+
+SAVER = textwrap.dedent("""\
+    import json, os
+    x = {x}
+    os.makedirs("distribute_save/fields/deep", exist_ok=True)
+    open("distribute_save/summary.csv", "w").write("x,y\\n%d,%d\\n" % (x, x * x))
+    open("distribute_save/fields/probe.csv", "w").write("t,p\\n0,%d\\n" % x)
+    open("distribute_save/fields/deep/flow.vtk", "wb").write(os.urandom(3000 + x))
+    os.chmod("distribute_save/fields/deep/flow.vtk", 0o600)
+    print("saved", x)
+    """)
+
+
+@pytest.fixture(scope="module")
+def sweep(lab, tmp_path_factory):
+    """A real batch through the head: 4 python jobs (params x=0..3) saving nested csv and vtk trees."""
+    folder = tmp_path_factory.mktemp("sweep")
+    (folder / "build.py").write_text("print('nothing to build')\n")
+    lines = ["meta: {batch_name: sweep, namespace: lab}", "python:", "  initialize:", "    build_file: build.py",
+             "  jobs:"]
+    for x in range(4):
+        (folder / f"job_{x}.py").write_text(SAVER.format(x=x))
+        lines += [f"    - name: job_{x}", f"      file: job_{x}.py", f"      params: {{x: {x}}}"]
+    (folder / "distribute-jobs.yaml").write_text("\n".join(lines) + "\n")
+    lab.local("add", folder / "distribute-jobs.yaml")
+    batch = lab.wait_batch("lab/sweep")
+    assert batch["jobs"]["done"] == 4, batch
+    return lab.archive / "lab" / "sweep"
+
+
+def pulled_paths(save_dir):
+    return sorted(tree(Path(save_dir) / "lab" / "sweep"))
+
+
+def test_pull_everything_keeps_modes_and_mtimes(lab, sweep, tmp_path):
+    summary = lab.pull_json("lab/sweep", tmp_path / "all")
+    archived = tree(sweep)
+    assert set(p.split("/")[0] for p in archived) == {"build", "job_0", "job_1", "job_2", "job_3"}
+    assert tree(tmp_path / "all" / "lab" / "sweep") == archived      # contents, modes, mtimes
+    assert archived["job_2/fields/deep/flow.vtk"][1] == 0o600
+    assert summary["files"] == len(archived) and summary["unfinished_jobs"] == 0
+    assert summary["destination"] == str(tmp_path / "all" / "lab" / "sweep")
+    assert summary["transferred"] >= sum(p.stat().st_size for p in sweep.rglob("*") if p.is_file())
+    assert partial_files(tmp_path / "all") == []
+
+
+def test_filters_are_ored_then_excludes_drop(lab, sweep, tmp_path):
+    lab.remote("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "csv", "--filter", r"\.csv$")
+    assert pulled_paths(tmp_path / "csv") == sorted(f"job_{x}/{f}" for x in range(4)
+                                                    for f in ("summary.csv", "fields/probe.csv"))
+
+    lab.remote("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "novtk", "--exclude", "vtk")
+    got = pulled_paths(tmp_path / "novtk")
+    assert not [p for p in got if "vtk" in p]
+    assert "job_3/stdout.txt" in got and "job_3/job.json" in got and "job_3/fields/probe.csv" in got
+
+    lab.remote("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "nojob1", "--exclude", "^job_1/")
+    got = pulled_paths(tmp_path / "nojob1")
+    assert not [p for p in got if p.startswith("job_1/")]
+    assert {p.split("/")[0] for p in got} == {"build", "job_0", "job_2", "job_3"}
+
+    lab.remote("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "mixed",
+               "--filter", r"probe\.csv$", "--filter", r"\.vtk$", "--exclude", "^job_0/", "--exclude", "job_3")
+    assert pulled_paths(tmp_path / "mixed") == sorted(f"job_{x}/fields/{f}" for x in (1, 2)
+                                                      for f in ("probe.csv", "deep/flow.vtk"))
+
+
+def test_where_selects_jobs_by_their_params(lab, sweep, tmp_path):
+    summary = lab.pull_json("lab/sweep", tmp_path / "w", "--where", "x>=2", "--filter", "csv")
+    assert pulled_paths(tmp_path / "w") == sorted(f"job_{x}/{f}" for x in (2, 3)
+                                                  for f in ("summary.csv", "fields/probe.csv"))
+    assert summary["files"] == 4
+    assert tree(tmp_path / "w" / "lab" / "sweep")["job_3/summary.csv"][0] == \
+        hashlib.sha256(b"x,y\n3,9\n").hexdigest()
+
+
+@pytest.mark.parametrize("option, value", [("--filter", "fields/(deep"), ("--exclude", "*.vtk"),
+                                           ("--where", "x >= ")])
+def test_bad_selection_is_one_line_exit_2(lab, sweep, tmp_path, option, value):
+    result = lab.remote("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "bad", option, value, check=False)
+    assert result.returncode == 2, result
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and option in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unknown_batch_is_a_clear_error(lab, tmp_path):
+    result = lab.remote("pull", "--batch", "lab/nosuchbatch", "--save-dir", tmp_path / "x", check=False)
+    assert result.returncode in (1, 2) and len(result.stderr.strip().splitlines()) == 1, result
+    assert "nosuchbatch" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_dry_lists_sizes_and_total_and_writes_nothing(lab, sweep, tmp_path):
+    save = tmp_path / "never"
+    result = lab.remote("pull", "--batch", "lab/sweep", "--save-dir", save, "--dry", "--filter", "vtk")
+    assert not save.exists()
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 5, result.stdout
+    for x, line in enumerate(lines[:4]):
+        assert line.split()[-1] == f"job_{x}/fields/deep/flow.vtk"
+        assert "KiB" in line
+    assert lines[-1].startswith("4 files, ") and "would come" in lines[-1]
+    summary = lab.pull_json("lab/sweep", save, "--dry", "--filter", "vtk")
+    assert not save.exists()
+    assert summary["bytes"] == sum(3000 + x for x in range(4))
+    assert [e["size"] for e in summary["would_transfer"]] == [3000 + x for x in range(4)]
+
+
+# --- incremental pulls on a crafted archive ---------------------------------------------
+
+def test_second_pull_sends_nothing_and_changes_are_found(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    old = time.time() - 86400
+    write_file(root / "a" / "same_size.bin", b"A" * 5000, 0o640, old)
+    write_file(root / "a" / "touched.bin", b"T" * 7000, 0o644, old)
+    write_file(root / "b" / "deep" / "x.dat", os.urandom(100_000), 0o755, old)
+    save = tmp_path / "save"
+    first = lab.pull_json(key, save)
+    dest = save / key
+    assert tree(dest) == tree(root)
+    assert first["transferred"] > 112_000
+
+    second = lab.pull_json(key, save)
+    assert second["transferred"] == 0 and second["bytes"] == 0
+    assert second["up_to_date"] == second["files"] == first["files"]
+
+    # same size, other content, other mtime: re-sent
+    write_file(root / "a" / "same_size.bin", b"B" * 5000, 0o640, old + 10)
+    # same content, touched: only its mtime is fixed, no bytes come
+    os.utime(root / "a" / "touched.bin", (old + 20, old + 20))
+    third = lab.pull_json(key, save)
+    assert tree(dest) == tree(root)
+    assert (dest / "a" / "same_size.bin").read_bytes() == b"B" * 5000
+    assert int((dest / "a" / "touched.bin").stat().st_mtime) == int(old + 20)
+    assert 5000 < third["transferred"] < 7000 + 5000, third
+    assert third["up_to_date"] == third["files"] - 1
+
+    # a local file that is gone or of another size comes again
+    (dest / "b" / "deep" / "x.dat").unlink()
+    (dest / "a" / "touched.bin").write_bytes(b"short")
+    fourth = lab.pull_json(key, save)
+    assert tree(dest) == tree(root)
+    assert fourth["transferred"] > 107_000 and fourth["up_to_date"] == fourth["files"] - 2
+
+
+def test_killed_pull_resumes_to_identical_files(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    for i in range(20):
+        write_file(root / "a_small" / f"f{i}.txt", os.urandom(1000 + i))
+    big = root / "b_big" / "flow.bin"
+    big.parent.mkdir()
+    with open(big, "wb") as out:
+        for _ in range(200):
+            out.write(os.urandom(1 << 20))
+    save = tmp_path / "save"
+    part = save / key / "b_big" / f".flow.bin{distribute.PART_SUFFIX}"
+    client = subprocess.Popen(lab.remote_argv("pull", "--batch", key, "--save-dir", save),
+                              env=lab.client_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: client.poll() is not None or (part.exists() and part.stat().st_size > (8 << 20)),
+                   60, "the big file to be halfway")
+        client.send_signal(signal.SIGKILL)
+    finally:
+        client.wait()
+    assert client.returncode == -signal.SIGKILL, client.stderr.read()
+    assert not (save / key / "b_big" / "flow.bin").exists()        # never a partial file under its name
+    assert part.exists() and part.stat().st_size < big.stat().st_size
+    assert len(tree(save / key / "a_small")) == 20                   # those had arrived whole
+
+    resumed = lab.pull_json(key, save)
+    assert resumed["up_to_date"] >= 20                              # not sent again
+    assert big.stat().st_size <= resumed["transferred"] < big.stat().st_size + (1 << 20)
+    assert tree(save / key) == tree(root)
+    assert partial_files(save) == []
+    assert lab.batch(key)["state"] != "active"                      # the head lived through it
+
+
+def test_pull_while_the_batch_runs_says_how_many_are_unfinished(lab, tmp_path):
+    folder = tmp_path / "running"
+    folder.mkdir()
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent("""\
+        meta: {batch_name: running, namespace: lab}
+        shell:
+          jobs:
+            - {name: quick, command: 'echo done > distribute_save/out.txt'}
+            - {name: slow_1, command: 'sleep 120'}
+            - {name: slow_2, command: 'sleep 120'}
+        """))
+    lab.local("add", folder / "distribute-jobs.yaml")
+    try:
+        out = lab.archive / "lab" / "running" / "quick" / "out.txt"
+        wait_until(lambda: out.exists(), 60, "the quick job's result")
+        summary = lab.pull_json("lab/running", tmp_path / "s")
+        assert summary["unfinished_jobs"] == 2
+        assert (tmp_path / "s" / "lab" / "running" / "quick" / "out.txt").read_text() == "done\n"
+        text = lab.remote("pull", "--batch", "lab/running", "--save-dir", tmp_path / "t").stdout
+        assert "2 jobs are not finished yet" in text
+    finally:
+        lab.local("kill", "lab/running")
+        lab.wait_batch("lab/running")
+
+
+# --- nothing outside the archive, nothing outside the save dir ---------------------------
+
+def test_symlinks_in_the_archive_are_never_followed(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    outside = tmp_path / "secret"
+    write_file(outside / "x", b"SECRET-OUTSIDE")
+    write_file(root / "job_a" / "ok.txt", b"fine")
+    os.symlink("/etc/passwd", root / "job_a" / "passwd")
+    os.symlink("../../x", root / "job_a" / "up")
+    os.symlink(str(outside), root / "job_a" / "linked_dir")
+    os.symlink(str(outside), root / "job_link")
+    summary = lab.pull_json(key, tmp_path / "save")
+    assert sorted(tree(tmp_path / "save" / key)) == ["job_a/ok.txt", "seed_0/job.json", "seed_0/stdout.txt"]
+    assert summary["files"] == 3
+    got = [str(p.relative_to(tmp_path / "save")) for p in (tmp_path / "save").rglob("*")]
+    assert not [p for p in got if "passwd" in p or "up" in p.split("/") or "linked" in p or "job_link" in p]
+
+    # a client asking by name for what the manifest never listed gets none of it
+    probe = textwrap.dedent(f"""\
+        import asyncio, io, json, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        import distribute
+        async def ask(path):
+            client = distribute.HeadClient("head", {str(lab.socket)!r})
+            channel = await client.open()
+            reply, _ = await channel.request({{"op": "pull_files", "batch": {key!r}, "paths": [path], "hashes": {{}}}})
+            data = b""
+            if reply.get("ok"):
+                while True:
+                    chunk = await channel.reader.read(1 << 16)
+                    if not chunk:
+                        break
+                    data += chunk
+            channel.close()
+            await client.close()
+            return reply, data
+        out = {{}}
+        for path in sys.argv[1:]:
+            reply, data = asyncio.run(ask(path))
+            out[path] = [reply.get("ok"), data.decode("latin-1")]
+        print(json.dumps(out))
+        """)
+    asked = ["job_a/passwd", "job_a/up", "job_a/linked_dir/x", "job_link/x", "../../../etc/passwd", "/etc/passwd"]
+    result = subprocess.run([sys.executable, "-c", probe] + asked, env=lab.client_env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout)
+    for path in asked:
+        ok, data = answers[path]
+        assert "SECRET-OUTSIDE" not in data and "root:x:0:0" not in data, path
+        if ok and data:
+            with tarfile.open(fileobj=io.BytesIO(data.encode("latin-1")), mode="r|") as tar:
+                assert [m.name for m in tar] == [], path
+    assert lab.proc.poll() is None
+
+
+def tar_with(*members):
+    """An in-memory tar of (TarInfo, data-or-None) pairs."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def entry(name, kind=tarfile.REGTYPE, linkname="", mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode, info.mtime = kind, linkname, mode, 1_600_000_000
+    return info
+
+
+UNSAFE = {
+    "dotdot": [(entry("../escaped.txt"), b"x")],
+    "dotdot_inside": [(entry("job/../../escaped.txt"), b"x")],
+    "absolute": [(entry("/tmp/escaped-by-tar.txt"), b"x")],
+    "symlink_absolute": [(entry("job/link", tarfile.SYMTYPE, "/etc/passwd"), None)],
+    "symlink_up": [(entry("job/link", tarfile.SYMTYPE, "../../x"), None)],
+    "symlink_then_write_through": [(entry("job", tarfile.SYMTYPE, ".."), None),
+                                   (entry("job/escaped.txt"), b"x")],
+    "hardlink": [(entry("job/hard", tarfile.LNKTYPE, "/etc/passwd"), None)],
+    "char_device": [(entry("job/null", tarfile.CHRTYPE), None)],
+    "block_device": [(entry("job/sda", tarfile.BLKTYPE), None)],
+    "fifo": [(entry("job/pipe", tarfile.FIFOTYPE), None)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNSAFE))
+def test_extract_refuses_entries_that_escape(case, tmp_path):
+    dest = tmp_path / "save" / "ns" / "batch"
+    data = tar_with(*UNSAFE[case])
+    with pytest.raises(distribute.UnsafeArchive):
+        distribute.extract_tar(io.BytesIO(data), dest)
+    assert not (tmp_path / "save" / "ns" / "escaped.txt").exists()
+    assert not (tmp_path / "save" / "escaped.txt").exists()
+    assert not Path("/tmp/escaped-by-tar.txt").exists()
+    landed = [p for p in dest.rglob("*")] if dest.exists() else []
+    assert not [p for p in landed if p.is_symlink() or not (p.is_dir() or p.is_file())], landed
+
+
+def test_extract_refuses_writing_through_a_local_symlink_pointing_out(tmp_path):
+    dest = tmp_path / "save"
+    (dest).mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(str(tmp_path / "elsewhere"), dest / "job")
+    with pytest.raises(distribute.UnsafeArchive):
+        distribute.extract_tar(io.BytesIO(tar_with((entry("job/x.txt"), b"x"))), dest)
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_extract_lands_files_with_mode_and_mtime(tmp_path):
+    data = tar_with((entry("job/a/b.txt", mode=0o600), b"hello"), (entry("job/c.txt", mode=0o755), b""))
+    assert distribute.extract_tar(io.BytesIO(data), tmp_path / "d") == 5
+    info = (tmp_path / "d" / "job" / "a" / "b.txt").stat()
+    assert stat.S_IMODE(info.st_mode) == 0o600 and int(info.st_mtime) == 1_600_000_000
+    assert stat.S_IMODE((tmp_path / "d" / "job" / "c.txt").stat().st_mode) == 0o755
+    assert partial_files(tmp_path) == []
+
+
+def test_truncated_stream_leaves_no_file_under_its_name(tmp_path):
+    data = tar_with((entry("job/whole.txt"), b"w" * 100), (entry("job/cut.bin"), os.urandom(100_000)))
+    with pytest.raises(Exception):
+        distribute.extract_tar(io.BytesIO(data[:60_000]), tmp_path / "d")
+    assert (tmp_path / "d" / "job" / "whole.txt").read_bytes() == b"w" * 100
+    assert not (tmp_path / "d" / "job" / "cut.bin").exists()
+    assert partial_files(tmp_path) == []
+
+
+# --- progress bar -----------------------------------------------------------------------
+
+def run_in_pty(argv, env):
+    """Run argv with stdout and stderr on a pseudo-terminal; return (exit code, what it printed)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+    os.close(slave)
+    output = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:         # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    return proc.wait(timeout=60), output.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_only(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    write_file(root / "job" / "data.bin", os.urandom(40 << 20))
+    code, shown = run_in_pty(lab.remote_argv("pull", "--batch", key, "--save-dir", tmp_path / "tty"), lab.client_env)
+    assert code == 0, shown
+    assert "/s" in shown and "ETA" in shown and "MiB" in shown and "\r" in shown, shown
+    assert tree(tmp_path / "tty" / key) == tree(root)
+
+    quiet = lab.remote("pull", "--batch", key, "--save-dir", tmp_path / "pipe")
+    assert "ETA" not in quiet.stderr and "/s" not in quiet.stderr and "\r" not in quiet.stderr
+    assert quiet.stderr == ""
+    assert tree(tmp_path / "pipe" / key) == tree(root)

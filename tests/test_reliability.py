@@ -1,0 +1,245 @@
+"""SPEC §7 reliability promises, proved by breaking things on purpose (issue 7).
+
+Every test runs a real head (`distribute serve`) over real OpenSSH nodes and then
+kills the head, cuts a node's network, cuts a transfer in the middle or fills the
+archive's disk.  Jobs are shell commands that append a line to a per-job counter
+file outside every workspace (a world-writable temp folder), so a test can count
+how often each job started and finished; an inotify watch on the batch's archive
+folder counts how often each job's folder was renamed into place (archived).
+"""
+
+import collections
+import ctypes
+import datetime
+import hashlib
+import json
+import os
+import select
+import shutil
+import struct
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster import HeadProcess, node_workdirs, nodes_yaml, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+MiB = 1024 * 1024
+
+
+# --- helpers -------------------------------------------------------------------
+
+@pytest.fixture
+def counters():
+    """A world-writable folder outside every workspace: jobs (running as dnode) log to it."""
+    folder = Path(tempfile.mkdtemp(prefix="dcount-", dir="/tmp"))
+    os.chmod(folder, 0o777)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def counted(command: str, counters: Path) -> str:
+    """`command` wrapped so that it logs one line when it starts and one when it ends."""
+    return (f'echo "$PWD" >> {counters}/$DISTRIBUTE_JOB.start; {command}; '
+            f'echo "$PWD" >> {counters}/$DISTRIBUTE_JOB.done')
+
+
+def lines(path: Path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def shell_batch(folder: Path, name: str, namespace: str, commands, capabilities=(), files=None) -> Path:
+    """A shell-flavour job file; commands is {job name: command}, files {job name: [paths]}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    caps = f", capabilities: [{', '.join(capabilities)}]" if capabilities else ""
+    text = [f"meta: {{batch_name: {name}, namespace: {namespace}{caps}}}", "shell:", "  jobs:"]
+    for job, command in commands.items():
+        text.append(f"    - name: {job}")
+        text.append(f"      command: {json.dumps(command)}")
+        if files and job in files:
+            text.append(f"      required_files: [{', '.join(json.dumps(str(p)) for p in files[job])}]")
+    path = folder / "distribute-jobs.yaml"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+IN_MOVED_TO = 0x80
+
+
+class ArchiveWatch:
+    """Counts how often each job folder is renamed into a batch's archive folder.
+
+    land_job fills a hidden folder and renames it into place, also when it replaces an
+    earlier copy, so one IN_MOVED_TO per visible name is one archiving of that job."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        assert self.fd >= 0, os.strerror(ctypes.get_errno())
+        assert self.libc.inotify_add_watch(self.fd, str(folder).encode(), IN_MOVED_TO) >= 0
+        self.landed = collections.Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self):
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.1)
+            if not ready:
+                continue
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except BlockingIOError:
+                continue
+            offset = 0
+            while offset < len(data):
+                _, mask, _, size = struct.unpack_from("iIII", data, offset)
+                name = data[offset + 16:offset + 16 + size].rstrip(b"\0").decode()
+                offset += 16 + size
+                if mask & IN_MOVED_TO and not name.startswith("."):
+                    self.landed[name] += 1
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        os.close(self.fd)
+
+
+@pytest.fixture
+def watch_archive():
+    """watch_archive(folder) -> ArchiveWatch, closed at the end of the test."""
+    watches = []
+
+    def make(folder):
+        watches.append(ArchiveWatch(folder))
+        return watches[-1]
+    yield make
+    for watch in watches:
+        watch.close()
+
+
+def job_record(head, namespace, batch, job):
+    return json.loads((head.archive / namespace / batch / job / "job.json").read_text())
+
+
+def leftovers(folder: Path):
+    """Temporary names that must never stay behind in an archive."""
+    return [str(p) for p in folder.rglob("*") if p.name.startswith((".incoming-", ".replaced-"))
+            or p.name.endswith(".distribute-part") or p.name.endswith(".tmp")]
+
+
+def processes_in(workdir: Path):
+    """Job processes whose working directory lies under a node's workdir."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("DISTRIBUTE_JOB") and proc.cwd().startswith(str(workdir) + "/") \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def supervisor_of(workdir: Path) -> psutil.Process:
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if "supervise" in cmd and str(workdir) in cmd:
+            return proc
+    raise AssertionError(f"no supervisor runs for {workdir}")
+
+
+def head_log(head) -> str:
+    return head.log.read_text(errors="replace")
+
+
+# --- 1. the head crashes -----------------------------------------------------------
+
+def test_head_kill9_reattaches_running_jobs_and_runs_the_queue_once(head, tmp_path, counters, watch_archive):
+    """kill -9 the head with 3 jobs running and 20 queued, bring it back: nothing lost, nothing twice."""
+    commands = {"j0": counted("sleep 3", counters), "j1": counted("sleep 3", counters),
+                "j2": counted("sleep 12", counters)}
+    commands.update({f"q{i}": counted("sleep 0.3", counters) for i in range(20)})
+    for job in commands:
+        commands[job] += f"; echo {job} > distribute_save/out.txt"
+    job_file = shell_batch(tmp_path / "crash", "crash", "rel", commands)
+    watch = watch_archive(head.archive / "rel" / "crash")
+    head.wait_nodes_up(3)
+    head.cli("add", job_file)
+    wait_until(lambda: all((counters / f"j{i}.start").exists() for i in range(3)), 30, "j0..j2 to start")
+    running = {r["job"]: r["node"] for r in head.status()["running"]}
+    assert sorted(running) == ["j0", "j1", "j2"]
+
+    head.kill9()
+    killed_at = time.time()
+    # j0 and j1 finish while no head is there; the supervisors keep their results
+    wait_until(lambda: lines(counters / "j0.done") and lines(counters / "j1.done"), 20, "j0, j1 to end")
+    assert not lines(counters / "j2.done")
+    assert not any((counters / f"q{i}.start").exists() for i in range(20))
+
+    head.start()
+    batch = head.wait_batch("rel/crash", timeout=120)
+    assert batch["state"] == "done" and batch["jobs"]["done"] == 23
+
+    for job in commands:
+        assert len(lines(counters / f"{job}.start")) == 1, f"{job} started more than once"
+        assert len(lines(counters / f"{job}.done")) == 1, f"{job} ended more than once"
+        record = job_record(head, "rel", "crash", job)
+        assert record["exit_code"] == 0 and record["attempts"] == 1
+        assert (head.archive / "rel" / "crash" / job / "out.txt").read_text() == f"{job}\n"
+    for job in ("j0", "j1", "j2"):
+        record = job_record(head, "rel", "crash", job)
+        assert record["node"] == running[job]      # re-attached where it ran, not restarted
+        assert datetime.datetime.fromisoformat(record["start"]).timestamp() < killed_at
+    wait_until(lambda: sum(watch.landed.values()) >= 23, 10, "inotify to report every landing")
+    assert watch.landed == {job: 1 for job in commands}, "a job was archived twice"
+    assert "requeueing" not in head_log(head)
+    assert leftovers(head.archive) == []
+
+
+# --- 2. a node stops answering ---------------------------------------------------------
+
+@pytest.mark.nodes(extra=["--node-timeout", "3", "--kill-grace", "2"])
+def test_lost_node_job_runs_elsewhere_and_stale_copy_is_stopped(head, ssh_nodes, tmp_path, counters, watch_archive):
+    """node2 vanishes while running a job: the job runs elsewhere; node2 comes back: its copy is killed."""
+    # On node2 a job would run for a minute (the stale copy); anywhere else it takes a second.
+    slow_on_node2 = counted('case "$PWD" in */node2/*) sleep 60;; *) sleep 1;; esac; '
+                            'echo "$PWD" > distribute_save/where.txt', counters)
+    job_file = shell_batch(tmp_path / "lost", "lost", "rel", {f"j{i}": slow_on_node2 for i in range(3)})
+    watch = watch_archive(head.archive / "rel" / "lost")
+    head.wait_nodes_up(3)
+    head.cli("add", job_file)
+    node2_job = wait_until(lambda: next((r["job"] for r in head.status()["running"] if r["node"] == "node2"
+                                         and (counters / f"{r['job']}.start").exists()), None),
+                           30, "a job to run on node2")
+    stale = processes_in(head.workdirs["node2"])
+    assert stale, "the job on node2 should be running"
+
+    ssh_nodes["node2"].cut()                          # sshd and its sessions die; the supervisor lives on
+    batch = head.wait_batch("rel/lost", timeout=60)
+    assert batch["state"] == "done" and batch["jobs"]["done"] == 3
+    record = job_record(head, "rel", "lost", node2_job)
+    assert record["node"] != "node2" and record["exit_code"] == 0
+    assert "/node2/" not in (head.archive / "rel" / "lost" / node2_job / "where.txt").read_text()
+    assert f"node node2: lost, requeueing {node2_job}" in head_log(head)
+    assert all(p.is_running() for p in stale), "the stale copy runs on while node2 is unreachable"
+    landed_before = (head.archive / "rel" / "lost" / node2_job / "job.json").stat().st_mtime_ns
+
+    ssh_nodes["node2"].heal()
+    head.wait_nodes_up(3)
+    wait_until(lambda: not processes_in(head.workdirs["node2"]), 15, "the stale copy on node2 to be stopped")
+    runs = head.workdirs["node2"] / ".distribute" / "runs"
+    wait_until(lambda: not any(runs.iterdir()), 15, "node2 to forget the stale run")
+    assert not any("/node2/" in line for line in lines(counters / f"{node2_job}.done"))
+    assert len(lines(counters / f"{node2_job}.start")) == 2     # the lost attempt and the good one
+    assert job_record(head, "rel", "lost", node2_job) == record
+    assert (head.archive / "rel" / "lost" / node2_job / "job.json").stat().st_mtime_ns == landed_before
+    assert watch.landed == {f"j{i}": 1 for i in range(3)}
+    assert head.batch("rel/lost")["jobs"]["done"] == 3
