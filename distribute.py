@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -1484,7 +1485,6 @@ def run_job_locally(ws: Workspace, plan: BatchPlan, job: Job, python: str, cpus:
 #   results/<ns>/<batch>/<job>/   (made on the cluster) our archive layout
 
 
-import shlex   # only the transpiler quotes for a shell; lead: move to the top imports
 
 DEFAULT_MAX_ARRAY_SIZE = 1001
 SLURM_MAIL_TYPES = ("NONE", "BEGIN", "END", "FAIL", "REQUEUE", "ALL", "INVALID_DEPEND", "STAGE_OUT",

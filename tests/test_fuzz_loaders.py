@@ -4,6 +4,7 @@ Any other exception would reach the user as a traceback, which SPEC §7 forbids 
 """
 
 import itertools
+import json
 import random
 import sys
 import tempfile
@@ -70,6 +71,100 @@ YAMLISH = st.lists(FRAGMENTS, max_size=40).map("".join)
 @given(st.one_of(YAMLISH, st.text(max_size=200), st.binary(max_size=200)))
 def test_load_job_file_raw_text(data):
     load_text(distribute.load_job_file, data)
+
+
+# Valid files with a few slots replaced by odd YAML values: reaches deep into the loaders,
+# where purely random text rarely gets.
+ODD_VALUES = st.one_of(st.sampled_from([
+    "017", "1:30", "0x1F", "0o17", "0b101", "1_000", "-1", "0", "1e400", ".nan", ".inf", "99999999999",
+    "1" * 5000, "!!int x", "!!int [1]", "!!int 1.5", "!!float x", "!!binary zz", "!!timestamp x", "!!null",
+    "!!str 5", "!foo bar", "~", "''", "true", "2024-01-01", "[]", "{}", "[1, 2]", "{a: 1}", "[[[[[[1]]]]]]",
+    "&a {x: *a}", "&b [*b]", "{a: !!binary zz}", "{a: !!float x}", "{a: 2024-01-01, b: [1, {c: d}]}",
+    "{[1]: 2}", "{a: 1, a: 2}", '"a\\0b"', '"\\u00e9"', "'" + "x" * 5000 + "'", "a/b", "..", "../x",
+    "/etc/hostname", "/no/such/file", "folder", "x; touch y", "-oProxyCommand=x", "lab1", "local",
+    "a.txt", "run.py", "{path: a.txt, alias: ~}", "{path: a.txt, alias: a/b}", "{path: ~}", "{alias: x}",
+    "{path: a.txt, extra: 1}", "[a.txt, a.txt]", "[a.txt, {path: b.csv, alias: a.txt}]", "[/scratch, x]",
+    "{time: ~, nodes: 0}", "{gpus: 1}", "{cpus_per_task: many}", "@a:b.org", "[gpu, 'a b']", "[{}]",
+]), st.text(max_size=30).map(json.dumps), st.integers().map(str))
+
+TEMPLATE = {
+    "python": """\
+meta:
+  batch_name: {batch}
+  namespace: {namespace}
+  capabilities: {caps}
+  matrix: {matrix}
+slurm: {slurm}
+python:
+  initialize:
+    build_file: {build}
+    required_files: {initial}
+  jobs:
+    - name: {name}
+      file: {file}
+      retries: {retries}
+      slurm: {job_slurm}
+      params: {params}
+      required_files: {files}
+    - name: {name2}
+      file: run.py
+""",
+    "apptainer": """\
+meta: {{batch_name: {batch}, namespace: {namespace}}}
+apptainer:
+  initialize:
+    sif: {build}
+    required_files: {initial}
+    required_mounts: {mounts}
+  jobs:
+    - name: {name}
+      required_files: {files}
+      retries: {retries}
+""",
+    "shell": """\
+meta: {{batch_name: {batch}, namespace: {namespace}, capabilities: {caps}}}
+shell:
+  initialize: {{build: {command}, required_files: {initial}}}
+  jobs:
+    - {{name: {name}, command: {command}, params: {params}}}
+    - {{name: {name2}, command: "true", slurm: {job_slurm}}}
+""",
+}
+DEFAULTS = {"batch": "b1", "namespace": "ns", "caps": "[python3]", "matrix": "~", "slurm": "~",
+            "build": "build.py", "initial": "[a.txt]", "name": "j1", "name2": "j2", "file": "run.py",
+            "retries": "1", "job_slurm": "~", "params": "{x: 1}", "files": "[{path: b.csv, alias: c.csv}]",
+            "mounts": "[/scratch]", "command": "echo"}
+
+
+@SETTINGS
+@given(st.sampled_from(sorted(TEMPLATE)), st.dictionaries(st.sampled_from(sorted(DEFAULTS)), ODD_VALUES, max_size=3))
+def test_load_job_file_mutated(flavour, changes):
+    values = dict(DEFAULTS, **changes)
+    if flavour == "apptainer" and "build" not in changes:
+        values["build"] = "image.sif"
+    load_text(distribute.load_job_file, TEMPLATE[flavour].format(**values))
+
+
+NODES_TEMPLATE = """\
+nodes:
+  - name: {name}
+    host: {host}
+    user: {user}
+    port: {port}
+    capabilities: {caps}
+    slots: {slots}
+    workdir: {workdir}
+    python: {python}
+  - {{name: {name2}, host: {host2}}}
+"""
+NODES_DEFAULTS = {"name": "lab1", "host": "lab1.example.edu", "user": "alice", "port": "22", "caps": "[gpu]",
+                  "slots": "1", "workdir": "/var/tmp/d", "python": "python3", "name2": "lab2", "host2": "lab2"}
+
+
+@SETTINGS
+@given(st.dictionaries(st.sampled_from(sorted(NODES_DEFAULTS)), ODD_VALUES, max_size=3))
+def test_load_nodes_file_mutated(changes):
+    load_text(distribute.load_nodes_file, NODES_TEMPLATE.format(**dict(NODES_DEFAULTS, **changes)))
 
 
 # Structured documents: plausible job and nodes files with random values in every slot.  Built

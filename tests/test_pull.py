@@ -370,8 +370,9 @@ def test_symlinks_in_the_archive_are_never_followed(lab, tmp_path):
     os.symlink(str(outside), root / "job_a" / "linked_dir")
     os.symlink(str(outside), root / "job_link")
     summary = lab.pull_json(key, tmp_path / "save")
-    assert sorted(tree(tmp_path / "save" / key)) == ["job_a/ok.txt", "seed_0/job.json", "seed_0/stdout.txt"]
-    assert summary["files"] == 3
+    assert sorted(tree(tmp_path / "save" / key)) == ["build/local.txt", "job_a/ok.txt", "seed_0/job.json",
+                                                            "seed_0/stdout.txt"]
+    assert summary["files"] == 4
     got = [str(p.relative_to(tmp_path / "save")) for p in (tmp_path / "save").rglob("*")]
     assert not [p for p in got if "passwd" in p or "up" in p.split("/") or "linked" in p or "job_link" in p]
 

@@ -243,3 +243,95 @@ def test_lost_node_job_runs_elsewhere_and_stale_copy_is_stopped(head, ssh_nodes,
     assert (head.archive / "rel" / "lost" / node2_job / "job.json").stat().st_mtime_ns == landed_before
     assert watch.landed == {f"j{i}": 1 for i in range(3)}
     assert head.batch("rel/lost")["jobs"]["done"] == 3
+
+
+# --- 3. a transfer breaks in the middle --------------------------------------------------
+
+class FinalNamesWatch:
+    """Polls an archive folder while a test runs: a file under its final name must be whole."""
+
+    def __init__(self, path: Path, size: int):
+        self.path, self.size, self.seen = path, size, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.is_set():
+            try:
+                self.seen.append(self.path.stat().st_size)
+            except FileNotFoundError:
+                pass
+            time.sleep(0.01)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(5)
+        return self.seen
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(MiB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cut_when(node, counter, threshold, what):
+    """Cut `node` once `counter()` passed `threshold` bytes: in the middle of a transfer."""
+    wait_until(lambda: counter() > threshold, 60, what)
+    node.cut()
+
+
+@pytest.mark.nodes(caps={"node1": ["big"]})
+def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes, tmp_path, counters, watch_archive):
+    """Cut node1's connection while it receives 200 MiB of inputs, then while the head fetches
+    150 MiB of results: both are retried, and the archive only ever shows whole files."""
+    in_size, out_size = 200 * MiB, 150 * MiB
+    data = tmp_path / "big" / "big.bin"
+    data.parent.mkdir(parents=True)
+    with open(data, "wb") as out:
+        for _ in range(in_size // (8 * MiB)):
+            out.write(os.urandom(8 * MiB))
+    command = counted(f"sha256sum input/big.bin | cut -d' ' -f1 > distribute_save/in.sha; "
+                      f"head -c {out_size} /dev/urandom > distribute_save/big.bin; "
+                      f"sha256sum distribute_save/big.bin | cut -d' ' -f1 > {counters}/out.sha", counters)
+    job_file = shell_batch(tmp_path / "big", "big", "rel", {"j": command}, capabilities=["big"],
+                           files={"j": [data]})
+    final = head.archive / "rel" / "big" / "j" / "big.bin"
+    whole = FinalNamesWatch(final, out_size)
+    watch = watch_archive(head.archive / "rel" / "big")
+    node1 = ssh_nodes["node1"]
+    head.wait_nodes_up(3)
+    supervisor = supervisor_of(head.workdirs["node1"])
+    received = supervisor.io_counters().read_chars
+    head.cli("add", job_file)
+
+    # inputs: the supervisor has read a third of them from its socket
+    cut_when(node1, lambda: supervisor.io_counters().read_chars, received + in_size // 3,
+             "node1 to receive a third of the inputs")
+    wait_until(lambda: "rel/big/j could not start" in head_log(head), 20, "the head to notice the cut")
+    assert not (counters / "j.start").exists()
+    node1.heal()
+
+    # outputs: the head has fetched a quarter of them
+    wait_until(lambda: (counters / "j.start").exists(), 60, "the job to start after the inputs were resent")
+    sent = supervisor.io_counters().write_chars
+    cut_when(node1, lambda: supervisor.io_counters().write_chars, sent + out_size // 4,
+             "the head to fetch a quarter of the results")
+    wait_until(lambda: "cannot fetch results" in head_log(head), 20, "the head to notice the cut")
+    assert not final.exists()
+    assert head.batch("rel/big")["jobs"]["running"] == 1
+    node1.heal()
+
+    batch = head.wait_batch("rel/big", timeout=120)
+    seen = whole.close()
+    assert batch["jobs"]["done"] == 1
+    assert (head.archive / "rel" / "big" / "j" / "in.sha").read_text().strip() == sha256(data)
+    assert sha256(final) == (counters / "out.sha").read_text().strip()
+    assert seen and set(seen) == {out_size}, "big.bin was visible under its final name before it was whole"
+    assert len(lines(counters / "j.start")) == 1 and len(lines(counters / "j.done")) == 1
+    assert watch.landed == {"j": 1}
+    assert leftovers(head.archive) == []
+    assert not any((head.workdirs["node1"] / ".distribute" / "runs").iterdir())

@@ -17,8 +17,8 @@ supervisors (without the jobs themselves), the nodes' sshd processes, and the
 client (`add`, or parallel and its ssh/rsync children), per job.
 
 The target (issue 8): distribute >= 2x parallel with ControlMaster for both.
---profile DIR runs the head under cProfile (DISTRIBUTE_PROFILE) and keeps the
-profile there.
+--profile DIR samples the head and one supervisor with py-spy (if installed)
+during the rounds and leaves collapsed stacks there (head.txt, supervisor.txt).
 """
 
 import argparse
@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -183,6 +184,18 @@ def run_parallel(cluster: Cluster, meter: CpuMeter, work: Path, name: str, count
     return wall, CpuMeter.delta(before, after)
 
 
+def start_profilers(folder, head_pid, supervisors):
+    """py-spy on the head and on one supervisor, writing collapsed stacks at SIGINT."""
+    if not shutil.which("py-spy"):
+        raise SystemExit("--profile needs py-spy (pip install py-spy)")
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    targets = [("head", head_pid)] + [("supervisor", p.pid) for p in supervisors[:1]]
+    return [subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+                              "-o", str(Path(folder) / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in targets]
+
+
 # --- the run ------------------------------------------------------------------------
 
 def summarise(runs, count):
@@ -207,7 +220,7 @@ def main():
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--only", choices=("trivial", "files"), default=None)
     parser.add_argument("--pyz", default=None, help="an existing distribute.pyz (default: build one)")
-    parser.add_argument("--profile", default=None, metavar="DIR", help="cProfile the head into DIR/head.prof")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="py-spy the head into DIR/head.txt")
     args = parser.parse_args()
     if not shutil.which("parallel"):
         raise SystemExit("GNU parallel is not installed")
@@ -217,20 +230,18 @@ def main():
     cluster = Cluster(args.nodes)
     work = Path(tempfile.mkdtemp(prefix="bench-dispatch-", dir="/tmp"))
     os.chmod(work, 0o755)
-    head = None
+    head, profilers = None, []
     try:
         workdirs = node_workdirs(cluster.nodes)
         text = nodes_yaml(cluster.nodes, workdirs, slots={n.name: args.slots for n in cluster.nodes})
         env = cluster.home.env()
-        if args.profile:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-            env["DISTRIBUTE_PROFILE"] = str(Path(args.profile).resolve() / "head.prof")
         head = HeadProcess(None, text, env, pyz=pyz, extra=["--kill-grace", "2", "--supervisor-idle", "120"])
         head.start()
         wait_until(lambda: sum(n["reachable"] for n in head.nodes()) >= len(cluster.nodes), 120, "nodes up")
         meter = CpuMeter(head.proc.pid, [n.pid for n in cluster.nodes], workdirs.values())
         # One small batch first: supervisors started and pyz copied, as on a head that has been up a while.
         run_ours(head, meter, work, "warmup", 16, "true", False)
+        profilers = start_profilers(args.profile, head.proc.pid, meter.supervisors()) if args.profile else []
 
         kinds = [k for k in ("trivial", "files") if args.only in (None, k)]
         runs = {f"{side}_{kind}": [] for kind in kinds for side in ("ours", "parallel_cm", "parallel")}
@@ -251,6 +262,9 @@ def main():
                               f"supervisors {cpu['supervisors']:.2f} s  client {cpu['client']:.2f} s  "
                               f"sshd {cpu['sshd']:.2f} s", file=sys.stderr)
     finally:
+        for profiler in profilers:
+            profiler.send_signal(signal.SIGINT)
+            profiler.wait()
         if head is not None:
             head.stop()
         cluster.close()
