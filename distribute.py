@@ -3559,14 +3559,57 @@ def file_sha256(path: Path) -> Optional[str]:
     return digest.hexdigest()
 
 
+def open_archived_file(root: Path, rel: str):
+    """root/rel opened for reading if it is a regular file reached through no symlink
+    (a client may name any path, not only what the manifest listed); else None."""
+    import stat
+    path = archive_path(root, rel)
+    if os.path.realpath(path) != os.path.join(os.path.realpath(root), *rel.split("/")):
+        return None
+    try:
+        handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb", buffering=0)
+    except OSError:
+        return None
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        return None
+    return handle
+
+
+def split_known_files(root: Path, paths: List[str], hashes: Dict[str, str]) -> Tuple[List[str], List[str]]:
+    """(paths to send, paths whose content the client already has: same sha256)."""
+    wanted, same = [], []
+    for rel in paths:
+        known = hashes.get(rel)
+        handle = open_archived_file(root, rel) if known else None
+        if handle is not None:
+            digest = hashlib.sha256()
+            with handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() == known:
+                same.append(rel)
+                continue
+        wanted.append(rel)
+    return wanted, same
+
+
 def write_tar_to_fd(fd: int, root: Path, paths: List[str]) -> None:
-    """Write a tar of root/paths into a pipe (runs in a thread while the loop sends)."""
+    """Write a tar of root/paths into a pipe (runs in a thread while the loop sends).
+    Only regular files go in, whatever the client asked for."""
     with os.fdopen(fd, "wb", buffering=1 << 20) as out:
         try:
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 for rel in paths:
-                    with contextlib.suppress(FileNotFoundError):
-                        tar.add(str(archive_path(root, rel)), arcname=rel, recursive=False)
+                    handle = open_archived_file(root, rel)
+                    if handle is None:
+                        continue
+                    with handle:
+                        info = os.fstat(handle.fileno())
+                        member = tarfile.TarInfo(rel)
+                        member.size, member.mtime = info.st_size, int(info.st_mtime)
+                        member.mode = info.st_mode & 0o777
+                        tar.addfile(member, handle)
         except BrokenPipeError:
             pass
 
@@ -3954,12 +3997,15 @@ def program_argv() -> List[str]:
     return [sys.executable, here]
 
 
-def program_bytes() -> Tuple[bytes, str]:
-    """The pyz the head copies to nodes, and its hash.  Running from source, a thin pyz of
-    this module alone is made (the nodes' python3 must then have click, pyyaml, psutil)."""
+def program_bytes(pyz: Optional[Path] = None) -> Tuple[bytes, str]:
+    """The pyz the head copies to nodes (--pyz, else the one running), and its hash.
+    Running from source, a thin pyz of this module alone is made (the nodes' python3
+    must then have click, pyyaml and psutil)."""
     here = os.path.abspath(__file__)
     container = os.path.dirname(here)
-    if os.path.isfile(container):
+    if pyz is not None:
+        data = Path(pyz).read_bytes()
+    elif os.path.isfile(container):
         data = Path(container).read_bytes()
     else:
         import zipfile
@@ -4158,9 +4204,7 @@ class Head:
         self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
         self.builds = self.store.builds()
         self.last_owner: Optional[str] = None
-        self.program = (config.pyz.read_bytes(), "") if config.pyz else program_bytes()
-        if config.pyz:
-            self.program = (self.program[0], hashlib.sha256(self.program[0]).hexdigest()[:16])
+        self.program = program_bytes(config.pyz)
         self._wake = None
         self.matrix = None
 
@@ -4664,11 +4708,21 @@ class Head:
             self.wake()
         await channel.send({"ok": True, "batch": batch.key, "requeued": len(jobs)})
 
+    def lookup_job_ref(self, ref: str) -> Tuple[BatchRow, Optional[JobRow]]:
+        """BATCH, NAMESPACE/BATCH, BATCH/JOB or NAMESPACE/BATCH/JOB."""
+        with contextlib.suppress(UserError):
+            return self.lookup_batch(ref), None
+        batch_ref, _, job_name = ref.rpartition("/")
+        if not batch_ref:
+            raise UserError(f"no batch {ref!r} on this head")
+        batch = self.lookup_batch(batch_ref)
+        job = self.store.job_by_name(batch.id, job_name)
+        if job is None:
+            raise UserError(f"no job {job_name!r} in {batch.key}")
+        return batch, job
+
     async def api_why(self, channel, user, header, payload):
-        batch = self.lookup_batch(header["batch"])
-        job = self.store.job_by_name(batch.id, header["job"]) if header.get("job") else None
-        if header.get("job") and job is None:
-            raise UserError(f"no job {header['job']!r} in {batch.key}")
+        batch, job = self.lookup_job_ref(header["ref"])
         view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1,
                          [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"],
                          [n for (b, n), s in self.builds.items() if b == batch.id and s == "failed"])
@@ -4727,17 +4781,13 @@ class Head:
         import asyncio
         batch = self.lookup_batch(header["batch"])
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
-        wanted: List[str] = []
-        same: List[str] = []
-        for rel in header.get("paths", []):
-            path = archive_path(root, rel)
-            known = header.get("hashes", {}).get(rel)
-            if known and file_sha256(path) == known:
-                same.append(rel)
-            else:
-                wanted.append(rel)
-        await channel.send({"ok": True, "same": same, "stream": True})
         loop = asyncio.get_event_loop()
+        paths = [str(p) for p in header.get("paths", [])]
+        for rel in paths:
+            archive_path(root, rel)                     # a UserError before anything is sent
+        # hashing may read gigabytes: not on the loop that serves everyone else
+        wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
+        await channel.send({"ok": True, "same": same, "stream": True})
         read_fd, write_fd = os.pipe()
         producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
         try:
@@ -5388,17 +5438,7 @@ def retry(obj, batch, failed_only, everything) -> None:
 @click.pass_obj
 def why(obj, ref) -> None:
     """For each node, say why a waiting job does not run there."""
-    batch, _, job = ref.rpartition("/") if ref.count("/") >= 1 else (ref, "", "")
-    if ref.count("/") == 1 and not job:
-        batch, job = ref, ""
-    reply = None
-    if job:
-        try:
-            reply, _ = client_call(obj, {"op": "why", "batch": batch, "job": job})
-        except UserError:
-            reply = None
-    if reply is None:
-        reply, _ = client_call(obj, {"op": "why", "batch": ref})
+    reply, _ = client_call(obj, {"op": "why", "ref": ref})
     target = f"{reply['batch']}/{reply['job']}" if reply.get("job") else reply["batch"]
     click.echo(f"{target}: {reply['state']}" + (f" on {reply['node']}" if reply.get("node") else ""))
     for node, reason in reply["reasons"].items():

@@ -142,3 +142,30 @@ if "pyz" not in globals():
     def pyz():
         """(provisional until the pyz block lands) the packed program the head copies to nodes."""
         return Path("/tmp/dev.pyz")
+
+
+# --- a Matrix homeserver (Synapse), one per test session -----------------------
+# Synapse lives in its own venv (Python >= 3.10), installed from the package
+# registry once per machine into ~/.cache/distribute-tests (about 2 minutes) and
+# reused afterwards; implementation in matrix_server.py.
+
+import matrix_server as _matrix_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def synapse(tmp_path_factory):
+    """A running Synapse on 127.0.0.1 (SQLite, no federation): `.url`, `.user` (@testuser)
+    and `.bot` (@distribute-bot), each with `.user_id` and `.access_token`; `.register(name)`."""
+    folder = tmp_path_factory.mktemp("synapse")
+    try:
+        with open(folder / "install.log", "w") as install_log:
+            python = _matrix_server.synapse_venv(log=install_log)
+        server = _matrix_server.Synapse(python, folder / "server").start()
+    except (RuntimeError, OSError) as exc:
+        pytest.fail(f"cannot run Synapse: {exc}")
+    try:
+        server.user = server.register("testuser")
+        server.bot = server.register("distribute-bot")
+        yield server
+    finally:
+        server.stop()

@@ -160,6 +160,14 @@ def head_log(head) -> str:
     return head.log.read_text(errors="replace")
 
 
+def wait_log(head, text, timeout, what):
+    """Wait until the head's log says `text`; on failure show the log's end."""
+    try:
+        wait_until(lambda: text in head_log(head), timeout, what)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- head log ---\n{head_log(head)[-3000:]}") from None
+
+
 # --- 1. the head crashes -----------------------------------------------------------
 
 def test_head_kill9_reattaches_running_jobs_and_runs_the_queue_once(head, tmp_path, counters, watch_archive):
@@ -311,7 +319,7 @@ def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes,
     # inputs: the supervisor has read a third of them from its socket
     cut_when(node1, lambda: supervisor.io_counters().read_chars, received + in_size // 3,
              "node1 to receive a third of the inputs")
-    wait_until(lambda: "rel/big/j could not start" in head_log(head), 20, "the head to notice the cut")
+    wait_log(head, "rel/big/j could not start", 20, "the head to notice the cut")
     assert not (counters / "j.start").exists()
     node1.heal()
 
@@ -320,7 +328,7 @@ def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes,
     sent = supervisor.io_counters().write_chars
     cut_when(node1, lambda: supervisor.io_counters().write_chars, sent + out_size // 4,
              "the head to fetch a quarter of the results")
-    wait_until(lambda: "cannot fetch results" in head_log(head), 20, "the head to notice the cut")
+    wait_log(head, "cannot fetch results", 20, "the head to notice the cut")
     assert not final.exists()
     assert head.batch("rel/big")["jobs"]["running"] == 1
     node1.heal()
