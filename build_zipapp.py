@@ -11,10 +11,11 @@ aarch64 machines where nothing was installed.  It holds
   * under `_distribute_deps/`: the files of the native wheels (psutil, pyyaml,
     cryptography, cffi) for both architectures and every CPython they publish
     wheels for.  A file that several wheels share (yaml/*.py, cryptography's
-    Python code, licences) is stored once; the extension modules are stored
-    without their debug sections and symbol tables, which the dynamic loader
-    never reads (PyYAML's shrink from 2.7 MB to 0.4 MB each).  Every byte is
-    compressed exactly once: no wheel is stored inside the archive;
+    Python code, licences) is stored once; in the extension modules the debug
+    sections and symbol tables, which the dynamic loader never reads, are
+    blanked (PyYAML's _yaml compresses to 160 KB instead of 760 KB, 14 times).
+    Every byte is compressed exactly once: no wheel is stored inside the
+    archive, so nothing is compressed twice;
   * `_distribute_boot.py`, generated here with the build id and the wheel table
     baked in, and `__main__.py`, which calls it.
 

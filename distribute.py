@@ -19,6 +19,7 @@ the head or a client needs it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -59,7 +60,7 @@ EXIT_USAGE = 2
 JOBS_FILE = "distribute-jobs.yaml"
 NODES_FILE = "distribute-nodes.yaml"
 DEFAULT_PAUSE_DIR = "/var/tmp/distribute"
-DEFAULT_NODE_WORKDIR = "/var/tmp/distribute"
+DEFAULT_NODE_WORKDIR = "/var/tmp/distribute-work"   # not the pause folder, which is world-writable
 MAX_PAUSE_SECONDS = 4 * 3600
 
 
@@ -69,6 +70,12 @@ class UserError(Exception):
 
 class Failed(Exception):
     """The input was fine but the operation could not be done.  Exit code 1."""
+
+
+def log(message: str) -> None:
+    """One timestamped line on stderr: the head's and the supervisor's log (never secrets)."""
+    sys.stderr.write(f"{now_iso()} {message}\n")
+    sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -1320,23 +1327,33 @@ def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
 
 def land_job(archive: Path, namespace: str, batch: str, job: str, fill, record: Dict[str, Any]) -> Path:
     """Create the job's archive folder atomically; `fill(folder)` puts the files in."""
-    parent = batch_archive(archive, namespace, batch)
-    parent.mkdir(parents=True, exist_ok=True)
-    final = inside(parent, job)
-    incoming = Path(tempfile.mkdtemp(prefix=f".incoming-{job}-", dir=parent))
+    incoming, final = start_landing(archive, namespace, batch, job)
     try:
         fill(incoming)
-        write_json(incoming / "job.json", record)
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".replaced-{job}-", dir=parent))
-            os.rename(final, old / "old")
-            os.rename(incoming, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(incoming, final)
+        return finish_landing(incoming, final, record)
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
+
+
+def start_landing(archive: Path, namespace: str, batch: str, job: str) -> Tuple[Path, Path]:
+    """A hidden folder to fill with a job's results, and the name it will get."""
+    parent = batch_archive(archive, namespace, batch)
+    parent.mkdir(parents=True, exist_ok=True)
+    final = inside(parent, job)
+    return Path(tempfile.mkdtemp(prefix=f".incoming-{job}-", dir=parent)), final
+
+
+def finish_landing(incoming: Path, final: Path, record: Dict[str, Any]) -> Path:
+    """Add job.json and rename the filled folder into place (replacing an earlier one)."""
+    write_json(incoming / "job.json", record)
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".replaced-{final.name}-", dir=final.parent))
+        os.rename(final, old / "old")
+        os.rename(incoming, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(incoming, final)
     return final
 
 
@@ -2625,6 +2642,10 @@ class Store:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
 
+    def run_id_of(self, job_id: int) -> Optional[str]:
+        row = self.db.execute("SELECT run_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row[0] if row else None
+
     def job_by_name(self, batch_id: int, name: str) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND name=?", (batch_id, name)).fetchone()
         return self._job(row) if row else None
@@ -2832,8 +2853,14 @@ class Channel:
             self.writer.close()
 
 
+EMPTY_TAR = bytes(1024)      # the end marker alone: what a job without files sends
+
+
 def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
     """A tar (in memory) of (name in archive, path on disk) pairs."""
+    entries = list(entries)
+    if not entries:
+        return EMPTY_TAR
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in entries:
@@ -2842,23 +2869,8 @@ def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
 
 
 def tar_folder(folder: Path, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
-    """A tar of everything under folder (links kept as links), plus extra entries."""
-    entries: List[Tuple[str, str]] = []
-    for top, dirs, files in os.walk(folder):
-        rel_top = os.path.relpath(top, folder)
-        for name in sorted(dirs) + sorted(files):
-            rel = name if rel_top == "." else f"{rel_top}/{name}"
-            entries.append((rel, os.path.join(top, name)))
-    return tar_of(entries + list(extra))
-
-
-def tar_size(folder: Path) -> int:
-    total = 0
-    for top, _, files in os.walk(folder):
-        for name in files:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(top, name)).st_size
-    return total
+    """A tar (in memory) of everything under folder, plus extra entries."""
+    return tar_of(folder_entries(folder) + list(extra))
 
 
 def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
@@ -2878,14 +2890,58 @@ def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
     return target
 
 
+class TailKeepingReader:
+    """A stream read through, remembering its last bytes: a tar that stops at a member
+    boundary reads like a complete one, only its end-of-archive block tells them apart."""
+
+    KEEP = 64 * 1024
+
+    def __init__(self, source):
+        self.source, self.total, self.chunks = source, 0, collections.deque()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if data:
+            self.chunks.append((self.total, data))
+            self.total += len(data)
+            while self.chunks and self.total - self.chunks[0][0] - len(self.chunks[0][1]) > self.KEEP:
+                self.chunks.popleft()
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def zero_block_at(self, offset: int) -> bool:
+        """Whether the 512 bytes at `offset` arrived and are all zero (a tar's end marker)."""
+        block = b"".join(data[max(0, offset - start):offset + 512 - start] for start, data in self.chunks
+                         if start < offset + 512 and start + len(data) > offset)
+        return len(block) == 512 and not block.strip(b"\0")
+
+
 def extract_tar(source, dest: Path) -> int:
     """Extract a tar (bytes or a readable file object, read as a stream) into dest,
-    refusing anything unsafe before writing it.  Returns the bytes written."""
+    refusing anything unsafe before writing it, and a stream cut short (no end marker).
+    Returns the bytes written."""
     dest = Path(os.path.abspath(dest))
     dest.mkdir(parents=True, exist_ok=True)
-    fileobj = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    if isinstance(source, (bytes, bytearray)) and len(source) >= 1024 and source.count(0) == len(source):
+        return 0            # an empty tar (just its end marker): most jobs send no files
+    stream = TailKeepingReader(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    try:
+        written, end = extract_members(stream, dest)
+        stream.drain()
+    except tarfile.TarError as exc:
+        raise Failed(f"broken tar stream: {exc}") from None
+    if not stream.zero_block_at(end):
+        raise Failed(f"the tar stream ended early, after {stream.total} bytes: the transfer broke off")
+    return written
+
+
+def extract_members(stream, dest: Path) -> Tuple[int, int]:
+    """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
     written = 0
-    with tarfile.open(fileobj=fileobj, mode="r|") as tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             target = check_member(member, dest)
             real_parent = os.path.realpath(target.parent)
@@ -2904,7 +2960,7 @@ def extract_tar(source, dest: Path) -> int:
                 os.symlink(member.linkname, target)
                 continue
             written += land_member(tar, member, target)
-    return written
+        return written, tar.offset
 
 
 PART_SUFFIX = ".distribute-part"
@@ -2931,6 +2987,80 @@ def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> 
 
 PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
                      "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def folder_entries(folder: Path) -> List[Tuple[str, str]]:
+    """(name in archive, path) for everything under folder, links kept as links."""
+    entries: List[Tuple[str, str]] = []
+    for top, dirs, files in os.walk(folder):
+        rel_top = os.path.relpath(top, folder)
+        for name in sorted(dirs) + sorted(files):
+            entries.append((name if rel_top == "." else f"{rel_top}/{name}", os.path.join(top, name)))
+    return entries
+
+
+def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
+    total = 0
+    for _, path in entries:
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            total += info.st_size if stat_is_regular(info.st_mode) else 0
+    return total
+
+
+def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
+    """Write a tar of the entries into a pipe (runs in a thread while the loop sends)."""
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        with contextlib.suppress(BrokenPipeError):
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for name, path in entries:
+                    tar.add(path, arcname=name, recursive=False)
+
+
+async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
+    """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
+    Large files never sit in memory: a thread writes the tar into a pipe."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    read_fd, write_fd = os.pipe()
+    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    try:
+        while True:
+            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            if not chunk:
+                break
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        os.close(read_fd)
+        await producer
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
+    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    read_fd, write_fd = os.pipe()
+    source = os.fdopen(read_fd, "rb", buffering=1 << 20)
+    extractor = loop.run_in_executor(None, extract_tar, source, dest)
+    try:
+        while True:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+            view = memoryview(chunk)
+            while view:
+                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+    finally:
+        os.close(write_fd)
+        try:
+            return await extractor
+        finally:
+            source.close()
 
 
 def quote_argv(argv: List[str]) -> str:
@@ -3093,6 +3223,7 @@ class Supervisor:
         self.head_seen = time.time()
         self.procs: Dict[str, Any] = {}            # run_id -> asyncio process
         self.live: Dict[str, RunRecord] = {}       # run_id -> record of a running job
+        self.dying: set = set()                    # run_ids being killed (never re-frozen)
         self.builds: Dict[str, Any] = {}           # batch key -> task
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
@@ -3162,13 +3293,17 @@ class Supervisor:
                 self.save_record(record)
 
     async def watch_pauses(self) -> None:
+        """Freeze jobs while someone pauses this machine; jobs being killed are left alone."""
         def roots() -> List[int]:
-            return [proc.pid for proc in self.procs.values()]
+            return [proc.pid for key, proc in self.procs.items() if key not in self.dying]
 
         def changed(locks) -> None:
             self.pause_locks = list(locks)
             self.notify({"event": "paused", "locks": [dataclasses.asdict(l) for l in locks]})
-        await watch_pauses(roots, changed)
+        try:
+            await watch_pauses(roots, changed)
+        except (UserError, Failed) as exc:
+            log(f"supervisor: pausing is unavailable here: {exc}")
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
@@ -3221,7 +3356,7 @@ class Supervisor:
         if ws.root.exists():
             shutil.rmtree(ws.root)
         ws.create()
-        extract_tar(payload, ws.root)
+        await self.receive_files(channel, header, payload, ws.root)
         key = f"{plan.namespace}/{plan.batch}"
         self.builds[key] = asyncio.ensure_future(self.run_build(ws, plan, header.get("env") or {}))
         return {"ok": True}, b""
@@ -3267,6 +3402,7 @@ class Supervisor:
             return await proc.wait()
         finally:
             self.procs.pop(key, None)
+            self.dying.discard(key)
 
     async def op_start(self, channel: Channel, header, payload):
         import asyncio
@@ -3278,7 +3414,7 @@ class Supervisor:
         if slot:
             ws = ws.shadow(slot)
         ws.reset_for_job(plan)
-        extract_tar(payload, ws.root)
+        await self.receive_files(channel, header, payload, ws.root)
         folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time())
@@ -3305,24 +3441,36 @@ class Supervisor:
 
     def finished_event(self, record: RunRecord, progress: Optional[float] = None
                        ) -> Tuple[Dict[str, Any], bytes]:
-        folder = self.run_dir(record.run_id)
-        size = tar_size(folder / "save") + tar_size_file(folder / "stdout.txt")
+        size = entries_size(self.result_entries(record.run_id))
         event = {"event": "finished", "run": dataclasses.asdict(record), "size": size, "progress": progress}
         if size <= INLINE_LIMIT:
             return dict(event, inline=True), self.result_tar(record.run_id)
         return dict(event, inline=False), b""
 
-    def result_tar(self, run_id: str) -> bytes:
+    def result_entries(self, run_id: str) -> List[Tuple[str, str]]:
         folder = self.run_dir(run_id)
         extra = [("stdout.txt", str(folder / "stdout.txt"))] if (folder / "stdout.txt").exists() else []
-        return tar_folder(folder / "save", extra)
+        return folder_entries(folder / "save") + extra
+
+    def result_tar(self, run_id: str) -> bytes:
+        return tar_of(self.result_entries(run_id))
+
+    async def receive_files(self, channel: Channel, header, payload: bytes, dest: Path) -> None:
+        """Files come inline (small) or, on a channel of their own, as a tar until EOF."""
+        if header.get("stream"):
+            await receive_tar(channel.reader, dest)
+        else:
+            extract_tar(payload, dest)
 
     async def op_fetch(self, channel: Channel, header, payload):
-        """Stream a run's results (for results too large to ride along with the event)."""
+        """Stream a run's results as a tar on this channel (results too large to ride along
+        with the "finished" event), then half-close it."""
         record = self.load_record(header["run_id"])
         if record is None or record.state != "finished":
             raise Failed(f"no finished run {header['run_id']}")
-        return {"ok": True}, self.result_tar(record.run_id)
+        await channel.send({"ok": True, "stream": True, "reply_to": header.get("id")})
+        await send_tar_stream(channel.writer, self.result_entries(record.run_id))
+        return None
 
     async def op_ack(self, channel: Channel, header, payload):
         """The head has archived (or discarded) a run: forget it."""
@@ -3340,6 +3488,7 @@ class Supervisor:
                 record.killed = True
                 self.save_record(record)
             if proc is not None:
+                self.dying.add(run_id)
                 asyncio.ensure_future(terminate_tree(proc, grace))
         return None
 
@@ -3373,13 +3522,6 @@ class Supervisor:
         return {"ok": True, "progress": out}, b""
 
 
-def tar_size_file(path: Path) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
-
-
 def glob_escape(name: str) -> str:
     import glob
     return glob.escape(name)
@@ -3396,16 +3538,15 @@ def pid_alive(pid: int) -> bool:
 
 
 async def terminate_tree(proc, grace: float) -> None:
-    """SIGTERM the job's whole session (waking it if paused), then SIGKILL after `grace`."""
+    """SIGTERM every process of the job (children that left its session too), waking it
+    if paused, then SIGKILL whatever is left after `grace`."""
     import asyncio
     for sig in (signal.SIGTERM, signal.SIGCONT):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+        signal_job_processes([proc.pid], sig)
     try:
         await asyncio.wait_for(proc.wait(), grace)
     except asyncio.TimeoutError:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        signal_job_processes([proc.pid], signal.SIGKILL)
 
 
 def supervisor_socket(workdir: str) -> str:
@@ -3881,19 +4022,31 @@ def matrix_message(notice: BatchNotice) -> str:
 
 
 class MatrixNotifier:
-    """Sends batch messages from one worker thread; `submit` returns at once."""
+    """Sends batch messages from one worker thread; `submit` returns at once.
+
+    The thread is a daemon fed by a queue (not an executor, whose threads are joined
+    at exit): a head stopped while the homeserver hangs stops at once; messages not
+    yet sent are lost, the batches are not."""
 
     def __init__(self, config: MatrixConfig):
         self.config = config
         self.client = MatrixClient(config.homeserver, config.access_token)
         self.rooms = MatrixRooms(config.room_store)
-        self._worker = None
+        self._queue = None
 
-    def submit(self, task: Callable, *args):
-        from concurrent.futures import ThreadPoolExecutor
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="matrix")
-        return self._worker.submit(task, *args)
+    def submit(self, task: Callable[..., Any], *args: Any) -> None:
+        import queue
+        import threading
+        if self._queue is None:
+            self._queue = queue.Queue()
+            threading.Thread(target=self._work, args=(self._queue,), name="matrix", daemon=True).start()
+        self._queue.put((task, args))
+
+    @staticmethod
+    def _work(tasks) -> None:
+        while True:
+            task, args = tasks.get()
+            task(*args)                 # each task logs its own failures
 
     def check_login(self) -> bool:
         """At start: tell the admin now, not at the first batch, when the token or URL is wrong."""
@@ -3953,10 +4106,14 @@ def notify_batch_finished(head: "Head", batch: BatchRow, counts: Dict[str, int])
     if head.matrix is None:
         log(f"matrix: {batch.key} asks for a message to {batch.matrix}, but the head has no --matrix-config")
         return
-    failed = head.store.jobs(batch.id, "failed")
-    notice = BatchNotice(batch.matrix, batch.key, dict(counts), time.time() - batch.created,
-                         batch_archive(head.config.archive, batch.namespace, batch.name),
-                         [(j.name, j.exit_code) for j in failed[:MATRIX_FAILED_JOBS_SHOWN]], len(failed))
+    try:
+        failed = head.store.jobs(batch.id, "failed")
+        notice = BatchNotice(batch.matrix, batch.key, dict(counts), time.time() - batch.created,
+                             batch_archive(head.config.archive, batch.namespace, batch.name),
+                             [(j.name, j.exit_code) for j in failed[:MATRIX_FAILED_JOBS_SHOWN]], len(failed))
+    except Exception as exc:            # a message is never worth disturbing the batch's bookkeeping
+        log(f"matrix: cannot prepare the message about {batch.key}: {exc}")
+        return
     head.matrix.submit(head.matrix.deliver, notice)
 #@@MATRIX: end@@
 
@@ -4035,11 +4192,6 @@ class HeadConfig:
     @property
     def socket_path(self) -> Path:
         return self.state / "head.sock"
-
-
-def log(message: str) -> None:
-    sys.stderr.write(f"{now_iso()} {message}\n")
-    sys.stderr.flush()
 
 
 class NodeLink:
@@ -4183,6 +4335,52 @@ class NodeLink:
             raise Failed(reply.get("error") or "the node refused")
         return reply, data
 
+    async def open_data_channel(self) -> Channel:
+        """A channel of its own to the supervisor, for one bulk transfer."""
+        if not self.up:
+            raise ProtocolError(f"node {self.name} is not connected")
+        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        return Channel(reader, writer)
+
+    async def send_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]) -> Dict[str, Any]:
+        """A request carrying files: inline on the control channel when small, else streamed
+        as a tar on a data channel."""
+        if entries_size(entries) <= INLINE_LIMIT:
+            reply, _ = await self.request(header, tar_of(entries))
+            return reply
+        with self.transfer_breaks_off():
+            channel = await self.open_data_channel()
+            try:
+                await channel.send(dict(header, stream=True))
+                await send_tar_stream(channel.writer, entries)
+                reply, _ = await channel.receive()
+            finally:
+                channel.close()
+        if not reply.get("ok", True):
+            raise Failed(reply.get("error") or "the node refused")
+        return reply
+
+    async def fetch_results(self, run_id: str, dest: Path) -> None:
+        with self.transfer_breaks_off():
+            channel = await self.open_data_channel()
+            try:
+                reply, _ = await channel.request({"op": "fetch", "run_id": run_id})
+                if not reply.get("ok"):
+                    raise Failed(reply.get("error") or "the node refused")
+                await receive_tar(channel.reader, dest)
+            finally:
+                channel.close()
+
+    @contextlib.contextmanager
+    def transfer_breaks_off(self) -> Iterator[None]:
+        """A connection dying under a bulk transfer raises what callers expect of a lost node
+        (ProtocolError), not a stray socket or SSH error.  Disk errors pass unchanged."""
+        import asyncssh
+        try:
+            yield
+        except (ConnectionError, EOFError, asyncssh.Error) as exc:
+            raise ProtocolError(f"transfer with node {self.name} broke off: {exc or type(exc).__name__}") from None
+
     async def tell(self, header: Dict[str, Any]) -> None:
         """A one-way message; lost if the node is away (records on the node cover that)."""
         if self.channel is not None:
@@ -4207,6 +4405,7 @@ class Head:
         self.program = program_bytes(config.pyz)
         self._wake = None
         self.matrix = None
+        self.timeline: List[TimelineSpan] = []      # attempts, builds, pauses, for `report`
 
     # the main loop
     async def serve(self) -> None:
@@ -4324,10 +4523,11 @@ class Head:
         return max(1, int(link.info.get("cpus", 1)) // link.spec.slots)
 
     async def start_build(self, link: NodeLink, batch: BatchRow, slot: int) -> None:
-        payload = tar_folder(self.files / str(batch.id) / "shared")
+        entries = folder_entries(self.files / str(batch.id) / "shared")
+        timeline_build_started(self, batch.id, link.name)
         try:
-            await link.request({"op": "build", "plan": dataclasses.asdict(batch.plan),
-                                "env": self.job_env(link, slot)}, payload)
+            await link.send_files({"op": "build", "plan": dataclasses.asdict(batch.plan),
+                                   "env": self.job_env(link, slot)}, entries)
         except Failed as exc:
             log(f"node {link.name}: build of {batch.key} could not start: {exc}")
             link.slots.pop(slot, None)
@@ -4335,11 +4535,11 @@ class Head:
             self.wake()
 
     async def start_job(self, link: NodeLink, batch: BatchRow, job: JobRow, slot: int) -> None:
-        payload = tar_folder(self.files / str(batch.id) / "jobs" / job.name)
+        entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
         try:
-            await link.request({"op": "start", "run_id": job.run_id, "slot": slot,
-                                "plan": dataclasses.asdict(batch.plan), "job": dataclasses.asdict(job.plan),
-                                "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, payload)
+            await link.send_files({"op": "start", "run_id": job.run_id, "slot": slot,
+                                   "plan": dataclasses.asdict(batch.plan), "job": dataclasses.asdict(job.plan),
+                                   "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, entries)
         except Failed as exc:
             log(f"node {link.name}: {batch.key}/{job.name} could not start: {exc}")
             current = self.store.job(job.id)
@@ -4354,11 +4554,14 @@ class Head:
     # events from nodes
     async def on_event(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
         kind = header.get("event")
-        if kind == "finished":
+        if kind == "finished" and header.get("inline"):
             await self.on_finished(link, header, payload)
+        elif kind == "finished":
+            asyncio_spawn(self.on_finished(link, header, payload))     # a long transfer of its own
         elif kind == "built":
             self.on_built(link, header, payload)
         elif kind == "paused":
+            timeline_pauses(self, link.name, header.get("locks", []))
             link.paused = header.get("locks", [])
             log(f"node {link.name}: {'paused by ' + ', '.join(l['user'] for l in link.paused) if link.paused else 'resumed'}")
         self.wake()
@@ -4371,6 +4574,7 @@ class Head:
         if batch is None:
             return
         ok = header.get("exit_code") == 0
+        timeline_build_ended(self, batch.id, link.name, ok)
         self.set_build(batch.id, link.name, "ok" if ok else "failed")
         self.archive_build_log(batch, link.name, payload)
         if not ok:
@@ -4408,12 +4612,6 @@ class Head:
             await link.tell({"op": "ack", "run_ids": [run_id]})
             return
         batch = self.batches.get(job.batch_id) or self.store.batch(job.batch_id)
-        if not header.get("inline"):
-            try:
-                _, payload = await link.request({"op": "fetch", "run_id": run_id})
-            except Failed as exc:
-                log(f"node {link.name}: cannot fetch results of {run_id}: {exc}")
-                return
         killed = bool(run.get("killed"))
         code = run.get("exit_code")
         state = "killed" if killed else "done" if code == 0 else "failed"
@@ -4422,21 +4620,33 @@ class Head:
                   "exit_code": code, "attempts": job.attempts, "state": "ok" if state == "done" else state,
                   "params": job.plan.params or {}}
         try:
-            land_job(self.config.archive, batch.namespace, batch.name, job.name,
-                     lambda folder: extract_tar(payload, folder), record)
+            incoming, final = start_landing(self.config.archive, batch.namespace, batch.name, job.name)
+            try:
+                if header.get("inline"):
+                    extract_tar(payload, incoming)
+                else:
+                    await link.fetch_results(run_id, incoming)
+                finish_landing(incoming, final, record)
+            finally:
+                shutil.rmtree(incoming, ignore_errors=True)
+        except ProtocolError as exc:
+            log(f"node {link.name}: fetching the results of {run_id} broke off ({exc}); "
+                "they stay on the node until it is back")
+            return
         except (OSError, Failed) as exc:
             log(f"archive: cannot store {batch.key}/{job.name}: {exc}; will retry")
             asyncio_spawn(self.retry_archive_later(link, header))
             return
-        current = self.store.job(job.id)
-        if current is None or current.run_id != run_id:
+        if self.store.run_id_of(job.id) != run_id:
             return
-        self.store.set_progress(job.id, header.get("progress"))
-        if state == "failed" and job.attempts <= job.retries and batch.state == "active":
-            self.store.requeue(job.id, count_attempt=True)
-            self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
-        else:
-            self.store.mark_ended(job.id, state, code)
+        timeline_attempt(self, batch.id, job, link.name, run, state)
+        with self.store.transaction():          # one commit per finished job, not two
+            self.store.set_progress(job.id, header.get("progress"))
+            if state == "failed" and job.attempts <= job.retries and batch.state == "active":
+                self.store.requeue(job.id, count_attempt=True)
+                self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
+            else:
+                self.store.mark_ended(job.id, state, code)
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
@@ -4461,7 +4671,11 @@ class Head:
         asyncio_spawn(link.tell({"op": "cleanup", "namespace": batch.namespace, "batch": batch.name}))
 
     def maybe_finish_batch(self, batch: BatchRow) -> None:
-        counts = self.store.counts().get(batch.id, {}) if False else self.batch_counts(batch.id)
+        # An active batch with queued jobs is not finished: skip the count query, which
+        # scans the batch's jobs and would make each finish cost O(batch size).
+        if batch.state == "active" and self.queued.get(batch.id, 0) > 0:
+            return
+        counts = self.batch_counts(batch.id)
         if counts.get("queued", 0) or counts.get("running", 0):
             return
         if batch.state == "active":
@@ -4590,6 +4804,16 @@ class Head:
                 raise UserError(f"a batch {existing.key} exists already: use --resume to run only the jobs "
                                 "that did not succeed, or --replace to start over")
             self.check_owner(user, existing, "replace" if header.get("replace") else "resume")
+        # Everything checked: now the files (nothing changes until they are all here).
+        self.files.mkdir(parents=True, exist_ok=True)
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
+        try:
+            await channel.send({"ok": True, "send": True})
+            await receive_tar(channel.reader, incoming)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        if existing is not None:
             await self.kill_batch(existing)
             self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
             if header.get("replace"):
@@ -4597,13 +4821,7 @@ class Head:
         todo = [(job, retries) for job, retries in jobs if job.name not in skip]
         batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
                                         header.get("matrix"), todo)
-        folder = self.files / str(batch_id)
-        try:
-            extract_tar(payload, folder)
-        except Failed:
-            self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (batch_id,))
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
+        os.rename(incoming, self.files / str(batch_id))
         batch = self.store.batch(batch_id)
         self.batches[batch_id] = batch
         self.queued[batch_id] = len(todo)
@@ -4668,6 +4886,10 @@ class Head:
                             "started": now_iso(job.started) if job.started else None,
                             "progress": job.progress})
         await channel.send({"ok": True, "batches": batches, "running": running})
+
+    async def api_report(self, channel, user, header, payload):
+        """A batch's attempts, builds and pauses, for `report`'s timeline."""
+        await channel.send(batch_report(self, self.lookup_batch(str(header.get("batch", "")))))
 
     async def api_kill(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
@@ -4897,25 +5119,45 @@ class HeadClient:
             raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
         return reply, data
 
+    async def call_with_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]
+                              ) -> Dict[str, Any]:
+        """A request the head first accepts, then the files as one tar stream, then the answer."""
+        channel = await self.open()
+        try:
+            reply, _ = await channel.request(header)
+            if reply.get("ok") and reply.get("send"):
+                await send_tar_stream(channel.writer, entries)
+                reply, _ = await channel.receive()
+        finally:
+            channel.close()
+        if not reply.get("ok"):
+            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(reply.get("error") or "refused")
+        return reply
+
     async def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
 
 
-def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+def run_client(ctx_obj: Dict[str, Any], work) -> Any:
+    """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
 
     async def go():
         client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
         try:
-            return await client.call(header, payload)
+            return await work(client)
         finally:
             await client.close()
     return asyncio.run(go())
 
 
-def batch_upload(batch: JobFile) -> bytes:
-    """The tar a batch travels in: shared/ (build file, initial_files/) and jobs/<name>/."""
+def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    return run_client(ctx_obj, lambda client: client.call(header, payload))
+
+
+def batch_upload(batch: JobFile) -> List[Tuple[str, str]]:
+    """The files a batch travels with: shared/ (build file, initial_files/) and jobs/<name>/."""
     entries: List[Tuple[str, str]] = []
     if batch.build:
         entries.append((f"shared/{batch.build.alias}", batch.build.path))
@@ -4924,7 +5166,7 @@ def batch_upload(batch: JobFile) -> bytes:
         if job.file:
             entries.append((f"jobs/{job.name}/job.py", job.file.path))
         entries += [(f"jobs/{job.name}/input/{f.alias}", f.path) for f in job.required_files]
-    return tar_of(entries)
+    return entries
 
 
 def add_request(batch: JobFile, **flags: Any) -> Dict[str, Any]:
@@ -5207,6 +5449,669 @@ def write_template(flavour: str, output: str) -> List[Path]:
     return list(planned)
 
 
+#@@ADOPTION: begin@@
+# What a lab needs around the commands: a systemd unit for the head, a check of
+# every node before the head first reaches it, the client's default head and
+# shell completion, and a timeline picture of a batch.  Head-only code (3.10+).
+
+# --- `service install`: the head as a systemd service -----------------------
+
+SYSTEM_UNIT_DIR = "/etc/systemd/system"
+SYSTEM_STATE_DIR = "/var/lib/distribute"       # what clients' --head finds without --socket
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart word, double-quoted for systemd: `%` (specifiers) and `$`
+    (variables) are doubled, `\\` and `"` escaped; control characters refused."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in arg):
+        raise UserError(f"{arg!r}: a path with control characters cannot go into a systemd unit")
+    text = arg.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%").replace("$", "$$")
+    return f'"{text}"'
+
+
+@dataclass
+class ServiceUnit:
+    """What `service install` writes: the serve command line and who runs it."""
+    argv: List[str]                      # absolute program path first
+    system: bool                         # a system unit (User=) or a user unit (systemctl --user)
+    user: Optional[str] = None           # User= of a system unit
+    state_directory: bool = False        # let systemd create /var/lib/distribute for User=
+
+    def text(self) -> str:
+        service = ["Type=simple", "ExecStart=" + " ".join(systemd_quote(a) for a in self.argv),
+                   "Restart=on-failure", "RestartSec=5s", "Environment=PYTHONUNBUFFERED=1",
+                   # only the head stops: a local node's detached supervisor and its jobs live in
+                   # this unit's cgroup and must outlive a head restart, as they do on other nodes
+                   "KillMode=process", "TimeoutStopSec=30s"]
+        if self.system and self.user:
+            service.insert(0, f"User={self.user}")
+        if self.state_directory:
+            service.append("StateDirectory=distribute")
+        wanted = "multi-user.target" if self.system else "default.target"
+        return "\n".join(
+            ["# Written by `distribute service install`; `distribute service install --help` says how to",
+             "# change it.  Logs: journalctl" + ("" if self.system else " --user") + " -u distribute",
+             "[Unit]", "Description=distribute head: batches of jobs on the lab's workstations",
+             "After=network-online.target", "Wants=network-online.target", "",
+             "[Service]"] + service + ["", "[Install]", f"WantedBy={wanted}", ""])
+
+
+def service_user(requested: Optional[str]) -> str:
+    """The account the head runs as: --user, else whoever called sudo, else ourselves."""
+    import pwd
+    name = requested or os.environ.get("SUDO_USER") or current_user()
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise UserError(f"--user {name}: no such user on this machine") from None
+    return name
+
+
+def service_argv(nodes_file: Optional[str], state: Path, archive: Path, group: Optional[str],
+                 matrix_config: Optional[str]) -> List[str]:
+    """`distribute serve ...` with every path absolute (systemd starts in /)."""
+    argv = [os.path.abspath(a) for a in program_argv()] + ["serve"]
+    if nodes_file:
+        load_nodes_file(nodes_file)                  # a bad nodes file fails now, not at boot
+        argv += ["--nodes", os.path.abspath(nodes_file)]
+    argv += ["--state", str(state), "--archive", str(archive)]
+    if group:
+        import grp
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            raise UserError(f"--group {group}: no such group") from None
+        argv += ["--group", group]
+    if matrix_config:
+        if not os.path.isfile(matrix_config):
+            raise UserError(f"--matrix-config {matrix_config}: no such file")
+        argv += ["--matrix-config", os.path.abspath(matrix_config)]
+    return argv
+
+
+def prepare_service_dirs(folders: List[Path], owner: Optional[str]) -> List[Path]:
+    """Create missing state/archive folders, owned by the service's user when we are root."""
+    created = []
+    for folder in folders:
+        if folder.exists():
+            continue
+        folder.mkdir(parents=True)
+        created.append(folder)
+        if owner and os.geteuid() == 0:
+            shutil.chown(folder, owner)
+    return created
+
+
+def user_unit_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "systemd" / "user" / "distribute.service"
+
+
+def enable_commands(system: bool, written: Path) -> List[str]:
+    """The commands that make systemd run the unit now and at every boot."""
+    if system:
+        target = Path(SYSTEM_UNIT_DIR) / "distribute.service"
+        sudo = "" if os.geteuid() == 0 else "sudo "
+        copy = [] if written == target else [f"{sudo}cp {shlex.quote(str(written))} {target}"]
+        return copy + [f"{sudo}systemctl daemon-reload", f"{sudo}systemctl enable --now distribute",
+                       f"{sudo}journalctl -u distribute -f"]
+    target = user_unit_path()
+    copy = [] if written == target else [f"cp {shlex.quote(str(written))} {shlex.quote(str(target))}"]
+    return copy + ["systemctl --user daemon-reload", "systemctl --user enable --now distribute",
+                   "journalctl --user -u distribute -f",
+                   f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
+
+
+def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
+                    archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
+    """Write the unit file; return where, and the commands to enable it."""
+    owner = service_user(user) if system else current_user()
+    if system:
+        state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
+        default_output = Path(SYSTEM_UNIT_DIR) / "distribute.service"
+    else:
+        state_dir = Path(state).resolve() if state else default_state_dir().resolve()
+        default_output = user_unit_path()
+    archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
+    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
+                       owner if system else None,
+                       state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
+    target = Path(output).resolve() if output else default_output
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(target, lambda tmp: tmp.write_text(unit.text()))
+        # systemd makes StateDirectory= itself, owned by User=, and serve makes the archive in it
+        made_by_systemd = unit.state_directory and (archive_dir == state_dir or state_dir in archive_dir.parents)
+        prepare_service_dirs([] if made_by_systemd else [state_dir, archive_dir], owner if system else None)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
+                     "(sudo), or write the unit elsewhere with --output FILE") from None
+    return target, enable_commands(system, target)
+
+
+# --- `nodes --check`: what each node still needs, before the head reaches it --
+
+DEFAULT_MIN_FREE = "5G"
+MIN_NODE_PYTHON = (3, 8)
+
+_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5G', '500M', '1.5T', '2048' (bytes) -> bytes; binary units."""
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise UserError(f"size {text!r} is not like 5G, 500M or 1T")
+    factor = 1024 ** " kmgt".index(match.group(2).lower() or " ")
+    return int(float(match.group(1)) * factor)
+
+
+# One round trip per node; prints key=value lines.  $1 python, $2 workdir, $3 pause dir.
+# The pause dir is made before the workdir: by default they are the same folder, and it
+# must be 1777 (every workstation user writes a lock there), as `distribute pause` makes it.
+NODE_CHECK_SCRIPT = r'''
+py=$1 wd=$2 pd=$3
+echo "user=$(id -un)"
+out=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>&1); rc=$?
+if [ $rc -eq 0 ]; then echo "python=$out"
+elif [ $rc -eq 127 ] || [ $rc -eq 126 ]; then echo "python-missing=$rc"
+else echo "python-error=$(printf '%s\n' "$out" | tail -n 1)"; fi
+if [ -L "$pd" ]; then echo "pause=symlink"
+elif [ -d "$pd" ]; then echo "pause-mode=$(stat -c %a "$pd")"
+elif [ -e "$pd" ]; then echo "pause=not-a-folder"
+elif mkdir -p "$(dirname "$pd")" 2>/dev/null && mkdir -m 1777 "$pd" 2>/dev/null; then echo "pause-mode=1777"
+else echo "pause=cannot-create"; fi
+if mkdir -p "$wd" 2>/dev/null; then
+  t="$wd/.distribute-check.$$"
+  if (: > "$t") 2>/dev/null; then rm -f "$t"; echo "workdir=ok"; else echo "workdir=unwritable"; fi
+else echo "workdir=cannot-create"; fi
+d=$wd
+while [ ! -d "$d" ]; do d=$(dirname "$d"); done
+df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free-kib=" $4}'
+'''
+
+
+@dataclass
+class NodeCheck:
+    """The outcome of checking one node: what is missing, and the facts found."""
+    name: str
+    problems: List[str] = field(default_factory=list)
+    python: Optional[str] = None
+    free: Optional[int] = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        if self.problems:
+            return f"{self.name}: " + "; ".join(self.problems)
+        facts = [f"python {self.python}"] + ([f"{human_bytes(self.free)} free"] if self.free is not None else [])
+        return f"{self.name}: ok ({', '.join(facts)})"
+
+
+def check_node_workdir(spec: NodeSpec) -> str:
+    """The workdir the head will use there (a local node's default lives under the state dir)."""
+    if spec.is_local and spec.workdir == DEFAULT_NODE_WORKDIR:
+        return str(default_state_dir().resolve() / "nodes" / spec.name)
+    return spec.workdir
+
+
+def connection_problem(transport, exc: BaseException, timeout: float) -> str:
+    """Why the head cannot log in there, and what fixes it."""
+    import asyncio
+    import asyncssh
+    spec = transport.node
+    if isinstance(exc, asyncio.TimeoutError):
+        return f"unreachable: {spec.host} did not answer within {timeout:.0f}s"
+    text = transport.describe_error(exc)
+    login = f"{spec.user + '@' if spec.user else ''}{spec.host}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        return f"{text} (connect once with `ssh {login}` as {current_user()}, compare the fingerprint, accept it)"
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return f"{text} (add {current_user()}'s public key to ~/.ssh/authorized_keys of {login})"
+    if isinstance(exc, (OSError, asyncssh.DisconnectError)):
+        return f"unreachable: {text}"
+    return text
+
+
+def judge_node_facts(check: NodeCheck, facts: Dict[str, str], spec: NodeSpec, workdir: str,
+                     pause_folder: str, min_free: int) -> None:
+    """Turn the check script's key=value lines into problems, in the order an admin fixes them."""
+    user = facts.get("user", spec.user or "the node account")
+    if "python" in facts:
+        try:
+            version = tuple(int(p) for p in facts["python"].split("."))
+        except ValueError:
+            version = ()
+        if version < MIN_NODE_PYTHON:
+            check.problems.append(f"{spec.python} is {facts['python']}: too old (need "
+                                  f"{'.'.join(map(str, MIN_NODE_PYTHON))} or newer; set `python:` in the nodes file)")
+        check.python = facts["python"]
+    elif "python-missing" in facts:
+        check.problems.append(f"{spec.python} not found")
+    else:
+        check.problems.append(f"{spec.python} does not run: {facts.get('python-error') or 'no answer'}")
+    if facts.get("workdir") == "cannot-create":
+        check.problems.append(f"workdir {workdir} cannot be created by {user}")
+    elif facts.get("workdir") != "ok":
+        check.problems.append(f"workdir {workdir} not writable by {user}")
+    pause_problem = {"symlink": "is a symlink", "not-a-folder": "is not a folder",
+                     "cannot-create": f"cannot be created by {user}"}.get(facts.get("pause", ""))
+    if pause_problem:
+        check.problems.append(f"pause dir {pause_folder} {pause_problem}")
+    elif "pause-mode" in facts:
+        mode = int(facts["pause-mode"], 8)
+        if mode & 0o1002 != 0o1002:
+            check.problems.append(f"pause dir {pause_folder} has mode {mode:04o}: workstation users cannot "
+                                  f"pause (fix: chmod 1777 {pause_folder})")
+    if "free-kib" in facts:
+        check.free = int(facts["free-kib"]) * 1024
+        if check.free < min_free:
+            check.problems.append(f"only {human_bytes(check.free)} free under {workdir} "
+                                  f"(below {human_bytes(min_free)})")
+
+
+async def check_node(spec: NodeSpec, min_free: int, timeout: float) -> NodeCheck:
+    """Log in to one node the way the head does and look at what it will need."""
+    import asyncio
+    check = NodeCheck(spec.name)
+    transport = LocalTransport(spec) if spec.is_local else SshTransport(spec, connect_timeout=timeout)
+    workdir = check_node_workdir(spec)
+    pause_folder = spec.pause_dir or DEFAULT_PAUSE_DIR
+    try:
+        await asyncio.wait_for(transport.connect(), timeout + 5)
+        code, out, err = await asyncio.wait_for(
+            transport.run(["sh", "-c", NODE_CHECK_SCRIPT, "sh", spec.python, workdir, pause_folder]), timeout + 30)
+    except Exception as exc:                  # every way a login fails is a finding, not a crash
+        check.problems.append(connection_problem(transport, exc, timeout))
+        return check
+    finally:
+        await transport.close()
+    facts = dict(line.split("=", 1) for line in out.decode("utf-8", "replace").splitlines() if "=" in line)
+    if "user" not in facts:
+        text = (err or out).decode("utf-8", "replace").strip().splitlines()
+        check.problems.append(f"the check did not run there (exit {code}): {text[-1] if text else 'no output'}")
+        return check
+    judge_node_facts(check, facts, spec, workdir, pause_folder, min_free)
+    return check
+
+
+def check_nodes(nodes_file: str, min_free: str, timeout: float = 15.0) -> List[NodeCheck]:
+    """Check every node of the nodes file at once; results in the file's order."""
+    import asyncio
+    nodes = load_nodes_file(nodes_file)
+    limit = parse_size(min_free)
+
+    async def all_nodes() -> List[NodeCheck]:
+        return list(await asyncio.gather(*(check_node(spec, limit, timeout) for spec in nodes)))
+    return asyncio.run(all_nodes())
+
+
+def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
+    """`nodes --check`: one line per node; exit 1 when any node lacks something."""
+    path = nodes_file or NODES_FILE
+    if not os.path.exists(path):
+        raise UserError(f"no nodes file {path}: give --nodes FILE")
+    checks = check_nodes(path, min_free)
+    for check in checks:
+        click.echo(check.line())
+    bad = [c.name for c in checks if not c.ok]
+    if bad:
+        raise Failed(f"{len(bad)} of {len(checks)} nodes need attention: {', '.join(bad)}")
+
+
+# --- `config` and `completion`: the client's defaults ------------------------
+
+CONFIG_KEYS = ("head", "socket")
+# Commands that never talk to a head: a broken config file must not stop them
+# (above all `config`, which repairs it).
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+                         "template", "check", "slurm", "demo")
+
+
+def config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "distribute" / "config.yaml"
+
+
+def read_client_config() -> Dict[str, str]:
+    """The stored defaults ({} when there is no config file)."""
+    import yaml
+    path = config_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise UserError(f"{path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
+                        "rewrite it with `distribute config --head ...`") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a mapping of {', '.join(CONFIG_KEYS)}")
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            raise UserError(f"{path}: unknown key {key!r} (known: {', '.join(CONFIG_KEYS)})")
+        if not isinstance(value, str):
+            raise UserError(f"{path}: {key}: must be a string")
+    return data
+
+
+def check_head_value(head: str) -> str:
+    if head != "local":
+        parse_head(head)
+    return head
+
+
+def write_client_config(values: Dict[str, str]) -> Path:
+    import yaml
+    path = config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# distribute's defaults for this user; `distribute config --help` says how to change them\n"
+    text += yaml.safe_dump({k: values[k] for k in CONFIG_KEYS if values.get(k)}, default_flow_style=False)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def resolve_head(head: Optional[str], socket_path: Optional[str],
+                 command: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """--head (or $DISTRIBUTE_HEAD), else the config file's head, else None (the local head).
+    The config's socket goes with the config's head only."""
+    if head is not None or command in COMMANDS_WITHOUT_HEAD:
+        return head, socket_path
+    stored = read_client_config()
+    if "head" not in stored:
+        return head, socket_path
+    return stored["head"], socket_path or stored.get("socket")
+
+
+COMPLETION_SHELLS = ("bash", "zsh", "fish")
+
+
+def completion_script(shell: str) -> str:
+    """click's completion script for `distribute` (it calls `distribute` with _DISTRIBUTE_COMPLETE set)."""
+    from click.shell_completion import get_completion_class
+    completer = get_completion_class(shell)
+    if completer is None:
+        raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
+    return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `report`: what happened to a batch, as a timeline ------------------------
+# The head keeps, in memory, one span per job attempt, build and pause (the
+# database holds only each job's latest attempt).  After a head restart the
+# report falls back to that latest attempt; earlier builds and pauses are gone.
+
+TIMELINE_LIMIT = 200000
+
+
+@dataclass
+class TimelineSpan:
+    kind: str                        # "job", "build" or "pause"
+    node: str
+    start: float
+    end: Optional[float] = None      # None: still going
+    state: str = "running"           # job: ok/failed/killed/running; build: ok/failed/running; pause: paused
+    batch_id: Optional[int] = None   # None for pauses: they belong to the node
+    job_id: Optional[int] = None
+    job: str = ""
+    attempt: int = 0
+    exit_code: Optional[int] = None
+    users: List[str] = field(default_factory=list)
+
+
+def timeline_add(head: "Head", span: TimelineSpan) -> None:
+    if len(head.timeline) >= TIMELINE_LIMIT:
+        del head.timeline[:TIMELINE_LIMIT // 10]
+    head.timeline.append(span)
+
+
+def timeline_open_span(head: "Head", kind: str, node: str, batch_id: Optional[int] = None):
+    for span in reversed(head.timeline):
+        if span.kind == kind and span.node == node and span.batch_id == batch_id and span.end is None:
+            return span
+    return None
+
+
+def timeline_build_started(head: "Head", batch_id: int, node: str) -> None:
+    timeline_add(head, TimelineSpan("build", node, time.time(), batch_id=batch_id))
+
+
+def timeline_build_ended(head: "Head", batch_id: int, node: str, ok: bool) -> None:
+    span = timeline_open_span(head, "build", node, batch_id)
+    if span is not None:
+        span.end, span.state = time.time(), "ok" if ok else "failed"
+
+
+def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: Dict[str, Any],
+                     state: str) -> None:
+    """A finished attempt, with the node's own start and end times."""
+    end = run.get("end") or time.time()
+    timeline_add(head, TimelineSpan("job", node, run.get("start") or job.started or end, end,
+                                    "ok" if state == "done" else state, batch_id, job.id, job.name,
+                                    job.attempts, run.get("exit_code")))
+
+
+def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> None:
+    """A node's pause locks changed: open a span when the first appears, close it with the last."""
+    span = timeline_open_span(head, "pause", node)
+    users = sorted({str(lock.get("user")) for lock in locks})
+    if locks and span is None:
+        since = [lock.get("since") for lock in locks if lock.get("since")]
+        timeline_add(head, TimelineSpan("pause", node, min(since + [time.time()]), state="paused", users=users))
+    elif locks:
+        span.users = sorted(set(span.users) | set(users))
+    elif span is not None:
+        span.end = time.time()
+
+
+def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
+    """Every attempt, build and pause of a batch, times in seconds since the epoch."""
+    recorded = [s for s in head.timeline if s.batch_id == batch.id]
+    seen = {(s.job_id, s.attempt) for s in recorded if s.kind == "job"}
+    jobs = [{"job": s.job, "node": s.node, "attempt": s.attempt, "start": s.start, "end": s.end,
+             "state": s.state, "exit_code": s.exit_code} for s in recorded if s.kind == "job"]
+    for job in head.store.jobs(batch.id):
+        if job.node is None or job.started is None or job.state == "queued" or (job.id, job.attempts) in seen:
+            continue                              # never started, or already recorded above
+        running = job.state == "running"
+        jobs.append({"job": job.name, "node": job.node, "attempt": job.attempts, "start": job.started,
+                     "end": None if running else job.ended, "state": "ok" if job.state == "done" else job.state,
+                     "exit_code": job.exit_code})
+    builds = [{"node": s.node, "start": s.start, "end": s.end, "state": s.state} for s in recorded
+              if s.kind == "build" and (s.end is not None or head.builds.get((batch.id, s.node)) == "running")]
+    used = {j["node"] for j in jobs} | {b["node"] for b in builds}
+    ends = [t for t in [batch.finished] + [j["end"] for j in jobs] if t]
+    first = min([batch.created] + [j["start"] for j in jobs] + [b["start"] for b in builds])
+    last = max(ends) if batch.state != "active" and ends else time.time()
+    pauses = [{"node": s.node, "start": s.start, "end": s.end, "users": s.users} for s in head.timeline
+              if s.kind == "pause" and s.node in used and s.start <= last and (s.end or time.time()) >= first]
+    recorded_pauses = {p["node"] for p in pauses if p["end"] is None}
+    for name in sorted(used - recorded_pauses):
+        link = head.links.get(name)
+        if link is not None and link.paused:      # paused since before this head saw it
+            since = [l.get("since") for l in link.paused if l.get("since")]
+            pauses.append({"node": name, "start": min(since + [time.time()]), "end": None,
+                           "users": sorted({str(l.get("user")) for l in link.paused})})
+    jobs.sort(key=lambda j: (j["start"], j["job"]))
+    return {"ok": True, "batch": batch.key, "owner": batch.owner, "state": batch.state,
+            "created": batch.created, "finished": batch.finished, "now": time.time(),
+            "nodes": [n for n in head.links if n in used], "jobs": jobs, "builds": builds, "pauses": pauses,
+            "counts": dict(head.batch_counts(batch.id))}
+
+
+# The picture: standalone SVG built with ElementTree (which escapes every text and attribute).
+
+SVG_NS = "http://www.w3.org/2000/svg"
+OUTCOME_COLOURS = {"ok": "#2e7d32", "failed": "#c62828", "killed": "#ef6c00", "running": "#1565c0"}
+BUILD_COLOUR = "#6a1b9a"
+SVG_WIDTH = 1200
+SVG_LEFT = 150                   # node names
+SVG_RIGHT = 30
+SVG_TOP = 64                     # title and time axis
+LANE_HEIGHT = 18
+ROW_PADDING = 6
+
+
+def nice_step(span: float, ticks: int = 8) -> float:
+    """A round tick distance (seconds) giving about `ticks` ticks over `span`."""
+    for step in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400):
+        if span / step <= ticks:
+            return float(step)
+    return 86400.0 * max(1, int(span / 86400 / ticks) + 1)
+
+
+def assign_lanes(spans: List[Dict[str, Any]], now: float) -> int:
+    """Give each span of one node a lane so none overlap (several slots run at once); returns the lane count."""
+    lane_ends: List[float] = []
+    for span in sorted(spans, key=lambda s: s["start"]):
+        end = span["end"] or now
+        for lane, lane_end in enumerate(lane_ends):
+            if lane_end <= span["start"]:
+                span["lane"], lane_ends[lane] = lane, end
+                break
+        else:
+            span["lane"] = len(lane_ends)
+            lane_ends.append(end)
+    return max(1, len(lane_ends))
+
+
+def _svg(parent, tag: str, text: Optional[str] = None, **attrs: Any):
+    """A child element; attribute names in Python spelling (font_size, class_) become SVG's."""
+    import xml.etree.ElementTree as ET
+    element = ET.SubElement(parent, tag, {k.rstrip("_").replace("_", "-"): str(v) for k, v in attrs.items()})
+    if text is not None:
+        element.text = text
+    return element
+
+
+def clock(timestamp: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(timestamp))
+
+
+def span_title(span: Dict[str, Any], kind: str, now: float) -> str:
+    end = span["end"] or now
+    took = format_duration(end - span["start"])
+    when = f"{clock(span['start'])}–{clock(end) if span['end'] else 'now'}"
+    if kind == "job":
+        code = f", exit code {span['exit_code']}" if span.get("exit_code") is not None else ""
+        return f"{span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}{code}, {took}, {when}"
+    if kind == "build":
+        return f"build on {span['node']}: {span['state']}, {took}, {when}"
+    return f"paused by {', '.join(span['users']) or 'someone'} on {span['node']}: {took}, {when}"
+
+
+def svg_defs(root) -> None:
+    defs = _svg(root, "defs")
+    hatch = _svg(defs, "pattern", id="pause-hatch", width=8, height=8, patternUnits="userSpaceOnUse",
+                 patternTransform="rotate(45)")
+    _svg(hatch, "rect", width=8, height=8, fill="#9e9e9e", fill_opacity="0.25")
+    _svg(hatch, "line", x1=0, y1=0, x2=0, y2=8, stroke="#424242", stroke_width=3, stroke_opacity="0.6")
+    stripes = _svg(defs, "pattern", id="build-stripes", width=6, height=6, patternUnits="userSpaceOnUse",
+                   patternTransform="rotate(-45)")
+    _svg(stripes, "rect", width=6, height=6, fill=BUILD_COLOUR)
+    _svg(stripes, "line", x1=0, y1=0, x2=0, y2=6, stroke="#ce93d8", stroke_width=2)
+
+
+def timeline_svg(report: Dict[str, Any]) -> str:
+    """The batch as a standalone SVG: one row per node, one bar per attempt, builds striped,
+    pauses hatched; every bar's <title> is its tooltip."""
+    import xml.etree.ElementTree as ET
+    now = report["now"]
+    jobs, builds, pauses = report["jobs"], report["builds"], report["pauses"]
+    nodes = list(report["nodes"]) or ["(no node)"]
+    start = min([report["created"]] + [s["start"] for s in jobs + builds])
+    end = max([start + 1] + [s["end"] or now for s in jobs + builds]
+              + ([report["finished"]] if report.get("finished") else []))
+    scale = (SVG_WIDTH - SVG_LEFT - SVG_RIGHT) / (end - start)
+
+    def x_of(t: float) -> float:
+        return round(SVG_LEFT + (min(max(t, start), end) - start) * scale, 2)
+
+    lanes = {n: assign_lanes([s for s in jobs + builds if s["node"] == n], now) for n in nodes}
+    rows_height = sum(lanes[n] * LANE_HEIGHT + 2 * ROW_PADDING for n in nodes)
+    height = SVG_TOP + rows_height + 60
+    root = ET.Element("svg", {"xmlns": SVG_NS, "width": str(SVG_WIDTH), "height": str(height),
+                              "viewBox": f"0 0 {SVG_WIDTH} {height}", "font-family": "sans-serif",
+                              "font-size": "12"})
+    _svg(root, "title", f"distribute: timeline of {report['batch']}")
+    svg_defs(root)
+    _svg(root, "rect", width=SVG_WIDTH, height=height, fill="#ffffff")
+    counts = report.get("counts", {})
+    summary = ", ".join(f"{counts[s]} {'ok' if s == 'done' else s}" for s in JOB_STATES if counts.get(s))
+    _svg(root, "text", f"{report['batch']} ({report['owner']}): {summary or 'no jobs'}; "
+                       f"{len(jobs)} attempts on {len(report['nodes'])} nodes, {format_duration(end - start)}, "
+                       f"from {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(start))}",
+         x=10, y=22, font_size=15, font_weight="bold")
+    axis = _svg(root, "g", class_="axis")
+    step = nice_step(end - start)
+    tick = 0.0
+    while tick <= end - start + 1e-9:
+        x = x_of(start + tick)
+        _svg(axis, "line", x1=x, y1=SVG_TOP - 8, x2=x, y2=SVG_TOP + rows_height, stroke="#e0e0e0")
+        _svg(axis, "text", "+" + format_duration(tick), x=x, y=SVG_TOP - 12, text_anchor="middle",
+             fill="#616161", font_size=11)
+        tick += step
+    y = SVG_TOP
+    for index, name in enumerate(nodes):
+        y += svg_row(root, name, index, y, lanes[name], x_of, now,
+                     [s for s in jobs if s["node"] == name], [s for s in builds if s["node"] == name],
+                     [s for s in pauses if s["node"] == name])
+    svg_legend(root, y + 30)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def svg_row(root, name: str, index: int, y: float, lanes: int, x_of, now: float, jobs, builds, pauses) -> float:
+    """One node's row: background, name, build bars, attempt bars, pause hatching; returns its height."""
+    row_height = lanes * LANE_HEIGHT + 2 * ROW_PADDING
+    row = _svg(root, "g", class_="row", data_node=name)
+    _svg(row, "rect", class_="row-background", x=0, y=y, width=SVG_WIDTH, height=row_height,
+         fill="#fafafa" if index % 2 else "#eeeeee")
+    _svg(row, "text", name, x=10, y=y + row_height / 2 + 4, font_weight="bold")
+    for span in builds:
+        bar = _svg(row, "rect", class_="build", data_state=span["state"], x=x_of(span["start"]),
+                   y=y + ROW_PADDING + span["lane"] * LANE_HEIGHT + 1,
+                   width=max(3.0, round(x_of(span["end"] or now) - x_of(span["start"]), 2)),
+                   height=LANE_HEIGHT - 2, fill="url(#build-stripes)",
+                   stroke=OUTCOME_COLOURS["failed"] if span["state"] == "failed" else BUILD_COLOUR)
+        _svg(bar, "title", span_title(span, "build", now))
+    for span in jobs:
+        left, right = x_of(span["start"]), x_of(span["end"] or now)
+        top = y + ROW_PADDING + span["lane"] * LANE_HEIGHT + 1
+        bar = _svg(row, "rect", class_="attempt", data_state=span["state"], data_job=span["job"],
+                   x=left, y=top, width=max(2.0, round(right - left - 1, 2)), height=LANE_HEIGHT - 2,
+                   rx=2, fill=OUTCOME_COLOURS.get(span["state"], "#757575"))
+        _svg(bar, "title", span_title(span, "job", now))
+        if right - left > 7 * len(span["job"]) + 6:
+            _svg(row, "text", span["job"], x=left + 4, y=top + LANE_HEIGHT - 6, fill="#ffffff",
+                 font_size=11, pointer_events="none")
+    for span in pauses:
+        bar = _svg(row, "rect", class_="pause", x=x_of(span["start"]), y=y + 1,
+                   width=max(3.0, round(x_of(span["end"] or now) - x_of(span["start"]), 2)),
+                   height=row_height - 2, fill="url(#pause-hatch)", stroke="#424242", stroke_dasharray="4 2")
+        _svg(bar, "title", span_title(span, "pause", now))
+    return row_height
+
+
+def svg_legend(root, y: float) -> None:
+    legend = _svg(root, "g", class_="legend")
+    x = 10
+    entries = list(OUTCOME_COLOURS.items()) + [("build", "url(#build-stripes)"), ("paused", "url(#pause-hatch)")]
+    for label, fill in entries:
+        _svg(legend, "rect", x=x, y=y - 11, width=24, height=14, fill=fill, stroke="#424242", stroke_width="0.5")
+        _svg(legend, "text", label, x=x + 30, y=y)
+        x += 110
+#@@ADOPTION: end@@
+
+
 # ---------------------------------------------------------------------------
 # 10. The command line
 #
@@ -5224,12 +6129,14 @@ def find_job_file(path: Optional[str]) -> str:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="distribute")
 @click.option("--head", envvar="DISTRIBUTE_HEAD", default=None, metavar="[USER@]HOST[:PORT]|local",
-              help="The head to talk to (default: $DISTRIBUTE_HEAD, else the head on this machine).")
+              help="The head to talk to (default: $DISTRIBUTE_HEAD, else `distribute config`'s, "
+                   "else the head on this machine).")
 @click.option("--socket", "socket_path", envvar="DISTRIBUTE_SOCKET", default=None, metavar="PATH",
               help="The head's API socket on the head machine.")
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
     ctx.obj = {"head": head, "socket": socket_path}
 
 
@@ -5365,8 +6272,7 @@ def add(obj, file, dry, show_caps, resume, replace) -> None:
         raise UserError("--resume and --replace exclude each other")
     batch = load_job_file(find_job_file(file))
     flags = {"dry": dry, "show_caps": show_caps, "resume": resume, "replace": replace}
-    payload = b"" if dry or show_caps else batch_upload(batch)
-    reply, _ = client_call(obj, add_request(batch, **flags), payload)
+    reply = run_client(obj, lambda client: client.call_with_files(add_request(batch, **flags), batch_upload(batch)))
     if show_caps:
         for node in reply["nodes"]:
             click.echo(f"{node['name']:<12} {node['state']:<10} {', '.join(node['capabilities']) or '-'}")
@@ -5402,9 +6308,16 @@ def status(obj, as_json, watch) -> None:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--check", is_flag=True, help="On the head machine, no head needed: log in to every node of "
+              "the nodes file and tell what each lacks.")
+@click.option("--nodes", "nodes_file", default=None, metavar="FILE", help=f"With --check [default: {NODES_FILE}].")
+@click.option("--min-free", default=DEFAULT_MIN_FREE, show_default=True, metavar="SIZE",
+              help="With --check: free disk a node's workdir needs.")
 @click.pass_obj
-def nodes(obj, as_json) -> None:
+def nodes(obj, as_json, check, nodes_file, min_free) -> None:
     """Show each node: reachable, version, capabilities, running jobs, paused until."""
+    if check:
+        return print_node_checks(nodes_file, min_free)
     reply, _ = client_call(obj, {"op": "nodes"})
     if as_json:
         click.echo(json.dumps({"nodes": reply["nodes"]}, indent=2))
@@ -5559,7 +6472,7 @@ async def _retry_add(obj, batch: JobFile):
     while True:
         client = HeadClient(obj["head"], obj["socket"])
         try:
-            return await client.call(add_request(batch), batch_upload(batch))
+            return await client.call_with_files(add_request(batch), batch_upload(batch)), b""
         except UserError:
             if time.time() > deadline:
                 raise
@@ -5737,6 +6650,110 @@ def resume(everyone: bool) -> None:
         click.echo("your pause has ended" if in_force and removed else "you had not paused this machine")
     report_other_pauses(folder)
 #@@CLI PAUSE: end@@
+
+
+#@@CLI ADOPTION: begin@@
+# `service install`, `config`, `completion` and `report` (`nodes --check` is an option of `nodes`).
+
+@cli.group(name="service")
+def service_group() -> None:
+    """Run the head as a systemd service."""
+
+
+@service_group.command("install")
+@click.option("--user", "user", default=None, metavar="USER",
+              help="Who runs the head (system unit; default: whoever called sudo, else you).")
+@click.option("--nodes", "nodes_file", default=None, metavar="FILE",
+              help="distribute-nodes.yaml (default: this machine is the one node).")
+@click.option("--state", default=None, metavar="DIR",
+              help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
+                   "~/.local/state/distribute].")
+@click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
+@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
+@click.option("--output", default=None, metavar="PATH",
+              help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
+                   "~/.config/systemd/user/distribute.service].")
+@click.option("--system/--user-unit", "system", default=True, show_default=True,
+              help="A system unit (starts at boot, User=) or a unit of your own systemd --user.")
+def service_install(user, nodes_file, state, archive, group, matrix_config, output, system) -> None:
+    """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
+    if user and not system:
+        raise UserError("--user names the account of a system unit; a --user-unit runs as you")
+    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    click.echo(f"wrote {target}; to start the head now and at every boot:")
+    for line in commands:
+        click.echo(f"  {line}")
+
+
+@cli.command(name="config")
+@click.option("--head", default=None, metavar="[USER@]HOST[:PORT]|local",
+              help="The head your commands talk to when --head is not given.")
+@click.option("--socket", "socket_path", default=None, metavar="PATH",
+              help="The head's API socket on the head machine (when it is not the default).")
+@click.option("--unset", "unset", multiple=True, type=click.Choice(CONFIG_KEYS), help="Forget a stored value.")
+@click.option("--show", is_flag=True, help="Print the stored values (the default without options).")
+def config_command(head, socket_path, unset, show) -> None:
+    """Store your default head (in ~/.config/distribute/config.yaml)."""
+    changing = head is not None or socket_path is not None or bool(unset)
+    try:
+        values = read_client_config()
+    except UserError:
+        if not changing:
+            raise
+        values = {}                               # a broken file is what `config --head` repairs
+    if changing:
+        for key in unset:
+            values.pop(key, None)
+        if head is not None:
+            values["head"] = check_head_value(head)
+        if socket_path is not None:
+            if not socket_path.startswith("/"):
+                raise UserError(f"--socket {socket_path}: must be an absolute path on the head machine")
+            values["socket"] = socket_path
+        click.echo(f"wrote {write_client_config(values)}")
+        if not show:
+            return
+    click.echo(f"{config_path()}:" + ("" if values else " (no defaults stored)"))
+    for key in CONFIG_KEYS:
+        if key in values:
+            click.echo(f"  {key}: {values[key]}")
+    if os.environ.get("DISTRIBUTE_HEAD"):
+        click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
+
+
+@cli.command(name="completion")
+@click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
+def completion_command(shell) -> None:
+    """Print the shell completion script for bash, zsh or fish.
+
+    \b
+    bash:  distribute completion bash > ~/.local/share/bash-completion/completions/distribute
+    zsh:   distribute completion zsh > ~/.zfunc/_distribute  (with fpath+=~/.zfunc before compinit)
+    fish:  distribute completion fish > ~/.config/fish/completions/distribute.fish"""
+    click.echo(completion_script(shell), nl=False)
+
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("-o", "--output", default=None, metavar="FILE",
+              help="Where the SVG goes ('-' for standard output) [default: BATCH-timeline.svg].")
+@click.pass_obj
+def report(obj, batch, output) -> None:
+    """Draw a batch's timeline as an SVG: a row per node, a bar per job attempt."""
+    reply, _ = client_call(obj, {"op": "report", "batch": batch})
+    svg = timeline_svg(reply)
+    if output == "-":
+        click.echo(svg, nl=False)
+        return
+    target = Path(output or f"{reply['batch'].rpartition('/')[2]}-timeline.svg")
+    try:
+        write_atomically(target, lambda tmp: tmp.write_text(svg))
+    except OSError as exc:
+        raise Failed(f"cannot write {target}: {exc.strerror}") from None
+    click.echo(f"wrote {target}: {len(reply['jobs'])} job attempts, {len(reply['builds'])} builds and "
+               f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
+#@@CLI ADOPTION: end@@
 
 
 def _not_yet(name: str, help_text: str):

@@ -65,8 +65,8 @@ def synapse_venv(version=SYNAPSE_VERSION, log=None):
     scratch = Path(tempfile.mkdtemp(prefix=f".synapse-venv-{version}-", dir=CACHE))
     try:
         steps = [[find_python(), "-m", "venv", str(scratch)],
-                 [str(scratch / "bin" / "python"), "-m", "pip", "install", "-q", "--upgrade", "pip"],
-                 [str(scratch / "bin" / "python"), "-m", "pip", "install", "-q", f"matrix-synapse=={version}"]]
+                 [str(scratch / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                  f"matrix-synapse=={version}"]]
         for argv in steps:
             done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                   timeout=1500)
@@ -75,11 +75,11 @@ def synapse_venv(version=SYNAPSE_VERSION, log=None):
             if done.returncode != 0:
                 raise RuntimeError(f"installing Synapse failed: {' '.join(argv)} exited {done.returncode}:\n"
                                    f"{done.stdout[-3000:]}")
-        shutil.rmtree(final, ignore_errors=True)
-        # A venv is not relocatable: its scripts name their folder.  Only the python
-        # executable with `-m` is used here, and pyvenv.cfg has no path of its own,
-        # but site-packages' entry points would be wrong, so reinstall is avoided
-        # by creating the venv at its final path when that path is free.
+        if (final / ".complete").exists():          # another test session finished first
+            return python
+        shutil.rmtree(final, ignore_errors=True)     # a half-made one, interrupted before .complete
+        # Only `bin/python -m ...` is used, which works from the new path (pyvenv.cfg
+        # names no venv path); the scripts' #! lines are fixed up all the same.
         scratch.rename(final)
         _fix_venv_paths(final, scratch)
         (final / ".complete").write_text(version + "\n")

@@ -6,9 +6,9 @@ End-to-end tests run a real head (its node is this machine) against a real Synap
 
 import json
 import os
+import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 import uuid
@@ -187,8 +187,8 @@ def test_finished_batches_reach_the_user_in_one_direct_room(synapse, tmp_path):
         bodies = [m["content"]["body"] for m in synapse.messages(user, room)]
         assert len(bodies) == 2 and bodies[1].startswith(f"distribute: batch {namespace}/second finished: "
                                                          "1 ok, 0 failed, 0 killed")
-        assert synapse.joined_rooms(user) == [room] and synapse.invited_rooms(user) == []
-        assert synapse.joined_rooms(bot) == [room]
+        assert synapse.joined_rooms(user) == [room]
+        assert synapse.joined_rooms(bot) == [room]         # it would be in any room it created
         assert len(log_lines(head, "matrix: created a direct room")) == 1
 
         # the state file lost: the room is found again through the bot's m.direct
@@ -250,6 +250,10 @@ def test_a_homeserver_that_never_answers_does_not_stall_the_head(tmp_path):
             head.cli("status")
             assert time.monotonic() - started < 5
             assert log_lines(head, "matrix: cannot notify") == []     # still waiting for an answer
+            started = time.monotonic()
+            head.proc.send_signal(signal.SIGINT)                       # Ctrl-C: no wait for the homeserver
+            assert head.proc.wait(10) is not None and time.monotonic() - started < 5
+            assert log_lines(head, "head: stopped")
         finally:
             head.stop()
     finally:

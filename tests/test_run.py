@@ -20,6 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def cli(*args, cwd=None, env=None):
+    # A user's shell does not set PYTHONUNBUFFERED; without it a python job's print() output is
+    # block-buffered, and stdout.txt must still keep stdout and stderr in the order written.
+    env = dict(os.environ if env is None else env)
+    env.pop("PYTHONUNBUFFERED", None)
     return subprocess.run([sys.executable, str(ROOT / "distribute.py"), *map(str, args)],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

@@ -393,14 +393,16 @@ def test_head_side_modules_load_from_the_archive(pyz, home):
     if sys.version_info < (3, 10):
         pytest.skip("asyncssh needs CPython 3.10")
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "import _distribute_boot; _distribute_boot.setup()\n"
+            "import _distribute_boot as boot; boot.setup()\n"
             "import asyncssh, cryptography, _cffi_backend\n"
             "key = asyncssh.generate_private_key('ssh-ed25519')\n"
-            "print(cryptography.__file__); print(len(key.export_public_key()))\n" % str(pyz))
+            "print(cryptography.__file__); print(boot.ARCHIVE); print(boot.BUILD_ID)\n" % str(pyz))
     proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(str(home / ".cache" / "distribute")), proc.stdout
+    site, archive, build_id = proc.stdout.splitlines()
+    assert site.startswith(str(home / ".cache" / "distribute" / build_id)), proc.stdout
+    assert archive == str(pyz)  # what the head copies to nodes
 
 
 # ---------------------------------------------------------------------------

@@ -198,15 +198,20 @@ def start_profilers(folder, head_pid, supervisors):
 
 # --- the run ------------------------------------------------------------------------
 
-def summarise(runs, count):
+def summarise(runs, count, ours):
+    """Medians; "coordinator" CPU is what dispatching costs on the submitting side:
+    head + supervisors + `add` for us, parallel and its ssh/rsync children for it
+    (our idle head and supervisors still tick during parallel's runs: not its cost)."""
     walls = [w for w, _ in runs]
     wall = median(walls)
     cpu = {k: median([c[k] for _, c in runs]) for k in ("head", "supervisors", "jobs", "sshd", "client")}
-    coordinator = cpu["head"] + cpu["supervisors"] + cpu["client"]
-    return {"wall_s": wall, "walls_s": walls, "jobs_per_s": count / wall, "cpu_s": cpu,
-            "coordinator_cpu_ms_per_job": 1000 * coordinator / count,
-            "total_cpu_ms_per_job": 1000 * (coordinator + cpu["jobs"] + cpu["sshd"]) / count,
-            "head_cpu_ms_per_job": 1000 * (cpu["head"] + cpu["supervisors"]) / count}
+    coordinator = cpu["client"] + (cpu["head"] + cpu["supervisors"] if ours else 0.0)
+    out = {"wall_s": wall, "walls_s": walls, "jobs_per_s": count / wall, "cpu_s": cpu,
+           "coordinator_cpu_ms_per_job": 1000 * coordinator / count,
+           "total_cpu_ms_per_job": 1000 * (coordinator + cpu["sshd"] + (cpu["jobs"] if ours else 0.0)) / count}
+    if ours:
+        out["head_cpu_ms_per_job"] = 1000 * (cpu["head"] + cpu["supervisors"]) / count
+    return out
 
 
 def main():
@@ -277,7 +282,7 @@ def main():
     print("medians:", file=sys.stderr)
     for kind in kinds:
         count = args.jobs if kind == "trivial" else args.files
-        summary = {key.rsplit("_", 1)[0]: summarise(r, count) for key, r in runs.items()
+        summary = {key.rsplit("_", 1)[0]: summarise(r, count, key.startswith("ours")) for key, r in runs.items()
                    if key.endswith(kind) and r}
         ours, peer = summary["ours"], summary["parallel_cm"]
         summary["speedup_vs_parallel_cm"] = peer["wall_s"] / ours["wall_s"]
@@ -288,10 +293,11 @@ def main():
         for side in ("ours", "parallel_cm", "parallel"):
             if side in summary:
                 s = summary[side]
-                print(f"  {kind:<8} {side:<12} {s['wall_s']:7.2f} s  {s['jobs_per_s']:7.1f} jobs/s  "
-                      f"head+supervisors {s['head_cpu_ms_per_job']:5.1f} ms/job  coordinator "
-                      f"{s['coordinator_cpu_ms_per_job']:5.1f} ms/job  total {s['total_cpu_ms_per_job']:5.1f} ms/job",
-                      file=sys.stderr)
+                head_part = (f"head+supervisors {s['head_cpu_ms_per_job']:5.1f} ms/job  "
+                             if "head_cpu_ms_per_job" in s else "")
+                print(f"  {kind:<8} {side:<12} {s['wall_s']:7.2f} s  {s['jobs_per_s']:7.1f} jobs/s  {head_part}"
+                      f"coordinator CPU {s['coordinator_cpu_ms_per_job']:5.1f} ms/job  "
+                      f"(with sshd and jobs {s['total_cpu_ms_per_job']:5.1f})", file=sys.stderr)
         print(f"  {kind:<8} ratio vs parallel+ControlMaster: {summary['speedup_vs_parallel_cm']:.2f}x"
               + (f", vs parallel: {summary['speedup_vs_parallel']:.2f}x" if "speedup_vs_parallel" in summary else ""),
               file=sys.stderr)
