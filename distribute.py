@@ -3353,6 +3353,11 @@ class Supervisor:
         import asyncio
         plan = BatchPlan(**header["plan"])
         ws = self.workspace(plan.namespace, plan.batch)
+        if f"{plan.namespace}/{plan.batch}" in self.builds:
+            # asked again by a head that restarted meanwhile: the running build will report
+            while header.get("stream") and await channel.reader.read(1 << 20):
+                pass
+            return {"ok": True, "already": True}, b""
         if ws.root.exists():
             shutil.rmtree(ws.root)
         ws.create()
