@@ -3705,13 +3705,18 @@ def file_sha256(path: Path) -> Optional[str]:
     return digest.hexdigest()
 
 
-def open_archived_file(root: Path, rel: str):
+def open_archived_file(root: Path, rel: str, checked_dirs: Optional[Set[str]] = None):
     """root/rel opened for reading if it is a regular file reached through no symlink
-    (a client may name any path, not only what the manifest listed); else None."""
+    (a client may name any path, not only what the manifest listed); else None.
+    checked_dirs remembers folders already found symlink-free (one realpath per folder)."""
     import stat
-    path = archive_path(root, rel)
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), *rel.split("/")):
-        return None
+    path = str(archive_path(root, rel))
+    folder = os.path.dirname(path)
+    if checked_dirs is None or folder not in checked_dirs:
+        if os.path.realpath(folder) != os.path.join(os.path.realpath(root), *rel.split("/")[:-1]):
+            return None
+        if checked_dirs is not None:
+            checked_dirs.add(folder)
     try:
         handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb", buffering=0)
     except OSError:
