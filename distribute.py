@@ -3119,6 +3119,7 @@ class SshTransport:
         self.conn = await asyncssh.connect(
             self.node.host, encryption_algs=PREFERRED_CIPHERS, compression_algs=None,
             keepalive_interval=5, keepalive_count_max=3, connect_timeout=self.connect_timeout, **options)
+        await enable_server_nodelay(self.conn)
 
     async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
         result = await self.conn.run(quote_argv(argv), input=stdin, encoding=None, check=False)
@@ -3160,6 +3161,14 @@ class SshTransport:
         if isinstance(exc, OSError):
             return f"cannot reach {self.node.host}: {exc.strerror or exc}"
         return f"{self.node.host}: {exc or type(exc).__name__}"
+
+
+async def enable_server_nodelay(conn) -> None:
+    """sshd turns Nagle off for a connection only once some session has a pseudo-terminal;
+    without that, small replies can wait ~40 ms for a delayed ACK.  One pty command fixes it
+    for every later channel."""
+    with contextlib.suppress(Exception):
+        await conn.run("true", term_type="dumb", check=False)
 
 
 def transport_for(node: NodeSpec):
@@ -3705,7 +3714,7 @@ def file_sha256(path: Path) -> Optional[str]:
     return digest.hexdigest()
 
 
-def open_archived_file(root: Path, rel: str, checked_dirs: Optional[Set[str]] = None):
+def open_archived_file(root: Path, rel: str, checked_dirs: Optional[set] = None):
     """root/rel opened for reading if it is a regular file reached through no symlink
     (a client may name any path, not only what the manifest listed); else None.
     checked_dirs remembers folders already found symlink-free (one realpath per folder)."""
@@ -3751,8 +3760,9 @@ def write_tar_to_fd(fd: int, root: Path, paths: List[str]) -> None:
     with os.fdopen(fd, "wb", buffering=1 << 20) as out:
         try:
             with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                checked_dirs: set = set()
                 for rel in paths:
-                    handle = open_archived_file(root, rel)
+                    handle = open_archived_file(root, rel, checked_dirs)
                     if handle is None:
                         continue
                     with handle:
@@ -5109,6 +5119,7 @@ class HeadClient:
             try:
                 self.conn = await asyncssh.connect(host, encryption_algs=PREFERRED_CIPHERS,
                                                    compression_algs=None, **options)
+                await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
                 raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
         path = self.socket_path or REMOTE_SOCKET
