@@ -47,11 +47,9 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import hashlib
-import io
 import json
 import os
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -192,10 +190,9 @@ class WheelCache:
     build is fast and works offline.  Combinations known to have no wheel are
     remembered too (missing.json)."""
 
-    def __init__(self, folder: Path, offline: bool, refresh: bool, verbose: bool):
+    def __init__(self, folder: Path, offline: bool, refresh: bool):
         self.folder = folder
         self.offline = offline
-        self.verbose = verbose
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.abort = threading.Event()  # set on the first error: other threads stop asking pip
@@ -257,16 +254,9 @@ class WheelCache:
     def native(self, pin: Native, python: Tuple[int, int], arch: str) -> Optional[WheelName]:
         """The wheel of `pin` for CPython `python` on `arch`, oldest glibc first;
         None if the release publishes none."""
-        for platform in PLATFORMS:
-            limit = platform_glibc(platform + "_" + arch, arch)
-            assert limit is not None
-            fits = [w for w in self.local(pin.project, pin.version)
-                    if wheel_fits(w, python, arch, limit)]
-            if fits:
-                # The most specific: an exact cpXY wheel before abi3, newer abi3 first.
-                # An exact cpXY wheel first, else the oldest abi3 one (shared by most versions).
-                return max(fits, key=lambda w: ("cp%d%d" % python in w.pytags,
-                                                -int(pick_tags(w, arch)[0][2:] or 0), w.filename))
+        found = self._local_native(pin, python, arch)
+        if found:
+            return found
         key = "%s==%s cp%d%d %s" % (pin.project, pin.version, python[0], python[1], arch)
         if key in self.missing:
             return None
@@ -277,8 +267,22 @@ class WheelCache:
             extra = ["--platform", "%s_%s" % (platform, arch), "--implementation", "cp",
                      "--abi", tag, "--abi", "abi3", "--abi", "none"]
             if self._pip("%s==%s" % (pin.project, pin.version), python, extra):
-                return self.native(pin, python, arch)
+                found = self._local_native(pin, python, arch)
+                if found is None:
+                    raise BuildError("pip downloaded a %s wheel that does not fit" % key)
+                return found
         self._remember_missing(key)
+        return None
+
+    def _local_native(self, pin: Native, python: Tuple[int, int], arch: str) -> Optional[WheelName]:
+        for platform in PLATFORMS:
+            limit = platform_glibc(platform + "_" + arch, arch)
+            assert limit is not None
+            fits = [w for w in self.local(pin.project, pin.version) if wheel_fits(w, python, arch, limit)]
+            if fits:
+                # An exact cpXY wheel first, else the oldest abi3 one (shared by most versions).
+                return max(fits, key=lambda w: ("cp%d%d" % python in w.pytags,
+                                                -int(pick_tags(w, arch)[0][2:] or 0), w.filename))
         return None
 
     def pure(self, project: str, version: str, python: Tuple[int, int]) -> WheelName:
@@ -571,7 +575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     started = time.monotonic()
     try:
-        cache = WheelCache(Path(args.wheels), args.offline, args.refresh, not args.quiet)
+        cache = WheelCache(Path(args.wheels), args.offline, args.refresh)
         result = build(Path(args.output), cache, args.keep_debug, log)
     except BuildError as exc:
         print("build_zipapp: error: %s" % exc, file=sys.stderr)

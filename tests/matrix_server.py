@@ -273,6 +273,10 @@ class Synapse:
         self.api("POST", f"/_matrix/client/v3/join/{urllib.parse.quote(room_id, safe='')}",
                  user.access_token, body={})
 
+    def leave(self, user, room_id):
+        self.api("POST", f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id, safe='')}/leave",
+                 user.access_token, body={})
+
     def messages(self, user, room_id):
         """The room's m.room.message events, oldest first."""
         reply = self.api("GET", f"/_matrix/client/v3/rooms/{urllib.parse.quote(room_id, safe='')}/messages",

@@ -240,3 +240,37 @@ def test_a_paused_node_gets_no_new_job_and_nodes_reports_the_pause(head, tmp_pat
     resumed = run_as_dalice_on(head, "node1", "resume")
     assert resumed.returncode == 0, resumed.stderr
     wait_until(lambda: not node1_paused(), 10, "node1 to report the end of its pause")
+
+
+def test_logs_follow_a_running_job_and_status_shows_progress(head, tmp_path):
+    folder = tmp_path / "l"
+    folder.mkdir()
+    gate = Path(tempfile.mkdtemp(prefix="dgate-", dir="/tmp"))
+    os.chmod(gate, 0o777)
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent(f"""\
+        meta: {{batch_name: chatty, namespace: lab}}
+        shell:
+          jobs:
+            - name: talk
+              command: >-
+                echo 50 > $DISTRIBUTE_PROGRESS; echo first line; echo to stderr >&2;
+                while [ ! -e {gate}/go ]; do sleep 0.05; done; echo last line
+        """))
+    head.wait_nodes_up(3)
+    head.cli("add", folder / "distribute-jobs.yaml")
+    follower = subprocess.Popen([sys.executable, str(ROOT / "distribute.py"), "--head", "local", "--socket",
+                                 str(head.socket), "logs", "-f", "lab/chatty/talk"],
+                                env=head.env, stdout=subprocess.PIPE, text=True)
+    assert follower.stdout.readline() == "first line\n"
+    assert follower.stdout.readline() == "to stderr\n"
+
+    def progress_shown():
+        running = head.status()["running"]
+        return running and running[0]["progress"] == 50.0
+    wait_until(progress_shown, 20, "status to show the job's progress")
+    assert "talk on node" in head.cli("status").stdout and "50%" in head.cli("status").stdout
+    (gate / "go").write_text("")
+    assert follower.stdout.readline() == "last line\n"
+    assert follower.wait(30) == 0
+    head.wait_batch("lab/chatty")
+    assert head.cli("logs", "lab/chatty/talk").stdout == "first line\nto stderr\nlast line\n"

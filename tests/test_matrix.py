@@ -201,6 +201,18 @@ def test_finished_batches_reach_the_user_in_one_direct_room(synapse, tmp_path):
         assert synapse.joined_rooms(bot) == [room]
         assert json.loads((head.state / "matrix-rooms.json").read_text()) == {bot.user_id: {user.user_id: room}}
 
+        # the user left: the next message comes in a new room, remembered from then on
+        synapse.leave(user, room)
+        fourth = job_file(tmp_path, namespace, "fourth", user.user_id, [("only", "true")])
+        head.cli("add", fourth)
+        wait_until(lambda: log_lines(head, f"told {user.user_id} that {namespace}/fourth"), 60,
+                   f"the message about {namespace}/fourth\n{head.log.read_text()}")
+        new_room = json.loads((head.state / "matrix-rooms.json").read_text())[bot.user_id][user.user_id]
+        assert new_room != room and len(log_lines(head, "matrix: created a direct room")) == 2
+        synapse.join(user, new_room)
+        assert [m["content"]["body"].split(":")[1] for m in synapse.messages(user, new_room)] == \
+            [f" batch {namespace}/fourth finished"]
+
         # the token is nowhere a user or an admin can read it
         outputs = [head.log.read_text(), head.cli("status", "--json").stdout, head.cli("nodes", "--json").stdout,
                    head.cli("status").stdout]

@@ -334,7 +334,7 @@ def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes,
     sent = supervisor.io_counters().write_chars
     cut_when(node1, lambda: supervisor.io_counters().write_chars, sent + out_size // 4,
              "the head to fetch a quarter of the results")
-    wait_log(head, "cannot fetch results", 20, "the head to notice the cut")
+    wait_log(head, "fetching the results of", 20, "the head to notice the cut")
     assert not final.exists()
     assert head.batch("rel/big")["jobs"]["running"] == 1
     node1.heal()
