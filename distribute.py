@@ -2598,7 +2598,7 @@ class Store:
             batch_id = cur.lastrowid
             self.db.executemany(
                 "INSERT INTO jobs (batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?)",
-                ((batch_id, i, job.name, json.dumps(dataclasses.asdict(job)), retries)
+                ((batch_id, i, job.name, json.dumps(vars(job)), retries)    # JobPlan is flat: vars() is 3x faster than asdict()
                  for i, (job, retries) in enumerate(jobs)))
         return batch_id
 
@@ -2628,6 +2628,21 @@ class Store:
         rows = self.db.execute("SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?",
                                (limit,)).fetchall()
         return [self._batch(r) for r in reversed(rows)]
+
+    def status_rows(self, limit: int = 10000) -> List[Tuple[int, str, str, str, str, float, Optional[float],
+                                                            Dict[str, int]]]:
+        """(id, namespace, name, owner, state, created, finished, {job state: count}) of the
+        latest batches, oldest first, in one query: no plan decoding, counts only for them."""
+        out: List[Any] = []
+        for row in self.db.execute(
+                "SELECT b.id, b.namespace, b.name, b.owner, b.state, b.created, b.finished, j.state, COUNT(j.id)"
+                " FROM (SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?) AS b"
+                " LEFT JOIN jobs AS j ON j.batch_id = b.id GROUP BY b.id, j.state ORDER BY b.id", (limit,)):
+            if not out or out[-1][0] != row[0]:
+                out.append(row[:7] + ({},))
+            if row[7] is not None:
+                out[-1][7][row[7]] = row[8]
+        return out
 
     def set_batch_state(self, batch_id: int, state: str) -> None:
         self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
@@ -2941,23 +2956,29 @@ def extract_tar(source, dest: Path) -> int:
 def extract_members(stream, dest: Path) -> Tuple[int, int]:
     """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
     written = 0
+    real_dest = os.path.realpath(dest)
+    safe_folders: set = set()       # checked to lie inside dest, and made: one realpath per folder
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for member in tar:
             target = check_member(member, dest)
-            real_parent = os.path.realpath(target.parent)
-            if not (real_parent + os.sep).startswith(os.path.realpath(dest) + os.sep) \
-                    and real_parent != os.path.realpath(dest):
-                raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
+            folder = os.path.dirname(target)
+            if folder not in safe_folders:
+                real_parent = os.path.realpath(folder)
+                if not (real_parent + os.sep).startswith(real_dest + os.sep) and real_parent != real_dest:
+                    raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
+                os.makedirs(folder, exist_ok=True)
+                safe_folders.add(folder)
             if member.isdir():
                 target.mkdir(parents=True, exist_ok=True)
                 continue
-            target.parent.mkdir(parents=True, exist_ok=True)
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
+                safe_folders.clear()
             if member.issym():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(target)
                 os.symlink(member.linkname, target)
+                safe_folders.clear()        # a link may now stand where a checked folder was
                 continue
             written += land_member(tar, member, target)
         return written, tar.offset
@@ -3044,13 +3065,22 @@ async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
         writer.write_eof()
 
 
+def extract_then_close(source, dest: Path) -> int:
+    """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
+    instead of blocking for ever when extraction stops early (refused entry, full disk)."""
+    try:
+        return extract_tar(source, dest)
+    finally:
+        source.close()
+
+
 async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
     """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
     import asyncio
     loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
     source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_tar, source, dest)
+    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -3495,7 +3525,7 @@ class Supervisor:
     async def op_ack(self, channel: Channel, header, payload):
         """The head has archived (or discarded) a run: forget it."""
         for run_id in header.get("run_ids", []):
-            shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+            remove_run_folder(self.run_dir(run_id))
         return None
 
     async def op_kill(self, channel: Channel, header, payload):
@@ -3540,6 +3570,20 @@ class Supervisor:
                 out[record.run_id] = read_progress(
                     self.workspace(record.namespace, record.batch).progress_file(record.job))
         return {"ok": True, "progress": out}, b""
+
+
+def remove_run_folder(folder: Path) -> None:
+    """Delete an archived run's folder: a handful of unlinks for the usual record.json,
+    stdout.txt and empty save/ (once per job, so cheaper than rmtree); rmtree otherwise."""
+    try:
+        for name in ("record.json", "stdout.txt"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(folder / name)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(folder / "save")
+        os.rmdir(folder)
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def glob_escape(name: str) -> str:
@@ -4192,13 +4236,19 @@ def default_socket_candidates() -> List[Path]:
 REMOTE_SOCKET = "/var/lib/distribute/head.sock"
 
 
+def running_pyz() -> Optional[str]:
+    """The distribute.pyz this process runs from, if any.  Its bootstrap imports this module
+    from an unpacked copy in ~/.cache, so __file__ does not lead to it; the bootstrap knows."""
+    archive = getattr(sys.modules.get("_distribute_boot"), "ARCHIVE", None)
+    if archive and os.path.isfile(archive):
+        return archive
+    container = os.path.dirname(os.path.abspath(__file__))
+    return container if os.path.isfile(container) else None
+
+
 def program_argv() -> List[str]:
     """How to run this very program again on this machine (the pyz, or distribute.py)."""
-    here = os.path.abspath(__file__)
-    container = os.path.dirname(here)
-    if os.path.isfile(container):                   # inside distribute.pyz
-        return [sys.executable, container]
-    return [sys.executable, here]
+    return [sys.executable, running_pyz() or os.path.abspath(__file__)]
 
 
 def program_bytes(pyz: Optional[Path] = None) -> Tuple[bytes, str]:
@@ -4206,10 +4256,10 @@ def program_bytes(pyz: Optional[Path] = None) -> Tuple[bytes, str]:
     Running from source, a thin pyz of this module alone is made (the nodes' python3
     must then have click, pyyaml and psutil)."""
     here = os.path.abspath(__file__)
-    container = os.path.dirname(here)
+    container = running_pyz()
     if pyz is not None:
         data = Path(pyz).read_bytes()
-    elif os.path.isfile(container):
+    elif container:
         data = Path(container).read_bytes()
     else:
         import zipfile
@@ -4586,7 +4636,7 @@ class Head:
         entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
         try:
             await link.send_files({"op": "start", "run_id": job.run_id, "slot": slot,
-                                   "plan": dataclasses.asdict(batch.plan), "job": dataclasses.asdict(job.plan),
+                                   "plan": vars(batch.plan), "job": vars(job.plan),    # flat dataclasses
                                    "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, entries)
         except Failed as exc:
             log(f"node {link.name}: {batch.key}/{job.name} could not start: {exc}")
@@ -4925,13 +4975,10 @@ class Head:
         await channel.send({"ok": True, "nodes": self.node_report()})
 
     async def api_status(self, channel, user, header, payload):
-        counts = self.store.counts()
         batches = []
-        for batch in self.store.all_batches():
-            c = counts.get(batch.id, {})
-            batches.append({"batch": batch.key, "owner": batch.owner, "state": batch.state,
-                            "created": now_iso(batch.created),
-                            "finished": now_iso(batch.finished) if batch.finished else None,
+        for _, namespace, name, owner, state, created, finished, c in self.store.status_rows():
+            batches.append({"batch": f"{namespace}/{name}", "owner": owner, "state": state,
+                            "created": now_iso(created), "finished": now_iso(finished) if finished else None,
                             "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
         running = []
         progress = await self.running_progress()
@@ -5243,7 +5290,7 @@ def batch_upload(batch: JobFile) -> List[Tuple[str, str]]:
 
 def add_request(batch: JobFile, **flags: Any) -> Dict[str, Any]:
     return dict({"op": "add", "plan": dataclasses.asdict(BatchPlan.of(batch)),
-                 "jobs": [{"plan": dataclasses.asdict(JobPlan.of(j)), "retries": j.retries} for j in batch.jobs],
+                 "jobs": [{"plan": vars(JobPlan.of(j)), "retries": j.retries} for j in batch.jobs],  # flat dataclass
                  "capabilities": batch.meta.capabilities, "matrix": batch.meta.matrix}, **flags)
 
 

@@ -3,9 +3,11 @@
 Any other exception would reach the user as a traceback, which SPEC §7 forbids for bad input.
 """
 
+import atexit
 import itertools
 import json
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +24,7 @@ from distribute import UserError  # noqa: E402
 
 # One folder for every example: holds the files job files may name, and the file under test.
 WORK = Path(tempfile.mkdtemp(prefix="distribute-fuzz-"))
+atexit.register(shutil.rmtree, str(WORK), True)
 for _name in ("build.py", "run.py", "a.txt", "b.csv", "image.sif"):
     (WORK / _name).write_text("x\n")
 (WORK / "folder").mkdir()

@@ -6,6 +6,7 @@ End-to-end tests run a real head (its node is this machine) against a real Synap
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -54,6 +55,21 @@ def local_head(config_path):
     return head.start()
 
 
+def stop(head):
+    """Stop the head, then its local node's supervisor (found by its unique workdir), then clean up."""
+    import psutil
+    head.stop()
+    workdir = f"{head.state / 'nodes'}/"
+    supervisors = [p for p in psutil.process_iter(["cmdline"])
+                   if any(arg.startswith(workdir) for arg in p.info["cmdline"] or [])]
+    for process in supervisors:
+        process.terminate()
+    _, alive = psutil.wait_procs(supervisors, timeout=10)
+    for process in alive:
+        process.kill()
+    shutil.rmtree(head.dir, ignore_errors=True)
+
+
 def job_file(folder, namespace, name, user, jobs):
     folder = Path(folder) / name
     folder.mkdir(parents=True)
@@ -85,7 +101,7 @@ def test_a_good_config_loads_with_the_rooms_file_in_the_state_dir(tmp_path):
 
 def test_config_errors_are_one_line_naming_file_line_and_key(tmp_path):
     name = str(tmp_path / "matrix.yaml")
-    assert config_error(tmp_path, "homeserver: [unclosed\n") .startswith(f"{name}:2: YAML syntax error")
+    assert config_error(tmp_path, "homeserver: [unclosed\n").startswith(f"{name}:2: YAML syntax error")
     assert config_error(tmp_path, "homeserver: https://m.example.org\n") == \
         f"{name}:1: missing required key 'access_token'"
     assert config_error(tmp_path, "homeserver: https://m.example.org\naccess_token: t\nroom: x\n") \
@@ -100,7 +116,7 @@ def test_config_errors_are_one_line_naming_file_line_and_key(tmp_path):
         .startswith(f"{name}:2: homeserver: use https://")
     assert config_error(tmp_path, "access_token: t\nhomeserver: [a, b]\n") \
         .startswith(f"{name}:2: homeserver: expected text")
-    assert config_error(tmp_path, f"{name}") .startswith(f"{name}:1: expected a mapping")
+    assert config_error(tmp_path, f"{name}").startswith(f"{name}:1: expected a mapping")
 
 
 def test_config_errors_never_echo_secrets(tmp_path):
@@ -219,7 +235,7 @@ def test_finished_batches_reach_the_user_in_one_direct_room(synapse, tmp_path):
         assert all(bot.access_token not in text for text in outputs)
         assert log_lines(head, f"matrix: batch messages come from {bot.user_id} on {synapse.url}")
     finally:
-        head.stop()
+        stop(head)
 
 
 def test_a_dead_homeserver_costs_one_log_line_and_never_the_batch(tmp_path):
@@ -241,7 +257,7 @@ def test_a_dead_homeserver_costs_one_log_line_and_never_the_batch(tmp_path):
         assert token not in head.log.read_text()
         assert head.cli("status").returncode == 0
     finally:
-        head.stop()
+        stop(head)
 
 
 def test_a_homeserver_that_never_answers_does_not_stall_the_head(tmp_path):
@@ -267,6 +283,6 @@ def test_a_homeserver_that_never_answers_does_not_stall_the_head(tmp_path):
             assert head.proc.wait(10) is not None and time.monotonic() - started < 5
             assert log_lines(head, "head: stopped")
         finally:
-            head.stop()
+            stop(head)
     finally:
         silent.close()

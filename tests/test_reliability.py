@@ -349,3 +349,57 @@ def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes,
     assert watch.landed == {"j": 1}
     assert leftovers(head.archive) == []
     assert not any((head.workdirs["node1"] / ".distribute" / "runs").iterdir())
+
+
+# --- 4. the archive's disk is full ------------------------------------------------------------
+
+@pytest.fixture
+def small_archive(ssh_nodes, pyz):
+    """A head whose archive is a 4 MiB tmpfs (unmounted at the end)."""
+    workdirs = node_workdirs(ssh_nodes)
+    process = HeadProcess(None, nodes_yaml(list(ssh_nodes), workdirs), ssh_nodes.head_home.env(), pyz=pyz,
+                          extra=["--kill-grace", "2"])
+    process.workdirs = workdirs
+    process.archive.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0755", "distribute-test", str(process.archive)],
+                   check=True)
+    try:
+        yield process.start()
+    finally:
+        process.stop()
+        subprocess.run(["umount", "-l", str(process.archive)], check=False)
+        shutil.rmtree(process.dir, ignore_errors=True)
+        shutil.rmtree(next(iter(workdirs.values())).parent, ignore_errors=True)
+
+
+def test_full_archive_disk_keeps_the_job_pending_until_space_returns(small_archive, tmp_path, counters):
+    """A result bigger than the archive's free space: one clear log line, the job stays pending
+    (running, not lost), the rest of the queue goes on, and it lands once there is room."""
+    head = small_archive
+    size = 8 * MiB
+    commands = {"big": counted(f"head -c {size} /dev/urandom > distribute_save/big.bin; "
+                               f"sha256sum distribute_save/big.bin | cut -d' ' -f1 > {counters}/big.sha", counters)}
+    commands.update({f"small{i}": counted(f"echo {i} > distribute_save/n.txt", counters) for i in range(6)})
+    job_file = shell_batch(tmp_path / "full", "full", "rel", commands)
+    head.wait_nodes_up(3)
+    head.cli("add", job_file)
+
+    wait_log(head, "archive: cannot store rel/full/big", 60, "the archive to report the full disk")
+    for i in range(6):       # the rest of the queue goes on
+        wait_until((head.archive / "rel" / "full" / f"small{i}" / "n.txt").exists, 60, f"small{i} to land")
+    failures = [l for l in head_log(head).splitlines() if "cannot store rel/full/big" in l]
+    assert "No space left on device" in failures[0] and failures[0].endswith("will retry")
+    assert "Traceback" not in head_log(head)
+    batch = head.batch("rel/full")
+    assert batch["state"] == "active" and batch["jobs"]["running"] == 1 and batch["jobs"]["done"] == 6
+    assert [r["job"] for r in head.status()["running"]] == ["big"]
+    assert not (head.archive / "rel" / "full" / "big").exists()
+    assert leftovers(head.archive) == []
+    assert len(lines(counters / "big.done")) == 1
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(head.archive)], check=True)
+    batch = head.wait_batch("rel/full", timeout=60)
+    assert batch["state"] == "done" and batch["jobs"]["done"] == 7
+    assert sha256(head.archive / "rel" / "full" / "big" / "big.bin") == (counters / "big.sha").read_text().strip()
+    assert len(lines(counters / "big.start")) == 1          # archived late, never run again
+    assert leftovers(head.archive) == []

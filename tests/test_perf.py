@@ -1,0 +1,74 @@
+"""The short cuts the head and supervisor take for speed (issue 8) give the same answers
+as the long way round."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import distribute  # noqa: E402
+
+
+def test_status_rows_match_per_batch_counts_and_skip_replaced(tmp_path):
+    store = distribute.Store(tmp_path / "state.sqlite")
+    plan = distribute.BatchPlan("ns", "a", "shell")
+    jobs = [(distribute.JobPlan(f"j{i}", command="true"), 0) for i in range(6)]
+    first = store.add_batch("ns", "a", "alice", plan, [], None, jobs)
+    empty = store.add_batch("ns", "b", "bob", plan, [], None, [])
+    gone = store.add_batch("ns", "c", "bob", plan, [], None, jobs[:2])
+    store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (gone,))
+    ids = [j.id for j in store.jobs(first)]
+    store.mark_ended(ids[0], "done", 0)
+    store.mark_ended(ids[1], "failed", 3)
+    store.mark_started(ids[2], f"{ids[2]}.1", "node1", 0)
+
+    rows = store.status_rows()
+
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [(first, "ns", "a", "alice", "active"),
+                                                             (empty, "ns", "b", "bob", "active")]
+    assert rows[0][7] == store.counts()[first] == {"done": 1, "failed": 1, "running": 1, "queued": 3}
+    assert rows[1][7] == {}
+    assert [r[0] for r in store.status_rows(limit=1)] == [empty]
+
+
+def test_job_plans_stored_flat_read_back_equal(tmp_path):
+    store = distribute.Store(tmp_path / "state.sqlite")
+    job = distribute.JobPlan("j", files=["a.txt"], command="echo", has_script=True, params={"re": 100})
+    batch = store.add_batch("ns", "a", "alice", distribute.BatchPlan("ns", "a", "shell"), [], None, [(job, 2)])
+    assert store.jobs(batch)[0].plan == job
+    assert store.run_id_of(store.jobs(batch)[0].id) is None
+
+
+def test_empty_tar_is_a_valid_tar_and_a_cut_stream_still_refused(tmp_path):
+    assert distribute.tar_of([]) == distribute.EMPTY_TAR
+    assert distribute.extract_tar(distribute.EMPTY_TAR, tmp_path / "out") == 0
+    assert list((tmp_path / "out").iterdir()) == []
+    with pytest.raises(distribute.Failed):
+        distribute.extract_tar(b"", tmp_path / "cut")
+    source = tmp_path / "f.txt"
+    source.write_text("hello")
+    assert distribute.extract_tar(distribute.tar_of([("f.txt", str(source))]), tmp_path / "one") == 5
+
+
+def test_remove_run_folder_usual_and_unusual_contents(tmp_path):
+    usual = tmp_path / "1.1"
+    (usual / "save").mkdir(parents=True)
+    (usual / "record.json").write_text("{}")
+    (usual / "stdout.txt").write_text("")
+    distribute.remove_run_folder(usual)
+    assert not usual.exists()
+
+    full = tmp_path / "2.1"
+    (full / "save" / "deep").mkdir(parents=True)
+    (full / "save" / "deep" / "x.bin").write_bytes(b"x")
+    (full / "record.json").write_text("{}")
+    os.symlink("/etc", full / "save" / "link")
+    distribute.remove_run_folder(full)
+    assert not full.exists()
+    assert os.path.isdir("/etc")
+
+    distribute.remove_run_folder(tmp_path / "never-was")
