@@ -764,9 +764,9 @@ def main():
             import importlib.util
             if importlib.util.find_spec(module) is None:
                 sys.stderr.write(
-                    "distribute.pyz: %s; it carries %s for CPython >= %s on Linux x86_64 and "
-                    "aarch64 (glibc), none for %s, and none is installed here\n"
-                    % (PROBLEM or "cannot run here", project, OLDEST_PYTHON, describe()))
+                    "distribute.pyz: no %s for %s (%s): the archive carries it for CPython >= %s "
+                    "on Linux x86_64 and aarch64 with glibc, and none is installed here\n"
+                    % (project, describe(), PROBLEM or "no wheel fits", OLDEST_PYTHON))
                 sys.exit(1)
     import distribute
     sys.exit(distribute.main())

@@ -42,6 +42,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+try:                        # inside distribute.pyz: put the bundled native wheels on sys.path
+    import _distribute_boot
+    _distribute_boot.setup()
+except ImportError:
+    pass
+
 import click
 
 __version__ = "0.1.0"
@@ -76,6 +82,16 @@ def log(message: str) -> None:
     """One timestamped line on stderr: the head's and the supervisor's log (never secrets)."""
     sys.stderr.write(f"{now_iso()} {message}\n")
     sys.stderr.flush()
+
+
+def import_asyncssh():
+    """asyncssh, for the head and clients only (nodes may run older Pythons without it)."""
+    try:
+        import asyncssh
+    except ImportError:
+        raise Failed(f"this command needs CPython 3.10 or newer with asyncssh (this is "
+                     f"{sys.version.split()[0]}); node commands (node, pause, resume) work here") from None
+    return asyncssh
 
 
 # ---------------------------------------------------------------------------
@@ -579,6 +595,9 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
             node.workdir = keys["workdir"].text()
             if not node.workdir.startswith("/"):
                 raise keys["workdir"].fail("must be an absolute path")
+            if len(supervisor_socket(node.workdir).encode()) > 107:     # the kernel's limit for a socket path
+                raise keys["workdir"].fail("is too long: the supervisor's socket "
+                                           f"{supervisor_socket(node.workdir)!r} would exceed 107 bytes")
         if "python" in keys:
             node.python = keys["python"].text()
         if "pause_dir" in keys:
@@ -3148,7 +3167,7 @@ class SshTransport:
         self.connect_timeout = connect_timeout
 
     async def connect(self) -> None:
-        import asyncssh
+        asyncssh = import_asyncssh()
         options: Dict[str, Any] = {}
         if self.node.port:
             options["port"] = self.node.port
@@ -3167,7 +3186,7 @@ class SshTransport:
     async def open_socket(self, path: str):
         """A stream to a Unix socket on the node: stream-local forwarding when sshd allows
         it, else a relay process (`node attach`) on an exec channel."""
-        import asyncssh
+        asyncssh = import_asyncssh()
         try:
             return await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError:
@@ -3188,7 +3207,7 @@ class SshTransport:
             self.conn = None
 
     def describe_error(self, exc: BaseException) -> str:
-        import asyncssh
+        asyncssh = import_asyncssh()
         if isinstance(exc, asyncssh.HostKeyNotVerifiable):
             return (f"host key of {self.node.host} not verified ({exc.reason}): it is unknown or has "
                     "changed; check the head's known_hosts")
@@ -3373,7 +3392,7 @@ class Supervisor:
                     if handler is None:
                         raise ProtocolError(f"unknown operation {op!r}")
                     reply = await handler(channel, header, payload)
-                except Failed as exc:
+                except (Failed, UserError, OSError) as exc:     # a refusal or a full disk: say so, stay connected
                     reply = ({"ok": False, "error": str(exc)}, b"")
                 if reply is not None:
                     await channel.send(dict(reply[0], reply_to=header.get("id")), reply[1])
@@ -4474,7 +4493,7 @@ class NodeLink:
     def transfer_breaks_off(self) -> Iterator[None]:
         """A connection dying under a bulk transfer raises what callers expect of a lost node
         (ProtocolError), not a stray socket or SSH error.  Disk errors pass unchanged."""
-        import asyncssh
+        asyncssh = import_asyncssh()
         try:
             yield
         except (ConnectionError, EOFError, asyncssh.Error) as exc:
@@ -5208,7 +5227,7 @@ class HeadClient:
             except ConnectionRefusedError:
                 raise Failed(f"no head listens on {path} (stale socket)") from None
             return Channel(reader, writer)
-        import asyncssh
+        asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
             options: Dict[str, Any] = {}
@@ -5745,7 +5764,8 @@ else echo "python-error=$(printf '%s\n' "$out" | tail -n 1)"; fi
 if [ -L "$pd" ]; then echo "pause=symlink"
 elif [ -d "$pd" ]; then echo "pause-mode=$(stat -c %a "$pd")"
 elif [ -e "$pd" ]; then echo "pause=not-a-folder"
-elif mkdir -p "$(dirname "$pd")" 2>/dev/null && mkdir -m 1777 "$pd" 2>/dev/null; then echo "pause-mode=1777"
+elif mkdir -p "$(dirname "$pd")" 2>/dev/null && { mkdir -m 1777 "$pd" 2>/dev/null || [ -d "$pd" ]; }; then
+  echo "pause-mode=$(stat -c %a "$pd")"
 else echo "pause=cannot-create"; fi
 if mkdir -p "$wd" 2>/dev/null; then
   t="$wd/.distribute-check.$$"
@@ -5786,7 +5806,7 @@ def check_node_workdir(spec: NodeSpec) -> str:
 def connection_problem(transport, exc: BaseException, timeout: float) -> str:
     """Why the head cannot log in there, and what fixes it."""
     import asyncio
-    import asyncssh
+    asyncssh = import_asyncssh()
     spec = transport.node
     if isinstance(exc, asyncio.TimeoutError):
         return f"unreachable: {spec.host} did not answer within {timeout:.0f}s"
@@ -6190,7 +6210,7 @@ def timeline_svg(report: Dict[str, Any]) -> str:
                      [s for s in jobs if s["node"] == name], [s for s in builds if s["node"] == name],
                      [s for s in pauses if s["node"] == name])
     svg_legend(root, y + 30)
-    ET.indent(root)
+    ET.indent(root)  # novermin  (clients run 3.10+)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 

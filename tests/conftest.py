@@ -137,12 +137,6 @@ def head(ssh_nodes, pyz, request):
     _shutil.rmtree(next(iter(workdirs.values())).parent, ignore_errors=True)
 
 
-if "pyz" not in globals():
-    @pytest.fixture(scope="session")
-    def pyz():
-        """(provisional until the pyz block lands) the packed program the head copies to nodes."""
-        return Path("/tmp/dev.pyz")
-
 
 # --- a Matrix homeserver (Synapse), one per test session -----------------------
 # Synapse lives in its own venv (Python >= 3.10), installed from the package

@@ -79,7 +79,7 @@ def option_value(argv, name):
 SYSTEM_PYTHON = "/usr/bin/python3"       # what an admin has; the pyz brings the rest
 
 
-def test_service_install_writes_a_unit_whose_command_serves(short_tmp, pyz):
+def test_service_install_writes_a_unit_whose_command_serves(short_tmp, pyz, ssh_keys):   # ssh_keys: user dnode
     """The admin runs the pyz with the system's python3: the unit names absolute, systemd-quoted
     paths; systemd-analyze accepts it; its ExecStart, run for real as the unit's User=, brings
     up the head's socket."""
@@ -137,7 +137,7 @@ def test_service_install_writes_a_unit_whose_command_serves(short_tmp, pyz):
         assert head.wait(10) in (0, -signal.SIGTERM)        # a clean stop for systemd: no restart
 
 
-def test_service_install_user_unit_and_refusals(short_tmp, pyz):
+def test_service_install_user_unit_and_refusals(short_tmp, pyz, ssh_keys):
     env = dict(os.environ, XDG_CONFIG_HOME=str(short_tmp / "config"), HOME=str(short_tmp))
     result = run("service", "install", "--user-unit", "--state", short_tmp / "st", env=env)
     assert result.returncode == 0, result.stderr
@@ -375,15 +375,24 @@ def test_report_draws_the_batch_timeline(short_tmp):
     batch_dir.mkdir()
     (batch_dir / "distribute-jobs.yaml").write_text(REPORT_JOBS.format(jobs="\n".join(jobs)))
     pause_env = dict(os.environ, DISTRIBUTE_PAUSE_DIR=str(pause_dir))
+    other_pause_env = dict(os.environ, DISTRIBUTE_PAUSE_DIR=str(other_pause_dir))
+
+    def paused_nodes():
+        return {n["name"] for n in head.nodes() if n["paused"]}
     head.start()
     try:
         wait_until(lambda: sum(n["reachable"] for n in head.nodes()) == 2, 60, "both local nodes up")
         assert run("pause", "--detach", "--duration", "5m", env=pause_env).returncode == 0
-        wait_until(lambda: any(n["paused"] for n in head.nodes()), 20, "the head to see the pause")
+        wait_until(lambda: paused_nodes() == {"local2"}, 20, "the head to see local2 paused")
         head.cli("add", batch_dir / "distribute-jobs.yaml")
         wait_until(lambda: (head.batch("lab/timeline") or {"jobs": {"done": 0}})["jobs"]["done"] >= 2, 60,
                    "two jobs done on local1")
+        # hand over: local1 pauses (its running jobs freeze), local2 resumes and must take the rest
+        assert run("pause", "--detach", "--duration", "5m", env=other_pause_env).returncode == 0
+        wait_until(lambda: "local1" in paused_nodes(), 20, "the head to see local1 paused")
         assert run("resume", env=pause_env).returncode == 0
+        wait_until(lambda: any(r["node"] == "local2" for r in head.status()["running"]), 60, "a job on local2")
+        assert run("resume", env=other_pause_env).returncode == 0
         finished = head.wait_batch("lab/timeline", timeout=120)
         assert finished["jobs"] == {"queued": 0, "running": 0, "done": 6, "failed": 2, "killed": 0}
         status_line = head.cli("status").stdout.splitlines()[0]
@@ -391,6 +400,8 @@ def test_report_draws_the_batch_timeline(short_tmp):
         svg_path = short_tmp / "timeline.svg"
         out = head.cli("report", "timeline", "-o", svg_path)
         assert out.stdout.startswith(f"wrote {svg_path}: 9 job attempts")
+        unknown = head.cli("report", "no-such-batch", check=False)
+        assert unknown.returncode == 2 and "no-such-batch" in unknown.stderr and "Traceback" not in unknown.stderr
     finally:
         head.stop()
         shutil.move(str(head.dir), str(short_tmp / "head"))   # removed with short_tmp
@@ -422,7 +433,7 @@ def test_report_draws_the_batch_timeline(short_tmp):
     assert len(builds) == len(list((archive / "build").glob("*.txt"))) >= 1
     assert all(b.get("fill") == "url(#build-stripes)" for b in builds)
     pauses = [r for r in rows if r.findall(f"{SVG}rect[@class='pause']")]
-    assert [r.get("data-node") for r in pauses] == ["local2"]
+    assert sorted(r.get("data-node") for r in pauses) == ["local1", "local2"]
     assert root.find(f".//{SVG}pattern[@id='pause-hatch']") is not None
 
     chromium = shutil.which("chromium")

@@ -403,3 +403,71 @@ def test_full_archive_disk_keeps_the_job_pending_until_space_returns(small_archi
     assert sha256(head.archive / "rel" / "full" / "big" / "big.bin") == (counters / "big.sha").read_text().strip()
     assert len(lines(counters / "big.start")) == 1          # archived late, never run again
     assert leftovers(head.archive) == []
+
+
+# --- 7. soak -------------------------------------------------------------------------------------
+
+SOAK_JOBS = 2000
+
+
+def rss_mib(head) -> float:
+    return psutil.Process(head.proc.pid).memory_info().rss / MiB
+
+
+def landed_count(watch) -> int:
+    return sum(watch.landed.values())
+
+
+def cut_for_a_while(head, node, seconds):
+    """Cut `node` past the node timeout, so its jobs move elsewhere, then bring it back."""
+    node.cut()
+    wait_log(head, f"node {node.name}: ", 10, f"the head to notice {node.name} is gone")
+    time.sleep(seconds)      # the outage itself is what is tested: it must outlast --node-timeout
+    node.heal()
+
+
+@pytest.mark.slow
+@pytest.mark.nodes(slots={"node1": 2, "node2": 2, "node3": 2}, extra=["--node-timeout", "3", "--kill-grace", "1"])
+def test_soak_2000_jobs_through_node_cuts_and_a_head_crash(head, ssh_nodes, tmp_path, counters, watch_archive):
+    started = time.monotonic()
+    ran = counters / "ran.log"
+    commands = {f"s{i:04d}": f'echo "$DISTRIBUTE_JOB $PWD" >> {ran}; echo "$DISTRIBUTE_JOB" > distribute_save/n.txt'
+                for i in range(SOAK_JOBS)}
+    job_file = shell_batch(tmp_path / "soak", "soak", "rel", commands)
+    watch = watch_archive(head.archive / "rel" / "soak")
+    head.wait_nodes_up(3)
+    rss = {"start": rss_mib(head)}
+    head.cli("add", job_file)
+
+    def at(count):
+        wait_until(lambda: landed_count(watch) >= count, 120, f"{count} jobs archived")
+    at(SOAK_JOBS // 5)
+    cut_for_a_while(head, ssh_nodes["node2"], 4.5)
+    at(SOAK_JOBS * 2 // 5)
+    rss["before kill -9"] = rss_mib(head)
+    head.kill9()
+    head.start()
+    head.wait_nodes_up(3)
+    rss["after restart"] = rss_mib(head)
+    at(SOAK_JOBS * 3 // 5)
+    cut_for_a_while(head, ssh_nodes["node3"], 4.5)
+    batch = head.wait_batch("rel/soak", timeout=240)
+    rss["end"] = rss_mib(head)
+    elapsed = time.monotonic() - started
+    print(f"\nsoak: {SOAK_JOBS} jobs in {elapsed:.0f}s; head RSS (MiB): "
+          + ", ".join(f"{k} {v:.1f}" for k, v in rss.items()))
+
+    assert batch["state"] == "done" and batch["jobs"]["done"] == SOAK_JOBS
+    wait_until(lambda: landed_count(watch) >= SOAK_JOBS, 10, "inotify to report every landing")
+    twice = {job: n for job, n in watch.landed.items() if n != 1}
+    assert not twice, f"archived more than once: {twice}"
+    assert set(watch.landed) == set(commands)
+    for job in commands:
+        assert (head.archive / "rel" / "soak" / job / "n.txt").read_text() == f"{job}\n"
+    runs = collections.Counter(line.split()[0] for line in lines(ran))
+    assert set(runs) == set(commands)
+    again = {job: n for job, n in runs.items() if n > 1}
+    print(f"soak: jobs that ran again after their node was cut away: {len(again)}")
+    assert len(again) <= 8, again          # at most the jobs on a cut node's 2 slots, per cut
+    assert leftovers(head.archive) == []
+    assert rss["end"] - rss["start"] < 50, rss

@@ -37,6 +37,8 @@ def test_distribute_parses_as_python_3_8():
 
 
 def test_vermin_finds_nothing_newer_than_3_8():
+    """A line only the head or a client runs (CPython >= 3.10) may say so with a
+    `# novermin` comment; everything else must run on 3.8."""
     vermin = shutil.which("vermin") or shutil.which("vermin", path=os.path.dirname(PYTHON))
     assert vermin, "vermin is not installed (pip install vermin)"
     proc = subprocess.run([vermin, "--target=3.8-", "--no-tips", "--violations",
@@ -309,6 +311,49 @@ def test_two_cold_starts_at_the_same_moment(pyz, home):
     assert os.path.isfile(os.path.join(unpacked(home / ".cache" / "distribute")[0], ".distribute-complete"))
 
 
+def test_race_loser_leftovers_and_pruning(pyz, home):
+    """The unpacking's rare paths, step by step: a start that loses the race, a
+    folder a temp cleaner ate part of, half-made and old folders, and the daily
+    mtime refresh that keeps a folder in use from being pruned."""
+    code = r"""
+import os, sys, time
+sys.path.insert(0, %r)
+import _distribute_boot as boot, _distribute_unpack as unpack
+site = boot.setup()
+build_dir = os.path.dirname(site)
+root = boot.cache_root()
+chosen, _ = boot.select()
+name = os.path.basename(site)
+
+unpack.unpack_to(root, site, chosen)          # lost the race: the winner's folder stays
+assert os.listdir(build_dir) == [name], os.listdir(build_dir)
+
+os.remove(os.path.join(site, boot.COMPLETE))  # a temp cleaner ate part of it
+open(os.path.join(site, "junk"), "w").close()
+assert not boot.ready(site)
+unpack.unpack_to(root, site, chosen)
+assert boot.ready(site) and not os.path.exists(os.path.join(site, "junk"))
+aside = [e for e in os.listdir(build_dir) if e != name]
+assert len(aside) == 1 and ".tmp-" in aside[0], aside
+
+old, recent = os.path.join(root, "0123456789abcdef"), os.path.join(root, "fedcba9876543210")
+for folder, age in ((old, 40 * 86400), (recent, 86400), (os.path.join(build_dir, aside[0]), 7200)):
+    os.makedirs(folder, exist_ok=True)
+    os.utime(folder, (time.time() - age, time.time() - age))
+unpack.prune(root, build_dir)
+assert os.listdir(build_dir) == [name], os.listdir(build_dir)
+assert sorted(os.listdir(root)) == sorted([boot.BUILD_ID, os.path.basename(recent)])
+
+sentinel = os.path.join(site, boot.COMPLETE)
+os.utime(sentinel, (time.time() - 2 * 86400,) * 2)
+assert boot.ready(site) and time.time() - os.stat(sentinel).st_mtime < 3600
+print("ok")
+""" % str(pyz)
+    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
+
+
 def test_cold_starts_that_may_not_write_bytecode_compile_everything(pyz, home):
     """-B (like PYTHONDONTWRITEBYTECODE without -I): the unpacking compiles every
     module, so later starts do not compile asyncssh again."""
@@ -341,19 +386,31 @@ def test_unwritable_home_falls_back_to_a_private_temp_folder(pyz, tmp_path):
     assert len(unpacked(private)) == 1
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
-def test_read_only_home_falls_back_to_a_private_temp_folder(pyz, tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    home.chmod(0o555)
+def test_read_only_home_falls_back_to_a_private_temp_folder(pyz, tmp_path, ssh_keys):
+    """Run as an ordinary account (root writes into read-only folders anyway), with the
+    system's python3 (the account cannot reach root's interpreters)."""
+    import pwd
+    import tempfile
+    user = "dnode"
+    pwd.getpwnam(user)          # created by the sshd fixture's helper; fail loudly if missing
+    base = Path(tempfile.mkdtemp(prefix="dro-", dir="/tmp"))
     try:
-        proc = run_pyz(pyz, ["--version"], home, tmp=tmp)
+        base.chmod(0o755)
+        shutil.copy(str(pyz), str(base / "distribute.pyz"))
+        home, tmp = base / "home", base / "tmp"
+        home.mkdir(mode=0o555)
+        tmp.mkdir()
+        tmp.chmod(0o1777)
+        env = dict(bare_env(home, tmp))
+        proc = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-I", str(base / "distribute.pyz"),
+                               "--version"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, timeout=TIMEOUT)
+        assert proc.returncode == 0, proc.stderr
+        assert os.listdir(str(home)) == []
+        private = tmp / ("distribute-%d" % pwd.getpwnam(user).pw_uid)
+        assert len(unpacked(private)) == 1
     finally:
-        home.chmod(0o755)
-    assert proc.returncode == 0, proc.stderr
-    assert len(unpacked(tmp / ("distribute-%d" % os.getuid()))) == 1
+        shutil.rmtree(str(base), ignore_errors=True)
 
 
 def test_a_shared_temp_folder_that_others_may_write_is_not_used(pyz, tmp_path):
@@ -387,6 +444,21 @@ def test_import_distribute_with_the_pyz_on_sys_path(pyz, home):
     assert lines[1].startswith(str(pyz))                    # distribute.py from the archive,
     cache = str(home / ".cache" / "distribute")
     assert lines[2].startswith(cache) and lines[3].startswith(cache)  # the native parts unpacked
+
+
+def test_a_platform_without_wheels_gets_one_line(pyz, home):
+    """On a machine no bundled wheel fits (riscv64 here, pretended), with no
+    psutil installed, the archive says so in one line and exits 1."""
+    code = ("import sys; sys.path.insert(0, %r); sys.argv = ['distribute.pyz', 'pause', '--help']\n"
+            "sys.path = [p for p in sys.path if not p.endswith(('site-packages', 'dist-packages'))]\n"
+            "import _distribute_boot as boot\n"
+            "boot.interpreter = lambda: ('cp311', '', 'riscv64', (2, 36))\n"
+            "boot.main()\n" % str(pyz))
+    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("distribute.pyz: no psutil for ") and "riscv64" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_head_side_modules_load_from_the_archive(pyz, home):

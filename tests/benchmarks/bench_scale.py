@@ -64,10 +64,15 @@ def add_in_process(sock: Path, header: dict) -> dict:
     return asyncio.run(go())
 
 
-def timed_cli(argv, env, cwd=None):
+def timed_cli(argv, env, cwd=None, cpu=None):
+    """Wall seconds and output; the child's CPU seconds appended to `cpu` (what survives a busy machine)."""
+    before = os.times()
     start = time.perf_counter()
     proc = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - start
+    after = os.times()
+    if cpu is not None:
+        cpu.append(after.children_user - before.children_user + after.children_system - before.children_system)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv[2:])} exited {proc.returncode}: {proc.stderr}")
     return wall, proc.stdout
@@ -107,29 +112,34 @@ def main():
         rss_filled = proc.memory_info().rss
 
         cli = DISTRIBUTE + ["--head", "local", "--socket", str(head.socket)]
-        series = {k: [] for k in ("status_cli", "status_request", "add_cli", "add_request", "python_pass")}
+        series = {k: [] for k in ("status_cli", "status_cli_cpu", "status_request", "add_cli", "add_cli_cpu",
+                                  "add_request", "help_cli", "help_cli_cpu", "python_pass", "head_cpu")}
         big = distribute.load_job_file(job_file(work / "big-template", "big-template", args.big))
         big_header = distribute.add_request(big)
         for round_no in range(args.rounds):
-            wall, out = timed_cli(cli + ["status", "--json"], env)
+            wall, out = timed_cli(cli + ["status", "--json"], env, cpu=series["status_cli_cpu"])
             series["status_cli"].append(wall)
             batches = json.loads(out)["batches"]
+            head_before = sum(proc.cpu_times()[:2])
             start = time.perf_counter()
             reply, _ = head_call(head.socket, {"op": "status"})
             series["status_request"].append(time.perf_counter() - start)
+            series["head_cpu"].append(sum(proc.cpu_times()[:2]) - head_before)
             path = job_file(work / f"big{round_no}", f"big{round_no}", args.big)
-            wall, _ = timed_cli(cli + ["add", str(path)], env, cwd=str(path.parent))
+            wall, _ = timed_cli(cli + ["add", str(path)], env, cwd=str(path.parent), cpu=series["add_cli_cpu"])
             series["add_cli"].append(wall)
             big_header["plan"]["batch"] = f"bigreq{round_no}"
             start = time.perf_counter()
             add_in_process(head.socket, big_header)
             series["add_request"].append(time.perf_counter() - start)
             series["python_pass"].append(timed_cli([sys.executable, "-c", "pass"], env)[0])
+            series["help_cli"].append(timed_cli(DISTRIBUTE + ["--help"], env, cpu=series["help_cli_cpu"])[0])
             queued = sum(b["jobs"]["queued"] for b in batches)
             print(f"round {round_no + 1}: status {series['status_cli'][-1]:.2f} s (request "
                   f"{series['status_request'][-1]:.3f} s, {len(batches)} batches, {queued} queued), "
                   f"add {args.big}: {series['add_cli'][-1]:.2f} s (request {series['add_request'][-1]:.2f} s), "
-                  f"python -c pass {series['python_pass'][-1]:.2f} s", file=sys.stderr)
+                  f"python -c pass {series['python_pass'][-1]:.2f} s, distribute --help {series['help_cli'][-1]:.2f} s",
+                  file=sys.stderr)
         rss_end = proc.memory_info().rss
         final = head_call(head.socket, {"op": "status"})[0]
     except BaseException:
@@ -155,6 +165,9 @@ def main():
           f"add {args.big} jobs {medians['add_cli']:.2f} s (head request {medians['add_request']:.2f} s), "
           f"python -c pass {medians['python_pass']:.2f} s; head RSS {rss_end / 1e6:.0f} MB "
           f"(idle {rss_idle / 1e6:.0f} MB)", file=sys.stderr)
+    print(f"CPU medians: status --json {medians['status_cli_cpu']:.2f} s (head {medians['head_cpu']:.3f} s for the "
+          f"request), add {medians['add_cli_cpu']:.2f} s, distribute --help {medians['help_cli_cpu']:.2f} s",
+          file=sys.stderr)
     report("scale", result)
 
 
