@@ -402,9 +402,9 @@ def test_read_only_home_falls_back_to_a_private_temp_folder(pyz, tmp_path, ssh_k
         tmp.mkdir()
         tmp.chmod(0o1777)
         env = dict(bare_env(home, tmp))
-        proc = subprocess.run(["runuser", "-u", user, "--", "/usr/bin/python3", "-I", str(base / "distribute.pyz"),
-                               "--version"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              universal_newlines=True, timeout=TIMEOUT)
+        proc = subprocess.run(["/usr/bin/python3", "-I", str(base / "distribute.pyz"), "--version"], env=env,
+                              user=user, group=user, extra_groups=[], cwd=str(base), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
         assert proc.returncode == 0, proc.stderr
         assert os.listdir(str(home)) == []
         private = tmp / ("distribute-%d" % pwd.getpwnam(user).pw_uid)
