@@ -368,7 +368,9 @@ def test_report_draws_the_batch_timeline(short_tmp):
              f"pause_dir: {other_pause_dir}}}\n"
              f"  - {{name: local2, host: local, workdir: {short_tmp / 'n2'}, pause_dir: {pause_dir}}}\n")
     head = HeadProcess(None, nodes, dict(os.environ), extra=["--supervisor-idle", "3"])
-    jobs = [f"    - {{name: ok{i}, command: 'sleep 1'}}" for i in range(6)]
+    gate = short_tmp / "gate"                     # the ok jobs wait for it: the test sets the pace
+    jobs = [f"    - {{name: ok{i}, command: 'while [ ! -e {gate} ]; do sleep 0.05; done; sleep 0.5'}}"
+            for i in range(6)]
     jobs += ["    - {name: bad, command: 'sleep 0.2; exit 3'}",
              "    - {name: flaky, command: 'sleep 0.2; exit 4', retries: 1}"]
     batch_dir = short_tmp / "batch"
@@ -385,14 +387,15 @@ def test_report_draws_the_batch_timeline(short_tmp):
         assert run("pause", "--detach", "--duration", "5m", env=pause_env).returncode == 0
         wait_until(lambda: paused_nodes() == {"local2"}, 20, "the head to see local2 paused")
         head.cli("add", batch_dir / "distribute-jobs.yaml")
-        wait_until(lambda: (head.batch("lab/timeline") or {"jobs": {"done": 0}})["jobs"]["done"] >= 2, 60,
-                   "two jobs done on local1")
+        wait_until(lambda: [r["node"] for r in head.status()["running"]] == ["local1", "local1"], 60,
+                   "two jobs running on local1")
         # hand over: local1 pauses (its running jobs freeze), local2 resumes and must take the rest
         assert run("pause", "--detach", "--duration", "5m", env=other_pause_env).returncode == 0
         wait_until(lambda: "local1" in paused_nodes(), 20, "the head to see local1 paused")
         assert run("resume", env=pause_env).returncode == 0
         wait_until(lambda: any(r["node"] == "local2" for r in head.status()["running"]), 60, "a job on local2")
         assert run("resume", env=other_pause_env).returncode == 0
+        gate.touch()
         finished = head.wait_batch("lab/timeline", timeout=120)
         assert finished["jobs"] == {"queued": 0, "running": 0, "done": 6, "failed": 2, "killed": 0}
         status_line = head.cli("status").stdout.splitlines()[0]
