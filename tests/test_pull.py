@@ -272,11 +272,13 @@ def test_second_pull_sends_nothing_and_changes_are_found(lab, tmp_path):
     write_file(root / "a" / "same_size.bin", b"A" * 5000, 0o640, old)
     write_file(root / "a" / "touched.bin", b"T" * 7000, 0o644, old)
     write_file(root / "b" / "deep" / "x.dat", os.urandom(100_000), 0o755, old)
+    write_file(root / "b" / ("long_name_" * 12 + ".txt"), b"long", 0o600, old)     # > 100 bytes: a PAX header
+    write_file(root / "b" / "ünïcödé.txt", b"utf-8", 0o644, old)
     save = tmp_path / "save"
     first = lab.pull_json(key, save)
     dest = save / key
     assert tree(dest) == tree(root)
-    assert first["transferred"] > 112_000
+    assert first["transferred"] > 112_000 and first["files"] == 8
 
     second = lab.pull_json(key, save)
     assert second["transferred"] == 0 and second["bytes"] == 0
@@ -545,3 +547,12 @@ def test_receiving_stops_at_a_refused_entry_instead_of_hanging(tmp_path):
     with pytest.raises(distribute.UnsafeArchive):
         asyncio.run(receive())
     assert not (tmp_path / "escaped.bin").exists() and partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("name, size, mtime, mode", [("a/b.txt", 0, 0, 0o644), ("x" * 100, 8 ** 11 - 1, 8 ** 11 - 1, 0o777),
+                                                     ("small/d01/f00001.dat", 4096, 1_795_382_390, 0o600)])
+def test_fast_tar_header_is_the_one_tarfile_writes(name, size, mtime, mode):
+    member = tarfile.TarInfo(name)
+    member.size, member.mtime, member.mode = size, mtime, mode
+    assert distribute.ustar_header(name, size, mtime, mode) == member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    assert distribute.ustar_header("y" * 101, 1, 1, 0o644) is None and distribute.ustar_header("é", 1, 1, 0o644) is None

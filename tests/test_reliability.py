@@ -194,6 +194,11 @@ def test_head_kill9_reattaches_running_jobs_and_runs_the_queue_once(head, tmp_pa
     wait_until(lambda: lines(counters / "j0.done") and lines(counters / "j1.done"), 20, "j0, j1 to end")
     assert not any((counters / f"q{i}.start").exists() for i in range(20))
 
+    # what a head killed while landing a job leaves behind: a hidden, half-filled folder
+    half = head.archive / "rel" / "crash" / ".incoming-q0-killed"
+    half.mkdir()
+    (half / ".big.bin.distribute-part").write_bytes(b"half")
+
     head.start()
     # j2 still runs: the new head adopts it where it is
     wait_until(lambda: any(r.get("job") == "j2" for n in head.nodes() if n["name"] == running["j2"]
@@ -215,7 +220,42 @@ def test_head_kill9_reattaches_running_jobs_and_runs_the_queue_once(head, tmp_pa
     wait_until(lambda: sum(watch.landed.values()) >= 23, 10, "inotify to report every landing")
     assert watch.landed == {job: 1 for job in commands}, "a job was archived twice"
     assert "requeueing" not in head_log(head)
-    assert leftovers(head.archive) == []
+    assert leftovers(head.archive) == []          # the half-filled folder was swept at start
+
+
+@pytest.mark.nodes(caps={"node1": ["only"]}, extra=["--kill-grace", "2"])
+def test_head_restart_after_the_running_job_ended_goes_on_with_the_queue(head, tmp_path, counters):
+    """The one node that can run a batch ends its job while the head is down: archiving it on
+    restart frees the slot, and the queue must go on from there though nothing else happens."""
+    commands = {"r": counted(f"while [ ! -e {counters}/release ]; do sleep 0.05; done", counters)}
+    commands.update({f"q{i}": counted("true", counters) for i in range(3)})
+    job_file = shell_batch(tmp_path / "idle", "idle", "rel", commands, capabilities=["only"])
+    head.wait_nodes_up(3)
+    head.cli("add", job_file)
+    wait_until(lambda: (counters / "r.start").exists(), 30, "r to start")
+    head.kill9()
+    (counters / "release").touch()
+    wait_until(lambda: lines(counters / "r.done"), 20, "r to end")
+    head.start()
+    batch = head.wait_batch("rel/idle", timeout=30)
+    assert batch["jobs"]["done"] == 4
+    assert all(len(lines(counters / f"{job}.start")) == 1 for job in commands)
+
+
+def test_landing_the_same_attempt_again_keeps_the_first_copy(tmp_path):
+    """A head killed between landing a job and noting it lands it again after its restart:
+    the second landing of the same attempt must not replace (re-archive) the first."""
+    import distribute
+    record = {"namespace": "rel", "batch": "b", "job": "j", "node": "node1", "attempts": 1,
+              "start": "2026-01-01T00:00:00.000+00:00", "exit_code": 0}
+    first = distribute.land_job(tmp_path, "rel", "b", "j", lambda f: (f / "r.txt").write_text("1"), record)
+    inode = first.stat().st_ino
+    again = distribute.land_job(tmp_path, "rel", "b", "j", lambda f: (f / "r.txt").write_text("1"), record)
+    assert again == first and first.stat().st_ino == inode
+    other = dict(record, start="2026-01-01T00:00:05.000+00:00")          # a later attempt does replace it
+    distribute.land_job(tmp_path, "rel", "b", "j", lambda f: (f / "r.txt").write_text("2"), other)
+    assert (first / "r.txt").read_text() == "2" and first.stat().st_ino != inode
+    assert leftovers(tmp_path) == []
 
 
 # --- 2. a node stops answering ---------------------------------------------------------
@@ -257,6 +297,8 @@ def test_lost_node_job_runs_elsewhere_and_stale_copy_is_stopped(head, ssh_nodes,
     assert (head.archive / "rel" / "lost" / node2_job / "job.json").stat().st_mtime_ns == landed_before
     assert watch.landed == {f"j{i}": 1 for i in range(3)}
     assert head.batch("rel/lost")["jobs"]["done"] == 3
+    wait_until(lambda: not (head.workdirs["node2"] / "rel" / "lost").exists(), 15,
+               "node2 to delete the stale run's batch folder (nodes keep no job data)")
 
 
 # --- 3. a transfer breaks in the middle --------------------------------------------------

@@ -374,3 +374,67 @@ def test_head_refuses_tar_streams_that_escape(head, tmp_path):
         assert head.cli("add", job_file).returncode == 0          # the name is free: nothing half-added
     finally:
         shutil.rmtree(outside, ignore_errors=True)
+
+
+# --- secrets ---------------------------------------------------------------------------------------
+
+class EchoingHomeserver:
+    """A hostile or broken homeserver (or proxy) that quotes the request's token back in its errors."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def answer(self):
+                token = self.headers.get("Authorization", "")
+                body = json.dumps({"errcode": "M_UNKNOWN_TOKEN", "error": f"unknown token {token}"}).encode()
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            do_GET = do_POST = do_PUT = answer
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.nodes(extra=["--kill-grace", "2"])
+def test_matrix_token_never_reaches_logs_or_json_even_when_echoed(ssh_nodes, pyz, tmp_path):
+    token = "syt_" + os.urandom(16).hex()
+    homeserver = EchoingHomeserver()
+    config = tmp_path / "matrix.yaml"
+    config.write_text(f"homeserver: {homeserver.url}\naccess_token: {token}\n")
+    os.chmod(config, 0o600)
+    workdirs = node_workdirs(ssh_nodes)
+    process = HeadProcess(None, nodes_yaml(list(ssh_nodes), workdirs), ssh_nodes.head_home.env(), pyz=pyz,
+                          extra=["--matrix-config", str(config)]).start()
+    try:
+        job_file = write_job_file(tmp_path / "m", """\
+            meta: {batch_name: told, namespace: lab, matrix: "@alice:localhost"}
+            shell:
+              jobs:
+                - {name: a, command: 'echo hi > distribute_save/a.txt'}
+            """)
+        process.wait_nodes_up(1)
+        process.cli("add", job_file)
+        assert process.wait_batch("lab/told")["state"] == "done"
+        wait_until(lambda: "matrix: cannot notify" in process.log.read_text(), 30, "the homeserver's refusal")
+        outputs = [process.log.read_text()] + [process.cli(*c).stdout for c in
+                                               (["status", "--json"], ["nodes", "--json"], ["status"], ["nodes"])]
+        outputs += [p.read_text(errors="replace") for p in process.archive.rglob("*") if p.is_file()]
+        assert all(token not in text for text in outputs), "the access token leaked"
+        assert token[8:] not in "".join(outputs)
+    finally:
+        process.stop()
+        homeserver.close()
+        shutil.rmtree(process.dir, ignore_errors=True)
+        shutil.rmtree(next(iter(workdirs.values())).parent, ignore_errors=True)

@@ -15,7 +15,8 @@ and, for each tree, runs alternating rounds of
   - ours:  `distribute --head head --socket S pull --batch B --filter ^small/`,
   - rsync: `rsync -a -e 'ssh -F config' head:ARCHIVE/small/ DEST/`,
   - scp:   `scp -F config -r head:ARCHIVE/small DEST/`,
-each into an empty destination (checked afterwards: same file count and bytes).
+each into an empty destination (checked afterwards: same file count and bytes),
+after `sync` so that the previous run's writes and deletions do not slow the next one.
 It prints each tool's median wall time, the rate and our ratio to each peer, and
 one JSON line with everything.
 """
@@ -131,6 +132,8 @@ def tree_size(folder: Path):
 def timed(argv, env, dest: Path, tree: Path, expect):
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
+    # the previous round's 10,000 unlinks and dirty pages would otherwise slow whoever runs next
+    os.sync()
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
