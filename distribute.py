@@ -1115,18 +1115,18 @@ class _WhereParser:
         return test
 
     def disjunction(self) -> Callable[[Dict[str, Any]], bool]:
-        tests = [self.conjunction()]
-        while self.peek().kind == "or":
-            self.take()
-            tests.append(self.conjunction())
-        return tests[0] if len(tests) == 1 else (lambda params: any(t(params) for t in tests))
+        return self.chain("or", self.conjunction, any)
 
     def conjunction(self) -> Callable[[Dict[str, Any]], bool]:
-        tests = [self.negation()]
-        while self.peek().kind == "and":
+        return self.chain("and", self.negation, all)
+
+    def chain(self, keyword: str, operand, combine) -> Callable[[Dict[str, Any]], bool]:
+        """operand (keyword operand)*, combined by any() or all()."""
+        tests = [operand()]
+        while self.peek().kind == keyword:
             self.take()
-            tests.append(self.negation())
-        return tests[0] if len(tests) == 1 else (lambda params: all(t(params) for t in tests))
+            tests.append(operand())
+        return tests[0] if len(tests) == 1 else (lambda params: combine(t(params) for t in tests))
 
     def negation(self) -> Callable[[Dict[str, Any]], bool]:
         token = self.take()
