@@ -200,6 +200,9 @@ def test_pull_everything_keeps_modes_and_mtimes(lab, sweep, tmp_path):
     assert summary["destination"] == str(tmp_path / "all" / "lab" / "sweep")
     assert summary["transferred"] >= sum(p.stat().st_size for p in sweep.rglob("*") if p.is_file())
     assert partial_files(tmp_path / "all") == []
+    # on the head machine itself, through the socket (`--head local`), the same
+    lab.local("pull", "--batch", "lab/sweep", "--save-dir", tmp_path / "here")
+    assert tree(tmp_path / "here" / "lab" / "sweep") == archived
 
 
 def test_filters_are_ored_then_excludes_drop(lab, sweep, tmp_path):
@@ -485,7 +488,7 @@ def test_extract_lands_files_with_mode_and_mtime(tmp_path):
 
 def test_truncated_stream_leaves_no_file_under_its_name(tmp_path):
     data = tar_with((entry("job/whole.txt"), b"w" * 100), (entry("job/cut.bin"), os.urandom(100_000)))
-    with pytest.raises(Exception):
+    with pytest.raises(distribute.ProtocolError):       # what node transfers retry on
         distribute.extract_tar(io.BytesIO(data[:60_000]), tmp_path / "d")
     assert (tmp_path / "d" / "job" / "whole.txt").read_bytes() == b"w" * 100
     assert not (tmp_path / "d" / "job" / "cut.bin").exists()

@@ -15,8 +15,9 @@ and, for each tree, runs alternating rounds of
   - ours:  `distribute --head head --socket S pull --batch B --filter ^small/`,
   - rsync: `rsync -a -e 'ssh -F config' head:ARCHIVE/small/ DEST/`,
   - scp:   `scp -F config -r head:ARCHIVE/small DEST/`,
-each into an empty destination (checked afterwards: same file count and bytes),
-after `sync` so that the previous run's writes and deletions do not slow the next one.
+each into a new empty destination (checked afterwards: same file count and bytes),
+after `sync`; the small trees are deleted only after all rounds (deleting 10,000 files
+slows the file system for a while, which would fall on whoever runs next).
 It prints each tool's median wall time, the rate and our ratio to each peer, and
 one JSON line with everything.
 """
@@ -129,11 +130,12 @@ def tree_size(folder: Path):
     return count, size
 
 
-def timed(argv, env, dest: Path, tree: Path, expect):
-    shutil.rmtree(dest, ignore_errors=True)
+def timed(argv, env, dest: Path, tree: Path, expect, keep: bool):
+    """Run argv into dest (new and empty); check what landed; seconds taken.  With keep, dest
+    stays until the caller deletes it: removing 10,000 files leaves the file system slower
+    for a while (even after sync), which would fall on whoever runs next."""
     dest.mkdir(parents=True)
-    # the previous round's 10,000 unlinks and dirty pages would otherwise slow whoever runs next
-    os.sync()
+    os.sync()                   # the previous run's dirty pages do not compete with this one
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -142,8 +144,20 @@ def timed(argv, env, dest: Path, tree: Path, expect):
     got = tree_size(tree)
     if got != expect:
         raise SystemExit(f"{' '.join(argv[:4])}: got {got} (files, bytes), expected {expect}")
-    shutil.rmtree(dest, ignore_errors=True)
+    if not keep:
+        shutil.rmtree(dest)
     return elapsed
+
+
+def tool_commands(tree: str, dest: Path, archive: Path, head, home):
+    """{tool: (argv, where its files land)} pulling archive/tree into dest."""
+    return {
+        "distribute": (DISTRIBUTE + ["--head", "head", "--socket", str(head.socket), "pull",
+                                     "--batch", "lab/bench", "--filter", f"^{tree}/", "--save-dir", str(dest)],
+                       dest / "lab" / "bench" / tree),
+        "rsync": (["rsync", "-a", "-e", f"ssh -F {home.config}", f"head:{archive / tree}/", f"{dest}/"], dest),
+        "scp": (["scp", "-F", str(home.config), "-r", f"head:{archive / tree}", f"{dest}/"], dest / tree),
+    }
 
 
 def main() -> None:
@@ -173,22 +187,17 @@ def main() -> None:
         results = {}
         for tree in ("small", "big"):
             expect = tree_size(archive / tree)
-            dest = out / tree
-            tools = {
-                "distribute": (DISTRIBUTE + ["--head", "head", "--socket", str(head.socket), "pull",
-                                             "--batch", "lab/bench", "--filter", f"^{tree}/",
-                                             "--save-dir", str(dest)],
-                               dest / "lab" / "bench" / tree),
-                "rsync": (["rsync", "-a", "-e", f"ssh -F {home.config}", f"head:{archive / tree}/", f"{dest}/"], dest),
-                "scp": (["scp", "-F", str(home.config), "-r", f"head:{archive / tree}", f"{dest}/"], dest / tree),
-            }
-            times = {name: [] for name in tools}
+            keep = tree == "small"          # many files: delete them only after all rounds
+            times = {name: [] for name in ("distribute", "rsync", "scp")}
             for round_ in range(args.rounds):
-                order = list(tools) if round_ % 2 == 0 else list(reversed(tools))
+                order = list(times) if round_ % 2 == 0 else list(reversed(list(times)))
                 for name in order:
-                    argv, landed = tools[name]
-                    times[name].append(timed(argv, env, dest, landed, expect))
+                    dest = out / tree / f"{name}-{round_}"
+                    argv, landed = tool_commands(tree, dest, archive, head, home)[name]
+                    times[name].append(timed(argv, env, dest, landed, expect, keep))
                     print(f"  {tree:5} round {round_ + 1}: {name:10} {times[name][-1]:7.2f} s", flush=True)
+            shutil.rmtree(out / tree)
+            os.sync()
             medians = {name: statistics.median(values) for name, values in times.items()}
             results[tree] = {"files": expect[0], "bytes": expect[1], "times": times, "median": medians,
                              "mib_per_s": {n: expect[1] / (1 << 20) / t for n, t in medians.items()},
@@ -200,7 +209,8 @@ def main() -> None:
             for name, t in r["median"].items():
                 print(f"  {name:10} median {t:7.2f} s  {r['mib_per_s'][name]:8.1f} MiB/s")
             print(f"  distribute is {r['speedup_vs_scp']:.2f}x scp -r, {r['speedup_vs_rsync']:.2f}x rsync -a")
-        print(json.dumps({"bench": "pull", "rounds": args.rounds, "cpus": os.cpu_count(), "results": results}))
+        print(json.dumps({"bench": "pull", "rounds": args.rounds, "cpus": os.cpu_count(),
+                          "loadavg_at_end": os.getloadavg(), "results": results}))
     finally:
         if head:
             head.stop()
