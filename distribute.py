@@ -6,11 +6,14 @@ distribute.pyz), and hands out jobs by capability.  Users talk to the head from
 their laptops, again over SSH.  This module is the whole program; read it top
 to bottom, it follows the data:
 
-  1. configuration and errors        6. transports (local and SSH)
-  2. names, paths and durations      7. the node-side supervisor
-  3. job files and nodes files       8. the head daemon
-  4. local runs and the archive      9. the client
-  5. the head's store, scheduling   10. the command line
+   1. configuration and errors          9. workstation pause
+   2. names, paths and durations       10. the node-side supervisor
+   3. job files and nodes files        11. pulling results
+   4. job files built in code          12. Matrix notifications
+   5. local runs and the archive       13. the head daemon
+   6. the Slurm transpiler             14. the client
+   7. the head's store, scheduling     15. service, node checks, config, reports
+   8. wire format and transports       16. the command line
 
 It must parse on CPython 3.8 (node-side commands run on old workstations):
 no `match`, no `X | Y` types at run time, and asyncssh is imported only where
@@ -616,12 +619,15 @@ def describe_batch(batch: JobFile) -> Tuple[int, int]:
     return len(paths), sum(os.path.getsize(p) for p in paths)
 
 
-#@@PYTHON API: begin@@
+# ---------------------------------------------------------------------------
+# 4. Building job files in code: the Python API and sweeps
+#
 # The Python API (SPEC §6): build job files in code (`Batch`, `File`), turn
 # parameter lists into one job each (`sweep`), and pick jobs by their parameters
 # (`parse_where`, behind `pull --where`).  A code-built batch is checked by
 # writing it as YAML and loading that with load_job_file, so it obeys exactly
 # the rules, and gets the same errors, as a hand-written file.
+# ---------------------------------------------------------------------------
 
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -1174,11 +1180,10 @@ def parse_where(expr: str) -> Callable[[Dict[str, Any]], bool]:
         raise UserError(f"--where: the expression is {len(expr)} characters long, the limit is {WHERE_MAX_LENGTH}")
     test = _WhereParser(expr).parse()
     return lambda params: bool(isinstance(params, dict) and test(params))
-#@@PYTHON API: end@@
 
 
 # ---------------------------------------------------------------------------
-# 4. Local runs and the archive
+# 5. Local runs and the archive
 #
 # What a job sees on a node (SPEC §3) and how its results land in the archive
 # (SPEC §6).  `run`, the node supervisor and the head all use these, so a batch
@@ -1530,7 +1535,9 @@ def run_job_locally(ws: Workspace, plan: BatchPlan, job: Job, python: str, cpus:
     return outcome
 
 
-#@@SLURM: begin@@
+# ---------------------------------------------------------------------------
+# 6. The Slurm transpiler
+#
 # The Slurm transpiler (`distribute slurm`, SPEC §6 and §8): pure functions from
 # a loaded JobFile to a folder that runs the batch on a Slurm cluster with the
 # same directory contract as our nodes.  The folder is also the working tree on
@@ -1545,7 +1552,7 @@ def run_job_locally(ws: Workspace, plan: BatchPlan, job: Job, python: str, cpus:
 #   submit.sh, upload.sh, fetch.sh, README.txt
 #   work/<job>/         (made on the cluster) a task's private copy of build/
 #   results/<ns>/<batch>/<job>/   (made on the cluster) our archive layout
-
+# ---------------------------------------------------------------------------
 
 
 DEFAULT_MAX_ARRAY_SIZE = 1001
@@ -2089,16 +2096,737 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return arrays
-#@@SLURM: end@@
 
 
-#@@PAUSE: begin@@
-# Workstation pause, node side.  This section owns the pause locks (one JSON
+# ---------------------------------------------------------------------------
+# 7. The head's store and scheduling
+#
+# SQLite (WAL) under the head's --state folder holds batches, jobs, attempts
+# and builds: everything needed to carry on after a crash.  Scheduling is a set
+# of pure functions over small snapshots of that state, tested on their own.
+# ---------------------------------------------------------------------------
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
+    flavour TEXT NOT NULL, plan TEXT NOT NULL, capabilities TEXT NOT NULL, matrix TEXT,
+    created REAL NOT NULL, finished REAL, state TEXT NOT NULL DEFAULT 'active');
+CREATE UNIQUE INDEX IF NOT EXISTS batch_name ON batches(namespace, name) WHERE state != 'replaced';
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id), idx INTEGER NOT NULL,
+    name TEXT NOT NULL, plan TEXT NOT NULL, retries INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, run_id TEXT,
+    node TEXT, started REAL, ended REAL, exit_code INTEGER, progress REAL, slot INTEGER);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(batch_id, state, idx);
+CREATE INDEX IF NOT EXISTS jobs_running ON jobs(state) WHERE state = 'running';
+CREATE TABLE IF NOT EXISTS builds (
+    batch_id INTEGER NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (batch_id, node));
+"""
+
+JOB_STATES = ("queued", "running", "done", "failed", "killed")
+
+
+@dataclass
+class BatchRow:
+    id: int
+    namespace: str
+    name: str
+    owner: str
+    flavour: str
+    plan: BatchPlan
+    capabilities: List[str]
+    matrix: Optional[str]
+    created: float
+    state: str
+    finished: Optional[float] = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+@dataclass
+class JobRow:
+    id: int
+    batch_id: int
+    name: str
+    plan: JobPlan
+    retries: int
+    state: str
+    attempts: int
+    run_id: Optional[str]
+    node: Optional[str]
+    started: Optional[float]
+    ended: Optional[float]
+    exit_code: Optional[int]
+    progress: Optional[float]
+    slot: Optional[int]
+
+
+class Store:
+    """The head's database.  One connection, used from the event loop only."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def transaction(self):
+        return _Transaction(self.db)
+
+    # batches
+    def add_batch(self, namespace: str, name: str, owner: str, plan: BatchPlan, capabilities: List[str],
+                  matrix: Optional[str], jobs: List[Tuple[JobPlan, int]]) -> int:
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO batches (namespace, name, owner, flavour, plan, capabilities, matrix, created)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (namespace, name, owner, plan.flavour, json.dumps(dataclasses.asdict(plan)),
+                 json.dumps(capabilities), matrix, time.time()))
+            batch_id = cur.lastrowid
+            self.db.executemany(
+                "INSERT INTO jobs (batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?)",
+                ((batch_id, i, job.name, json.dumps(vars(job)), retries)    # JobPlan is flat: vars() is 3x faster than asdict()
+                 for i, (job, retries) in enumerate(jobs)))
+        return batch_id
+
+    def _batch(self, row) -> BatchRow:
+        return BatchRow(row[0], row[1], row[2], row[3], row[4], BatchPlan(**json.loads(row[5])),
+                        json.loads(row[6]), row[7], row[8], row[10], row[9])
+
+    def batch(self, batch_id: int) -> Optional[BatchRow]:
+        row = self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
+        return self._batch(row) if row else None
+
+    def find_batch(self, namespace: Optional[str], name: str) -> Optional[BatchRow]:
+        sql = "SELECT * FROM batches WHERE name=? AND state != 'replaced'"
+        args: Tuple = (name,)
+        if namespace:
+            sql, args = sql + " AND namespace=?", (name, namespace)
+        rows = self.db.execute(sql + " ORDER BY id DESC", args).fetchall()
+        if len(rows) > 1:
+            raise UserError(f"batch name {name!r} exists in several namespaces: write NAMESPACE/{name}")
+        return self._batch(rows[0]) if rows else None
+
+    def active_batches(self) -> List[BatchRow]:
+        rows = self.db.execute("SELECT * FROM batches WHERE state='active' ORDER BY created, id").fetchall()
+        return [self._batch(r) for r in rows]
+
+    def all_batches(self, limit: int = 10000) -> List[BatchRow]:
+        rows = self.db.execute("SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?",
+                               (limit,)).fetchall()
+        return [self._batch(r) for r in reversed(rows)]
+
+    def status_rows(self, limit: int = 10000) -> List[Tuple[int, str, str, str, str, float, Optional[float],
+                                                            Dict[str, int]]]:
+        """(id, namespace, name, owner, state, created, finished, {job state: count}) of the
+        latest batches, oldest first: no plan decoding, and counts only from the first listed
+        batch on.  Two queries that walk the jobs_by_state index in its own order: a single
+        JOIN ... GROUP BY needs a temporary B-tree and is 5x slower at 100k jobs."""
+        rows = self.db.execute("SELECT id, namespace, name, owner, state, created, finished FROM batches"
+                               " WHERE state != 'replaced' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows.reverse()
+        counts: Dict[int, Dict[str, int]] = {}
+        if rows:
+            for batch_id, state, count in self.db.execute(
+                    "SELECT batch_id, state, COUNT(*) FROM jobs WHERE batch_id >= ? GROUP BY batch_id, state",
+                    (rows[0][0],)):
+                counts.setdefault(batch_id, {})[state] = count
+        return [row + (counts.get(row[0], {}),) for row in rows]
+
+    def set_batch_state(self, batch_id: int, state: str) -> None:
+        self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
+                        (state, time.time() if state != "active" else None, batch_id))
+
+    # jobs
+    def _job(self, row) -> JobRow:
+        return JobRow(row[0], row[1], row[3], JobPlan(**json.loads(row[4])), row[5], row[6], row[7],
+                      row[8], row[9], row[10], row[11], row[12], row[13], row[14])
+
+    def job(self, job_id: int) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def run_id_of(self, job_id: int) -> Optional[str]:
+        row = self.db.execute("SELECT run_id FROM jobs WHERE id=?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def job_by_name(self, batch_id: int, name: str) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND name=?", (batch_id, name)).fetchone()
+        return self._job(row) if row else None
+
+    def jobs(self, batch_id: int, state: Optional[str] = None) -> List[JobRow]:
+        if state:
+            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state=? ORDER BY idx",
+                                   (batch_id, state))
+        else:
+            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? ORDER BY idx", (batch_id,))
+        return [self._job(r) for r in rows]
+
+    def next_queued(self, batch_id: int) -> Optional[JobRow]:
+        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state='queued' ORDER BY idx LIMIT 1",
+                              (batch_id,)).fetchone()
+        return self._job(row) if row else None
+
+    def running_jobs(self) -> List[JobRow]:
+        return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
+
+    def counts(self) -> Dict[int, Dict[str, int]]:
+        """{batch_id: {state: count}} for every batch, in one query."""
+        out: Dict[int, Dict[str, int]] = {}
+        for batch_id, state, count in self.db.execute(
+                "SELECT batch_id, state, COUNT(*) FROM jobs GROUP BY batch_id, state"):
+            out.setdefault(batch_id, {})[state] = count
+        return out
+
+    def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
+        self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
+                        " exit_code=NULL, progress=NULL, attempts=attempts+1 WHERE id=?",
+                        (run_id, node, slot, time.time(), job_id))
+
+    def mark_ended(self, job_id: int, state: str, exit_code: Optional[int]) -> None:
+        self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=? WHERE id=?",
+                        (state, exit_code, time.time(), job_id))
+
+    def requeue(self, job_id: int, count_attempt: bool) -> None:
+        self.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL,"
+                        " attempts=attempts - ? WHERE id=?", (0 if count_attempt else 1, job_id))
+
+    def set_progress(self, job_id: int, progress: Optional[float]) -> None:
+        self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
+
+    # builds
+    def builds(self) -> Dict[Tuple[int, str], str]:
+        return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
+
+    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
+        if state is None:
+            self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+
+class _Transaction:
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN")
+
+    def __exit__(self, kind, *_):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+# Scheduling: which batch a node with a free slot should take next.
+
+@dataclass
+class NodeView:
+    name: str
+    capabilities: List[str]
+    gpus: int
+    free_slots: int
+    paused: bool = False
+    reachable: bool = True
+
+
+@dataclass
+class BatchView:
+    id: int
+    owner: str
+    created: float
+    capabilities: List[str]
+    queued: int
+    built_on: List[str] = field(default_factory=list)     # nodes where the build succeeded
+    failed_on: List[str] = field(default_factory=list)    # nodes where the build failed
+
+    @property
+    def needs_gpu(self) -> bool:
+        return "gpu" in self.capabilities
+
+
+def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
+    offered = set(offered)
+    return [cap for cap in needed if cap not in offered]
+
+
+def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
+    """Why `node` cannot take a job of `batch` right now (None: it can)."""
+    if not node.reachable:
+        return "unreachable"
+    missing = missing_capabilities(batch.capabilities, node.capabilities)
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if node.name in batch.failed_on:
+        return "the batch's build failed there"
+    if node.paused:
+        return "paused"
+    if node.free_slots <= 0:
+        return "busy"
+    return None
+
+
+def pick_batch(node: NodeView, batches: List[BatchView], last_owner: Optional[str]) -> Optional[BatchView]:
+    """SPEC §6 order: on a GPU node, batches that need a GPU first; then the next owner in
+    round-robin order after `last_owner`; within that owner a batch already built on this
+    node, else the oldest.  Fairness across owners comes before build reuse, so one
+    person's long sweep never starves another's few jobs (builds are kept per node until
+    the node is done with a batch, so switching batches does not repeat them)."""
+    eligible = [b for b in batches if b.queued > 0 and why_not(node, b) is None]
+    if not eligible:
+        return None
+    if node.gpus > 0 and any(b.needs_gpu for b in eligible):
+        eligible = [b for b in eligible if b.needs_gpu]
+    owners = sorted({b.owner for b in eligible})
+    later = [o for o in owners if last_owner is not None and o > last_owner]
+    owner = later[0] if later else owners[0]
+    mine = [b for b in eligible if b.owner == owner]
+    built = [b for b in mine if node.name in b.built_on]
+    return min(built or mine, key=lambda b: (b.created, b.id))
+
+
+def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for a job in `slot`: each slot its own share of the GPUs."""
+    if gpus <= 0:
+        return None
+    if slots <= 1:
+        return ",".join(str(i) for i in range(gpus))
+    if slots >= gpus:
+        return str(slot % gpus)
+    per = gpus // slots
+    return ",".join(str(i) for i in range(slot * per, (slot + 1) * per))
+
+
+# ---------------------------------------------------------------------------
+# 8. Wire format, tar streams and transports
+#
+# Head, supervisor and clients exchange frames: an 8-byte prefix (header and
+# payload lengths), a JSON header, then raw payload bytes.  Files travel as tar
+# streams, checked member by member on arrival.  A transport reaches one
+# machine: the local one directly, any other over one persistent SSH connection.
+# ---------------------------------------------------------------------------
+
+MAX_HEADER = 64 * 1024 * 1024
+INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
+PROTOCOL = 1
+
+
+class ProtocolError(Failed):
+    """The other side spoke something that is not our protocol (or hung up)."""
+
+
+class UnsafeArchive(Failed):
+    """A tar stream tried to write outside its folder, or held a device or link out."""
+
+
+class Channel:
+    """Frames over a pair of asyncio-like streams; sends are serialised by a lock."""
+
+    def __init__(self, reader, writer):
+        import asyncio
+        self.reader, self.writer = reader, writer
+        self._lock = asyncio.Lock()
+
+    async def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        body = json.dumps(header, separators=(",", ":")).encode()
+        async with self._lock:
+            self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
+            if payload:
+                self.writer.write(payload)
+            await self.writer.drain()
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        import asyncio
+        try:
+            prefix = await self.reader.readexactly(8)
+            size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+            if size > MAX_HEADER:
+                raise ProtocolError("frame header too large")
+            header = json.loads(await self.reader.readexactly(size))
+            payload = await self.reader.readexactly(payload_size) if payload_size else b""
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            raise ProtocolError("connection closed") from exc
+        except ValueError as exc:
+            raise ProtocolError(f"bad frame: {exc}") from exc
+        return header, payload
+
+    async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+        await self.send(header, payload)
+        return await self.receive()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+
+
+EMPTY_TAR = bytes(1024)      # the end marker alone: what a job without files sends
+
+
+def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
+    """A tar (in memory) of (name in archive, path on disk) pairs."""
+    entries = list(entries)
+    if not entries:
+        return EMPTY_TAR
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in entries:
+            tar.add(path, arcname=name, recursive=False)
+    return buffer.getvalue()
+
+
+def tar_folder(folder: Path, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
+    """A tar (in memory) of everything under folder, plus extra entries."""
+    return tar_of(folder_entries(folder) + list(extra))
+
+
+def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
+    """Where a tar member may land under dest; UnsafeArchive if it may not."""
+    name = member.name
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if name.startswith("/") or ".." in parts or not parts:
+        raise UnsafeArchive(f"refused tar entry {name!r}: it escapes its folder")
+    target = dest.joinpath(*parts)
+    if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()):
+        raise UnsafeArchive(f"refused tar entry {name!r}: not a regular file, folder or symlink")
+    if member.issym():
+        link = member.linkname
+        resolved = os.path.normpath(os.path.join(os.path.dirname(str(target)), link))
+        if link.startswith("/") or not (resolved + os.sep).startswith(str(dest) + os.sep):
+            raise UnsafeArchive(f"refused tar entry {name!r}: symlink to {link!r} points outside")
+    return target
+
+
+class TailKeepingReader:
+    """A stream read through, remembering its last bytes: a tar that stops at a member
+    boundary reads like a complete one, only its end-of-archive block tells them apart."""
+
+    KEEP = 64 * 1024
+
+    def __init__(self, source):
+        self.source, self.total, self.chunks = source, 0, collections.deque()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        if data:
+            self.chunks.append((self.total, data))
+            self.total += len(data)
+            while self.chunks and self.total - self.chunks[0][0] - len(self.chunks[0][1]) > self.KEEP:
+                self.chunks.popleft()
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 16):
+            pass
+
+    def zero_block_at(self, offset: int) -> bool:
+        """Whether the 512 bytes at `offset` arrived and are all zero (a tar's end marker)."""
+        block = b"".join(data[max(0, offset - start):offset + 512 - start] for start, data in self.chunks
+                         if start < offset + 512 and start + len(data) > offset)
+        return len(block) == 512 and not block.strip(b"\0")
+
+
+def extract_tar(source, dest: Path) -> int:
+    """Extract a tar (bytes or a readable file object, read as a stream) into dest,
+    refusing anything unsafe before writing it, and a stream cut short (no end marker).
+    Returns the bytes written."""
+    dest = Path(os.path.abspath(dest))
+    dest.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, (bytes, bytearray)) and len(source) >= 1024 and source.count(0) == len(source):
+        return 0            # an empty tar (just its end marker): most jobs send no files
+    stream = TailKeepingReader(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
+    try:
+        written, end = extract_members(stream, dest)
+        stream.drain()
+    except tarfile.TarError as exc:         # what a peer that hung up mid-file looks like
+        raise ProtocolError(f"broken tar stream: {exc}") from None
+    if not stream.zero_block_at(end):
+        raise ProtocolError(f"the tar stream ended early, after {stream.total} bytes: the transfer broke off")
+    return written
+
+
+def extract_members(stream, dest: Path) -> Tuple[int, int]:
+    """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
+    written = 0
+    real_dest = os.path.realpath(dest)
+    safe_folders: set = set()       # checked to lie inside dest, and made: one realpath per folder
+    # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
+    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
+        for member in tar:
+            target = check_member(member, dest)
+            folder = os.path.dirname(target)
+            if folder not in safe_folders:
+                real_parent = os.path.realpath(folder)
+                if not (real_parent + os.sep).startswith(real_dest + os.sep) and real_parent != real_dest:
+                    raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
+                os.makedirs(folder, exist_ok=True)
+                safe_folders.add(folder)
+            if member.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+                safe_folders.clear()
+            if member.issym():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(target)
+                os.symlink(member.linkname, target)
+                safe_folders.clear()        # a link may now stand where a checked folder was
+                continue
+            written += land_member(tar, member, target)
+        return written, tar.offset
+
+
+PART_SUFFIX = ".distribute-part"
+
+
+def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
+    """Write one regular file under a temporary name, check its size, then rename it into place."""
+    part = target.with_name(f".{target.name}{PART_SUFFIX}")
+    try:
+        with open(part, "wb") as out:
+            size = 0
+            for chunk in member_chunks(tar, member):
+                out.write(chunk)
+                size += len(chunk)
+            if size != member.size:
+                raise Failed(f"{member.name}: received {size} of {member.size} bytes")
+            out.flush()                         # before utime: a later write would move the mtime
+            os.fchmod(out.fileno(), member.mode & 0o777)
+            os.utime(out.fileno(), (member.mtime, member.mtime))
+        os.replace(part, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(part)
+        raise
+    return member.size
+
+
+def member_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
+    """A regular member's data in chunks, read straight from the tar stream when it stands
+    at the data (extractfile's layers copy every byte twice more: it shows on gigabytes)."""
+    if member.issparse() or tar.fileobj.tell() != member.offset_data:
+        source = tar.extractfile(member)
+        yield from iter(lambda: source.read(1 << 20), b"")
+        return
+    remaining = member.size
+    while remaining:
+        chunk = tar.fileobj.read(min(remaining, 1 << 20))
+        if len(chunk) < min(remaining, 1 << 20):
+            raise tarfile.ReadError("unexpected end of data")      # what extractfile would raise
+        remaining -= len(chunk)
+        yield chunk
+
+
+PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+                     "aes128-ctr", "aes192-ctr", "aes256-ctr")
+
+
+def folder_entries(folder: Path) -> List[Tuple[str, str]]:
+    """(name in archive, path) for everything under folder, links kept as links."""
+    entries: List[Tuple[str, str]] = []
+    for top, dirs, files in os.walk(folder):
+        rel_top = os.path.relpath(top, folder)
+        for name in sorted(dirs) + sorted(files):
+            entries.append((name if rel_top == "." else f"{rel_top}/{name}", os.path.join(top, name)))
+    return entries
+
+
+def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
+    total = 0
+    for _, path in entries:
+        with contextlib.suppress(OSError):
+            info = os.lstat(path)
+            total += info.st_size if stat_is_regular(info.st_mode) else 0
+    return total
+
+
+def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
+    """Write a tar of the entries into a pipe (runs in a thread while the loop sends)."""
+    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
+        with contextlib.suppress(BrokenPipeError):
+            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                for name, path in entries:
+                    tar.add(path, arcname=name, recursive=False)
+
+
+async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
+    """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
+    Large files never sit in memory: a thread writes the tar into a pipe."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    read_fd, write_fd = os.pipe()
+    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    try:
+        while True:
+            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            if not chunk:
+                break
+            writer.write(chunk)
+            await writer.drain()
+    finally:
+        os.close(read_fd)
+        await producer
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+def extract_then_close(source, dest: Path) -> int:
+    """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
+    instead of blocking for ever when extraction stops early (refused entry, full disk)."""
+    try:
+        return extract_tar(source, dest)
+    finally:
+        source.close()
+
+
+async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
+    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    read_fd, write_fd = os.pipe()
+    source = os.fdopen(read_fd, "rb", buffering=1 << 20)
+    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
+    try:
+        while True:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            if on_bytes is not None:
+                on_bytes(len(chunk))
+            view = memoryview(chunk)
+            while view:
+                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+    finally:
+        os.close(write_fd)
+        try:
+            return await extractor
+        finally:
+            source.close()
+
+
+def quote_argv(argv: List[str]) -> str:
+    """One shell-safe command line: every argument quoted (sshd hands it to a shell)."""
+    import shlex
+    return " ".join(shlex.quote(str(a)) for a in argv)
+
+
+class LocalTransport:
+    """This machine, no SSH: the embedded default."""
+
+    def __init__(self, node: NodeSpec):
+        self.node = node
+
+    async def connect(self) -> None:
+        return None
+
+    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
+        import asyncio
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
+                                                    stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate(stdin)
+        return proc.returncode or 0, out, err
+
+    async def open_socket(self, path: str):
+        import asyncio
+        return await asyncio.open_unix_connection(path, limit=2 ** 24)
+
+    async def close(self) -> None:
+        return None
+
+    def describe_error(self, exc: BaseException) -> str:
+        return str(exc) or type(exc).__name__
+
+
+class SshTransport:
+    """One node over one persistent asyncssh connection; every channel reuses it.
+
+    Host keys are checked against known_hosts (asyncssh's default, honouring
+    ~/.ssh/config), never skipped.  aes-gcm comes first: it is the fastest cipher
+    where the CPU has AES instructions, which is every lab machine of the last decade."""
+
+    def __init__(self, node: NodeSpec, connect_timeout: float = 15.0):
+        self.node = node
+        self.conn = None
+        self.connect_timeout = connect_timeout
+
+    async def connect(self) -> None:
+        asyncssh = import_asyncssh()
+        options: Dict[str, Any] = {}
+        if self.node.port:
+            options["port"] = self.node.port
+        if self.node.user:
+            options["username"] = self.node.user
+        self.conn = await asyncssh.connect(
+            self.node.host, encryption_algs=PREFERRED_CIPHERS, compression_algs=None,
+            keepalive_interval=5, keepalive_count_max=3, connect_timeout=self.connect_timeout, **options)
+        await enable_server_nodelay(self.conn)
+
+    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
+        result = await self.conn.run(quote_argv(argv), input=stdin, encoding=None, check=False)
+        return result.exit_status if result.exit_status is not None else 255, result.stdout or b"", \
+            result.stderr or b""
+
+    async def open_socket(self, path: str):
+        """A stream to a Unix socket on the node: stream-local forwarding when sshd allows
+        it, else a relay process (`node attach`) on an exec channel."""
+        asyncssh = import_asyncssh()
+        try:
+            return await self.conn.open_unix_connection(path)
+        except asyncssh.ChannelOpenError:
+            process = await self.conn.create_process(
+                quote_argv(self.relay_argv(path)), encoding=None)
+            return process.stdout, process.stdin
+
+    def relay_argv(self, path: str) -> List[str]:
+        return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
+
+    remote_pyz = ""
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            with contextlib.suppress(Exception):
+                await self.conn.wait_closed()
+            self.conn = None
+
+    def describe_error(self, exc: BaseException) -> str:
+        asyncssh = import_asyncssh()
+        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+            return (f"host key of {self.node.host} not verified ({exc.reason}): it is unknown or has "
+                    "changed; check the head's known_hosts")
+        if isinstance(exc, asyncssh.PermissionDenied):
+            return f"SSH login to {self.node.host} refused: {exc.reason}"
+        if isinstance(exc, asyncssh.DisconnectError):
+            return f"SSH to {self.node.host}: {exc.reason}"
+        if isinstance(exc, OSError):
+            return f"cannot reach {self.node.host}: {exc.strerror or exc}"
+        return f"{self.node.host}: {exc or type(exc).__name__}"
+
+
+async def enable_server_nodelay(conn) -> None:
+    """sshd turns Nagle off for a connection only once some session has a pseudo-terminal;
+    without that, small replies can wait ~40 ms for a delayed ACK.  One pty command fixes it
+    for every later channel."""
+    with contextlib.suppress(Exception):
+        await conn.run("true", term_type="dumb", check=False)
+
+
+def transport_for(node: NodeSpec):
+    return LocalTransport(node) if node.is_local else SshTransport(node)
+
+
+# ---------------------------------------------------------------------------
+# 9. Workstation pause
+#
+# The node side of a pause.  This section owns the pause locks (one JSON
 # file per pausing user in pause_dir()), deciding whether the node is paused,
 # stopping and continuing a job's whole process tree, and the watcher the node
 # supervisor runs.  The lock is the only channel between `pause` (run by any
 # local user) and the supervisor (run by the head's account), so everything
 # here trusts files only as far as their owner and their age allow.
+# ---------------------------------------------------------------------------
 
 PAUSE_LOCK_PREFIX = "pause-"
 PAUSE_LOCK_SUFFIX = ".json"
@@ -2549,731 +3277,10 @@ async def watch_pauses(job_roots: Callable[[], List[int]],
             await asyncio.sleep(interval)
     finally:
         watch.release(job_roots())
-#@@PAUSE: end@@
-
-
-#@@CLUSTER: begin@@
-# ---------------------------------------------------------------------------
-# 5. The head's store and scheduling
-#
-# SQLite (WAL) under the head's --state folder holds batches, jobs, attempts
-# and builds: everything needed to carry on after a crash.  Scheduling is a set
-# of pure functions over small snapshots of that state, tested on their own.
-# ---------------------------------------------------------------------------
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS batches (
-    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, owner TEXT NOT NULL,
-    flavour TEXT NOT NULL, plan TEXT NOT NULL, capabilities TEXT NOT NULL, matrix TEXT,
-    created REAL NOT NULL, finished REAL, state TEXT NOT NULL DEFAULT 'active');
-CREATE UNIQUE INDEX IF NOT EXISTS batch_name ON batches(namespace, name) WHERE state != 'replaced';
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY, batch_id INTEGER NOT NULL REFERENCES batches(id), idx INTEGER NOT NULL,
-    name TEXT NOT NULL, plan TEXT NOT NULL, retries INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'queued', attempts INTEGER NOT NULL DEFAULT 0, run_id TEXT,
-    node TEXT, started REAL, ended REAL, exit_code INTEGER, progress REAL, slot INTEGER);
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(batch_id, state, idx);
-CREATE INDEX IF NOT EXISTS jobs_running ON jobs(state) WHERE state = 'running';
-CREATE TABLE IF NOT EXISTS builds (
-    batch_id INTEGER NOT NULL, node TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (batch_id, node));
-"""
-
-JOB_STATES = ("queued", "running", "done", "failed", "killed")
-
-
-@dataclass
-class BatchRow:
-    id: int
-    namespace: str
-    name: str
-    owner: str
-    flavour: str
-    plan: BatchPlan
-    capabilities: List[str]
-    matrix: Optional[str]
-    created: float
-    state: str
-    finished: Optional[float] = None
-
-    @property
-    def key(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-
-@dataclass
-class JobRow:
-    id: int
-    batch_id: int
-    name: str
-    plan: JobPlan
-    retries: int
-    state: str
-    attempts: int
-    run_id: Optional[str]
-    node: Optional[str]
-    started: Optional[float]
-    ended: Optional[float]
-    exit_code: Optional[int]
-    progress: Optional[float]
-    slot: Optional[int]
-
-
-class Store:
-    """The head's database.  One connection, used from the event loop only."""
-
-    def __init__(self, path: Path):
-        import sqlite3
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-
-    def transaction(self):
-        return _Transaction(self.db)
-
-    # batches
-    def add_batch(self, namespace: str, name: str, owner: str, plan: BatchPlan, capabilities: List[str],
-                  matrix: Optional[str], jobs: List[Tuple[JobPlan, int]]) -> int:
-        with self.transaction():
-            cur = self.db.execute(
-                "INSERT INTO batches (namespace, name, owner, flavour, plan, capabilities, matrix, created)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (namespace, name, owner, plan.flavour, json.dumps(dataclasses.asdict(plan)),
-                 json.dumps(capabilities), matrix, time.time()))
-            batch_id = cur.lastrowid
-            self.db.executemany(
-                "INSERT INTO jobs (batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?)",
-                ((batch_id, i, job.name, json.dumps(vars(job)), retries)    # JobPlan is flat: vars() is 3x faster than asdict()
-                 for i, (job, retries) in enumerate(jobs)))
-        return batch_id
-
-    def _batch(self, row) -> BatchRow:
-        return BatchRow(row[0], row[1], row[2], row[3], row[4], BatchPlan(**json.loads(row[5])),
-                        json.loads(row[6]), row[7], row[8], row[10], row[9])
-
-    def batch(self, batch_id: int) -> Optional[BatchRow]:
-        row = self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
-        return self._batch(row) if row else None
-
-    def find_batch(self, namespace: Optional[str], name: str) -> Optional[BatchRow]:
-        sql = "SELECT * FROM batches WHERE name=? AND state != 'replaced'"
-        args: Tuple = (name,)
-        if namespace:
-            sql, args = sql + " AND namespace=?", (name, namespace)
-        rows = self.db.execute(sql + " ORDER BY id DESC", args).fetchall()
-        if len(rows) > 1:
-            raise UserError(f"batch name {name!r} exists in several namespaces: write NAMESPACE/{name}")
-        return self._batch(rows[0]) if rows else None
-
-    def active_batches(self) -> List[BatchRow]:
-        rows = self.db.execute("SELECT * FROM batches WHERE state='active' ORDER BY created, id").fetchall()
-        return [self._batch(r) for r in rows]
-
-    def all_batches(self, limit: int = 10000) -> List[BatchRow]:
-        rows = self.db.execute("SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?",
-                               (limit,)).fetchall()
-        return [self._batch(r) for r in reversed(rows)]
-
-    def status_rows(self, limit: int = 10000) -> List[Tuple[int, str, str, str, str, float, Optional[float],
-                                                            Dict[str, int]]]:
-        """(id, namespace, name, owner, state, created, finished, {job state: count}) of the
-        latest batches, oldest first: no plan decoding, and counts only from the first listed
-        batch on.  Two queries that walk the jobs_by_state index in its own order: a single
-        JOIN ... GROUP BY needs a temporary B-tree and is 5x slower at 100k jobs."""
-        rows = self.db.execute("SELECT id, namespace, name, owner, state, created, finished FROM batches"
-                               " WHERE state != 'replaced' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        rows.reverse()
-        counts: Dict[int, Dict[str, int]] = {}
-        if rows:
-            for batch_id, state, count in self.db.execute(
-                    "SELECT batch_id, state, COUNT(*) FROM jobs WHERE batch_id >= ? GROUP BY batch_id, state",
-                    (rows[0][0],)):
-                counts.setdefault(batch_id, {})[state] = count
-        return [row + (counts.get(row[0], {}),) for row in rows]
-
-    def set_batch_state(self, batch_id: int, state: str) -> None:
-        self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
-                        (state, time.time() if state != "active" else None, batch_id))
-
-    # jobs
-    def _job(self, row) -> JobRow:
-        return JobRow(row[0], row[1], row[3], JobPlan(**json.loads(row[4])), row[5], row[6], row[7],
-                      row[8], row[9], row[10], row[11], row[12], row[13], row[14])
-
-    def job(self, job_id: int) -> Optional[JobRow]:
-        row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return self._job(row) if row else None
-
-    def run_id_of(self, job_id: int) -> Optional[str]:
-        row = self.db.execute("SELECT run_id FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row[0] if row else None
-
-    def job_by_name(self, batch_id: int, name: str) -> Optional[JobRow]:
-        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND name=?", (batch_id, name)).fetchone()
-        return self._job(row) if row else None
-
-    def jobs(self, batch_id: int, state: Optional[str] = None) -> List[JobRow]:
-        if state:
-            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state=? ORDER BY idx",
-                                   (batch_id, state))
-        else:
-            rows = self.db.execute("SELECT * FROM jobs WHERE batch_id=? ORDER BY idx", (batch_id,))
-        return [self._job(r) for r in rows]
-
-    def next_queued(self, batch_id: int) -> Optional[JobRow]:
-        row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND state='queued' ORDER BY idx LIMIT 1",
-                              (batch_id,)).fetchone()
-        return self._job(row) if row else None
-
-    def running_jobs(self) -> List[JobRow]:
-        return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
-
-    def counts(self) -> Dict[int, Dict[str, int]]:
-        """{batch_id: {state: count}} for every batch, in one query."""
-        out: Dict[int, Dict[str, int]] = {}
-        for batch_id, state, count in self.db.execute(
-                "SELECT batch_id, state, COUNT(*) FROM jobs GROUP BY batch_id, state"):
-            out.setdefault(batch_id, {})[state] = count
-        return out
-
-    def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
-        self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
-                        " exit_code=NULL, progress=NULL, attempts=attempts+1 WHERE id=?",
-                        (run_id, node, slot, time.time(), job_id))
-
-    def mark_ended(self, job_id: int, state: str, exit_code: Optional[int]) -> None:
-        self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=? WHERE id=?",
-                        (state, exit_code, time.time(), job_id))
-
-    def requeue(self, job_id: int, count_attempt: bool) -> None:
-        self.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL,"
-                        " attempts=attempts - ? WHERE id=?", (0 if count_attempt else 1, job_id))
-
-    def set_progress(self, job_id: int, progress: Optional[float]) -> None:
-        self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
-
-    # builds
-    def builds(self) -> Dict[Tuple[int, str], str]:
-        return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
-
-    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
-        if state is None:
-            self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
-
-
-class _Transaction:
-    def __init__(self, db):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN")
-
-    def __exit__(self, kind, *_):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
-
-
-# Scheduling: which batch a node with a free slot should take next.
-
-@dataclass
-class NodeView:
-    name: str
-    capabilities: List[str]
-    gpus: int
-    free_slots: int
-    paused: bool = False
-    reachable: bool = True
-
-
-@dataclass
-class BatchView:
-    id: int
-    owner: str
-    created: float
-    capabilities: List[str]
-    queued: int
-    built_on: List[str] = field(default_factory=list)     # nodes where the build succeeded
-    failed_on: List[str] = field(default_factory=list)    # nodes where the build failed
-
-    @property
-    def needs_gpu(self) -> bool:
-        return "gpu" in self.capabilities
-
-
-def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
-    offered = set(offered)
-    return [cap for cap in needed if cap not in offered]
-
-
-def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
-    """Why `node` cannot take a job of `batch` right now (None: it can)."""
-    if not node.reachable:
-        return "unreachable"
-    missing = missing_capabilities(batch.capabilities, node.capabilities)
-    if missing:
-        return f"lacks {', '.join(missing)}"
-    if node.name in batch.failed_on:
-        return "the batch's build failed there"
-    if node.paused:
-        return "paused"
-    if node.free_slots <= 0:
-        return "busy"
-    return None
-
-
-def pick_batch(node: NodeView, batches: List[BatchView], last_owner: Optional[str]) -> Optional[BatchView]:
-    """SPEC §6 order: on a GPU node, batches that need a GPU first; then the next owner in
-    round-robin order after `last_owner`; within that owner a batch already built on this
-    node, else the oldest.  Fairness across owners comes before build reuse, so one
-    person's long sweep never starves another's few jobs (builds are kept per node until
-    the node is done with a batch, so switching batches does not repeat them)."""
-    eligible = [b for b in batches if b.queued > 0 and why_not(node, b) is None]
-    if not eligible:
-        return None
-    if node.gpus > 0 and any(b.needs_gpu for b in eligible):
-        eligible = [b for b in eligible if b.needs_gpu]
-    owners = sorted({b.owner for b in eligible})
-    later = [o for o in owners if last_owner is not None and o > last_owner]
-    owner = later[0] if later else owners[0]
-    mine = [b for b in eligible if b.owner == owner]
-    built = [b for b in mine if node.name in b.built_on]
-    return min(built or mine, key=lambda b: (b.created, b.id))
-
-
-def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
-    """CUDA_VISIBLE_DEVICES for a job in `slot`: each slot its own share of the GPUs."""
-    if gpus <= 0:
-        return None
-    if slots <= 1:
-        return ",".join(str(i) for i in range(gpus))
-    if slots >= gpus:
-        return str(slot % gpus)
-    per = gpus // slots
-    return ",".join(str(i) for i in range(slot * per, (slot + 1) * per))
 
 
 # ---------------------------------------------------------------------------
-# 6. Wire format, tar streams and transports
-#
-# Head, supervisor and clients exchange frames: an 8-byte prefix (header and
-# payload lengths), a JSON header, then raw payload bytes.  Files travel as tar
-# streams, checked member by member on arrival.  A transport reaches one
-# machine: the local one directly, any other over one persistent SSH connection.
-# ---------------------------------------------------------------------------
-
-MAX_HEADER = 64 * 1024 * 1024
-INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
-PROTOCOL = 1
-
-
-class ProtocolError(Failed):
-    """The other side spoke something that is not our protocol (or hung up)."""
-
-
-class UnsafeArchive(Failed):
-    """A tar stream tried to write outside its folder, or held a device or link out."""
-
-
-class Channel:
-    """Frames over a pair of asyncio-like streams; sends are serialised by a lock."""
-
-    def __init__(self, reader, writer):
-        import asyncio
-        self.reader, self.writer = reader, writer
-        self._lock = asyncio.Lock()
-
-    async def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
-        body = json.dumps(header, separators=(",", ":")).encode()
-        async with self._lock:
-            self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
-            if payload:
-                self.writer.write(payload)
-            await self.writer.drain()
-
-    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
-        import asyncio
-        try:
-            prefix = await self.reader.readexactly(8)
-            size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
-            if size > MAX_HEADER:
-                raise ProtocolError("frame header too large")
-            header = json.loads(await self.reader.readexactly(size))
-            payload = await self.reader.readexactly(payload_size) if payload_size else b""
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            raise ProtocolError("connection closed") from exc
-        except ValueError as exc:
-            raise ProtocolError(f"bad frame: {exc}") from exc
-        return header, payload
-
-    async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-        await self.send(header, payload)
-        return await self.receive()
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.writer.close()
-
-
-EMPTY_TAR = bytes(1024)      # the end marker alone: what a job without files sends
-
-
-def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
-    """A tar (in memory) of (name in archive, path on disk) pairs."""
-    entries = list(entries)
-    if not entries:
-        return EMPTY_TAR
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, path in entries:
-            tar.add(path, arcname=name, recursive=False)
-    return buffer.getvalue()
-
-
-def tar_folder(folder: Path, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
-    """A tar (in memory) of everything under folder, plus extra entries."""
-    return tar_of(folder_entries(folder) + list(extra))
-
-
-def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
-    """Where a tar member may land under dest; UnsafeArchive if it may not."""
-    name = member.name
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if name.startswith("/") or ".." in parts or not parts:
-        raise UnsafeArchive(f"refused tar entry {name!r}: it escapes its folder")
-    target = dest.joinpath(*parts)
-    if member.isdev() or member.isfifo() or not (member.isfile() or member.isdir() or member.issym()):
-        raise UnsafeArchive(f"refused tar entry {name!r}: not a regular file, folder or symlink")
-    if member.issym():
-        link = member.linkname
-        resolved = os.path.normpath(os.path.join(os.path.dirname(str(target)), link))
-        if link.startswith("/") or not (resolved + os.sep).startswith(str(dest) + os.sep):
-            raise UnsafeArchive(f"refused tar entry {name!r}: symlink to {link!r} points outside")
-    return target
-
-
-class TailKeepingReader:
-    """A stream read through, remembering its last bytes: a tar that stops at a member
-    boundary reads like a complete one, only its end-of-archive block tells them apart."""
-
-    KEEP = 64 * 1024
-
-    def __init__(self, source):
-        self.source, self.total, self.chunks = source, 0, collections.deque()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        if data:
-            self.chunks.append((self.total, data))
-            self.total += len(data)
-            while self.chunks and self.total - self.chunks[0][0] - len(self.chunks[0][1]) > self.KEEP:
-                self.chunks.popleft()
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 16):
-            pass
-
-    def zero_block_at(self, offset: int) -> bool:
-        """Whether the 512 bytes at `offset` arrived and are all zero (a tar's end marker)."""
-        block = b"".join(data[max(0, offset - start):offset + 512 - start] for start, data in self.chunks
-                         if start < offset + 512 and start + len(data) > offset)
-        return len(block) == 512 and not block.strip(b"\0")
-
-
-def extract_tar(source, dest: Path) -> int:
-    """Extract a tar (bytes or a readable file object, read as a stream) into dest,
-    refusing anything unsafe before writing it, and a stream cut short (no end marker).
-    Returns the bytes written."""
-    dest = Path(os.path.abspath(dest))
-    dest.mkdir(parents=True, exist_ok=True)
-    if isinstance(source, (bytes, bytearray)) and len(source) >= 1024 and source.count(0) == len(source):
-        return 0            # an empty tar (just its end marker): most jobs send no files
-    stream = TailKeepingReader(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
-    try:
-        written, end = extract_members(stream, dest)
-        stream.drain()
-    except tarfile.TarError as exc:         # what a peer that hung up mid-file looks like
-        raise ProtocolError(f"broken tar stream: {exc}") from None
-    if not stream.zero_block_at(end):
-        raise ProtocolError(f"the tar stream ended early, after {stream.total} bytes: the transfer broke off")
-    return written
-
-
-def extract_members(stream, dest: Path) -> Tuple[int, int]:
-    """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
-    written = 0
-    real_dest = os.path.realpath(dest)
-    safe_folders: set = set()       # checked to lie inside dest, and made: one realpath per folder
-    # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
-        for member in tar:
-            target = check_member(member, dest)
-            folder = os.path.dirname(target)
-            if folder not in safe_folders:
-                real_parent = os.path.realpath(folder)
-                if not (real_parent + os.sep).startswith(real_dest + os.sep) and real_parent != real_dest:
-                    raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
-                os.makedirs(folder, exist_ok=True)
-                safe_folders.add(folder)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-                safe_folders.clear()
-            if member.issym():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                os.symlink(member.linkname, target)
-                safe_folders.clear()        # a link may now stand where a checked folder was
-                continue
-            written += land_member(tar, member, target)
-        return written, tar.offset
-
-
-PART_SUFFIX = ".distribute-part"
-
-
-def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
-    """Write one regular file under a temporary name, check its size, then rename it into place."""
-    part = target.with_name(f".{target.name}{PART_SUFFIX}")
-    try:
-        with open(part, "wb") as out:
-            size = 0
-            for chunk in member_chunks(tar, member):
-                out.write(chunk)
-                size += len(chunk)
-            if size != member.size:
-                raise Failed(f"{member.name}: received {size} of {member.size} bytes")
-            out.flush()                         # before utime: a later write would move the mtime
-            os.fchmod(out.fileno(), member.mode & 0o777)
-            os.utime(out.fileno(), (member.mtime, member.mtime))
-        os.replace(part, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(part)
-        raise
-    return member.size
-
-
-def member_chunks(tar: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[bytes]:
-    """A regular member's data in chunks, read straight from the tar stream when it stands
-    at the data (extractfile's layers copy every byte twice more: it shows on gigabytes)."""
-    if member.issparse() or tar.fileobj.tell() != member.offset_data:
-        source = tar.extractfile(member)
-        yield from iter(lambda: source.read(1 << 20), b"")
-        return
-    remaining = member.size
-    while remaining:
-        chunk = tar.fileobj.read(min(remaining, 1 << 20))
-        if len(chunk) < min(remaining, 1 << 20):
-            raise tarfile.ReadError("unexpected end of data")      # what extractfile would raise
-        remaining -= len(chunk)
-        yield chunk
-
-
-PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
-                     "aes128-ctr", "aes192-ctr", "aes256-ctr")
-
-
-def folder_entries(folder: Path) -> List[Tuple[str, str]]:
-    """(name in archive, path) for everything under folder, links kept as links."""
-    entries: List[Tuple[str, str]] = []
-    for top, dirs, files in os.walk(folder):
-        rel_top = os.path.relpath(top, folder)
-        for name in sorted(dirs) + sorted(files):
-            entries.append((name if rel_top == "." else f"{rel_top}/{name}", os.path.join(top, name)))
-    return entries
-
-
-def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
-    total = 0
-    for _, path in entries:
-        with contextlib.suppress(OSError):
-            info = os.lstat(path)
-            total += info.st_size if stat_is_regular(info.st_mode) else 0
-    return total
-
-
-def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
-    """Write a tar of the entries into a pipe (runs in a thread while the loop sends)."""
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-        with contextlib.suppress(BrokenPipeError):
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                for name, path in entries:
-                    tar.add(path, arcname=name, recursive=False)
-
-
-async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
-    """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
-    Large files never sit in memory: a thread writes the tar into a pipe."""
-    import asyncio
-    loop = asyncio.get_event_loop()
-    read_fd, write_fd = os.pipe()
-    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
-    try:
-        while True:
-            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
-            if not chunk:
-                break
-            writer.write(chunk)
-            await writer.drain()
-    finally:
-        os.close(read_fd)
-        await producer
-    if writer.can_write_eof():
-        writer.write_eof()
-
-
-def extract_then_close(source, dest: Path) -> int:
-    """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
-    instead of blocking for ever when extraction stops early (refused entry, full disk)."""
-    try:
-        return extract_tar(source, dest)
-    finally:
-        source.close()
-
-
-async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
-    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
-    import asyncio
-    loop = asyncio.get_event_loop()
-    read_fd, write_fd = os.pipe()
-    source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
-    try:
-        while True:
-            chunk = await reader.read(1 << 20)
-            if not chunk:
-                break
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-            view = memoryview(chunk)
-            while view:
-                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
-    finally:
-        os.close(write_fd)
-        try:
-            return await extractor
-        finally:
-            source.close()
-
-
-def quote_argv(argv: List[str]) -> str:
-    """One shell-safe command line: every argument quoted (sshd hands it to a shell)."""
-    import shlex
-    return " ".join(shlex.quote(str(a)) for a in argv)
-
-
-class LocalTransport:
-    """This machine, no SSH: the embedded default."""
-
-    def __init__(self, node: NodeSpec):
-        self.node = node
-
-    async def connect(self) -> None:
-        return None
-
-    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
-        import asyncio
-        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
-                                                    stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
-        out, err = await proc.communicate(stdin)
-        return proc.returncode or 0, out, err
-
-    async def open_socket(self, path: str):
-        import asyncio
-        return await asyncio.open_unix_connection(path, limit=2 ** 24)
-
-    async def close(self) -> None:
-        return None
-
-    def describe_error(self, exc: BaseException) -> str:
-        return str(exc) or type(exc).__name__
-
-
-class SshTransport:
-    """One node over one persistent asyncssh connection; every channel reuses it.
-
-    Host keys are checked against known_hosts (asyncssh's default, honouring
-    ~/.ssh/config), never skipped.  aes-gcm comes first: it is the fastest cipher
-    where the CPU has AES instructions, which is every lab machine of the last decade."""
-
-    def __init__(self, node: NodeSpec, connect_timeout: float = 15.0):
-        self.node = node
-        self.conn = None
-        self.connect_timeout = connect_timeout
-
-    async def connect(self) -> None:
-        asyncssh = import_asyncssh()
-        options: Dict[str, Any] = {}
-        if self.node.port:
-            options["port"] = self.node.port
-        if self.node.user:
-            options["username"] = self.node.user
-        self.conn = await asyncssh.connect(
-            self.node.host, encryption_algs=PREFERRED_CIPHERS, compression_algs=None,
-            keepalive_interval=5, keepalive_count_max=3, connect_timeout=self.connect_timeout, **options)
-        await enable_server_nodelay(self.conn)
-
-    async def run(self, argv: List[str], stdin: bytes = b"") -> Tuple[int, bytes, bytes]:
-        result = await self.conn.run(quote_argv(argv), input=stdin, encoding=None, check=False)
-        return result.exit_status if result.exit_status is not None else 255, result.stdout or b"", \
-            result.stderr or b""
-
-    async def open_socket(self, path: str):
-        """A stream to a Unix socket on the node: stream-local forwarding when sshd allows
-        it, else a relay process (`node attach`) on an exec channel."""
-        asyncssh = import_asyncssh()
-        try:
-            return await self.conn.open_unix_connection(path)
-        except asyncssh.ChannelOpenError:
-            process = await self.conn.create_process(
-                quote_argv(self.relay_argv(path)), encoding=None)
-            return process.stdout, process.stdin
-
-    def relay_argv(self, path: str) -> List[str]:
-        return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
-
-    remote_pyz = ""
-
-    async def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            with contextlib.suppress(Exception):
-                await self.conn.wait_closed()
-            self.conn = None
-
-    def describe_error(self, exc: BaseException) -> str:
-        asyncssh = import_asyncssh()
-        if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-            return (f"host key of {self.node.host} not verified ({exc.reason}): it is unknown or has "
-                    "changed; check the head's known_hosts")
-        if isinstance(exc, asyncssh.PermissionDenied):
-            return f"SSH login to {self.node.host} refused: {exc.reason}"
-        if isinstance(exc, asyncssh.DisconnectError):
-            return f"SSH to {self.node.host}: {exc.reason}"
-        if isinstance(exc, OSError):
-            return f"cannot reach {self.node.host}: {exc.strerror or exc}"
-        return f"{self.node.host}: {exc or type(exc).__name__}"
-
-
-async def enable_server_nodelay(conn) -> None:
-    """sshd turns Nagle off for a connection only once some session has a pseudo-terminal;
-    without that, small replies can wait ~40 ms for a delayed ACK.  One pty command fixes it
-    for every later channel."""
-    with contextlib.suppress(Exception):
-        await conn.run("true", term_type="dumb", check=False)
-
-
-def transport_for(node: NodeSpec):
-    return LocalTransport(node) if node.is_local else SshTransport(node)
-
-
-# ---------------------------------------------------------------------------
-# 7. The node-side supervisor
+# 10. The node-side supervisor
 #
 # One long-lived process per node (`distribute node supervise`), started by the
 # head over SSH and detached from it.  It builds batches, starts every job
@@ -3736,10 +3743,14 @@ def relay_stdio_to_socket(path: str) -> None:
                 os.write(sys.stdout.fileno(), data)
 
 
-# Pulling results: the head lists a batch's archive (filtered by regular
+# ---------------------------------------------------------------------------
+# 11. Pulling results
+#
+# The head lists a batch's archive (filtered by regular
 # expressions and job parameters), the client asks only for what it lacks, and
 # the files come back as one tar stream, each landing under a temporary name
 # first.
+# ---------------------------------------------------------------------------
 
 @dataclass
 class PullSelection:
@@ -3928,7 +3939,9 @@ def widen_pipe(fd: int) -> None:
         fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
 
 
-#@@MATRIX: begin@@
+# ---------------------------------------------------------------------------
+# 12. Matrix notifications
+#
 # Matrix notifications.  When a batch with `meta.matrix` ends, the head sends that
 # user one message through the Matrix client-server API, in a direct room it
 # creates once and remembers (STATE/matrix-rooms.json, also listed in the bot's
@@ -3937,6 +3950,7 @@ def widen_pipe(fd: int) -> None:
 # loop and never touches a batch; a failure is one line in the head's log.  The
 # access token lives only in MatrixConfig and the Authorization header: it is
 # never logged, printed or put in a URL.
+# ---------------------------------------------------------------------------
 
 MATRIX_CONFIG_KEYS = ("homeserver", "access_token", "room_store")
 MATRIX_TIMEOUT = 20.0                   # seconds per homeserver request
@@ -4289,11 +4303,10 @@ def notify_batch_finished(head: "Head", batch: BatchRow, counts: Dict[str, int])
         log(f"matrix: cannot prepare the message about {batch.key}: {exc}")
         return
     head.matrix.submit(head.matrix.deliver, notice)
-#@@MATRIX: end@@
 
 
 # ---------------------------------------------------------------------------
-# 8. The head daemon
+# 13. The head daemon
 #
 # `distribute serve`: one asyncio process.  A NodeLink per node keeps its SSH
 # connection and supervisor channel alive; the Head turns events (job finished,
@@ -5261,7 +5274,7 @@ def peer_user(sock) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------
-# 9. The client
+# 14. The client
 #
 # Commands on a user's machine reach the head's Unix socket: directly with
 # `--head local`, else through one SSH connection to the head (stream-local
@@ -5558,125 +5571,15 @@ def split_job_ref(ref: str) -> Tuple[str, str]:
     if not batch or not job:
         raise UserError(f"{ref!r} is not BATCH/JOB (or NAMESPACE/BATCH/JOB)")
     return batch, job
-#@@CLUSTER: end@@
 
 
-# Starting points written by `distribute template`: each is accepted by
-# `distribute check` as written, together with the small scripts it names.
-
-TEMPLATES: Dict[str, Dict[str, str]] = {
-    "python": {
-        JOBS_FILE: """\
-# A python batch: build.py runs once per machine, then job files run one by one.
-meta:
-  batch_name: my_first_batch      # unique within your namespace
-  namespace: my_name              # usually your user name or project
-  capabilities: [python3]         # every one must be offered by a node
-  matrix: ~                       # or "@you:example.org" for a message when done
-python:
-  initialize:
-    build_file: build.py          # runs as `python3 build.py` in the build directory
-    required_files:               # copied into input/ before every job
-      - path: shared_input.txt
-  jobs:
-    - name: job_1
-      file: run.py                # runs as `python3 job.py`
-      required_files:
-        - {path: params_1.txt, alias: params.txt}
-    - name: job_2
-      file: run.py
-      required_files:
-        - {path: params_2.txt, alias: params.txt}
-      retries: 1                  # run again once if it exits non-zero
-""",
-        "build.py": "# Runs once per machine and batch: compile or download what the jobs need.\nprint('build done')\n",
-        "run.py": """\
-# Runs once per job with the build directory as working directory.
-import os
-params = open("input/params.txt").read().strip()
-with open("distribute_save/result.txt", "w") as out:   # everything here is archived
-    out.write(f"{os.environ['DISTRIBUTE_JOB']}: {params}\\n")
-with open(os.environ["DISTRIBUTE_PROGRESS"], "a") as progress:
-    progress.write("100\\n")
-""",
-        "shared_input.txt": "shared by every job\n",
-        "params_1.txt": "1\n",
-        "params_2.txt": "2\n",
-    },
-    "shell": {
-        JOBS_FILE: """\
-# A shell batch: one command per job, run by /bin/sh in the build directory.
-meta:
-  batch_name: my_shell_batch
-  namespace: my_name
-  capabilities: []
-shell:
-  initialize:
-    build: "echo building; mkdir -p bin"   # optional, runs once per machine
-    required_files:
-      - path: shared_input.txt
-  jobs:
-    - name: count_words
-      command: "wc -w input/shared_input.txt > distribute_save/words.txt"
-    - name: greet
-      command: "echo hello from $DISTRIBUTE_JOB > distribute_save/hello.txt"
-""",
-        "shared_input.txt": "shared by every job\n",
-    },
-    "apptainer": {
-        JOBS_FILE: """\
-# An apptainer batch: every job runs
-#   apptainer run --app distribute --bind <save>:/distribute_save:rw,<input>:/input:rw <sif> <cpus>
-# Replace solver.sif (an empty placeholder) with your image, built with an %apprun distribute section.
-meta:
-  batch_name: my_container_batch
-  namespace: my_name
-  capabilities: [apptainer]
-apptainer:
-  initialize:
-    sif: solver.sif
-    required_files:
-      - path: shared_input.txt
-    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
-  jobs:
-    - name: job_1
-      required_files:
-        - {path: params_1.txt, alias: params.txt}
-    - name: job_2
-      required_files:
-        - {path: params_2.txt, alias: params.txt}
-""",
-        "solver.sif": "",
-        "shared_input.txt": "shared by every job\n",
-        "params_1.txt": "1\n",
-        "params_2.txt": "2\n",
-    },
-}
-
-
-def write_template(flavour: str, output: str) -> List[Path]:
-    """Write a template job file and the scripts it names; never overwrite a file."""
-    files = TEMPLATES[flavour]
-    target = Path(output)
-    # `-o DIR` (existing or not): the job file goes inside; only a *.yaml/*.yml name is a file name
-    if target.is_dir() or output.endswith(("/", os.sep)) or target.suffix.lower() not in (".yaml", ".yml"):
-        target = target / JOBS_FILE
-    folder = target.parent
-    planned = {target: files[JOBS_FILE]}
-    planned.update({folder / name: text for name, text in files.items() if name != JOBS_FILE})
-    clashes = [str(p) for p in planned if p.exists()]
-    if clashes:
-        raise UserError(f"{clashes[0]} already exists; choose another place with -o")
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, text in planned.items():
-        path.write_text(text)
-    return list(planned)
-
-
-#@@ADOPTION: begin@@
+# ---------------------------------------------------------------------------
+# 15. Around the commands: service, node checks, config, reports
+#
 # What a lab needs around the commands: a systemd unit for the head, a check of
 # every node before the head first reaches it, the client's default head and
 # shell completion, and a timeline picture of a batch.  Head-only code (3.10+).
+# ---------------------------------------------------------------------------
 
 # --- `service install`: the head as a systemd service -----------------------
 
@@ -6334,14 +6237,125 @@ def svg_legend(root, y: float) -> None:
         _svg(legend, "rect", x=x, y=y - 11, width=24, height=14, fill=fill, stroke="#424242", stroke_width="0.5")
         _svg(legend, "text", label, x=x + 30, y=y)
         x += 110
-#@@ADOPTION: end@@
 
 
 # ---------------------------------------------------------------------------
-# 10. The command line
+# 16. The command line
 #
 # Thin: each command parses its options, calls the sections above, and prints.
 # ---------------------------------------------------------------------------
+
+# Starting points written by `distribute template`: each is accepted by
+# `distribute check` as written, together with the small scripts it names.
+
+TEMPLATES: Dict[str, Dict[str, str]] = {
+    "python": {
+        JOBS_FILE: """\
+# A python batch: build.py runs once per machine, then job files run one by one.
+meta:
+  batch_name: my_first_batch      # unique within your namespace
+  namespace: my_name              # usually your user name or project
+  capabilities: [python3]         # every one must be offered by a node
+  matrix: ~                       # or "@you:example.org" for a message when done
+python:
+  initialize:
+    build_file: build.py          # runs as `python3 build.py` in the build directory
+    required_files:               # copied into input/ before every job
+      - path: shared_input.txt
+  jobs:
+    - name: job_1
+      file: run.py                # runs as `python3 job.py`
+      required_files:
+        - {path: params_1.txt, alias: params.txt}
+    - name: job_2
+      file: run.py
+      required_files:
+        - {path: params_2.txt, alias: params.txt}
+      retries: 1                  # run again once if it exits non-zero
+""",
+        "build.py": "# Runs once per machine and batch: compile or download what the jobs need.\nprint('build done')\n",
+        "run.py": """\
+# Runs once per job with the build directory as working directory.
+import os
+params = open("input/params.txt").read().strip()
+with open("distribute_save/result.txt", "w") as out:   # everything here is archived
+    out.write(f"{os.environ['DISTRIBUTE_JOB']}: {params}\\n")
+with open(os.environ["DISTRIBUTE_PROGRESS"], "a") as progress:
+    progress.write("100\\n")
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    },
+    "shell": {
+        JOBS_FILE: """\
+# A shell batch: one command per job, run by /bin/sh in the build directory.
+meta:
+  batch_name: my_shell_batch
+  namespace: my_name
+  capabilities: []
+shell:
+  initialize:
+    build: "echo building; mkdir -p bin"   # optional, runs once per machine
+    required_files:
+      - path: shared_input.txt
+  jobs:
+    - name: count_words
+      command: "wc -w input/shared_input.txt > distribute_save/words.txt"
+    - name: greet
+      command: "echo hello from $DISTRIBUTE_JOB > distribute_save/hello.txt"
+""",
+        "shared_input.txt": "shared by every job\n",
+    },
+    "apptainer": {
+        JOBS_FILE: """\
+# An apptainer batch: every job runs
+#   apptainer run --app distribute --bind <save>:/distribute_save:rw,<input>:/input:rw <sif> <cpus>
+# Replace solver.sif (an empty placeholder) with your image, built with an %apprun distribute section.
+meta:
+  batch_name: my_container_batch
+  namespace: my_name
+  capabilities: [apptainer]
+apptainer:
+  initialize:
+    sif: solver.sif
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {path: params_1.txt, alias: params.txt}
+    - name: job_2
+      required_files:
+        - {path: params_2.txt, alias: params.txt}
+""",
+        "solver.sif": "",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    },
+}
+
+
+def write_template(flavour: str, output: str) -> List[Path]:
+    """Write a template job file and the scripts it names; never overwrite a file."""
+    files = TEMPLATES[flavour]
+    target = Path(output)
+    # `-o DIR` (existing or not): the job file goes inside; only a *.yaml/*.yml name is a file name
+    if target.is_dir() or output.endswith(("/", os.sep)) or target.suffix.lower() not in (".yaml", ".yml"):
+        target = target / JOBS_FILE
+    folder = target.parent
+    planned = {target: files[JOBS_FILE]}
+    planned.update({folder / name: text for name, text in files.items() if name != JOBS_FILE})
+    clashes = [str(p) for p in planned if p.exists()]
+    if clashes:
+        raise UserError(f"{clashes[0]} already exists; choose another place with -o")
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in planned.items():
+        path.write_text(text)
+    return list(planned)
+
 
 def find_job_file(path: Optional[str]) -> str:
     if path:
@@ -6409,7 +6423,6 @@ def run(file: Optional[str], save_dir: str, clean_save: bool) -> None:
         raise Failed(f"{len(failed)} job{'s' if len(failed) != 1 else ''} failed: {', '.join(failed[:10])}")
 
 
-#@@CLI SLURM: begin@@
 # `distribute slurm`: the command around write_slurm_folder (section "Slurm transpiler").
 
 @cli.command()
@@ -6439,10 +6452,7 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
                f"{'s' if tasks != 1 else ''} in {len(arrays)} job array{'s' if len(arrays) != 1 else ''}")
     for line in slurm_instructions(Path(outdir).resolve(), target):
         click.echo(f"  {line}")
-#@@CLI SLURM: end@@
 
-
-#@@CLI CLUSTER: begin@@
 @cli.command()
 @click.option("--nodes", "nodes_file", default=None, metavar="FILE",
               help="distribute-nodes.yaml (default: this machine is the one node).")
@@ -6745,10 +6755,7 @@ def node_supervise(workdir, idle_timeout, pause_dir) -> None:
 def node_attach(socket_path) -> None:
     """Relay stdin/stdout to the supervisor's socket."""
     relay_stdio_to_socket(socket_path)
-#@@CLI CLUSTER: end@@
 
-
-#@@CLI PAUSE: begin@@
 # `pause` and `resume`: run by a workstation's own user, who may not be root.
 # They only write and remove that user's lock; the node supervisor does the
 # stopping.  A waiting `pause` must end its pause however it ends itself.
@@ -6874,10 +6881,7 @@ def resume(everyone: bool) -> None:
         removed = remove_pause_lock(folder, user)
         click.echo("your pause has ended" if in_force and removed else "you had not paused this machine")
     report_other_pauses(folder)
-#@@CLI PAUSE: end@@
 
-
-#@@CLI ADOPTION: begin@@
 # `service install`, `config`, `completion` and `report` (`nodes --check` is an option of `nodes`).
 
 @cli.group(name="service")
@@ -6978,7 +6982,6 @@ def report(obj, batch, output) -> None:
         raise Failed(f"cannot write {target}: {exc.strerror}") from None
     click.echo(f"wrote {target}: {len(reply['jobs'])} job attempts, {len(reply['builds'])} builds and "
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
-#@@CLI ADOPTION: end@@
 
 
 def _not_yet(name: str, help_text: str):
