@@ -3707,10 +3707,11 @@ def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[st
     raise Failed(f"the supervisor did not start; see {home / 'supervisor.log'}")
 
 
-def socket_answers(path: str) -> bool:
+def socket_answers(path) -> bool:
+    """Whether something accepts connections on the Unix socket at path."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        probe.connect(path)
+        probe.connect(os.fspath(path))
         return True
     except OSError:
         return False

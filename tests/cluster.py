@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from distribute import socket_answers  # noqa: E402  (the product's own probe)
 DISTRIBUTE = [sys.executable, str(ROOT / "distribute.py")]
 NODE_PYTHON = "/usr/bin/python3"
 
@@ -25,17 +26,6 @@ def wait_until(condition, timeout, what):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
-
-
-def socket_answers(path):
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode", pause_dirs=None):
@@ -60,8 +50,10 @@ class HeadProcess:
         os.chmod(self.dir, 0o755)
         self.state = self.dir / "state"
         self.archive = self.dir / "archive"
-        self.nodes_file = self.dir / "distribute-nodes.yaml"
-        self.nodes_file.write_text(nodes_text)
+        self.nodes_file = None
+        if nodes_text is not None:             # None: this machine is the head's one node
+            self.nodes_file = self.dir / "distribute-nodes.yaml"
+            self.nodes_file.write_text(nodes_text)
         self.env = env
         self.pyz = pyz
         self.extra = list(extra)
@@ -75,13 +67,15 @@ class HeadProcess:
     def start(self):
         self.state.mkdir(exist_ok=True)
         os.chmod(self.state, 0o755)
-        argv = DISTRIBUTE + ["serve", "--nodes", str(self.nodes_file), "--state", str(self.state),
-                             "--archive", str(self.archive), "--supervisor-idle", "30"] + self.extra
+        argv = DISTRIBUTE + ["serve", "--state", str(self.state), "--archive", str(self.archive),
+                             "--supervisor-idle", "30"] + self.extra
+        if self.nodes_file:
+            argv += ["--nodes", str(self.nodes_file)]
         if self.pyz:
             argv += ["--pyz", str(self.pyz)]
         self.proc = subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL,
                                      stderr=open(self.log, "ab"))
-        wait_until(lambda: self.proc.poll() is not None or socket_answers(self.socket), 20, "the head's socket")
+        wait_until(lambda: self.proc.poll() is not None or socket_answers(str(self.socket)), 20, "the head's socket")
         assert self.proc.poll() is None, self.log.read_text()
         return self
 

@@ -6,7 +6,6 @@ and never a traceback.  Nodes files have no command of their own yet, so their l
 directly.
 """
 
-import os
 import shutil
 import subprocess
 import sys

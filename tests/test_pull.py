@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -22,80 +21,37 @@ from pathlib import Path
 import pytest
 
 import sshd as sshd_lib
-from cluster import DISTRIBUTE, socket_answers, wait_until
+from cluster import DISTRIBUTE, HeadProcess, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import distribute  # noqa: E402
 
 
-class LocalHead:
+class LocalHead(HeadProcess):
     """`distribute serve` with this machine as its one node; clients come in through sshd as dalice."""
 
     def __init__(self, client_env):
-        self.dir = Path(tempfile.mkdtemp(prefix="dpull-", dir="/tmp"))
-        os.chmod(self.dir, 0o755)
-        self.state, self.archive = self.dir / "state", self.dir / "archive"
-        self.state.mkdir(mode=0o755)
-        os.chmod(self.state, 0o755)
-        self.log = self.dir / "head.log"
+        super().__init__(None, None, None, extra=["--group", "distribute", "--kill-grace", "1"])
         self.client_env = client_env
-        self.proc = subprocess.Popen(
-            DISTRIBUTE + ["serve", "--state", str(self.state), "--archive", str(self.archive),
-                          "--group", "distribute", "--supervisor-idle", "30", "--kill-grace", "1"],
-            stdout=subprocess.DEVNULL, stderr=open(self.log, "ab"))
-        wait_until(lambda: self.proc.poll() is not None or socket_answers(self.socket), 20, "the head's socket")
-        assert self.proc.poll() is None, self.log.read_text()
-
-    @property
-    def socket(self):
-        return self.state / "head.sock"
+        self.start()
 
     def local(self, *args, check=True):
         """A client command on the head machine itself (as root)."""
-        return self._run(["--head", "local", "--socket", str(self.socket)], args, None, check)
+        return self.cli(*args, check=check)
 
-    def remote(self, *args, check=True, **popen):
+    def remote(self, *args, check=True):
         """A client command from the laptop: SSH to the head as dalice."""
-        return self._run(["--head", "head", "--socket", str(self.socket)], args, self.client_env, check)
+        return self.cli(*args, env=self.client_env, head="head", check=check)
 
     def remote_argv(self, *args):
         return DISTRIBUTE + ["--head", "head", "--socket", str(self.socket)] + [str(a) for a in args]
 
-    def _run(self, target, args, env, check):
-        result = subprocess.run(DISTRIBUTE + target + [str(a) for a in args], env=env,
-                                capture_output=True, text=True, timeout=180)
-        if check and result.returncode != 0:
-            raise AssertionError(f"distribute {' '.join(map(str, args))} exited {result.returncode}:\n"
-                                 f"{result.stderr}\n--- head log ---\n{self.log.read_text()[-3000:]}")
-        return result
-
     def pull_json(self, batch, save_dir, *options):
         return json.loads(self.remote("pull", "--batch", batch, "--save-dir", save_dir, "--json", *options).stdout)
 
-    def batch(self, key):
-        for batch in json.loads(self.local("status", "--json").stdout)["batches"]:
-            if batch["batch"] == key:
-                return batch
-        return None
-
-    def wait_batch(self, key, timeout=120):
-        def finished():
-            batch = self.batch(key)
-            return batch if batch and batch["state"] != "active" else None
-        try:
-            return wait_until(finished, timeout, f"batch {key} to finish")
-        except AssertionError:
-            raise AssertionError(f"{self.batch(key)}\n{self.log.read_text()[-3000:]}")
-
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        super().stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

@@ -19,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path

@@ -38,27 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import sshd as sshd_lib  # noqa: E402
 
-DISTRIBUTE = [sys.executable, str(ROOT / "distribute.py")]
-
-
-def wait_until(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def socket_answers(path):
-    import socket
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
+from cluster import DISTRIBUTE, socket_answers, wait_until  # noqa: E402
 
 
 class Head:
