@@ -3460,7 +3460,21 @@ class Supervisor:
             self.head = channel
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
-                    protocol=PROTOCOL), b""
+                    workspaces=self.workspaces(), protocol=PROTOCOL), b""
+
+    def workspaces(self) -> List[Dict[str, str]]:
+        """The batch folders on this node that no build is filling right now (a slot shadow
+        goes with its batch), so a head can delete those it no longer needs."""
+        found = []
+        for ns_dir in sorted(self.workdir.iterdir()) if self.workdir.is_dir() else []:
+            if not ns_dir.is_dir() or ns_dir.is_symlink() or not NAME_RE.match(ns_dir.name):
+                continue
+            for entry in sorted(ns_dir.iterdir()):
+                name = re.sub(r"\.slot\d+\Z", "", entry.name)
+                building = f"{ns_dir.name}/{name}" in self.builds
+                if entry.is_dir() and NAME_RE.match(name) and name == entry.name and not building:
+                    found.append({"namespace": ns_dir.name, "batch": name})
+        return found
 
     async def op_build(self, channel: Channel, header, payload):
         import asyncio
@@ -4486,6 +4500,8 @@ class NodeLink:
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.reconcile(self, hello.get("runs", []))
+        for workspace in hello.get("workspaces", []):
+            self.head.forget_stale_workspace(self, workspace)
         self.head.wake()
         await self.read_events()
 

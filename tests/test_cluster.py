@@ -273,3 +273,18 @@ def test_logs_follow_a_running_job_and_status_shows_progress(head, tmp_path):
     assert follower.wait(30) == 0
     head.wait_batch("lab/chatty")
     assert head.cli("logs", "lab/chatty/talk").stdout == "first line\nto stderr\nlast line\n"
+
+
+def test_leftover_batch_folders_are_deleted_when_the_head_reconnects(head):
+    """Nodes keep no job data: a batch folder the head no longer needs (say, of a batch
+    whose cleanup was lost with a connection) goes when the node is next greeted."""
+    head.wait_nodes_up(3)
+    ghost = head.workdirs["node1"] / "lab" / "ghost"
+    ghost.mkdir(parents=True)
+    (ghost / "mesh.dat").write_bytes(b"x" * 1000)
+    for path in (ghost.parent, ghost, ghost / "mesh.dat"):
+        os.chown(path, *(lambda pw: (pw.pw_uid, pw.pw_gid))(__import__("pwd").getpwnam("dnode")))
+    head.kill9()
+    head.start()
+    head.wait_nodes_up(3)
+    wait_until(lambda: not ghost.exists(), 20, "the leftover batch folder to be deleted")
