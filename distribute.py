@@ -2214,11 +2214,6 @@ class Store:
         rows = self.db.execute("SELECT * FROM batches WHERE state='active' ORDER BY created, id").fetchall()
         return [self._batch(r) for r in rows]
 
-    def all_batches(self, limit: int = 10000) -> List[BatchRow]:
-        rows = self.db.execute("SELECT * FROM batches WHERE state != 'replaced' ORDER BY id DESC LIMIT ?",
-                               (limit,)).fetchall()
-        return [self._batch(r) for r in reversed(rows)]
-
     def status_rows(self, limit: int = 10000) -> List[Tuple[int, str, str, str, str, float, Optional[float],
                                                             Dict[str, int]]]:
         """(id, namespace, name, owner, state, created, finished, {job state: count}) of the
@@ -2473,11 +2468,6 @@ def tar_of(entries: Iterable[Tuple[str, str]]) -> bytes:
         for name, path in entries:
             tar.add(path, arcname=name, recursive=False)
     return buffer.getvalue()
-
-
-def tar_folder(folder: Path, extra: Iterable[Tuple[str, str]] = ()) -> bytes:
-    """A tar (in memory) of everything under folder, plus extra entries."""
-    return tar_of(folder_entries(folder) + list(extra))
 
 
 def check_member(member: tarfile.TarInfo, dest: Path) -> Path:
@@ -3832,10 +3822,6 @@ def archive_manifest(root: Path, selection: PullSelection) -> List[Dict[str, Any
 def stat_is_regular(mode: int) -> bool:
     import stat
     return stat.S_ISREG(mode)
-
-
-def archive_path(root: Path, rel: str) -> Path:
-    return inside(root, *check_archive_rel(rel).split("/"))
 
 
 def check_archive_rel(rel: str) -> str:
@@ -6594,7 +6580,7 @@ def kill(obj, batch) -> None:
 @click.pass_obj
 def retry(obj, batch, failed_only, everything) -> None:
     """Queue a batch's failed jobs again."""
-    reply, _ = client_call(obj, {"op": "retry", "batch": batch, "failed_only": not everything})
+    reply, _ = client_call(obj, {"op": "retry", "batch": batch, "failed_only": failed_only and not everything})
     click.echo(f"{reply['batch']}: {reply['requeued']} jobs queued again")
 
 
