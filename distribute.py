@@ -81,6 +81,11 @@ class Failed(Exception):
     """The input was fine but the operation could not be done.  Exit code 1."""
 
 
+def one_line(text: str) -> str:
+    """Messages for people are one line, whatever a file name or value held."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def log(message: str) -> None:
     """One timestamped line on stderr: the head's and the supervisor's log (never secrets)."""
     sys.stderr.write(f"{now_iso()} {message}\n")
@@ -286,7 +291,7 @@ class _Y:
 
     def fail(self, message: str) -> UserError:
         where = f"{self.path}: " if self.path else ""
-        return UserError(f"{self.file}:{self.line}: {where}{message}")
+        return UserError(one_line(f"{self.file}:{self.line}: {where}{message}"))
 
     @property
     def kind(self) -> str:
@@ -4465,7 +4470,7 @@ class NodeLink:
         self.pending.clear()
 
     async def connect_once(self) -> None:
-        self.state = "connecting"
+        # a node that is down or refused stays so (with its reason) until a connection succeeds
         await self.transport.connect()
         argv0 = await self.install_program()
         pause = ["--pause-dir", self.spec.pause_dir] if self.spec.pause_dir else []
@@ -7018,10 +7023,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         click.echo("interrupted", err=True)
         code = 130
     except UserError as exc:
-        click.echo(f"distribute: error: {exc}", err=True)
+        click.echo(f"distribute: error: {one_line(str(exc))}", err=True)
         code = EXIT_USAGE
     except Failed as exc:
-        click.echo(f"distribute: {exc}", err=True)
+        click.echo(f"distribute: {one_line(str(exc))}", err=True)
         code = EXIT_FAILED
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -106,6 +106,18 @@ def bob_home(head_sshd, ssh_keys):
         yield home
 
 
+@pytest.fixture
+def public_tmp():
+    """A short folder under /tmp that every test account can read (pytest's tmp_path is
+    root-only), removed afterwards."""
+    import shutil
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="dpub-", dir="/tmp"))
+    os.chmod(folder, 0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 # --- a head over the sshd nodes ----------------------------------------------
 # `head`: `distribute serve` (a real subprocess) with node1..node3 as its nodes.
 # Mark a test with @pytest.mark.nodes(caps={...}, slots={...}, extra=[...]) to shape them.

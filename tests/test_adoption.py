@@ -10,7 +10,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 import zlib
@@ -32,12 +31,9 @@ def run(*args, env=None, cwd=None, timeout=120):
 
 
 @pytest.fixture
-def short_tmp():
-    """A short folder under /tmp (Unix socket paths are limited to 108 bytes), readable by all."""
-    folder = Path(tempfile.mkdtemp(prefix="dadopt-", dir="/tmp"))
-    os.chmod(folder, 0o755)
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+def short_tmp(public_tmp):
+    """A short folder (Unix socket paths are limited to 108 bytes), readable by all."""
+    return public_tmp
 
 
 # --- service install ------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import HeadProcess, node_workdirs, nodes_yaml, wait_until
+from cluster import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,26 +187,6 @@ def test_one_user_cannot_kill_anothers_batch(head, head_sshd, alice_home, bob_ho
     assert head.batch("alice/mine")["state"] == "active"
     done = head.cli("kill", "alice/mine", env=alice_home.env(), head="head")
     assert "killed alice/mine" in done.stdout
-
-
-def test_unknown_host_key_refuses_the_node(ssh_nodes, pyz, tmp_path):
-    home = ssh_nodes.head_home
-    known = Path(home.known_hosts)
-    node3 = ssh_nodes["node3"]
-    lines = [l for l in known.read_text().splitlines() if f"[{node3.host}]:{node3.port}" not in l]
-    known.write_text("\n".join(lines) + "\n")
-    workdirs = node_workdirs(ssh_nodes)
-    process = HeadProcess(None, nodes_yaml(list(ssh_nodes), workdirs), home.env(), pyz=pyz).start()
-    try:
-        process.wait_nodes_up(2)
-        node = wait_until(lambda: next((n for n in process.nodes() if n["name"] == "node3" and n["error"]), None),
-                          30, "node3 to be refused")
-        assert node["state"] == "refused" and not node["reachable"]
-        assert "host key" in node["error"] and "known_hosts" in node["error"]
-        text = process.cli("nodes").stdout
-        assert "node3" in text and "host key" in text
-    finally:
-        process.stop()
 
 
 def run_as_dalice_on(head, node, *args):
