@@ -226,6 +226,12 @@ def run_pyz(pyz, args, home, python=PYTHON, flags=("-I",), cwd=None, tmp=None, *
                           stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
 
 
+def run_code(code, home):
+    """`python3 -I -c CODE` with a bare environment (HOME=home)."""
+    return subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+
+
 def unpacked(root):
     """The folders unpacked under a cache root (<root>/<build id>/<interpreter>)."""
     return sorted(glob.glob(os.path.join(str(root), "*", "*")))
@@ -349,8 +355,7 @@ os.utime(sentinel, (time.time() - 2 * 86400,) * 2)
 assert boot.ready(site) and time.time() - os.stat(sentinel).st_mtime < 3600
 print("ok")
 """ % str(pyz)
-    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    proc = run_code(code, home)
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
 
 
@@ -436,8 +441,7 @@ def test_import_distribute_with_the_pyz_on_sys_path(pyz, home):
             "print(distribute.__version__, yaml.__with_libyaml__)\n"
             "print(distribute.__file__); print(yaml.__file__); print(psutil.__file__)\n"
             "yaml.load('a: [1, 2]', Loader=yaml.CSafeLoader)\n" % str(pyz))
-    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    proc = run_code(code, home)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].endswith(" True"), proc.stdout
@@ -454,8 +458,7 @@ def test_a_platform_without_wheels_gets_one_line(pyz, home):
             "import _distribute_boot as boot\n"
             "boot.interpreter = lambda: ('cp311', '', 'riscv64', (2, 36))\n"
             "boot.main()\n" % str(pyz))
-    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    proc = run_code(code, home)
     assert proc.returncode == 1
     assert proc.stderr.startswith("distribute.pyz: no psutil for ") and "riscv64" in proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -469,8 +472,7 @@ def test_head_side_modules_load_from_the_archive(pyz, home):
             "import asyncssh, cryptography, _cffi_backend\n"
             "key = asyncssh.generate_private_key('ssh-ed25519')\n"
             "print(cryptography.__file__); print(boot.ARCHIVE); print(boot.BUILD_ID)\n" % str(pyz))
-    proc = subprocess.run([PYTHON, "-I", "-c", code], env=bare_env(home), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True, timeout=TIMEOUT)
+    proc = run_code(code, home)
     assert proc.returncode == 0, proc.stderr
     site, archive, build_id = proc.stdout.splitlines()
     assert site.startswith(str(home / ".cache" / "distribute" / build_id)), proc.stdout

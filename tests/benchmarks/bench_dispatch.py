@@ -22,7 +22,6 @@ during the rounds and leaves collapsed stacks there (head.txt, supervisor.txt).
 """
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchcommon import (DISTRIBUTE, Cluster, HeadProcess, machine, median, node_workdirs,  # noqa: E402
+from benchcommon import (DISTRIBUTE, Cluster, HeadProcess, machine, median, node_workdirs, shell_job_file,  # noqa: E402
                          nodes_yaml, pyz_path, report, wait_batch_done, wait_until)
 
 import psutil  # noqa: E402
@@ -107,14 +106,7 @@ class CpuMeter:
 # --- our side -------------------------------------------------------------------
 
 def job_file(folder: Path, name: str, count: int, command: str) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["meta:", f"  batch_name: {name}", "  namespace: bench", "  capabilities: []",
-             "shell:", "  jobs:"]
-    for i in range(count):
-        lines += [f"    - name: j{i:05d}", f"      command: {json.dumps(command)}"]
-    path = folder / "distribute-jobs.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return shell_job_file(folder, name, count, lambda i: command)
 
 
 def run_ours(head: HeadProcess, meter: CpuMeter, work: Path, name: str, count: int, command: str,

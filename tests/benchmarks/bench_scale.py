@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchcommon import DISTRIBUTE, ROOT, HeadProcess, head_call, machine, median, report  # noqa: E402
+from benchcommon import DISTRIBUTE, ROOT, HeadProcess, head_call, machine, median, report, shell_job_file  # noqa: E402
 
 import psutil  # noqa: E402
 
@@ -44,14 +44,8 @@ def free_port() -> int:
 
 
 def job_file(folder: Path, name: str, count: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = ["meta:", f"  batch_name: {name}", "  namespace: scale", "  capabilities: [benchcap]",
-             "shell:", "  jobs:"]
-    for i in range(count):
-        lines += [f"    - name: j{i:05d}", f"      command: \"echo {i} > distribute_save/out.txt\""]
-    path = folder / "distribute-jobs.yaml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return shell_job_file(folder, name, count, lambda i: f"echo {i} > distribute_save/out.txt",
+                          namespace="scale", capabilities=["benchcap"])
 
 
 def add_in_process(sock: Path, header: dict) -> dict:

@@ -133,6 +133,19 @@ def wait_batch_done(sock: Path, key: str, timeout: float, poll: float = 0.05) ->
         time.sleep(poll)
 
 
+def shell_job_file(folder: Path, name: str, count: int, command, namespace: str = "bench",
+                   capabilities=()) -> Path:
+    """A shell batch of `count` jobs j00000…; `command(i)` gives job i's command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["meta:", f"  batch_name: {name}", f"  namespace: {namespace}",
+             f"  capabilities: [{', '.join(capabilities)}]", "shell:", "  jobs:"]
+    for i in range(count):
+        lines += [f"    - name: j{i:05d}", f"      command: {json.dumps(command(i))}"]
+    path = folder / "distribute-jobs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def median(values):
     return statistics.median(values) if values else None
 
