@@ -273,6 +273,7 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
 
     @property
     def is_local(self) -> bool:
@@ -574,6 +575,38 @@ def load_job_file(path: str) -> JobFile:
     return batch
 
 
+# The original distribute's nodes files: `ip` for the host, a name optional, and the
+# TCP ports its own protocol needed.  SSH needs none of them: they are accepted and
+# ignored (`serve` and `nodes --check` say so once).
+ORIGINAL_PORT_KEYS = ("transport_port", "keepalive_port", "cancel_port")
+ORIGINAL_NODE_KEYS = ("ip",) + ORIGINAL_PORT_KEYS
+
+
+def _original_node_keys(item: _Y, keys: Dict[str, _Y]) -> Dict[str, _Y]:
+    """`ip` becomes `host` (and the name, when none is given); port keys must be port numbers."""
+    if "ip" in keys:
+        if "host" in keys:
+            raise keys["ip"].fail("give either host or ip (the original's name for it), not both")
+        keys["host"] = keys.pop("ip")
+        keys.setdefault("name", keys["host"])
+    for key in ("name", "host"):
+        if key not in keys or keys[key].is_null():
+            raise item.fail(f"missing required key {key!r}")
+    for key in ORIGINAL_PORT_KEYS:
+        if key in keys and not keys[key].is_null() and keys[key].integer(minimum=1) > 65535:
+            raise keys[key].fail("must be at most 65535")
+    return keys
+
+
+def original_ports_note(nodes: List[NodeSpec]) -> Optional[str]:
+    """One note line when the nodes file carries the original's port keys, else None."""
+    keys = sorted({key for node in nodes for key in node.ignored}, key=ORIGINAL_PORT_KEYS.index)
+    if not keys:
+        return None
+    return (f"note: {', '.join(keys)} in the nodes file are ignored: the head reaches every node over "
+            "SSH (port 22, or the node's `port:`), so no other port needs to be open")
+
+
 def load_nodes_file(path: str) -> List[NodeSpec]:
     """Read and check a distribute-nodes.yaml."""
     root = read_yaml(path)
@@ -583,10 +616,11 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir"),
-                            required=("name", "host"))
+                             "pause_dir") + ORIGINAL_NODE_KEYS)
+        keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
-                        capabilities=_capabilities(keys.get("capabilities")))
+                        capabilities=_capabilities(keys.get("capabilities")),
+                        ignored=[k for k in ORIGINAL_PORT_KEYS if k in keys])
         if not re.match(r"[A-Za-z0-9_.:\[\]-]+\Z", node.host) or node.host.startswith("-"):
             raise keys["host"].fail(f"{node.host!r} is not a host name")
         if "user" in keys and not keys["user"].is_null():
@@ -5890,6 +5924,9 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
     path = nodes_file or NODES_FILE
     if not os.path.exists(path):
         raise UserError(f"no nodes file {path}: give --nodes FILE")
+    note = original_ports_note(load_nodes_file(path))
+    if note:
+        click.echo(note)
     checks = check_nodes(path, min_free)
     for check in checks:
         click.echo(check.line())
@@ -6481,6 +6518,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    if original_ports_note(nodes):
+        log(original_ports_note(nodes))
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
