@@ -7051,9 +7051,79 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
         _not_yet(_name, _help)
 
 
+# The original distribute's spellings: the ones with a meaning here are rewritten to
+# ours (with one note line, so people learn the new names); the others get one line
+# naming what to use instead.
+
+_ORIGINAL_RENAMED = {"server-status": "status", "node-status": "nodes"}
+_ORIGINAL_GONE = {
+    "server": "the head is `distribute serve --nodes distribute-nodes.yaml --archive DIR` here "
+              "(the original's --save-path is --archive; --temp-dir and --port are not needed)",
+    "client": "nodes run no `distribute client` here: list the machine in the head's nodes file and the "
+              "head starts what it needs over SSH (README: Coming from the original)",
+}
+_GLOBAL_OPTIONS = ("--head", "--socket")
+
+
+def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(our argv, notes) for a command line in the original's spelling: `server-status`,
+    `node-status [--nodes-file F]`, `--ip HOST [--port N]`, `pull ... include -i RE` /
+    `exclude -e RE`.  A command that has no counterpart here is a UserError naming ours."""
+    argv = list(argv)
+    index = 0                                   # the command: the first word after global options
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in _GLOBAL_OPTIONS else 1
+    if index >= len(argv):
+        return argv, []
+    command, rest, notes = argv[index], argv[index + 1:], []
+    if command in _ORIGINAL_GONE:
+        raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
+    if command in ("-h", "--help", "help"):
+        return argv, []
+    if command in _ORIGINAL_RENAMED:
+        notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
+        if command == "node-status":
+            rest = _rename_option(rest, ("--nodes-file",), "--nodes")
+            if "--nodes" in rest or any(a.startswith("--nodes=") for a in rest):
+                rest = ["--check"] + rest
+        command = _ORIGINAL_RENAMED[command]
+    head: List[str] = []
+    if any(a == "--ip" or a.startswith("--ip=") for a in rest):
+        kept: List[str] = []
+        words = iter(rest)
+        for word in words:
+            if word == "--ip":
+                head = ["--head", next(words, "")]
+            elif word.startswith("--ip="):
+                head = ["--head", word[5:]]
+            elif word in ("-p", "--port"):      # the original's TCP port: SSH needs none
+                next(words, None)
+            elif not word.startswith("--port="):
+                kept.append(word)
+        rest = kept
+        notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pull" and ("include" in rest or "exclude" in rest):
+        rest = [word for word in rest if word not in ("include", "exclude")]
+        rest = _rename_option(rest, ("-i", "--include"), "--filter")
+        rest = _rename_option(rest, ("-e",), "--exclude")
+        notes.append("`pull include -i RE` / `exclude -e RE` are `pull --filter RE` / `--exclude RE` here")
+    return argv[:index] + head + [command] + rest, notes
+
+
+def _rename_option(words: List[str], old: Tuple[str, ...], new: str) -> List[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(new + eq + value if name in old else word)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
+        argv, notes = original_spelling(sys.argv[1:] if argv is None else argv)
+        if notes:
+            click.echo(f"distribute: note: {'; '.join(notes)}", err=True)
         code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()

@@ -92,3 +92,87 @@ def test_nodes_check_and_serve_note_the_ignored_ports_once(tmp_path):
         assert [n["host"] for n in head.nodes()] == ["127.0.0.9", "127.0.0.10"]
     finally:
         head.stop()
+
+
+# --- the original's command spellings ----------------------------------------------
+
+@pytest.mark.parametrize("argv, expected, note", [
+    (["server-status", "--ip", "10.1.2.3"], ["--head", "10.1.2.3", "status"], "`server-status` is `distribute status`"),
+    (["server-status", "--ip=lab", "-p", "8952"], ["--head", "lab", "status"], "`--ip lab` is `--head lab`"),
+    (["node-status"], ["nodes"], "`node-status` is `distribute nodes` here"),
+    (["node-status", "--nodes-file", "n.yaml"], ["nodes", "--check", "--nodes", "n.yaml"], "node-status"),
+    (["add", "--ip", "10.1.2.3", "--port", "8952", "jobs.yaml"], ["--head", "10.1.2.3", "add", "jobs.yaml"], "--ip"),
+    (["kill", "--ip", "h", "sweep"], ["--head", "h", "kill", "sweep"], "--ip"),
+    (["pull", "jobs.yaml", "--ip", "h", "include", "-i", "case1", "--include", "csv"],
+     ["--head", "h", "pull", "jobs.yaml", "--filter", "case1", "--filter", "csv"], "`pull --filter RE`"),
+    (["pull", "exclude", "-e", "vtk", "--exclude=case3"], ["pull", "--exclude", "vtk", "--exclude=case3"], "exclude"),
+    (["--head", "local", "status"], ["--head", "local", "status"], None),
+    (["template", "--output", "F.yaml", "python"], ["template", "--output", "F.yaml", "python"], None),
+])
+def test_original_spellings_become_ours(argv, expected, note):
+    rewritten, notes = distribute.original_spelling(argv)
+    assert rewritten == expected
+    if note is None:
+        assert notes == []
+    else:
+        assert len(notes) >= 1 and note in "; ".join(notes)
+
+
+@pytest.mark.parametrize("command, ours", [("server", "distribute serve --nodes"), ("client", "nodes file")])
+def test_original_commands_without_a_counterpart_name_ours(command, ours, tmp_path):
+    result = cli(command, "--nodes-file", "x.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert ours in one_line(result.stderr) and f"`{command}` is the original distribute's" in result.stderr
+
+
+def test_template_with_the_originals_argument_order(tmp_path):
+    result = cli("template", "--output", "mine.yaml", "python", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert cli("check", "mine.yaml", cwd=tmp_path).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def local_head():
+    """`distribute serve` with this machine as its one node (no SSH)."""
+    head = HeadProcess(None, None, dict(os.environ), extra=["--kill-grace", "1"]).start()
+    try:
+        yield head
+    finally:
+        head.stop()
+        import shutil
+        shutil.rmtree(head.dir, ignore_errors=True)
+
+
+_names = iter(range(10 ** 6))
+
+
+def finished_batch(head, folder, jobs=2, command="echo hi > distribute_save/out.txt", namespace="lab"):
+    name = f"b{next(_names)}"
+    folder = Path(folder) / name
+    folder.mkdir(parents=True)
+    (folder / "distribute-jobs.yaml").write_text(
+        f"meta: {{batch_name: {name}, namespace: {namespace}}}\nshell:\n  jobs:\n"
+        + "".join(f"    - {{name: j{i}, command: '{command}'}}\n" for i in range(jobs)))
+    head.cli("add", folder / "distribute-jobs.yaml")
+    return folder / "distribute-jobs.yaml", f"{namespace}/{name}"
+
+
+def test_original_spellings_work_against_a_head(local_head, tmp_path):
+    jobs, key = finished_batch(local_head, tmp_path, jobs=2)
+    local_head.wait_batch(key)
+    target = ["--head", "local", "--socket", local_head.socket]
+    status = cli(*target, "server-status")
+    assert status.returncode == 0, status.stderr
+    assert key in status.stdout
+    assert one_line(status.stderr) == "distribute: note: `server-status` is `distribute status` here"
+    nodes = cli(*target, "node-status")
+    assert nodes.returncode == 0 and "local" in nodes.stdout
+    save = tmp_path / "pulled"
+    pulled = cli(*target, "pull", jobs, "--save-dir", save, "include", "-i", "j1/")
+    assert pulled.returncode == 0, pulled.stderr
+    namespace, name = key.split("/")
+    assert sorted(p.name for p in (save / namespace / name).iterdir()) == ["j1"]
+    pulled = cli(*target, "pull", jobs, "--save-dir", save, "exclude", "-e", "stdout", "-e", "job.json")
+    assert pulled.returncode == 0, pulled.stderr
+    assert (save / namespace / name / "j0" / "out.txt").exists()
+    assert not (save / namespace / name / "j0" / "stdout.txt").exists()
