@@ -190,7 +190,8 @@ def human_bytes(size: float) -> str:
 # "file:line: key: what is wrong" and stops before anything is sent anywhere.
 # ---------------------------------------------------------------------------
 
-FLAVOURS = ("python", "apptainer", "shell")
+FLAVOURS = ("python", "apptainer", "shell", "docker", "podman")
+CONTAINER_ENGINES = ("docker", "podman")     # flavours named after the engine that runs them
 SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per_cpu", "hint",
               "time", "partition", "account", "mail_user", "mail_type")
 
@@ -249,6 +250,7 @@ class JobFile:
     initial_files: List[FileSpec] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)   # apptainer required_mounts
     slurm: Optional[SlurmOptions] = None
+    image: Optional[str] = None              # docker/podman: the image to run (build: its archive, if any)
 
     def shared_files(self) -> List[FileSpec]:
         """Files every job of the batch needs: sent to a node once."""
@@ -493,10 +495,14 @@ def _meta(y: _Y) -> Meta:
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
-              "shell": ("build", "required_files")}
+              "shell": ("build", "required_files"),
+              "docker": ("image", "required_files", "required_mounts"),
+              "podman": ("image", "required_files", "required_mounts")}
 _JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
              "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params")}
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params"),
+             "docker": ("name", "required_files", "retries", "slurm", "params"),
+             "podman": ("name", "required_files", "retries", "slurm", "params")}
 
 
 def _job(y: _Y, flavour: str, base: Path) -> Job:
@@ -527,6 +533,55 @@ def _mount(y: _Y) -> str:
     return mount
 
 
+# docker/podman images: a registry reference, or an image archive (`docker save`, also
+# gzipped) that travels with the batch and is `load`ed on each node.  The reference
+# an archive loads as comes from its manifest.json, read here on the submitting machine.
+IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
+    """(the archive to send or None, the image reference to run)."""
+    import yaml
+    if isinstance(y.node, yaml.ScalarNode):
+        text = y.text()
+        local = (base / text) if not os.path.isabs(text) else Path(text)
+        if not text.lower().endswith(IMAGE_ARCHIVE_SUFFIXES) and not local.is_file():
+            if not IMAGE_REF_RE.match(text):
+                raise y.fail(f"{text!r} is neither an image reference (like docker.io/you/solver:1.0) "
+                             "nor an image archive file")
+            return None, text
+    spec = _file_spec(y, base)
+    return spec, image_archive_reference(spec.path, y)
+
+
+def image_archive_reference(path: str, y: _Y) -> str:
+    """The name an image archive loads as: its first tag, else its image id (sha256:...)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name in ("manifest.json", "./manifest.json"):
+                    manifest = json.load(tar.extractfile(member))
+                    break
+            else:
+                manifest = None
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise y.fail(f"{path} is not an image archive ({one_line(str(exc)) or type(exc).__name__}); "
+                     "make one with `docker save -o FILE.tar IMAGE`") from None
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise y.fail(f"{path} has no docker manifest.json; make the archive with `docker save -o FILE.tar IMAGE` "
+                     "(or `podman save`)")
+    tags = manifest[0].get("RepoTags") or []
+    config = str(manifest[0].get("Config", ""))
+    digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
+    reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
+    if reference.startswith("sha256:") and not re.match(r"[0-9a-f]{64}\Z", digest) \
+            or not reference.startswith("sha256:") and not IMAGE_REF_RE.match(reference):
+        raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
+    return reference
+
+
 def load_job_file(path: str) -> JobFile:
     """Read and check a distribute-jobs.yaml; raises UserError naming file, line and key."""
     root = read_yaml(path)
@@ -553,6 +608,16 @@ def load_job_file(path: str) -> JobFile:
         batch.build = _file_spec(init["sif"], base)
         batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
             if "required_mounts" in init else []
+    elif flavour in CONTAINER_ENGINES:
+        if "image" not in init or init["image"].is_null():
+            raise (section.get("initialize") or keys[flavour]).fail(
+                "missing required key 'image' (a registry reference like docker.io/you/solver:1.0, "
+                "or an image archive file made by `docker save`)")
+        batch.build, batch.image = _container_image(init["image"], base)
+        batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
+            if "required_mounts" in init else []
+        if flavour not in batch.meta.capabilities:      # only nodes where the engine answers
+            batch.meta.capabilities.append(flavour)
     elif "build" in init:
         batch.build_command = init["build"].optional_text()
     batch.initial_files = _file_list(init.get("required_files"), base)
@@ -744,7 +809,8 @@ class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
     `build` is the python flavour's build file, `build_command` the shell one's,
-    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    `sif` the apptainer image, `image` the docker/podman one (a registry reference,
+    or File(archive)); paths may be str, Path or File (with an alias).
     """
     namespace: str
     name: str
@@ -758,8 +824,10 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    image: Any = None
 
-    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
+                 ("mounts", "apptainer docker podman"), ("image", "docker podman"))
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -767,8 +835,8 @@ class Batch:
         for what, value in (("namespace", self.namespace), ("name", self.name)):
             _check_api_name(value, f"Batch {what}")
         for attr, owner in self._ONLY_FOR:
-            if getattr(self, attr) and self.flavour != owner:
-                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+            if getattr(self, attr) and self.flavour not in owner.split():
+                raise UserError(f"{self.label}: {attr}= is only for {owner.replace(' ', '/')} batches")
         self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
         self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
         self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
@@ -841,7 +909,9 @@ class Batch:
                     build_command=loaded.build_command,
                     sif=_file_of(loaded.build) if apptainer and loaded.build else None,
                     initial_files=[_file_of(spec) for spec in loaded.initial_files],
-                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+                    mounts=list(loaded.mounts), slurm=loaded.slurm,
+                    image=(_file_of(loaded.build) if loaded.build else loaded.image)
+                    if loaded.flavour in CONTAINER_ENGINES else None)
         for job in loaded.jobs:
             batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
                           files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
@@ -870,6 +940,8 @@ class Batch:
             init["build"] = self.build_command
         if self.sif is not None:
             init["sif"] = _file_entry(self.sif, folder)
+        if self.image is not None:
+            init["image"] = _file_entry(self.image, folder) if isinstance(self.image, File) else str(self.image)
         if self.initial_files:
             init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
         if self.mounts:
@@ -1239,12 +1311,13 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    image: Optional[str] = None             # docker/podman: the reference to run
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts))
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image)
 
 
 @dataclass
@@ -1332,6 +1405,10 @@ class Workspace:
             return [python, plan.build_alias or "build.py"]
         if plan.flavour == "shell" and plan.build_command:
             return ["/bin/sh", "-c", plan.build_command]
+        if plan.flavour in CONTAINER_ENGINES:     # fetch the image once per node and batch
+            if plan.build_alias:
+                return [plan.flavour, "load", "--input", plan.build_alias]
+            return [plan.flavour, "pull", plan.image or ""]
         return None     # apptainer: the image is the build
 
     def job_argv(self, plan: BatchPlan, job: JobPlan, python: str, cpus: int) -> List[str]:
@@ -1339,6 +1416,8 @@ class Workspace:
             return [python, "job.py"]
         if plan.flavour == "shell":
             return ["/bin/sh", "-c", job.command or ""]
+        if plan.flavour in CONTAINER_ENGINES:
+            return container_argv(self, plan, cpus)
         return apptainer_argv(self, plan, cpus)
 
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
@@ -1358,6 +1437,30 @@ def apptainer_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
     return ["apptainer", "run", "--app", "distribute", "--bind", ",".join(binds),
             str(ws.root / (plan.build_alias or "image.sif")), str(cpus)]
+
+
+CONTAINER_ENV = ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS")
+
+
+def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
+    """Run as the node account, so what the job writes is its files, not root's.  Rootless
+    podman maps that account to itself with keep-id (rootful podman cannot)."""
+    if engine == "podman" and uid != 0:
+        return ["--userns=keep-id", "--user", f"{uid}:{gid}"]
+    return ["--user", f"{uid}:{gid}"]
+
+
+def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
+    """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
+    are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
+    argv = [plan.flavour, "run", "--rm"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    for name in CONTAINER_ENV:
+        argv += ["--env", name]
+    binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
+    binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
+    for bind in binds:
+        argv += ["--volume", bind]
+    return argv + [plan.image or "", str(cpus)]
 
 
 def read_progress(path: Path) -> Optional[float]:
@@ -1949,6 +2052,8 @@ def slurm_job_command(batch: JobFile) -> str:
     for index, mount in enumerate(batch.mounts):
         binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
     binds += '"'
+    if batch.flavour in CONTAINER_ENGINES:      # clusters have apptainer, which runs registry images
+        return f'apptainer run --bind {binds} {shlex.quote("docker://" + (batch.image or ""))} "$cpus"'
     sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
     return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
 
@@ -1968,7 +2073,7 @@ def run_task_script(batch: JobFile) -> str:
     if batch.flavour == "python":
         prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
     check = ""
-    if batch.flavour == "apptainer":
+    if batch.flavour in ("apptainer",) + CONTAINER_ENGINES:
         check = ('case $task in *[,:]*)\n'
                  '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
                  '    exit 1 ;;\nesac\n')
@@ -2100,6 +2205,11 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
                        throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
     """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
     check_slurm_options(batch)
+    if batch.flavour in CONTAINER_ENGINES and batch.build is not None:
+        raise UserError(f"{batch.path}: slurm cannot run the image archive {batch.build.alias}: Slurm clusters "
+                        f"run containers with apptainer, which takes registry images; push the image and give "
+                        f"initialize.image as a reference, or build a .sif from it (`apptainer build image.sif "
+                        f"docker-archive:{batch.build.alias}`) and use an apptainer: section")
     if throttle is not None and throttle < 1:
         raise UserError(f"--throttle must be at least 1, not {throttle}")
     arrays = plan_slurm_arrays(batch, max_array_size)
@@ -3322,9 +3432,22 @@ PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gc
                 "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
 
 
+def engine_answers(engine: str, timeout: float = 5.0) -> bool:
+    """Whether a container engine works here, not just lies on PATH: `docker version` needs
+    the daemon and the right to use it; `podman version` a usable user setup."""
+    if not shutil.which(engine):
+        return False
+    try:
+        return subprocess.run([engine, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
-    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    caps = [tool for tool in PROBED_TOOLS if tool not in CONTAINER_ENGINES and shutil.which(tool)]
+    caps += [engine for engine in CONTAINER_ENGINES if engine_answers(engine)]
     gpus = 0
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(Exception):
@@ -6381,6 +6504,34 @@ apptainer:
         "params_2.txt": "2\n",
     },
 }
+for _engine in CONTAINER_ENGINES:
+    TEMPLATES[_engine] = {
+        JOBS_FILE: f"""\
+# A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
+#   {_engine} run --rm --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+# The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
+meta:
+  batch_name: my_{_engine}_batch
+  namespace: my_name
+  capabilities: [{_engine}]       # nodes where `{_engine} version` works
+{_engine}:
+  initialize:
+    image: docker.io/your_name/solver:latest   # a registry reference, or an archive: solver.tar (`{_engine} save`)
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {{path: params_1.txt, alias: params.txt}}
+    - name: job_2
+      required_files:
+        - {{path: params_2.txt, alias: params.txt}}
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    }
 
 
 def write_template(flavour: str, output: str) -> List[Path]:

@@ -176,3 +176,232 @@ def test_original_spellings_work_against_a_head(local_head, tmp_path):
     assert pulled.returncode == 0, pulled.stderr
     assert (save / namespace / name / "j0" / "out.txt").exists()
     assert not (save / namespace / name / "j0" / "stdout.txt").exists()
+
+
+# --- docker and podman flavours ------------------------------------------------------
+# No container engine is installed here: a stand-in `docker`/`podman` first on PATH records
+# its argv, answers `version` as told, and for `run` does what a container would: writes into
+# the host folder bound at /distribute_save and lists the one bound at /input.
+
+STAND_IN_ENGINE = """\
+#!{python}
+import json, os, sys, time
+args = sys.argv[1:]
+with open({record!r}, "a") as out:
+    out.write(json.dumps([os.path.basename(sys.argv[0])] + args) + "\\n")
+if args[:1] == ["version"]:
+    if {version_sleep}:
+        time.sleep({version_sleep})
+    sys.exit({version_code})
+if args[:1] == ["load"]:
+    assert os.path.isfile(args[2]), args
+    print("Loaded image: from the archive")
+elif args[:1] == ["pull"]:
+    print("pulled", args[1])
+elif args[:1] == ["run"]:
+    volumes = dict(reversed(args[i + 1].rsplit(":", 2)[:2]) for i, a in enumerate(args) if a == "--volume")
+    save, given = volumes["/distribute_save"], sorted(os.listdir(volumes["/input"]))
+    with open(os.path.join(save, "from_container.txt"), "w") as out:
+        out.write(" ".join(given) + " job=" + os.environ["DISTRIBUTE_JOB"])
+    print("container ran with", args[-1], "cpus as", args[args.index("--user") + 1])
+"""
+
+
+def stand_in_engines(folder, record, codes=None, sleeps=None):
+    """bin/docker and bin/podman stand-ins in folder; `codes` {engine: exit code of `version`}."""
+    codes, sleeps = codes or {}, sleeps or {}
+    bin_dir = folder / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for engine in ("docker", "podman"):
+        path = bin_dir / engine
+        path.write_text(STAND_IN_ENGINE.format(python=sys.executable, record=str(record),
+                                               version_code=codes.get(engine, 0),
+                                               version_sleep=sleeps.get(engine, 0)))
+        path.chmod(0o755)
+    return bin_dir
+
+
+def calls(record):
+    return [json.loads(line) for line in Path(record).read_text().splitlines()] if Path(record).exists() else []
+
+
+def image_archive(path, tags=("localhost/solver:1.2",), config="0123abcd" * 8 + ".json", gz=False):
+    """A tiny stand-in for `docker save`'s output: the manifest.json the loader reads."""
+    import io
+    import tarfile
+    data = json.dumps([{"Config": config, "RepoTags": list(tags) or None, "Layers": []}]).encode()
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def container_batch(folder, engine, image, name="boxes", mounts="[/scratch]"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for file, text in (("settings.json", "{}"), ("a.json", "1"), ("b.json", "2")):
+        (folder / file).write_text(text)
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent(f"""\
+        meta:
+          batch_name: {name}
+          namespace: carol
+        {engine}:
+          initialize:
+            image: {image}
+            required_files: [settings.json]
+            required_mounts: {mounts}
+          jobs:
+            - name: a
+              required_files: [{{path: a.json, alias: case.json}}]
+            - name: b
+              required_files: [{{path: b.json, alias: case.json}}]
+        """))
+    return folder / "distribute-jobs.yaml"
+
+
+def expected_run(engine, root, image, cpus, uid, gid, mounts=("/scratch",)):
+    user = ["--userns=keep-id", "--user", f"{uid}:{gid}"] if engine == "podman" and uid else ["--user", f"{uid}:{gid}"]
+    argv = [engine, "run", "--rm"] + user
+    for name in ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS"):
+        argv += ["--env", name]
+    argv += ["--volume", f"{root}/distribute_save:/distribute_save:rw", "--volume", f"{root}/input:/input:rw"]
+    for index, mount in enumerate(mounts):
+        argv += ["--volume", f"{root}/mounts/{index}:{mount}:rw"]
+    return argv + [image, str(cpus)]
+
+
+def run_root(argv):
+    """The build directory a recorded `run` used (from its /distribute_save volume)."""
+    volume = argv[argv.index("--volume") + 1]
+    return os.path.dirname(volume.split(":")[0])
+
+
+def test_docker_batch_runs_locally_with_the_exact_command_lines(tmp_path):
+    record = tmp_path / "calls.jsonl"
+    bin_dir = stand_in_engines(tmp_path, record)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    jobs = container_batch(tmp_path / "batch", "docker", "docker.io/carol/solver:2.1")
+    save = tmp_path / "results"
+    result = cli("run", jobs, "--save-dir", save, env=env)
+    assert result.returncode == 0, result.stderr
+    made = calls(record)
+    assert made[0] == ["docker", "pull", "docker.io/carol/solver:2.1"]      # once, as the build
+    cpus = os.cpu_count()
+    assert len(made) == 3
+    for argv, job in zip(made[1:], ("a", "b")):
+        root = run_root(argv)
+        assert root.endswith("carol/boxes")
+        assert argv == expected_run("docker", root, "docker.io/carol/solver:2.1", cpus, os.getuid(), os.getgid())
+        archived = save / "carol" / "boxes" / job
+        assert (archived / "from_container.txt").read_text() == f"case.json settings.json job={job}"
+        assert (archived / "stdout.txt").read_text() == f"container ran with {cpus} cpus as {os.getuid()}:{os.getgid()}\n"
+    assert "pulled docker.io/carol/solver:2.1" in (save / "carol" / "boxes" / "build").iterdir().__next__().read_text()
+
+
+def test_podman_batch_with_an_image_archive_loads_it_and_runs_the_tag(tmp_path):
+    record = tmp_path / "calls.jsonl"
+    bin_dir = stand_in_engines(tmp_path, record)
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    image_archive(folder / "solver.tar.gz", gz=True)
+    jobs = container_batch(folder, "podman", "solver.tar.gz", mounts="[]")
+    result = cli("run", jobs, "--save-dir", tmp_path / "results", env=env)
+    assert result.returncode == 0, result.stderr
+    made = calls(record)
+    assert made[0] == ["podman", "load", "--input", "solver.tar.gz"]
+    assert made[1] == expected_run("podman", run_root(made[1]), "localhost/solver:1.2", os.cpu_count(),
+                                   os.getuid(), os.getgid(), mounts=())
+    # an untagged archive runs by its image id
+    untagged = image_archive(tmp_path / "untagged.tar", tags=(), config="blobs/sha256/" + "ab" * 32)
+    batch_file = container_batch(tmp_path / "other", "docker", untagged)
+    assert distribute.load_job_file(str(batch_file)).image == "sha256:" + "ab" * 32
+
+
+def test_podman_runs_rootless_as_the_node_account():
+    assert distribute.container_user_args("podman", 1001, 1002) == ["--userns=keep-id", "--user", "1001:1002"]
+    assert distribute.container_user_args("podman", 0, 0) == ["--user", "0:0"]
+    assert distribute.container_user_args("docker", 1001, 1002) == ["--user", "1001:1002"]
+
+
+@pytest.mark.parametrize("image, message", [
+    ("~", "missing required key 'image'"),
+    ("'Not A Ref'", "is neither an image reference"),
+    ("-v/:/host", "is neither an image reference"),
+    ("missing.tar", "file 'missing.tar' does not exist"),
+    ("notimage.tar", "is not an image archive"),
+    ("nomanifest.tar", "has no docker manifest.json"),
+])
+def test_container_image_mistakes(tmp_path, image, message):
+    import tarfile
+    (tmp_path / "notimage.tar").write_text("plain text")
+    with tarfile.open(tmp_path / "nomanifest.tar", "w"):
+        pass
+    jobs = container_batch(tmp_path, "docker", image)
+    result = cli("check", jobs)
+    assert result.returncode == 2
+    line = one_line(result.stderr)
+    assert message in line and "initialize.image" in line or message in line and "initialize" in line
+
+
+def test_engine_capability_only_when_the_engine_answers(tmp_path, monkeypatch):
+    bin_dir = stand_in_engines(tmp_path, tmp_path / "calls.jsonl", codes={"podman": 125}, sleeps={"docker": 30})
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert not distribute.engine_answers("podman")                 # on PATH, but `podman version` fails
+    assert not distribute.engine_answers("docker", timeout=0.5)    # on PATH, but hangs
+    bin_dir = stand_in_engines(tmp_path / "ok", tmp_path / "calls.jsonl")
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    caps = distribute.probe_machine()["capabilities"]
+    assert "docker" in caps and "podman" in caps
+
+
+def test_docker_batch_through_a_head(tmp_path):
+    """A head whose node has a working docker and a podman that does not answer: docker
+    batches run there with the exact command line, podman batches are refused at add."""
+    record = tmp_path / "calls.jsonl"
+    bin_dir = stand_in_engines(tmp_path, record, codes={"podman": 1})
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    head = HeadProcess(None, None, env).start()
+    try:
+        wait_until(lambda: head.nodes()[0]["reachable"], 30, "the local node")
+        caps = head.nodes()[0]["capabilities"]
+        assert "docker" in caps and "podman" not in caps
+        folder = tmp_path / "batch"
+        folder.mkdir()
+        image_archive(folder / "solver.tar")
+        head.cli("add", container_batch(folder, "docker", "solver.tar"))
+        batch = head.wait_batch("carol/boxes")
+        assert batch["jobs"]["done"] == 2, head.log.read_text()[-2000:]
+        made = [c for c in calls(record) if c[1] != "version"]
+        assert made[0] == ["docker", "load", "--input", "solver.tar"]
+        cpus = os.cpu_count()
+        for argv in made[1:]:
+            assert argv == expected_run("docker", run_root(argv), "localhost/solver:1.2", cpus,
+                                        os.getuid(), os.getgid())
+        for job in ("a", "b"):
+            assert (head.archive / "carol" / "boxes" / job / "from_container.txt").read_text() == \
+                f"case.json settings.json job={job}"
+        refused = head.cli("add", container_batch(tmp_path / "p", "podman", "docker.io/x/y:1", name="pods"),
+                           check=False)
+        assert refused.returncode == 2 and "no node offers podman" in one_line(refused.stderr)
+    finally:
+        head.stop()
+        import shutil
+        shutil.rmtree(head.dir, ignore_errors=True)
+
+
+def test_slurm_runs_registry_images_with_apptainer_and_refuses_archives(tmp_path):
+    jobs = container_batch(tmp_path / "batch", "docker", "docker.io/carol/solver:2.1")
+    result = cli("slurm", jobs, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    script = (tmp_path / "out" / "run-task.sh").read_text()
+    assert ('exec $setsid apptainer run --bind "$task/distribute_save:/distribute_save:rw,$task/input:/input:rw,'
+            '$task/mounts/0:"/scratch":rw" docker://docker.io/carol/solver:2.1 "$cpus"') in script
+    assert not (tmp_path / "out" / "build.sbatch").exists()
+    folder = tmp_path / "archived"
+    folder.mkdir()
+    image_archive(folder / "solver.tar")
+    result = cli("slurm", container_batch(folder, "podman", "solver.tar"), tmp_path / "out2")
+    assert result.returncode == 2
+    assert "apptainer build image.sif docker-archive:solver.tar" in one_line(result.stderr)
+    assert not (tmp_path / "out2").exists()
