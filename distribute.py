@@ -2451,6 +2451,24 @@ class Store:
         else:
             self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
 
+    # forget and du
+    def forget_batch(self, namespace: str, name: str) -> int:
+        """Delete every record of NAMESPACE/NAME (replaced runs of it too); returns how many jobs."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
+                                                 (namespace, name))]
+            jobs = 0
+            for batch_id in ids:
+                jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+        return jobs
+
+    def batch_owners(self) -> Dict[Tuple[str, str], Tuple[str, str]]:
+        """{(namespace, name): (owner, state)} of every batch that was not replaced."""
+        return {(ns, name): (owner, state) for ns, name, owner, state in self.db.execute(
+            "SELECT namespace, name, owner, state FROM batches WHERE state != 'replaced' ORDER BY id")}
+
 
 class _Transaction:
     def __init__(self, db):
@@ -5146,7 +5164,7 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head")
+            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
         return self.batches.get(batch.id, batch)
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
@@ -5418,6 +5436,74 @@ class Head:
             await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
+
+    async def api_forget(self, channel, user, header, payload):
+        """Delete an ended batch's archive folder and records (owner or admin); `dry` only
+        checks and says what would go."""
+        import asyncio
+        batch = self.lookup_batch(str(header.get("batch", "")))
+        self.check_owner(user, batch, "forget")
+        counts = self.batch_counts(batch.id)
+        if batch.state == "active" or counts.get("queued") or counts.get("running"):
+            raise UserError(f"{batch.key} is still active ({counts.get('queued', 0)} queued, "
+                            f"{counts.get('running', 0)} running): wait for it to end, or "
+                            f"`distribute kill {batch.key}` first")
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files, size = await asyncio.get_event_loop().run_in_executor(None, folder_usage, root)
+        if not header.get("dry"):
+            if root.exists():
+                gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
+                os.rename(root, gone)
+                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+            self.store.forget_batch(batch.namespace, batch.name)
+            self.batches.pop(batch.id, None)
+            self.queued.pop(batch.id, None)
+            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
+        await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
+                            "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})
+
+    async def api_du(self, channel, user, header, payload):
+        """Space the archive takes, per namespace and batch."""
+        import asyncio
+        usage = await asyncio.get_event_loop().run_in_executor(None, archive_usage, self.config.archive)
+        owners = self.store.batch_owners()
+        for namespace in usage:
+            for entry in namespace["batches"]:
+                owner, state = owners.get((namespace["namespace"], entry["batch"].split("/", 1)[1]),
+                                          (None, "unknown"))
+                entry.update(owner=owner, state=state)
+        await channel.send({"ok": True, "archive": str(self.config.archive), "namespaces": usage,
+                            "bytes": sum(n["bytes"] for n in usage)})
+
+
+def folder_usage(root: Path) -> Tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed; (0, 0) when it does not exist."""
+    files = size = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+    return files, size
+
+
+def archive_usage(archive: Path) -> List[Dict[str, Any]]:
+    """[{namespace, bytes, files, batches: [{batch, bytes, files}]}], biggest first."""
+    out = []
+    for ns_dir in sorted(Path(archive).iterdir()) if Path(archive).is_dir() else []:
+        if not ns_dir.is_dir() or ns_dir.is_symlink() or ns_dir.name.startswith("."):
+            continue
+        batches = []
+        for batch_dir in sorted(ns_dir.iterdir()):
+            if batch_dir.is_dir() and not batch_dir.is_symlink() and not batch_dir.name.startswith("."):
+                files, size = folder_usage(batch_dir)
+                batches.append({"batch": f"{ns_dir.name}/{batch_dir.name}", "bytes": size, "files": files})
+        batches.sort(key=lambda b: -b["bytes"])
+        out.append({"namespace": ns_dir.name, "bytes": sum(b["bytes"] for b in batches),
+                    "files": sum(b["files"] for b in batches), "batches": batches})
+    out.sort(key=lambda n: -n["bytes"])
+    return out
 
 
 def asyncio_spawn(coroutine) -> None:
@@ -7180,6 +7266,46 @@ def report(obj, batch, output) -> None:
         raise Failed(f"cannot write {target}: {exc.strerror}") from None
     click.echo(f"wrote {target}: {len(reply['jobs'])} job attempts, {len(reply['builds'])} builds and "
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
+
+
+# `forget` and `du`: the archive does not only grow.
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("--yes", is_flag=True, help="Do not ask; delete at once.")
+@click.pass_obj
+def forget(obj, batch, yes) -> None:
+    """Delete an ended batch's archived results and its record on the head (owner or admin)."""
+    ask = {"op": "forget", "batch": batch, "dry": True}
+    if not yes:
+        found, _ = client_call(obj, ask)
+        prompt = (f"forget {found['batch']}: delete its {found['jobs']} jobs' records and its archive "
+                  f"({found['files']} files, {human_bytes(found['bytes'])}) on the head?")
+        try:
+            confirmed = click.confirm(prompt, default=False, err=True)
+        except click.exceptions.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UserError(f"not confirmed: {found['batch']} is kept (`forget --yes` deletes without asking)")
+    reply, _ = client_call(obj, dict(ask, dry=False))
+    click.echo(f"forgot {reply['batch']}: {reply['files']} files, {human_bytes(reply['bytes'])} freed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.pass_obj
+def du(obj, as_json) -> None:
+    """Show the space the head's archive takes, per namespace and batch."""
+    reply, _ = client_call(obj, {"op": "du"})
+    if as_json:
+        click.echo(json.dumps({k: reply[k] for k in ("archive", "bytes", "namespaces")}, indent=2))
+        return
+    for namespace in reply["namespaces"]:
+        click.echo(f"{human_bytes(namespace['bytes']):>10}  {namespace['namespace']}/")
+        for entry in namespace["batches"]:
+            who = ", ".join(x for x in (entry.get("owner"), entry.get("state")) if x)
+            click.echo(f"{human_bytes(entry['bytes']):>10}    {entry['batch']}  ({entry['files']} files; {who})")
+    click.echo(f"{human_bytes(reply['bytes']):>10}  in total, in {reply['archive']}")
 
 
 def _not_yet(name: str, help_text: str):

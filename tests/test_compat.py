@@ -134,7 +134,7 @@ def test_template_with_the_originals_argument_order(tmp_path):
 @pytest.fixture(scope="module")
 def local_head():
     """`distribute serve` with this machine as its one node (no SSH)."""
-    head = HeadProcess(None, None, dict(os.environ), extra=["--kill-grace", "1"]).start()
+    head = HeadProcess(None, None, dict(os.environ), extra=["--kill-grace", "1", "--group", "distribute"]).start()
     try:
         yield head
     finally:
@@ -405,3 +405,56 @@ def test_slurm_runs_registry_images_with_apptainer_and_refuses_archives(tmp_path
     assert result.returncode == 2
     assert "apptainer build image.sif docker-archive:solver.tar" in one_line(result.stderr)
     assert not (tmp_path / "out2").exists()
+
+
+# --- forget and du ---------------------------------------------------------------------
+
+def test_du_and_forget_an_ended_batch(local_head, tmp_path):
+    big_jobs, big = finished_batch(local_head, tmp_path, jobs=3, command="head -c 300000 /dev/zero > distribute_save/f")
+    _, small = finished_batch(local_head, tmp_path, jobs=1, namespace="other")
+    local_head.wait_batch(big)
+    local_head.wait_batch(small)
+    usage = json.loads(local_head.cli("du", "--json").stdout)
+    assert usage["archive"] == str(local_head.archive)
+    namespaces = {n["namespace"]: n for n in usage["namespaces"]}
+    entry = next(b for b in namespaces["lab"]["batches"] if b["batch"] == big)
+    assert entry["bytes"] >= 900000 and entry["files"] == 10 and entry["owner"] == "root" and entry["state"] == "done"
+    assert usage["bytes"] == sum(n["bytes"] for n in usage["namespaces"])
+    text = local_head.cli("du").stdout
+    assert f"    {big}  (10 files; root, done)" in text and "in total" in text.splitlines()[-1]
+    # asks first; no answer keeps everything
+    kept = local_head.cli("forget", big, check=False)
+    assert kept.returncode == 2 and "not confirmed" in kept.stderr.splitlines()[-1]
+    assert "forget " + big + ": delete its 3 jobs' records and its archive (10 files, " in kept.stderr
+    assert (local_head.archive / big).is_dir()
+    answered = subprocess.run(DISTRIBUTE + ["--head", "local", "--socket", str(local_head.socket), "forget", big],
+                              input="y\n", capture_output=True, text=True, timeout=60)
+    assert answered.returncode == 0, answered.stderr
+    assert answered.stdout.startswith(f"forgot {big}: 10 files, ")
+    assert not (local_head.archive / big).exists()
+    assert local_head.batch(big) is None
+    assert big not in local_head.cli("du").stdout
+    # gone for pull too, which points to status; and the name can be used again
+    pulled = local_head.cli("pull", "--batch", big, check=False)
+    assert pulled.returncode == 2
+    assert one_line(pulled.stderr).endswith(f"no batch {big!r} on this head; `distribute status` lists its batches")
+    local_head.cli("add", big_jobs)
+    assert local_head.wait_batch(big)["jobs"]["done"] == 3
+
+
+def test_forget_refuses_an_active_batch_and_other_peoples(local_head, tmp_path, head_sshd, alice_home):
+    _, running = finished_batch(local_head, tmp_path, jobs=1, command="sleep 60")
+    wait_until(lambda: local_head.batch(running)["jobs"]["running"] == 1, 30, "the job to start")
+    refused = local_head.cli("forget", "--yes", running, check=False)
+    assert refused.returncode == 2
+    assert one_line(refused.stderr).endswith(f"{running} is still active (0 queued, 1 running): wait for it to end, "
+                                             f"or `distribute kill {running}` first")
+    local_head.cli("kill", running)
+    local_head.wait_batch(running)
+    as_alice = subprocess.run(DISTRIBUTE + ["--head", "head", "--socket", str(local_head.socket), "forget", "--yes",
+                                            running], env=alice_home.env(), capture_output=True, text=True, timeout=60)
+    assert as_alice.returncode == 2
+    assert one_line(as_alice.stderr).endswith(f"dalice may not forget {running}: it belongs to root")
+    assert local_head.batch(running) is not None
+    local_head.cli("forget", "--yes", running)
+    assert local_head.batch(running) is None
