@@ -2168,18 +2168,60 @@ class JobRow:
     slot: Optional[int]
 
 
+# The schema has a version (SQLite's user_version).  Release 0.1.0 wrote no version
+# (0); each step below upgrades a store by one version, in one transaction, so a
+# lab's state folder from any earlier release opens under this one.  A store from
+# a newer release is refused rather than guessed at.
+SCHEMA_VERSION = 1
+MIGRATIONS = {
+    1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
+}
+
+
+def migrate_store(db, path: Path) -> None:
+    """Bring the store at `path` up to SCHEMA_VERSION (one transaction per step)."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise Failed(f"{path} was written by a newer release of distribute (store version {version}, "
+                     f"this one knows up to {SCHEMA_VERSION}): run that release, or a new state folder")
+    for step in range(version + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={step}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        if version:
+            log(f"head: store {path} upgraded to version {step}")
+
+
 class Store:
-    """The head's database.  One connection, used from the event loop only."""
+    """The head's database.  One connection, used from the event loop only.
+
+    WAL with synchronous=NORMAL, and FULL for durable transactions.  NORMAL may lose the
+    last commits in a power cut (never corrupt the store): a lost claim only means a
+    job is queued again, and the node's stale copy is stopped when it reconnects.  The
+    commit that notes a result as archived is durable (fsynced, about 1 ms) before the
+    node is told to delete its copy, so a result both sides consider archived is on
+    disk on the head."""
 
     def __init__(self, path: Path):
         import sqlite3
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
+        migrate_store(self.db, path)
 
-    def transaction(self):
-        return _Transaction(self.db)
+    def transaction(self, durable: bool = False):
+        """BEGIN ... COMMIT (ROLLBACK on an exception); a durable one is on disk when it ends."""
+        return _Transaction(self.db, durable)
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     # batches
     def add_batch(self, namespace: str, name: str, owner: str, plan: BatchPlan, capabilities: List[str],
@@ -2309,14 +2351,20 @@ class Store:
 
 
 class _Transaction:
-    def __init__(self, db):
-        self.db = db
+    def __init__(self, db, durable: bool = False):
+        self.db, self.durable = db, durable
 
     def __enter__(self):
+        if self.durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN")
 
     def __exit__(self, kind, *_):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        try:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        finally:
+            if self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
 
 
 # Scheduling: which batch a node with a free slot should take next.
@@ -4393,6 +4441,30 @@ class HeadConfig:
         return self.state / "head.sock"
 
 
+def hold_head_lock(state: Path, socket_path: Path) -> int:
+    """One head per state folder: an exclusive flock on STATE/head.lock, held for the
+    head's life.  The kernel drops it with the process (kill -9 and power cuts
+    included), so a lock left by a dead head never blocks a start.  Returns its fd."""
+    import fcntl
+    path = state / "head.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise Failed(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace").split()
+        os.close(fd)
+        pid = holder[0] if holder else "unknown"
+        where = holder[1] if len(holder) > 1 else str(socket_path)
+        raise Failed(f"a head is already serving {state} (pid {pid}, socket {where}); "
+                     "stop it first, or give this one another --state") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket_path}\n".encode())
+    return fd
+
+
 class NodeLink:
     """The head's side of one node: connection, supervisor channel, slots, pause state."""
 
@@ -4850,7 +4922,7 @@ class Head:
         if self.store.run_id_of(job.id) != run_id:
             return
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction():          # one commit per finished job, not two
+        with self.store.transaction(durable=True):     # on disk before the node drops its copy
             self.store.set_progress(job.id, header.get("progress"))
             if state == "failed" and job.attempts <= job.retries and batch.state == "active":
                 self.store.requeue(job.id, count_attempt=True)
@@ -6494,12 +6566,16 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     if config.pyz and not config.pyz.is_file():
         raise UserError(f"--pyz {pyz}: no such file")
     matrix = matrix_notifier(config)            # a bad --matrix-config exits 2 before serving
+    state_dir.mkdir(parents=True, exist_ok=True)
+    lock = hold_head_lock(state_dir, config.socket_path)     # held until this process ends
     head = Head(config)
     head.matrix = matrix
     try:
         asyncio.run(head.serve())
     except KeyboardInterrupt:
         log("head: stopped")
+    finally:
+        os.close(lock)
 
 
 @cli.command()

@@ -1,0 +1,98 @@
+"""Day two: the head restarted, started twice, or upgraded over a previous release's state folder."""
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cluster import DISTRIBUTE, HeadProcess, wait_until
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def local_head():
+    """A head whose one node is this machine (no nodes file), stopped afterwards."""
+    process = HeadProcess(None, None, dict(os.environ))
+    yield process
+    process.stop()
+    shutil.rmtree(process.dir, ignore_errors=True)
+
+
+def serve_again(process, *extra):
+    """A second `serve` on the same state folder; it must return by itself."""
+    argv = DISTRIBUTE + ["serve", "--state", str(process.state), "--archive", str(process.archive)] + list(extra)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+def test_a_second_serve_on_the_same_state_refuses_and_names_the_running_head(local_head):
+    local_head.start()
+    second = serve_again(local_head)
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1, second.stderr
+    assert f"pid {local_head.proc.pid}" in lines[0] and str(local_head.socket) in lines[0]
+    assert "Traceback" not in second.stderr
+    # the first head was not disturbed: it still answers on its socket
+    assert local_head.status()["batches"] == []
+    assert local_head.proc.poll() is None
+
+
+def test_a_lock_left_by_a_killed_head_never_blocks_a_start(local_head):
+    local_head.start()
+    first_pid = local_head.proc.pid
+    local_head.kill9()
+    lock = local_head.state / "head.lock"
+    assert lock.read_text().split()[0] == str(first_pid)     # the file stays; the kernel's lock does not
+    local_head.start()
+    assert local_head.status()["batches"] == []
+    assert lock.read_text().split()[0] == str(local_head.proc.pid)
+
+
+def copy_release_state(process, release):
+    source = FIXTURES / f"state-{release}"
+    shutil.copytree(source / "state", process.state)
+    shutil.copytree(source / "archive", process.archive)
+
+
+def test_a_state_folder_of_release_0_1_0_opens_with_nothing_lost(local_head):
+    copy_release_state(local_head, "0.1.0")
+    before = sorted(str(p.relative_to(local_head.archive)) for p in local_head.archive.rglob("*") if p.is_file())
+    local_head.start()
+    status = {b["batch"]: b for b in local_head.status()["batches"]}
+    finished = status["alice/finished_sweep"]
+    assert finished["state"] == "done"
+    assert finished["jobs"]["done"] == 1 and finished["jobs"]["failed"] == 1
+    # the queued batch of the old release runs under the new head, from the files it uploaded then
+    done = local_head.wait_batch("bob/queued_sweep", timeout=120)
+    assert done["jobs"]["done"] == 2, done
+    for case, re_value in (("case_1", 1), ("case_2", 2)):
+        size, case_json = (local_head.archive / "bob" / "queued_sweep" / case / "size.txt").read_text().splitlines()
+        assert int(size) == len("mesh0123456789\n") and json.loads(case_json) == {"re": re_value}
+    # the old archive is untouched
+    after = {str(p.relative_to(local_head.archive)) for p in local_head.archive.rglob("*") if p.is_file()}
+    assert set(before) <= after
+    ok = json.loads((local_head.archive / "alice" / "finished_sweep" / "job_ok" / "job.json").read_text())
+    assert ok["exit_code"] == 0
+    db = sqlite3.connect(str(local_head.state / "distribute.sqlite"))
+    try:
+        from distribute import SCHEMA_VERSION
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        db.close()
+
+
+def test_a_store_from_a_newer_release_is_refused_in_one_line(local_head):
+    local_head.state.mkdir(parents=True)
+    db = sqlite3.connect(str(local_head.state / "distribute.sqlite"))
+    db.execute("PRAGMA user_version=999")
+    db.commit()
+    db.close()
+    result = serve_again(local_head)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "newer release" in lines[0] and "999" in lines[0], result.stderr
