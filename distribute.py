@@ -4001,7 +4001,8 @@ def widen_pipe(fd: int) -> None:
 # creates once and remembers (STATE/matrix-rooms.json, also listed in the bot's
 # m.direct so clients show it as a chat).  All network work runs on one worker
 # thread, one message at a time: a slow or dead homeserver never stalls the event
-# loop and never touches a batch; a failure is one line in the head's log.  The
+# loop and never touches a batch; a failure is one line in the head's log, and the
+# message waits in an outbox on disk to be tried again (after a restart too).  The
 # access token lives only in MatrixConfig and the Authorization header: it is
 # never logged, printed or put in a URL.
 # ---------------------------------------------------------------------------
@@ -4170,8 +4171,8 @@ class MatrixClient:
     def set_direct_rooms(self, rooms: Dict[str, List[str]]) -> None:
         self.call("PUT", f"/_matrix/client/v3/user/{_q(self.user_id())}/account_data/m.direct", rooms)
 
-    def send_text(self, room_id: str, body: str) -> str:
-        txn = f"distribute-{os.urandom(12).hex()}"          # fresh per message, kept across 429 retries
+    def send_text(self, room_id: str, body: str, txn: str = "") -> str:
+        txn = txn or f"distribute-{os.urandom(12).hex()}"   # one per message, kept across retries and restarts
         reply = self.call("PUT", f"/_matrix/client/v3/rooms/{_q(room_id)}/send/m.room.message/{txn}",
                           {"msgtype": "m.text", "body": body})
         return str(reply.get("event_id", ""))
@@ -4226,6 +4227,43 @@ class BatchNotice:
     archive: Path
     failed: List[Tuple[str, Optional[int]]]         # (job, exit code) of the first failed jobs
     failed_total: int
+    txn: str = ""                                   # the homeserver drops a repeated transaction id
+
+
+class MatrixOutbox:
+    """Messages not yet delivered: one JSON file each in STATE/matrix-outbox/, written
+    before the first try and deleted once the homeserver took the message.  A head
+    that stops (or dies) first sends them when it starts again, with the same
+    transaction id, which the homeserver deduplicates: each goes out once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def put(self, notice: BatchNotice) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        notice.txn = notice.txn or f"distribute-{os.urandom(12).hex()}"
+        path = self.folder / f"{notice.txn}.json"
+        data = dict(dataclasses.asdict(notice), archive=str(notice.archive))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
+        return path
+
+    def load(self, path: Path) -> Optional[BatchNotice]:
+        try:
+            data = json.loads(path.read_text())
+            data["archive"] = Path(data["archive"])
+            data["failed"] = [tuple(f) for f in data["failed"]]
+            return BatchNotice(**data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log(f"matrix: cannot read the pending message {path}: {exc}")
+            return None
+
+    def pending(self) -> List[Path]:
+        return sorted(self.folder.glob("distribute-*.json"), key=lambda p: p.stat().st_mtime) \
+            if self.folder.is_dir() else []
+
+    def sent(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def job_error_lines(stdout: Path, count: int = MATRIX_LINES_PER_JOB) -> List[str]:
@@ -4263,17 +4301,22 @@ def matrix_message(notice: BatchNotice) -> str:
     return "\n".join(lines)
 
 
+MATRIX_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0)     # then the message waits for the next start
+
+
 class MatrixNotifier:
     """Sends batch messages from one worker thread; `submit` returns at once.
 
     The thread is a daemon fed by a queue (not an executor, whose threads are joined
-    at exit): a head stopped while the homeserver hangs stops at once; messages not
-    yet sent are lost, the batches are not."""
+    at exit): a head stopped while the homeserver hangs stops at once.  Messages not
+    yet sent wait in the outbox; a failed one is tried again after 1, 5, 15 and 60
+    minutes, then at the head's next start."""
 
-    def __init__(self, config: MatrixConfig):
+    def __init__(self, config: MatrixConfig, outbox: MatrixOutbox):
         self.config = config
         self.client = MatrixClient(config.homeserver, config.access_token)
         self.rooms = MatrixRooms(config.room_store)
+        self.outbox = outbox
         self._queue = None
 
     def submit(self, task: Callable[..., Any], *args: Any) -> None:
@@ -4299,13 +4342,32 @@ class MatrixNotifier:
             log(f"matrix: cannot log in to {self.config.homeserver}: {exc}")
             return False
 
-    def deliver(self, notice: BatchNotice) -> bool:
+    def send_later(self, path: Path, tries: int = 0) -> None:
+        """Deliver the message kept at `path` (from the worker thread, now or after a delay)."""
+        if tries == 0:
+            self.submit(self.deliver, path, 0)
+            return
+        import threading
+        timer = threading.Timer(MATRIX_RETRY_DELAYS[tries - 1], self.submit, (self.deliver, path, tries))
+        timer.daemon = True
+        timer.start()
+
+    def deliver(self, path: Path, tries: int = 0) -> bool:
+        notice = self.outbox.load(path)
+        if notice is None:
+            return False
         try:
             room = self.direct_room(notice.user)
-            self.client.send_text(room, matrix_message(notice))
+            self.client.send_text(room, matrix_message(notice), notice.txn)
         except Exception as exc:        # whatever goes wrong, the batch is not affected
-            log(f"matrix: cannot notify {notice.user} about {notice.batch}: {exc}")
+            if tries < len(MATRIX_RETRY_DELAYS):
+                later = f"trying again in {format_duration(MATRIX_RETRY_DELAYS[tries])}"
+                self.send_later(path, tries + 1)
+            else:
+                later = f"it waits in {path} for the head's next start"
+            log(f"matrix: cannot notify {notice.user} about {notice.batch}: {exc}; {later}")
             return False
+        self.outbox.sent(path)
         log(f"matrix: told {notice.user} that {notice.batch} finished")
         return True
 
@@ -4338,8 +4400,11 @@ def matrix_notifier(config: HeadConfig) -> Optional[MatrixNotifier]:
     """serve: load --matrix-config before serving (a bad file exits 2) and check the login."""
     if config.matrix_config is None:
         return None
-    notifier = MatrixNotifier(load_matrix_config(config.matrix_config, config.state))
+    notifier = MatrixNotifier(load_matrix_config(config.matrix_config, config.state),
+                              MatrixOutbox(config.state / "matrix-outbox"))
     notifier.submit(notifier.check_login)
+    for path in notifier.outbox.pending():         # left by a head that stopped before sending them
+        notifier.send_later(path)
     return notifier
 
 
@@ -4356,7 +4421,12 @@ def notify_batch_finished(head: "Head", batch: BatchRow, counts: Dict[str, int])
     except Exception as exc:            # a message is never worth disturbing the batch's bookkeeping
         log(f"matrix: cannot prepare the message about {batch.key}: {exc}")
         return
-    head.matrix.submit(head.matrix.deliver, notice)
+    try:
+        path = head.matrix.outbox.put(notice)
+    except OSError as exc:
+        log(f"matrix: cannot keep the message about {batch.key} in {head.matrix.outbox.folder}: {exc}")
+        return
+    head.matrix.send_later(path)
 
 
 # ---------------------------------------------------------------------------
