@@ -2172,9 +2172,17 @@ class JobRow:
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
+    2: """
+CREATE TABLE spans (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, node TEXT NOT NULL, started REAL NOT NULL, ended REAL,
+    state TEXT NOT NULL, batch_id INTEGER, job_id INTEGER, job TEXT NOT NULL DEFAULT '',
+    attempt INTEGER NOT NULL DEFAULT 0, exit_code INTEGER, users TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX spans_by_batch ON spans(batch_id, kind);
+CREATE INDEX spans_open ON spans(kind, node) WHERE ended IS NULL;
+""",                # every attempt, build and pause, for `report` after a restart too
 }
 
 
@@ -2197,6 +2205,23 @@ def migrate_store(db, path: Path) -> None:
         db.execute("COMMIT")
         if version:
             log(f"head: store {path} upgraded to version {step}")
+
+
+@dataclass
+class TimelineSpan:
+    """One job attempt, build or pause on one node, as `report` draws it."""
+    kind: str                        # "job", "build" or "pause"
+    node: str
+    start: float
+    end: Optional[float] = None      # None: still going
+    state: str = "running"           # job: ok/failed/killed/running; build: ok/failed/running; pause: paused
+    batch_id: Optional[int] = None   # None for pauses: they belong to the node
+    job_id: Optional[int] = None
+    job: str = ""
+    attempt: int = 0
+    exit_code: Optional[int] = None
+    users: List[str] = field(default_factory=list)
+    id: Optional[int] = None
 
 
 class Store:
@@ -2338,6 +2363,42 @@ class Store:
 
     def set_progress(self, job_id: int, progress: Optional[float]) -> None:
         self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
+
+    # timeline spans
+    def add_span(self, span: TimelineSpan) -> None:
+        span.id = self.db.execute(
+            "INSERT INTO spans (kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,"
+            " users) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (span.kind, span.node, span.start, span.end, span.state, span.batch_id, span.job_id, span.job,
+             span.attempt, span.exit_code, json.dumps(span.users))).lastrowid
+
+    def update_span(self, span: TimelineSpan) -> None:
+        self.db.execute("UPDATE spans SET ended=?, state=?, users=? WHERE id=?",
+                        (span.end, span.state, json.dumps(span.users), span.id))
+
+    def _span(self, row) -> TimelineSpan:
+        (id_, kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code, users) = row
+        return TimelineSpan(kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,
+                            json.loads(users), id_)
+
+    def open_span(self, kind: str, node: str, batch_id: Optional[int]) -> Optional[TimelineSpan]:
+        row = self.db.execute("SELECT * FROM spans WHERE kind=? AND node=? AND batch_id IS ? AND ended IS NULL"
+                              " ORDER BY id DESC LIMIT 1", (kind, node, batch_id)).fetchone()
+        return self._span(row) if row else None
+
+    def batch_spans(self, batch_id: int) -> List[TimelineSpan]:
+        return [self._span(r) for r in self.db.execute("SELECT * FROM spans WHERE batch_id=? ORDER BY id",
+                                                       (batch_id,))]
+
+    def pause_spans(self, nodes: Iterable[str], first: float, last: float) -> List[TimelineSpan]:
+        """Pauses on these nodes that overlap [first, last] (open ones count as going on)."""
+        nodes = list(nodes)
+        if not nodes:
+            return []
+        marks = ",".join("?" * len(nodes))
+        rows = self.db.execute(f"SELECT * FROM spans WHERE kind='pause' AND node IN ({marks}) AND started <= ?"
+                               " AND (ended IS NULL OR ended >= ?) ORDER BY id", (*nodes, last, first))
+        return [self._span(r) for r in rows]
 
     # builds
     def builds(self) -> Dict[Tuple[int, str], str]:
@@ -4750,7 +4811,6 @@ class Head:
         self.program = program_bytes(config.pyz)
         self._wake = None
         self.matrix = None
-        self.timeline: List[TimelineSpan] = []      # attempts, builds, pauses, for `report`
 
     # the main loop
     async def serve(self) -> None:
@@ -6123,39 +6183,16 @@ def completion_script(shell: str) -> str:
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
-# The head keeps, in memory, one span per job attempt, build and pause (the
-# database holds only each job's latest attempt).  After a head restart the
-# report falls back to that latest attempt; earlier builds and pauses are gone.
-
-TIMELINE_LIMIT = 200000
-
-
-@dataclass
-class TimelineSpan:
-    kind: str                        # "job", "build" or "pause"
-    node: str
-    start: float
-    end: Optional[float] = None      # None: still going
-    state: str = "running"           # job: ok/failed/killed/running; build: ok/failed/running; pause: paused
-    batch_id: Optional[int] = None   # None for pauses: they belong to the node
-    job_id: Optional[int] = None
-    job: str = ""
-    attempt: int = 0
-    exit_code: Optional[int] = None
-    users: List[str] = field(default_factory=list)
+# The store keeps one span per job attempt, build and pause (table `spans`), so a
+# report drawn after a head restart still shows every attempt.
 
 
 def timeline_add(head: "Head", span: TimelineSpan) -> None:
-    if len(head.timeline) >= TIMELINE_LIMIT:
-        del head.timeline[:TIMELINE_LIMIT // 10]
-    head.timeline.append(span)
+    head.store.add_span(span)
 
 
 def timeline_open_span(head: "Head", kind: str, node: str, batch_id: Optional[int] = None):
-    for span in reversed(head.timeline):
-        if span.kind == kind and span.node == node and span.batch_id == batch_id and span.end is None:
-            return span
-    return None
+    return head.store.open_span(kind, node, batch_id)
 
 
 def timeline_build_started(head: "Head", batch_id: int, node: str) -> None:
@@ -6166,6 +6203,7 @@ def timeline_build_ended(head: "Head", batch_id: int, node: str, ok: bool) -> No
     span = timeline_open_span(head, "build", node, batch_id)
     if span is not None:
         span.end, span.state = time.time(), "ok" if ok else "failed"
+        head.store.update_span(span)
 
 
 def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: Dict[str, Any],
@@ -6184,15 +6222,17 @@ def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> Non
     if locks and span is None:
         since = [lock.get("since") for lock in locks if lock.get("since")]
         timeline_add(head, TimelineSpan("pause", node, min(since + [time.time()]), state="paused", users=users))
-    elif locks:
+    elif locks and not set(users) <= set(span.users):
         span.users = sorted(set(span.users) | set(users))
-    elif span is not None:
+        head.store.update_span(span)
+    elif not locks and span is not None:
         span.end = time.time()
+        head.store.update_span(span)
 
 
 def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     """Every attempt, build and pause of a batch, times in seconds since the epoch."""
-    recorded = [s for s in head.timeline if s.batch_id == batch.id]
+    recorded = head.store.batch_spans(batch.id)
     seen = {(s.job_id, s.attempt) for s in recorded if s.kind == "job"}
     jobs = [{"job": s.job, "node": s.node, "attempt": s.attempt, "start": s.start, "end": s.end,
              "state": s.state, "exit_code": s.exit_code} for s in recorded if s.kind == "job"]
@@ -6209,8 +6249,8 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     ends = [t for t in [batch.finished] + [j["end"] for j in jobs] if t]
     first = min([batch.created] + [j["start"] for j in jobs] + [b["start"] for b in builds])
     last = max(ends) if batch.state != "active" and ends else time.time()
-    pauses = [{"node": s.node, "start": s.start, "end": s.end, "users": s.users} for s in head.timeline
-              if s.kind == "pause" and s.node in used and s.start <= last and (s.end or time.time()) >= first]
+    pauses = [{"node": s.node, "start": s.start, "end": s.end, "users": s.users}
+              for s in head.store.pause_spans(sorted(used), first, last)]
     recorded_pauses = {p["node"] for p in pauses if p["end"] is None}
     for name in sorted(used - recorded_pauses):
         link = head.links.get(name)

@@ -96,3 +96,27 @@ def test_a_store_from_a_newer_release_is_refused_in_one_line(local_head):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "newer release" in lines[0] and "999" in lines[0], result.stderr
+
+
+def test_report_after_a_restart_draws_every_attempt_and_build(local_head, tmp_path):
+    folder = tmp_path / "flaky"
+    folder.mkdir()
+    marker = tmp_path / "second-try"
+    (folder / "distribute-jobs.yaml").write_text(f"""\
+meta: {{batch_name: flaky, namespace: lab}}
+shell:
+  initialize:
+    build: "echo built"
+  jobs:
+    - {{name: steady, command: "true"}}
+    - {{name: flaky, retries: 2, command: "if [ -e {marker} ]; then exit 0; fi; touch {marker}; exit 5"}}
+""")
+    local_head.start()
+    local_head.cli("add", folder / "distribute-jobs.yaml")
+    assert local_head.wait_batch("lab/flaky")["jobs"]["done"] == 2
+    before = local_head.cli("report", "lab/flaky", "-o", tmp_path / "before.svg").stdout
+    assert before.startswith(f"wrote {tmp_path / 'before.svg'}: 3 job attempts, 1 builds")
+    local_head.stop()
+    local_head.start()
+    after = local_head.cli("report", "lab/flaky", "-o", tmp_path / "after.svg").stdout
+    assert after.startswith(f"wrote {tmp_path / 'after.svg'}: 3 job attempts, 1 builds"), after
