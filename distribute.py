@@ -2172,7 +2172,7 @@ class JobRow:
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
     2: """
@@ -2183,6 +2183,9 @@ CREATE TABLE spans (
 CREATE INDEX spans_by_batch ON spans(batch_id, kind);
 CREATE INDEX spans_open ON spans(kind, node) WHERE ended IS NULL;
 """,                # every attempt, build and pause, for `report` after a restart too
+    3: """
+CREATE TABLE nodes (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen REAL NOT NULL);
+""",                # what each node reported when it was last up (capabilities, cores, version...)
 }
 
 
@@ -2400,6 +2403,14 @@ class Store:
                                " AND (ended IS NULL OR ended >= ?) ORDER BY id", (*nodes, last, first))
         return [self._span(r) for r in rows]
 
+    # what nodes reported
+    def remember_node(self, name: str, facts: Dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO nodes (name, facts, seen) VALUES (?,?,?)",
+                        (name, json.dumps(facts), time.time()))
+
+    def known_nodes(self) -> Dict[str, Dict[str, Any]]:
+        return {name: json.loads(facts) for name, facts in self.db.execute("SELECT name, facts FROM nodes")}
+
     # builds
     def builds(self) -> Dict[Tuple[int, str], str]:
         return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
@@ -2458,6 +2469,24 @@ class BatchView:
 def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
     offered = set(offered)
     return [cap for cap in needed if cap not in offered]
+
+
+def nodes_for_capabilities(needed: Iterable[str], offers: Dict[str, Tuple[List[str], bool]],
+                           probeable: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Which nodes could run a batch needing `needed`.  `offers` maps each node to (what it
+    offers as far as the head knows: declared, plus probed now or when last up; whether it
+    has ever reported).  Returns (nodes known to offer everything, nodes never seen yet
+    whose probe could still add what they lack: only `probeable` capabilities can)."""
+    needed = list(needed)
+    probeable = set(probeable)
+    known, maybe = [], []
+    for name, (offered, seen) in offers.items():
+        missing = missing_capabilities(needed, offered)
+        if not missing:
+            known.append(name)
+        elif not seen and set(missing) <= probeable:
+            maybe.append(name)
+    return known, maybe
 
 
 def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
@@ -3395,6 +3424,7 @@ async def watch_pauses(job_roots: Callable[[], List[int]],
 
 PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gcc", "nvcc",
                 "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
+PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
 def probe_machine() -> Dict[str, Any]:
@@ -4596,6 +4626,9 @@ def hold_head_lock(state: Path, socket_path: Path) -> int:
     return fd
 
 
+NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version")   # kept per node
+
+
 class NodeLink:
     """The head's side of one node: connection, supervisor channel, slots, pause state."""
 
@@ -4611,6 +4644,7 @@ class NodeLink:
         self.down_since: Optional[float] = time.time()
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
+        self.last_known: Dict[str, Any] = {}         # what it reported when last up (kept in the store)
 
     @property
     def name(self) -> str:
@@ -4618,7 +4652,13 @@ class NodeLink:
 
     @property
     def capabilities(self) -> List[str]:
-        return sorted(set(self.spec.capabilities) | set(self.info.get("capabilities", [])))
+        """Declared plus probed: probed now, or when the node was last up (also before this head)."""
+        probed = self.info.get("capabilities") if self.info else self.last_known.get("capabilities", [])
+        return sorted(set(self.spec.capabilities) | set(probed or []))
+
+    @property
+    def ever_seen(self) -> bool:
+        return bool(self.info or self.last_known)
 
     @property
     def workdir(self) -> str:
@@ -4691,6 +4731,8 @@ class NodeLink:
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
         self.info, self.paused = hello, hello.get("paused", [])
+        self.last_known = {key: hello.get(key) for key in NODE_FACTS}
+        self.head.store.remember_node(self.name, self.last_known)
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.reconcile(self, hello.get("runs", []))
@@ -4803,6 +4845,9 @@ class Head:
         self.store = Store(config.state / "distribute.sqlite")
         self.files = config.state / "files"
         self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
+        for name, facts in self.store.known_nodes().items():
+            if name in self.links:
+                self.links[name].last_known = facts
         self.batches = {b.id: b for b in self.store.active_batches()}
         self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
         self.builds = self.store.builds()
@@ -5210,11 +5255,12 @@ class Head:
             if problem:
                 raise UserError(problem)
         capabilities = list(header.get("capabilities", []))
-        capable = self.capable_nodes(capabilities)
+        capable, maybe = self.capable_nodes(capabilities)
         if header.get("show_caps") or header.get("dry"):
-            await channel.send({"ok": True, "dry": True, "capable": capable, "nodes": self.node_report()})
+            await channel.send({"ok": True, "dry": True, "capable": capable, "maybe": maybe,
+                                "not_connected": self.nodes_not_connected(), "nodes": self.node_report()})
             return
-        if not capable:
+        if not capable and not maybe:
             raise UserError(self.no_node_message(capabilities))
         existing = self.store.find_batch(plan.namespace, plan.batch)
         skip: set = set()
@@ -5253,11 +5299,17 @@ class Head:
         log(f"batch {batch.key}: added by {user['name']}, {len(todo)} job(s)")
         self.wake()
         await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
-                            "capable": capable})
+                            "capable": capable, "maybe": maybe, "not_connected": self.nodes_not_connected()})
 
-    def capable_nodes(self, capabilities: List[str]) -> List[str]:
-        return [l.name for l in self.links.values()
-                if not missing_capabilities(capabilities, l.capabilities)]
+    def capable_nodes(self, capabilities: List[str]) -> Tuple[List[str], List[str]]:
+        """(nodes that offer all of `capabilities`, nodes never seen that still might): a head
+        that just started decides on what its nodes offered when last up, not on who has
+        connected again yet."""
+        offers = {l.name: (l.capabilities, l.ever_seen) for l in self.links.values()}
+        return nodes_for_capabilities(capabilities, offers, PROBEABLE_CAPABILITIES)
+
+    def nodes_not_connected(self) -> List[str]:
+        return [l.name for l in self.links.values() if not l.up]
 
     def no_node_message(self, capabilities: List[str]) -> str:
         offered = set()
@@ -6709,11 +6761,21 @@ def add(obj, file, dry, show_caps, resume, replace) -> None:
     if dry:
         count, size = describe_batch(batch)
         click.echo(f"{batch.meta.namespace}/{batch.meta.batch_name}: {len(batch.jobs)} jobs, {count} files, "
-                   f"{human_bytes(size)}; could run on: {', '.join(reply['capable']) or 'no node'}")
+                   f"{human_bytes(size)}; could run on: {where_it_runs(reply) or 'no node'}")
         return
     skipped = f" ({reply['skipped']} already done)" if reply.get("skipped") else ""
-    click.echo(f"added {reply['batch']}: {reply['jobs']} jobs queued{skipped}; "
-               f"can run on {', '.join(reply['capable'])}")
+    click.echo(f"added {reply['batch']}: {reply['jobs']} jobs queued{skipped}; can run on {where_it_runs(reply)}")
+
+
+def where_it_runs(reply: Dict[str, Any]) -> str:
+    """`add`'s answer in words: capable nodes, and those the head has not reached yet."""
+    parts = [", ".join(reply.get("capable") or [])] if reply.get("capable") else []
+    if reply.get("maybe"):
+        parts.append(f"{', '.join(reply['maybe'])} if its probe finds what the batch needs")
+    if reply.get("not_connected"):
+        parts.append(f"(not connected yet: {', '.join(reply['not_connected'])}; "
+                     "judged by what it offered when last up)")
+    return " ".join(parts)
 
 
 @cli.command()
