@@ -2575,6 +2575,7 @@ class Store:
             for batch_id in ids:
                 jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
                 self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM spans WHERE batch_id=?", (batch_id,))
                 self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
         return jobs
 
