@@ -382,6 +382,19 @@ class _Y:
             raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
+def yaml_tab_problem(text: str, mark) -> Optional[str]:
+    """A YAML error caused by a tab in the indentation, said so (PyYAML only says
+    "found character that cannot start any token")."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    if "\t" not in line[:mark.column + 1]:
+        return None
+    return (f"tab character at line {mark.line + 1}, column {line.index(chr(9)) + 1}: YAML indents with "
+            "spaces; replace the tab with spaces")
+
+
 def read_yaml(path: str) -> _Y:
     """Parse a YAML file into a located node tree; every failure is a one-line UserError."""
     import yaml
@@ -406,6 +419,9 @@ def read_yaml(path: str) -> _Y:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
+        tab = yaml_tab_problem(text, mark)
+        if tab:
+            raise UserError(f"{path}: {tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -5795,11 +5811,53 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
     return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
 
 
+def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """Why the SSH connection to the head failed, and what to do, in the user's terms."""
+    import asyncio
+    import errno
+    asyncssh = import_asyncssh()
+    login = f"{user + '@' if user else ''}{host}"
+    where = f"{host}:{port or 22}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
+                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
+                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
+                f"or add it with `{keyscan}`")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+    if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+                "the head's sshd uses another)")
+    if isinstance(exc, socket.gaierror):
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"the head {where} did not answer: is the machine up and on this network?"
+    return SshTransport(NodeSpec("head", host)).describe_error(exc)
+
+
+def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
+    """The head's machine answered, but nothing serves the API socket there."""
+    if "prohibited" in reason.lower():
+        return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
+                "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
+    where = f"{path} on {head}" if head else path
+    return (f"no head is running at {where}: is `distribute serve` running there? If it is, the socket is "
+            "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
+            "adds you to its --group)")
+
+
 class HeadClient:
     """One connection to the head's API; each request opens its own channel on it."""
 
+    origin: Optional[str] = None      # where the head came from when not --head: named in errors
+
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+
+    def unreachable(self, message: str) -> Failed:
+        return Failed(message + (f"; {self.origin}" if self.origin else ""))
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -5816,12 +5874,10 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except FileNotFoundError:
-                raise Failed(f"no head listens on {path}") from None
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise self.unreachable(head_socket_problem(path, None)) from None
             except PermissionError:
                 raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
-            except ConnectionRefusedError:
-                raise Failed(f"no head listens on {path} (stale socket)") from None
             return Channel(reader, writer)
         asyncssh = import_asyncssh()
         if self.conn is None:
@@ -5836,12 +5892,12 @@ class HeadClient:
                                                    compression_algs=None, **options)
                 await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
-                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+                raise self.unreachable(head_connect_problem(exc, user, host, port)) from None
         path = self.socket_path or REMOTE_SOCKET
         try:
             reader, writer = await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+            raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
 
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
@@ -5881,6 +5937,7 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
     async def go():
         client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        client.origin = ctx_obj.get("origin")
         try:
             return await work(client)
         finally:
@@ -6469,6 +6526,15 @@ def resolve_head(head: Optional[str], socket_path: Optional[str],
     return stored["head"], socket_path or stored.get("socket")
 
 
+def head_origin(head: Optional[str], given: Optional[str], from_environment: bool) -> Optional[str]:
+    """Where the head a command talks to came from, when the command line did not name it."""
+    if given is None and head is not None:
+        return f"the head {head} comes from {config_path()} (`distribute config --head` changes it)"
+    if from_environment and head is not None:
+        return f"the head {head} comes from $DISTRIBUTE_HEAD"
+    return None
+
+
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
@@ -6892,8 +6958,10 @@ def find_job_file(path: Optional[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    given = head
     head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
-    ctx.obj = {"head": head, "socket": socket_path}
+    ctx.obj = {"head": head, "socket": socket_path, "origin": head_origin(
+        head, given, ctx.get_parameter_source("head") == click.core.ParameterSource.ENVIRONMENT)}
 
 
 @cli.command()
@@ -7167,6 +7235,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
 
     async def go():
         client = HeadClient(obj.get("head"), obj.get("socket"))
+        client.origin = obj.get("origin")
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)

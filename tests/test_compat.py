@@ -458,3 +458,73 @@ def test_forget_refuses_an_active_batch_and_other_peoples(local_head, tmp_path, 
     assert local_head.batch(running) is not None
     local_head.cli("forget", "--yes", running)
     assert local_head.batch(running) is None
+
+
+# --- messages that say what to do next -----------------------------------------------
+
+def test_tab_in_yaml_is_named(tmp_path):
+    path = tmp_path / "distribute-jobs.yaml"
+    path.write_text("meta:\n  batch_name: a\n\tnamespace: b\nshell:\n  jobs: []\n")
+    result = cli("check", path)
+    assert result.returncode == 2
+    assert one_line(result.stderr) == (f"distribute: error: {path}: tab character at line 3, column 1: YAML indents "
+                                       "with spaces; replace the tab with spaces")
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text("nodes:\n  - name: a\n  \thost: b\n")
+    with pytest.raises(distribute.UserError, match="tab character at line 3, column 3: YAML indents with spaces"):
+        distribute.load_nodes_file(str(nodes))
+    path.write_text('meta: {batch_name: a, namespace: b}\nshell:\n  jobs:\n    - {name: x, command: "a\tb"}\n')
+    assert cli("check", path).returncode == 0                # a tab inside a value is fine
+
+
+def laptop(home, tmp_path, *args):
+    env = home.env(XDG_CONFIG_HOME=str(tmp_path / "xdg"))
+    env.pop("DISTRIBUTE_HEAD", None)
+    return subprocess.run(DISTRIBUTE + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_head_over_ssh_messages(head_sshd, alice_home, tmp_path):
+    # nothing serves the socket (a wrong --socket, or serve not running)
+    result = laptop(alice_home, tmp_path, "--head", "head", "--socket", "/tmp/nowhere/head.sock", "status")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "no head is running at /tmp/nowhere/head.sock on head: is `distribute serve` running there?" in line
+    assert "--socket" in line
+    # a head that was running and stopped
+    head = HeadProcess(None, None, dict(os.environ), extra=["--group", "distribute"]).start()
+    try:
+        assert laptop(alice_home, tmp_path, "--head", "head", "--socket", head.socket, "status").returncode == 0
+        head.stop()
+        result = laptop(alice_home, tmp_path, "--head", "head", "--socket", head.socket, "status")
+        assert result.returncode == 1
+        assert f"no head is running at {head.socket} on head: is `distribute serve` running there?" in one_line(result.stderr)
+    finally:
+        head.stop()
+        import shutil
+        shutil.rmtree(head.dir, ignore_errors=True)
+    # a port where nothing listens
+    result = laptop(alice_home, tmp_path, "--head", f"{head_sshd.host}:1", "status")
+    assert result.returncode == 1
+    assert one_line(result.stderr).startswith(f"distribute: nothing listens on {head_sshd.host}:1: check the host and "
+                                              "port of --head")
+    # the same head from the config file: the message names where it came from
+    assert laptop(alice_home, tmp_path, "config", "--head", f"{head_sshd.host}:1").returncode == 0
+    result = laptop(alice_home, tmp_path, "status")
+    config = tmp_path / "xdg" / "distribute" / "config.yaml"
+    assert one_line(result.stderr).endswith(f"; the head {head_sshd.host}:1 comes from {config} "
+                                            "(`distribute config --head` changes it)")
+    # the laptop does not know the head's host key
+    alice_home.known_hosts.write_text("")
+    result = laptop(alice_home, tmp_path, "--head", "head", "status")
+    assert result.returncode == 1
+    line = one_line(result.stderr)
+    assert "the head head's SSH host key is unknown to this machine" in line
+    assert f"it is not in {alice_home.path}/.ssh/known_hosts" in line
+    assert "connect once with `ssh head`" in line and "`ssh-keyscan head >> ~/.ssh/known_hosts`" in line
+
+
+def test_local_head_not_running_says_so(tmp_path):
+    result = cli("--head", "local", "--socket", tmp_path / "head.sock", "status")
+    assert result.returncode == 1
+    assert one_line(result.stderr).startswith(f"distribute: no head is running at {tmp_path / 'head.sock'}: "
+                                              "is `distribute serve` running there?")
