@@ -6252,10 +6252,57 @@ def enable_commands(system: bool, written: Path) -> List[str]:
                    f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
 
 
+def serves_as(user: str, python: str, program: str) -> bool:
+    """Whether `user` can run the head as `python program` (3.10+, the program readable and
+    its imports there): tried for real, as that user, with the environment systemd gives."""
+    import pwd
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    try:
+        for argv in ([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"], [python, program, "--version"]):
+            if subprocess.run(argv, user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode != 0:
+                return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def service_python(user: str, python: str, program: str) -> Tuple[str, Optional[str]]:
+    """The python3 for ExecStart that `user` can run (root's pyenv python is not one), and a
+    note when it is not the one running now; none at all: a UserError saying what to do."""
+    candidates = [python] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                             if p != python and os.path.isfile(p)]
+    for candidate in candidates:
+        if serves_as(user, candidate, program):
+            note = None if candidate == python else (f"note: ExecStart uses {candidate}: {user} cannot run the head "
+                                                     f"with {python}")
+            return candidate, note
+    raise UserError(f"{user} cannot run the head with {' or '.join(candidates)} and {program} (a python3 of 3.10 "
+                    f"or newer that {user} may execute, and the program readable by {user}, are needed): put "
+                    f"distribute.pyz where {user} can read it and run `sudo /usr/bin/python3 distribute.pyz "
+                    "service install ...`")
+
+
+def group_member_problem(user: str, group: str) -> Optional[str]:
+    """The head gives its socket to --group: its account must be a member to do so."""
+    import grp
+    import pwd
+    try:
+        entry, account = grp.getgrnam(group), pwd.getpwnam(user)
+    except KeyError:
+        return None                 # service_argv names a missing group
+    if account.pw_gid == entry.gr_gid or user in entry.gr_mem or user == "root":
+        return None
+    return (f"the head's account {user} must be in --group {group} (it hands its socket to that group): "
+            f"`sudo usermod -aG {group} {user}`, then run this again")
+
+
 def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
                     archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
-                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
-    """Write the unit file; return where, and the commands to enable it."""
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str], List[str]]:
+    """Write the unit file; return where, the commands to enable it, and notes."""
     owner = service_user(user) if system else current_user()
     if system:
         state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
@@ -6264,8 +6311,16 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
         state_dir = Path(state).resolve() if state else default_state_dir().resolve()
         default_output = user_unit_path()
     archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
-    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
-                       owner if system else None,
+    argv, notes = service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), []
+    if group and group_member_problem(owner, group):
+        raise UserError(group_member_problem(owner, group))
+    if system and os.geteuid() == 0 and owner != "root":
+        argv[0], note = service_python(owner, argv[0], argv[1])
+        notes += [note] if note else []
+    if system and not group:
+        notes.append(f"note: only {owner} and root may use this head; to let the lab in, install again with "
+                     f"--group GROUP ({owner} and the lab's accounts in it)")
+    unit = ServiceUnit(argv, system, owner if system else None,
                        state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
     target = Path(output).resolve() if output else default_output
     try:
@@ -6277,7 +6332,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
     except PermissionError as exc:
         raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
                      "(sudo), or write the unit elsewhere with --output FILE") from None
-    return target, enable_commands(system, target)
+    return target, enable_commands(system, target), notes
 
 
 # --- `nodes --check`: what each node still needs, before the head reaches it --
@@ -6461,7 +6516,7 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
 CONFIG_KEYS = ("head", "socket")
 # Commands that never talk to a head: a broken config file must not stop them
 # (above all `config`, which repairs it).
-COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "install", "node", "pause", "resume", "serve", "service", "run",
                          "template", "check", "slurm", "demo")
 
 
@@ -6545,6 +6600,64 @@ def completion_script(shell: str) -> str:
     if completer is None:
         raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
     return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `install`: a `distribute` command (and completion) on this machine ---------
+# The pyz is copied to PREFIX/lib/distribute/ and PREFIX/bin/distribute runs it with
+# the python3 that ran `install`; completion goes where the user's shell finds it by
+# itself (zsh needs one fpath line, which is printed).  Running it again replaces the
+# same files: a way to upgrade too.
+
+WRAPPER = """#!/bin/sh
+# Written by `distribute install`; run it again to upgrade.
+exec {python} {program} "$@"
+"""
+
+
+def completion_target(shell: str, home: Path) -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "distribute",
+            "zsh": data / "zsh" / "site-functions" / "_distribute",
+            "fish": config / "fish" / "completions" / "distribute.fish"}[shell]
+
+
+def install_command(prefix: Path, shell: Optional[str]) -> List[str]:
+    """Install the command and the completion; return what to tell the user."""
+    prefix = prefix.expanduser().resolve()
+    home = Path.home()
+    shell = shell or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if shell not in COMPLETION_SHELLS:
+        raise UserError(f"no completion for the shell {shell!r}: give --shell {'|'.join(COMPLETION_SHELLS)}")
+    pyz = running_pyz()
+    if pyz:
+        program = prefix / "lib" / "distribute" / "distribute.pyz"
+        if os.path.abspath(pyz) != str(program):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(program, lambda tmp: shutil.copyfile(pyz, tmp))
+    else:
+        program = Path(os.path.abspath(__file__))     # from a source tree: run it where it is
+    command = prefix / "bin" / "distribute"
+    command.parent.mkdir(parents=True, exist_ok=True)
+    text = WRAPPER.format(python=shlex.quote(sys.executable), program=shlex.quote(str(program)))
+    write_atomically(command, lambda tmp: (tmp.write_text(text), tmp.chmod(0o755)))
+    completion = completion_target(shell, home)
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    script = completion_script(shell)
+    write_atomically(completion, lambda tmp: tmp.write_text(script))
+    lines = [f"installed {command} (runs {program} with {sys.executable})",
+             f"{shell} completion: {completion}"]
+    if shell == "zsh":
+        lines.append(f"zsh: put `fpath+=({completion.parent})` before `compinit` in ~/.zshrc once")
+    on_path = [os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.realpath(command.parent) not in on_path:
+        rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc", "fish": None}[shell]
+        lines.append(f"{command.parent} is not on your PATH: "
+                     + (f"fish_add_path {command.parent}" if rc is None else
+                        f"echo 'export PATH=\"{command.parent}:$PATH\"' >> {rc}") + ", then open a new shell")
+    else:
+        lines.append("open a new shell, then: distribute --help")
+    return lines
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
@@ -7500,7 +7613,8 @@ def service_group() -> None:
               help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
                    "~/.local/state/distribute].")
 @click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
-@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the head's account must be in it too).")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--output", default=None, metavar="PATH",
               help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
@@ -7511,10 +7625,13 @@ def service_install(user, nodes_file, state, archive, group, matrix_config, outp
     """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
     if user and not system:
         raise UserError("--user names the account of a system unit; a --user-unit runs as you")
-    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    target, commands, notes = install_service(user, nodes_file, state, archive, group, matrix_config, output,
+                                              system)
     click.echo(f"wrote {target}; to start the head now and at every boot:")
     for line in commands:
         click.echo(f"  {line}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @cli.command(name="config")
@@ -7551,6 +7668,21 @@ def config_command(head, socket_path, unset, show) -> None:
             click.echo(f"  {key}: {values[key]}")
     if os.environ.get("DISTRIBUTE_HEAD"):
         click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
+
+
+@cli.command(name="install")
+@click.option("--prefix", default="~/.local", show_default=True, metavar="DIR",
+              help="The command goes to DIR/bin, the program to DIR/lib/distribute.")
+@click.option("--shell", type=click.Choice(COMPLETION_SHELLS), default=None,
+              help="Whose completion to install [default: from $SHELL].")
+def install(prefix, shell) -> None:
+    """Put a `distribute` command (and shell completion) on this machine; again to upgrade."""
+    try:
+        lines = install_command(Path(prefix), shell)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename}: permission denied; choose a --prefix of yours") from None
+    for line in lines:
+        click.echo(line)
 
 
 @cli.command(name="completion")

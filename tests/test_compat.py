@@ -528,3 +528,72 @@ def test_local_head_not_running_says_so(tmp_path):
     assert result.returncode == 1
     assert one_line(result.stderr).startswith(f"distribute: no head is running at {tmp_path / 'head.sock'}: "
                                               "is `distribute serve` running there?")
+
+
+# --- `install` and `service install` ----------------------------------------------------
+
+def test_install_puts_a_command_and_completion_on_path(pyz, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env.update(HOME=str(home), SHELL="/bin/bash", PATH="/usr/bin:/bin")
+    first = subprocess.run([sys.executable, str(pyz), "install"], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    command = home / ".local" / "bin" / "distribute"
+    completion = home / ".local" / "share" / "bash-completion" / "completions" / "distribute"
+    assert first.stdout.splitlines() == [
+        f"installed {command} (runs {home}/.local/lib/distribute/distribute.pyz with {sys.executable})",
+        f"bash completion: {completion}",
+        f"{command.parent} is not on your PATH: echo 'export PATH=\"{command.parent}:$PATH\"' >> ~/.bashrc, "
+        "then open a new shell"]
+    assert (home / ".local" / "lib" / "distribute" / "distribute.pyz").read_bytes() == pyz.read_bytes()
+    env["PATH"] = f"{command.parent}:/usr/bin:/bin"
+    helped = subprocess.run(["distribute", "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "Usage: distribute" in helped.stdout and "forget" in helped.stdout
+    # bash, as a user's shell would: load the completion file, complete `distribute sta<TAB>`
+    script = (f"source {completion}; COMP_WORDS=(distribute sta); COMP_CWORD=1; "
+              "_distribute_completion distribute sta distribute; echo \"${COMPREPLY[@]}\"")
+    completed = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert completed.stdout.split() == ["status"], completed.stderr
+    # again: the same files, nothing added twice
+    before = {p: p.read_bytes() for p in home.rglob("*") if p.is_file() and ".cache" not in p.parts}
+    again = subprocess.run([sys.executable, str(pyz), "install"], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == "open a new shell, then: distribute --help"
+    assert {p: p.read_bytes() for p in home.rglob("*") if p.is_file() and ".cache" not in p.parts} == before
+    # fish and zsh users get theirs where those shells look
+    fish = subprocess.run(["distribute", "install", "--shell", "fish", "--prefix", tmp_path / "p"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert fish.returncode == 0, fish.stderr
+    assert "complete --no-files --command distribute" in (home / ".config" / "fish" / "completions" /
+                                                          "distribute.fish").read_text()
+    assert (tmp_path / "p" / "bin" / "distribute").exists()
+    zsh = subprocess.run(["distribute", "install", "--shell", "zsh"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert f"fpath+=({home}/.local/share/zsh/site-functions)" in zsh.stdout
+    assert (home / ".local" / "share" / "zsh" / "site-functions" / "_distribute").read_text().startswith("#compdef")
+
+
+def test_service_install_as_root_under_pyenv_uses_a_python_the_service_user_can_run(pyz, public_tmp, ssh_keys):
+    """Root's pyenv python lies under /root, which the service's account cannot enter."""
+    program = public_tmp / "distribute.pyz"
+    program.write_bytes(pyz.read_bytes())
+    os.chmod(program, 0o644)
+    unit = public_tmp / "distribute.service"
+    argv = [sys.executable, str(program), "service", "install", "--user", "dnode", "--state", str(public_tmp / "st"),
+            "--output", str(unit)]
+    refused = subprocess.run(argv + ["--group", "distribute"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert one_line(refused.stderr) == ("distribute: error: the head's account dnode must be in --group distribute "
+                                        "(it hands its socket to that group): `sudo usermod -aG distribute dnode`, "
+                                        "then run this again")
+    written = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    assert written.returncode == 0, written.stderr
+    exec_start = next(l for l in unit.read_text().splitlines() if l.startswith("ExecStart="))
+    assert exec_start.startswith(f'ExecStart="/usr/bin/python3" "{program}" "serve"'), exec_start
+    assert f"note: ExecStart uses /usr/bin/python3: dnode cannot run the head with {sys.executable}" in written.stderr
+    assert "--group GROUP" in written.stderr
+    # from a source tree the system python has no click: refused, saying what to do
+    source = subprocess.run(DISTRIBUTE + argv[2:], capture_output=True, text=True, timeout=240)
+    assert source.returncode == 2
+    assert "dnode cannot run the head with" in one_line(source.stderr) and "sudo /usr/bin/python3 distribute.pyz" in source.stderr
