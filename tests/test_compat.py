@@ -398,6 +398,27 @@ def test_slurm_runs_registry_images_with_apptainer_and_refuses_archives(tmp_path
     assert ('exec $setsid apptainer run --bind "$task/distribute_save:/distribute_save:rw,$task/input:/input:rw,'
             '$task/mounts/0:"/scratch":rw" docker://docker.io/carol/solver:2.1 "$cpus"') in script
     assert not (tmp_path / "out" / "build.sbatch").exists()
+    # the task script, run as sbatch would, with a stand-in apptainer that records its argv
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apptainer").write_text(
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > \"$ARGV_FILE\"\n"
+        "save=$(echo \"$3\" | cut -d, -f1 | cut -d: -f1)\nls \"$(echo \"$3\" | cut -d, -f2 | cut -d: -f1)\" "
+        "> \"$save/inputs.txt\"\n")
+    (bin_dir / "apptainer").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_SUBMIT_DIR=str(out),
+               SLURM_ARRAY_TASK_ID="0", SLURM_JOB_ID="7", SLURMD_NODENAME="n1", SLURM_CPUS_PER_TASK="3",
+               ARGV_FILE=str(tmp_path / "argv.txt"))
+    task = subprocess.run(["sh", str(out / "run-task.sh"), "tasks/array-1.txt"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert task.returncode == 0, task.stderr
+    work = out / "work" / "a"
+    assert (tmp_path / "argv.txt").read_text().splitlines() == [
+        "run", "--bind", f"{work}/distribute_save:/distribute_save:rw,{work}/input:/input:rw,"
+        f"{work}/mounts/0:/scratch:rw", "docker://docker.io/carol/solver:2.1", "3"]
+    assert (out / "results" / "carol" / "boxes" / "a" / "inputs.txt").read_text().split() == ["case.json",
+                                                                                            "settings.json"]
     folder = tmp_path / "archived"
     folder.mkdir()
     image_archive(folder / "solver.tar")
@@ -597,3 +618,66 @@ def test_service_install_as_root_under_pyenv_uses_a_python_the_service_user_can_
     source = subprocess.run(DISTRIBUTE + argv[2:], capture_output=True, text=True, timeout=240)
     assert source.returncode == 2
     assert "dnode cannot run the head with" in one_line(source.stderr) and "sudo /usr/bin/python3 distribute.pyz" in source.stderr
+
+
+def test_docker_job_on_an_ssh_node_runs_as_the_node_account(ssh_nodes, pyz, public_tmp, tmp_path):
+    """Through a head and real OpenSSH: the node account (dnode) runs the engine, and the
+    container gets --user with dnode's uid:gid, so the archived files are the job's, not root's."""
+    import pwd
+    import shutil
+    from cluster import node_workdirs, nodes_yaml
+    record = public_tmp / "calls.jsonl"
+    record.touch()
+    os.chmod(record, 0o666)
+    bin_dir = public_tmp / "bin"
+    bin_dir.mkdir()
+    for engine in ("docker", "podman"):
+        path = bin_dir / engine
+        path.write_text(STAND_IN_ENGINE.format(python="/usr/bin/python3", record=str(record),
+                                               version_code=0 if engine == "docker" else 1, version_sleep=0))
+        path.chmod(0o755)
+    wrapper = public_tmp / "python3"            # the node's python3, with the stand-ins first on PATH
+    wrapper.write_text(f'#!/bin/sh\nPATH={bin_dir}:$PATH\nexport PATH\nexec /usr/bin/python3 "$@"\n')
+    wrapper.chmod(0o755)
+    node = ssh_nodes["node1"]
+    workdirs = node_workdirs(ssh_nodes)
+    text = nodes_yaml([node], workdirs).replace("python: /usr/bin/python3", f"python: {wrapper}")
+    head = HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz).start()
+    try:
+        head.wait_nodes_up(1)
+        assert "docker" in head.nodes()[0]["capabilities"] and "podman" not in head.nodes()[0]["capabilities"]
+        head.cli("add", container_batch(tmp_path / "batch", "docker", "docker.io/carol/solver:2.1"))
+        batch = head.wait_batch("carol/boxes")
+        assert batch["jobs"]["done"] == 2
+        account = pwd.getpwnam("dnode")
+        made = [c for c in calls(record) if c[1] != "version"]
+        assert made[0] == ["docker", "pull", "docker.io/carol/solver:2.1"]
+        cpus = head.nodes()[0]["cpus"]
+        for argv in made[1:]:
+            root = run_root(argv)
+            assert root.startswith(str(workdirs["node1"]))
+            assert argv == expected_run("docker", root, "docker.io/carol/solver:2.1", cpus,
+                                        account.pw_uid, account.pw_gid)
+        archived = head.archive / "carol" / "boxes" / "a"
+        assert (archived / "stdout.txt").read_text() == \
+            f"container ran with {cpus} cpus as {account.pw_uid}:{account.pw_gid}\n"
+    finally:
+        head.stop()
+        shutil.rmtree(head.dir, ignore_errors=True)
+        shutil.rmtree(next(iter(workdirs.values())).parent, ignore_errors=True)
+
+
+def test_python_api_builds_docker_batches(tmp_path):
+    batch = distribute.Batch("carol", "api", "docker", image="docker.io/carol/solver:2.1", mounts=["/scratch"])
+    batch.add_job("one")
+    loaded = batch.validate()
+    assert (loaded.flavour, loaded.image, loaded.mounts, loaded.meta.capabilities) == \
+        ("docker", "docker.io/carol/solver:2.1", ["/scratch"], ["docker"])
+    image_archive(tmp_path / "solver.tar")
+    archived = distribute.Batch("carol", "api2", "podman", image=distribute.File(tmp_path / "solver.tar"))
+    archived.add_job("one")
+    path = archived.write(tmp_path / "distribute-jobs.yaml")
+    again = distribute.Batch.from_file(path)
+    assert again.image == distribute.File(str(tmp_path / "solver.tar")) and again.validate().image == "localhost/solver:1.2"
+    with pytest.raises(distribute.UserError, match="image= is only for docker/podman batches"):
+        distribute.Batch("carol", "x", "python", image="docker.io/a/b")
