@@ -681,3 +681,13 @@ def test_python_api_builds_docker_batches(tmp_path):
     assert again.image == distribute.File(str(tmp_path / "solver.tar")) and again.validate().image == "localhost/solver:1.2"
     with pytest.raises(distribute.UserError, match="image= is only for docker/podman batches"):
         distribute.Batch("carol", "x", "python", image="docker.io/a/b")
+
+
+def test_ip_of_the_original_reaches_the_head_over_ssh(local_head, head_sshd, alice_home, tmp_path):
+    _, key = finished_batch(local_head, tmp_path, jobs=1)
+    local_head.wait_batch(key)
+    result = laptop(alice_home, tmp_path, "--socket", local_head.socket, "server-status", "--ip", "head", "-p", "8952")
+    assert result.returncode == 0, result.stderr
+    assert key in result.stdout
+    assert one_line(result.stderr) == ("distribute: note: `server-status` is `distribute status` here; "
+                                       "`--ip head` is `--head head` here (reached over SSH)")
