@@ -391,8 +391,8 @@ def yaml_tab_problem(text: str, mark) -> Optional[str]:
     line = lines[mark.line]
     if "\t" not in line[:mark.column + 1]:
         return None
-    return (f"tab character at line {mark.line + 1}, column {line.index(chr(9)) + 1}: YAML indents with "
-            "spaces; replace the tab with spaces")
+    return (f"tab character at line {mark.line + 1}: YAML indents with spaces; replace the tab at column "
+            f"{line.index(chr(9)) + 1} with spaces")
 
 
 def read_yaml(path: str) -> _Y:
@@ -5843,7 +5843,7 @@ def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str
         return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
                 "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
     where = f"{path} on {head}" if head else path
-    return (f"no head is running at {where}: is `distribute serve` running there? If it is, the socket is "
+    return (f"no head is running at {where}: is `distribute serve` running? If it is, the socket is "
             "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
             "adds you to its --group)")
 
@@ -6540,6 +6540,8 @@ def read_client_config() -> Dict[str, str]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if yaml_tab_problem(text, mark):
+            raise UserError(f"{path}: {yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data

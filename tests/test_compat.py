@@ -488,14 +488,21 @@ def test_tab_in_yaml_is_named(tmp_path):
     path.write_text("meta:\n  batch_name: a\n\tnamespace: b\nshell:\n  jobs: []\n")
     result = cli("check", path)
     assert result.returncode == 2
-    assert one_line(result.stderr) == (f"distribute: error: {path}: tab character at line 3, column 1: YAML indents "
-                                       "with spaces; replace the tab with spaces")
+    assert one_line(result.stderr) == (f"distribute: error: {path}: tab character at line 3: YAML indents "
+                                       "with spaces; replace the tab at column 1 with spaces")
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n  - name: a\n  \thost: b\n")
-    with pytest.raises(distribute.UserError, match="tab character at line 3, column 3: YAML indents with spaces"):
+    with pytest.raises(distribute.UserError,
+                       match="tab character at line 3: YAML indents with spaces; replace the tab at column 3 with"):
         distribute.load_nodes_file(str(nodes))
     path.write_text('meta: {batch_name: a, namespace: b}\nshell:\n  jobs:\n    - {name: x, command: "a\tb"}\n')
     assert cli("check", path).returncode == 0                # a tab inside a value is fine
+    config = tmp_path / "xdg" / "distribute" / "config.yaml"   # the client's config file too
+    config.parent.mkdir(parents=True)
+    config.write_text("head: a\n\tsocket: /x\n")
+    result = cli("status", env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg")))
+    assert one_line(result.stderr) == (f"distribute: error: {config}: tab character at line 2: YAML indents with "
+                                       "spaces; replace the tab at column 1 with spaces")
 
 
 def laptop(home, tmp_path, *args):
@@ -509,7 +516,7 @@ def test_head_over_ssh_messages(head_sshd, alice_home, tmp_path):
     result = laptop(alice_home, tmp_path, "--head", "head", "--socket", "/tmp/nowhere/head.sock", "status")
     assert result.returncode == 1
     line = one_line(result.stderr)
-    assert "no head is running at /tmp/nowhere/head.sock on head: is `distribute serve` running there?" in line
+    assert "no head is running at /tmp/nowhere/head.sock on head: is `distribute serve` running?" in line
     assert "--socket" in line
     # a head that was running and stopped
     head = HeadProcess(None, None, dict(os.environ), extra=["--group", "distribute"]).start()
@@ -518,7 +525,7 @@ def test_head_over_ssh_messages(head_sshd, alice_home, tmp_path):
         head.stop()
         result = laptop(alice_home, tmp_path, "--head", "head", "--socket", head.socket, "status")
         assert result.returncode == 1
-        assert f"no head is running at {head.socket} on head: is `distribute serve` running there?" in one_line(result.stderr)
+        assert f"no head is running at {head.socket} on head: is `distribute serve` running?" in one_line(result.stderr)
     finally:
         head.stop()
         import shutil
@@ -548,7 +555,7 @@ def test_local_head_not_running_says_so(tmp_path):
     result = cli("--head", "local", "--socket", tmp_path / "head.sock", "status")
     assert result.returncode == 1
     assert one_line(result.stderr).startswith(f"distribute: no head is running at {tmp_path / 'head.sock'}: "
-                                              "is `distribute serve` running there?")
+                                              "is `distribute serve` running?")
 
 
 # --- `install` and `service install` ----------------------------------------------------
