@@ -7831,6 +7831,26 @@ def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
                 kept.append(word)
         rest = kept
         notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pause" and rest and not rest[0].startswith("-"):
+        rest = ["--duration"] + rest
+        notes.append(f"`pause {rest[1]}` is `pause --duration {rest[1]}` here")
+    original_slurm = {"--cluster-username": "--cluster-user", "--cluster-address": "--cluster-host",
+                      "--cluster-upload-destination": "--cluster-dir"}
+    if command == "slurm" and any(a.partition("=")[0] in original_slurm for a in rest):
+        for old, new in original_slurm.items():
+            rest = _rename_option(rest, (old,), new)
+        words, positional, kept = iter(rest), [], []
+        for word in words:                      # the original took OUTDIR first, then the job file
+            if word.startswith("--cluster-") and "=" not in word:
+                kept += [word, next(words, "")]
+            elif word.startswith("-"):
+                kept.append(word)
+            else:
+                positional.append(word)
+        rest = kept + positional[::-1]
+        notes.append("the original's `slurm OUTDIR [FILE] --cluster-username/--cluster-address/"
+                     "--cluster-upload-destination` is `slurm [FILE] OUTDIR --cluster-user/--cluster-host/"
+                     "--cluster-dir` here")
     if command == "pull" and ("include" in rest or "exclude" in rest):
         rest = [word for word in rest if word not in ("include", "exclude")]
         rest = _rename_option(rest, ("-i", "--include"), "--filter")

@@ -698,3 +698,24 @@ def test_ip_of_the_original_reaches_the_head_over_ssh(local_head, head_sshd, ali
     assert key in result.stdout
     assert one_line(result.stderr) == ("distribute: note: `server-status` is `distribute status` here; "
                                        "`--ip head` is `--head head` here (reached over SSH)")
+
+
+def test_original_pause_and_slurm_spellings():
+    assert distribute.original_spelling(["pause", "1h30m"])[0] == ["pause", "--duration", "1h30m"]
+    assert distribute.original_spelling(["pause", "--duration", "1h"]) == (["pause", "--duration", "1h"], [])
+    argv, notes = distribute.original_spelling(
+        ["slurm", "out", "jobs.yaml", "--cluster-username", "alice", "--cluster-address", "hpc.example",
+         "--cluster-upload-destination", "/home/alice/runs"])
+    assert argv == ["slurm", "--cluster-user", "alice", "--cluster-host", "hpc.example", "--cluster-dir",
+                    "/home/alice/runs", "jobs.yaml", "out"]
+    assert "`slurm [FILE] OUTDIR" in notes[0]
+    assert distribute.original_spelling(["slurm", "jobs.yaml", "out"]) == (["slurm", "jobs.yaml", "out"], [])
+
+
+def test_original_slurm_command_line_writes_the_folder(tmp_path):
+    jobs = container_batch(tmp_path / "batch", "docker", "docker.io/carol/solver:2.1")
+    result = cli("slurm", tmp_path / "out", jobs, "--cluster-username", "alice", "--cluster-address",
+                 "hpc.example", "--cluster-upload-destination", "runs/boxes")
+    assert result.returncode == 0, result.stderr
+    assert "alice@hpc.example:runs/boxes/" in (tmp_path / "out" / "upload.sh").read_text()
+    assert "note: the original's `slurm OUTDIR [FILE]" in one_line(result.stderr)
