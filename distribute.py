@@ -1469,7 +1469,9 @@ def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
 def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
     are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
-    argv = [plan.flavour, "run", "--rm"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    # --init: the engine's tiny init is PID 1 and passes a kill's SIGTERM on to the job (a job
+    # that is PID 1 itself would ignore it, and outlive `kill` once the client is SIGKILLed)
+    argv = [plan.flavour, "run", "--rm", "--init"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
     for name in CONTAINER_ENV:
         argv += ["--env", name]
     binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
@@ -7010,7 +7012,7 @@ for _engine in CONTAINER_ENGINES:
     TEMPLATES[_engine] = {
         JOBS_FILE: f"""\
 # A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
-#   {_engine} run --rm --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+#   {_engine} run --rm --init --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
 # The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
 meta:
   batch_name: my_{_engine}_batch

@@ -261,7 +261,7 @@ def container_batch(folder, engine, image, name="boxes", mounts="[/scratch]"):
 
 def expected_run(engine, root, image, cpus, uid, gid, mounts=("/scratch",)):
     user = ["--userns=keep-id", "--user", f"{uid}:{gid}"] if engine == "podman" and uid else ["--user", f"{uid}:{gid}"]
-    argv = [engine, "run", "--rm"] + user
+    argv = [engine, "run", "--rm", "--init"] + user
     for name in ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS"):
         argv += ["--env", name]
     argv += ["--volume", f"{root}/distribute_save:/distribute_save:rw", "--volume", f"{root}/input:/input:rw"]
