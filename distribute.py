@@ -7809,8 +7809,8 @@ def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
     command, rest, notes = argv[index], argv[index + 1:], []
     if command in _ORIGINAL_GONE:
         raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
-    if command in ("-h", "--help", "help"):
-        return argv, []
+    if command == "help":                       # the original's `help [COMMAND]`
+        return argv[:index] + rest[:1] + ["--help"], []
     if command in _ORIGINAL_RENAMED:
         notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
         if command == "node-status":

@@ -701,6 +701,8 @@ def test_ip_of_the_original_reaches_the_head_over_ssh(local_head, head_sshd, ali
 
 
 def test_original_pause_and_slurm_spellings():
+    assert distribute.original_spelling(["help"])[0] == ["--help"]
+    assert distribute.original_spelling(["help", "add"])[0] == ["add", "--help"]
     assert distribute.original_spelling(["pause", "1h30m"])[0] == ["pause", "--duration", "1h30m"]
     assert distribute.original_spelling(["pause", "--duration", "1h"]) == (["pause", "--duration", "1h"], [])
     argv, notes = distribute.original_spelling(
