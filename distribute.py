@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import io
 import itertools
@@ -36,6 +37,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -111,6 +113,7 @@ def import_asyncssh():
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 CAPABILITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+RESERVED_JOB_NAMES = ("build",)         # the archive's <batch>/build/ holds the build logs
 
 
 def name_problem(name: str) -> Optional[str]:
@@ -130,6 +133,14 @@ def alias_problem(alias: str) -> Optional[str]:
     if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in alias) \
             or len(alias.encode("utf-8", "replace")) > 255:
         return f"{alias!r} is not a usable file name"
+    return None
+
+
+def reserved_job_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a job's name although it is a valid name (None when it can)."""
+    if name in RESERVED_JOB_NAMES:
+        return (f"job name {name!r} is reserved: the archive keeps the build logs in <batch>/{name}/; "
+                "rename the job")
     return None
 
 
@@ -562,6 +573,8 @@ def load_job_file(path: str) -> JobFile:
     for item in job_nodes:
         job = _job(item, flavour, base)
         name_y = item.mapping(_JOB_KEYS[flavour])["name"]
+        if job.name in RESERVED_JOB_NAMES:
+            raise name_y.fail(reserved_job_name_problem(job.name))
         if job.name in seen:
             raise name_y.fail(f"job name {job.name!r} is used twice (first at line {seen[job.name]})")
         seen[job.name] = name_y.line
@@ -1348,7 +1361,163 @@ def read_progress(path: Path) -> Optional[float]:
 
 # The archive: <archive>/<namespace>/<batch>/<job>/ holds what the job saved,
 # stdout.txt and job.json.  A job's folder appears complete or not at all: it is
-# filled under a hidden name and renamed into place.
+# filled under a hidden name and renamed into place.  Build logs live beside the
+# jobs in <batch>/build/<node>.txt, which is why no job may be named `build`.
+#
+# Archive writes never follow a link a job could have left: every folder below
+# the archive's root is opened relative to its parent's descriptor with
+# O_NOFOLLOW, and every file is created under a fresh name (O_CREAT|O_EXCL|
+# O_NOFOLLOW) and renamed within its folder, which replaces a link instead of
+# writing through it.  The kernel enforces this; a checked path string could be
+# redirected between the check and the write.
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+
+
+class UnsafeArchive(Failed):
+    """A tar stream tried to write outside its folder, or held a device or link out."""
+
+
+def _plain_part(part: str) -> str:
+    if part in ("", ".", "..") or "/" in part or "\0" in part:
+        raise UnsafeArchive(f"refused path part {part!r}")
+    return part
+
+
+def open_folder_at(dir_fd: int, name: str, create: bool = False) -> int:
+    """The folder `name` inside the folder dir_fd, opened without following a link
+    (made first when missing and `create`)."""
+    _plain_part(name)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeArchive(f"{name!r} is a link or a file where a folder belongs") from None
+        raise
+
+
+@contextlib.contextmanager
+def folder_fd(root: PathLike, *parts: str, create: bool = True) -> Iterator[int]:
+    """A descriptor of root/parts.  `root` is taken as given (the admin chose it); each part
+    below it is opened with O_NOFOLLOW, and made when missing if `create`."""
+    if create:
+        os.makedirs(str(root), exist_ok=True)
+    fd = os.open(str(root), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        for part in parts:
+            child = open_folder_at(fd, part, create)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def temp_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def write_file_at(dir_fd: int, name: str, content: Union[bytes, Callable[[Any], None]], mode: int = 0o644) -> None:
+    """Make `name` in the folder dir_fd hold `content` (bytes, or a function writing to a binary
+    file): written under a fresh name and renamed over whatever stood there, never through it."""
+    _plain_part(name)
+    tmp = temp_name(name)
+    fd = os.open(tmp, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if callable(content):
+                content(out)
+            else:
+                out.write(content)
+        replace_at(dir_fd, tmp, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def replace_at(dir_fd: int, source: str, target: str, target_fd: Optional[int] = None) -> None:
+    """rename(2) within descriptors; a folder standing at the target is deleted first."""
+    target_fd = dir_fd if target_fd is None else target_fd
+    try:
+        os.replace(source, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        remove_at(target_fd, target)
+        os.replace(source, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
+
+
+def read_file_at(dir_fd: int, name: str, limit: int = 1 << 20) -> Optional[bytes]:
+    """The first `limit` bytes of the regular file `name` in dir_fd (None if missing or a link)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat_is_regular(os.fstat(fd).st_mode):
+            return None
+        return handle.read(limit)
+
+
+# Folders are walked and deleted without recursion and with a bounded number of open
+# descriptors, whatever their depth (a job can leave 10,000 nested folders): a folder
+# found deeper than this is first moved up to the top, then deleted from there.
+REMOVE_DEPTH = 64
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """rm -rf `name` inside the folder dir_fd: never follows a link, never recurses."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    pending = [name]
+    while pending:
+        top = pending.pop()
+        stack = [(dir_fd, top, open_folder_at(dir_fd, top))]
+        try:
+            while stack:
+                _, _, fd = stack[-1]
+                deeper = None
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            deeper = entry.name
+                            break
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=fd)
+                if deeper is None:
+                    parent, folder, fd = stack.pop()
+                    os.close(fd)
+                    os.rmdir(folder, dir_fd=parent)
+                elif len(stack) >= REMOVE_DEPTH:
+                    moved = f".removing-{os.urandom(6).hex()}"
+                    os.rename(deeper, moved, src_dir_fd=fd, dst_dir_fd=dir_fd)
+                    pending.append(moved)
+                else:
+                    stack.append((fd, deeper, open_folder_at(fd, deeper)))
+        finally:
+            for _, _, fd in stack:
+                os.close(fd)
+
+
+def remove_tree(path: PathLike) -> None:
+    """rm -rf path (shutil.rmtree recurses: a deep enough tree raises RecursionError)."""
+    path = os.path.abspath(str(path))
+    with contextlib.suppress(FileNotFoundError):
+        with folder_fd(os.path.dirname(path), create=False) as fd:
+            remove_at(fd, os.path.basename(path))
+
 
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
     return inside(Path(archive), namespace, batch)
@@ -1361,40 +1530,64 @@ def land_job(archive: Path, namespace: str, batch: str, job: str, fill, record: 
         fill(incoming)
         return finish_landing(incoming, final, record)
     except BaseException:
-        shutil.rmtree(incoming, ignore_errors=True)
+        remove_tree(incoming)
         raise
 
 
 def start_landing(archive: Path, namespace: str, batch: str, job: str) -> Tuple[Path, Path]:
     """A hidden folder to fill with a job's results, and the name it will get."""
     parent = batch_archive(archive, namespace, batch)
-    parent.mkdir(parents=True, exist_ok=True)
-    final = inside(parent, job)
-    return Path(tempfile.mkdtemp(prefix=f".incoming-{job}-", dir=parent)), final
+    final = inside(parent, _plain_part(job))
+    with folder_fd(archive, namespace, batch) as fd:
+        while True:
+            incoming = f".incoming-{job}-{os.urandom(6).hex()}"
+            try:
+                os.mkdir(incoming, 0o755, dir_fd=fd)
+                return parent / incoming, final
+            except FileExistsError:
+                continue
 
 
 def finish_landing(incoming: Path, final: Path, record: Dict[str, Any]) -> Path:
-    """Add job.json and rename the filled folder into place (replacing an earlier one)."""
-    write_json(incoming / "job.json", record)
-    if landed_already(final, record):
-        shutil.rmtree(incoming, ignore_errors=True)
-        return final
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".replaced-{final.name}-", dir=final.parent))
-        os.rename(final, old / "old")
-        os.rename(incoming, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(incoming, final)
+    """Add job.json and rename the filled folder into place (replacing an earlier one).
+    Everything goes through the batch folder's descriptor: whatever links the job's files
+    hold, job.json is a new file and the renames move names, never link targets."""
+    with folder_fd(final.parent, create=False) as batch_fd:
+        with _fd_closing(open_folder_at(batch_fd, incoming.name)) as incoming_fd:
+            write_file_at(incoming_fd, "job.json", json_bytes(record))
+        if landed_already(final, record, batch_fd):
+            remove_at(batch_fd, incoming.name)
+            return final
+        try:
+            os.rename(incoming.name, final.name, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            old = f".replaced-{final.name}-{os.urandom(6).hex()}"
+            os.rename(final.name, old, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+            os.rename(incoming.name, final.name, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+            remove_at(batch_fd, old)
     return final
 
 
-def landed_already(final: Path, record: Dict[str, Any]) -> bool:
+@contextlib.contextmanager
+def _fd_closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def landed_already(final: Path, record: Dict[str, Any], batch_fd: Optional[int] = None) -> bool:
     """Whether `final` holds this very attempt's results already: a head killed after landing
     them but before noting so gets them again after its restart, and must not archive twice."""
     try:
-        landed = json.loads((final / "job.json").read_text())
-    except (OSError, ValueError):
+        if batch_fd is None:
+            with folder_fd(final.parent, create=False) as fd:
+                return landed_already(final, record, fd)
+        with _fd_closing(open_folder_at(batch_fd, final.name)) as job_fd:
+            landed = json.loads(read_file_at(job_fd, "job.json") or b"null")
+    except (OSError, ValueError, UnsafeArchive):
         return False
     return isinstance(landed, dict) and record.get("start") is not None and \
         all(landed.get(key) == record.get(key) for key in ("node", "start", "attempts"))
@@ -1403,20 +1596,22 @@ def landed_already(final: Path, record: Dict[str, Any]) -> bool:
 def remove_unfinished_landings(archive: Path) -> None:
     """Hidden folders and files a killed head was still filling or swapping out: never
     visible as results, and their jobs are archived again from the nodes."""
-    for pattern in ("*/*/.incoming-*", "*/*/.replaced-*", "*/*/build/.*.tmp"):
+    for pattern in ("*/*/.incoming-*", "*/*/.replaced-*", "*/*/.removing-*", "*/*/build/.*.tmp"):
         for path in Path(archive).glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            with contextlib.suppress(OSError, UnsafeArchive):
+                remove_tree(path)
 
 
-def land_build_log(archive: Path, namespace: str, batch: str, node: str, source: Path) -> Path:
-    folder = batch_archive(archive, namespace, batch) / "build"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = inside(folder, f"{node}.txt")
-    write_atomically(final, lambda tmp: shutil.copyfile(source, tmp))
+def land_build_log(archive: Path, namespace: str, batch: str, node: str, source: Union[Path, bytes]) -> Path:
+    """<batch>/build/<node>.txt: a file's copy, or the bytes given."""
+    final = inside(batch_archive(archive, namespace, batch) / "build", _plain_part(f"{node}.txt"))
+    data = source if isinstance(source, bytes) else None
+    with folder_fd(archive, namespace, batch, "build") as fd:
+        if data is not None:
+            write_file_at(fd, final.name, data)
+        else:
+            with open(source, "rb") as handle:
+                write_file_at(fd, final.name, lambda out: shutil.copyfileobj(handle, out, 1 << 20))
     return final
 
 
@@ -1429,6 +1624,10 @@ def write_atomically(final: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -2416,10 +2615,6 @@ class ProtocolError(Failed):
     """The other side spoke something that is not our protocol (or hung up)."""
 
 
-class UnsafeArchive(Failed):
-    """A tar stream tried to write outside its folder, or held a device or link out."""
-
-
 class Channel:
     """Frames over a pair of asyncio-like streams; sends are serialised by a lock."""
 
@@ -2541,58 +2736,113 @@ def extract_tar(source, dest: Path) -> int:
 
 
 def extract_members(stream, dest: Path) -> Tuple[int, int]:
-    """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
+    """extract_tar's loop: (bytes written, offset where the archive says it ends).  Every
+    write goes through descriptors opened below dest with O_NOFOLLOW (section 5): a link
+    that arrived earlier in the stream, or stood in dest before, is never written through."""
     written = 0
-    real_dest = os.path.realpath(dest)
-    safe_folders: set = set()       # checked to lie inside dest, and made: one realpath per folder
-    # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
-        for member in tar:
-            target = check_member(member, dest)
-            folder = os.path.dirname(target)
-            if folder not in safe_folders:
-                real_parent = os.path.realpath(folder)
-                if not (real_parent + os.sep).startswith(real_dest + os.sep) and real_parent != real_dest:
-                    raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
-                os.makedirs(folder, exist_ok=True)
-                safe_folders.add(folder)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-                safe_folders.clear()
-            if member.issym():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                os.symlink(member.linkname, target)
-                safe_folders.clear()        # a link may now stand where a checked folder was
-                continue
-            written += land_member(tar, member, target)
-        return written, tar.offset
+    folders = FolderCache(dest)
+    try:
+        # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
+            for member in tar:
+                check_member(member, dest)
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                try:
+                    dir_fd = folders.get(parts[:-1])
+                    leaf = parts[-1]
+                    if member.isdir():
+                        folders.get(parts)
+                        continue
+                    if member.issym():
+                        folders.remove(dir_fd, leaf)
+                        os.symlink(member.linkname, leaf, dir_fd=dir_fd)
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISDIR(os.stat(leaf, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                            folders.remove(dir_fd, leaf)
+                    written += land_member(tar, member, dir_fd, leaf)
+                except UnsafeArchive as exc:
+                    raise UnsafeArchive(f"refused tar entry {member.name!r}: {exc}") from None
+            return written, tar.offset
+    finally:
+        folders.close()
+
+
+class FolderCache:
+    """Descriptors of the folders under dest an extraction writes into, each opened (and made
+    when missing) part by part with O_NOFOLLOW; a few hundred kept open at most."""
+
+    LIMIT = 256
+
+    def __init__(self, dest: Path):
+        self.root = os.open(str(dest), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        self.fds: Dict[Tuple[str, ...], int] = {(): self.root}
+
+    def get(self, parts: List[str]) -> int:
+        key = tuple(parts)
+        fd = self.fds.get(key)
+        if fd is None:
+            parent = self.get(parts[:-1])
+            if len(self.fds) >= self.LIMIT:
+                self.clear(keep=key[:-1])
+                parent = self.fds[key[:-1]]
+            fd = self.fds[key] = open_folder_at(parent, parts[-1], create=True)
+        return fd
+
+    def remove(self, dir_fd: int, name: str) -> None:
+        """Delete what stands at name (a folder with everything in it); forget folders opened below."""
+        remove_at(dir_fd, name)
+        self.clear(keep=next(k for k, fd in self.fds.items() if fd == dir_fd))
+
+    def clear(self, keep: Tuple[str, ...] = ()) -> None:
+        """Close every descriptor but the root's and those of keep and its parents."""
+        for key in list(self.fds):
+            if key and key != keep[:len(key)]:
+                os.close(self.fds.pop(key))
+
+    def close(self) -> None:
+        self.clear()
+        os.close(self.root)
 
 
 PART_SUFFIX = ".distribute-part"
+ZERO_CHUNK = bytes(1 << 20)
 
 
-def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
-    """Write one regular file under a temporary name, check its size, then rename it into place."""
-    part = target.with_name(f".{target.name}{PART_SUFFIX}")
+def all_zero(chunk: bytes) -> bool:
+    return chunk == ZERO_CHUNK if len(chunk) == len(ZERO_CHUNK) else chunk.count(0) == len(chunk)
+
+
+def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dir_fd: int, name: str) -> int:
+    """Write one regular file under a temporary name in the folder dir_fd (never through a link),
+    check its size, then rename it into place.  Runs of zeros become holes: a sparse file a job
+    left stays sparse instead of filling the disk."""
+    part = f".{name}{PART_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part, dir_fd=dir_fd)          # a killed transfer's leftover (a link is removed, not followed)
     try:
-        with open(part, "wb") as out:
+        fd = os.open(part, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
             size = 0
             for chunk in member_chunks(tar, member):
-                out.write(chunk)
+                if all_zero(chunk):
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                else:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
                 size += len(chunk)
             if size != member.size:
                 raise Failed(f"{member.name}: received {size} of {member.size} bytes")
-            out.flush()                         # before utime: a later write would move the mtime
-            os.fchmod(out.fileno(), member.mode & 0o777)
-            os.utime(out.fileno(), (member.mtime, member.mtime))
-        os.replace(part, target)
+            os.ftruncate(fd, size)               # a file ending in a hole gets its length
+            os.fchmod(fd, member.mode & 0o777)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+        replace_at(dir_fd, part, name)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(part)
+            os.unlink(part, dir_fd=dir_fd)
         raise
     return member.size
 
@@ -4786,9 +5036,7 @@ class Head:
             self.fail_if_unbuildable(batch)
 
     def archive_build_log(self, batch: BatchRow, node: str, data: bytes) -> None:
-        folder = batch_archive(self.config.archive, batch.namespace, batch.name) / "build"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(inside(folder, f"{node}.txt"), lambda tmp: tmp.write_bytes(data))
+        land_build_log(self.config.archive, batch.namespace, batch.name, node, bytes(data))
 
     def fail_if_unbuildable(self, batch: BatchRow) -> None:
         """When every node that could run the batch failed its build, its jobs cannot run."""
