@@ -2610,9 +2610,30 @@ MAX_HEADER = 64 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
 PROTOCOL = 1
 
+# Every frame is bounded by what its op needs, checked on the 8-byte prefix and the op
+# (the header's first key, as Channel.send writes it) before another byte is read: a
+# peer declaring gigabytes is refused before anything is allocated.  A frame whose op
+# turns out to differ from the one it announced is held to the real op's bounds.
+SMALL_HEADER = 64 * 1024
+KiB, MiB = 1024, 1024 * 1024
+HEAD_FRAMES = {"add": (16 * MiB, 0), "pull_files": (16 * MiB, 0), "pull": (1 * MiB, 0)}
+SUPERVISOR_FRAMES = {"build": (4 * MiB, 16 * MiB), "start": (4 * MiB, 16 * MiB), "ack": (4 * MiB, 0),
+                     "kill": (4 * MiB, 0)}
+NODE_FRAMES = (MAX_HEADER, 64 * MiB)        # what a supervisor sends its head: events, replies
+_OP_RE = re.compile(rb'\A\{"op":"([A-Za-z_]{1,32})"')
+
+
+def frame_bounds(table: Dict[str, Tuple[int, int]]) -> Callable[[Optional[str]], Tuple[int, int]]:
+    """(largest header, largest payload) of a frame with op `op`, from `table` or small."""
+    return lambda op: table.get(op or "", (SMALL_HEADER, 0))
+
 
 class ProtocolError(Failed):
     """The other side spoke something that is not our protocol (or hung up)."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame declared more than its op may carry; nothing of it was read."""
 
 
 class Channel:
@@ -2624,6 +2645,8 @@ class Channel:
         self._lock = asyncio.Lock()
 
     async def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        if "op" in header:
+            header = dict({"op": header["op"]}, **header)       # first: receivers bound frames by it
         body = json.dumps(header, separators=(",", ":")).encode()
         async with self._lock:
             self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
@@ -2631,19 +2654,30 @@ class Channel:
                 self.writer.write(payload)
             await self.writer.drain()
 
-    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+    async def receive(self, bounds: Optional[Callable[[Optional[str]], Tuple[int, int]]] = None
+                      ) -> Tuple[Dict[str, Any], bytes]:
+        """The next frame; with `bounds` (see frame_bounds), one larger than its op may carry
+        raises FrameTooLarge before its body is read."""
         import asyncio
         try:
             prefix = await self.reader.readexactly(8)
             size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
-            if size > MAX_HEADER:
-                raise ProtocolError("frame header too large")
-            header = json.loads(await self.reader.readexactly(size))
+            start, op = b"", None
+            if bounds is not None:
+                start = await self.reader.readexactly(min(size, 64))
+                match = _OP_RE.match(start)
+                op = match.group(1).decode() if match else None
+            check_frame(op, size, payload_size, bounds)
+            header = json.loads(start + await self.reader.readexactly(size - len(start)))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            if bounds is not None and header.get("op") != op:
+                check_frame(header.get("op"), size, payload_size, bounds)
             payload = await self.reader.readexactly(payload_size) if payload_size else b""
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ProtocolError("connection closed") from exc
-        except ValueError as exc:
-            raise ProtocolError(f"bad frame: {exc}") from exc
+        except (ValueError, RecursionError) as exc:         # a header nested past the parser's depth
+            raise ProtocolError(f"bad frame: {one_line(str(exc))[:200]}") from None
         return header, payload
 
     async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
@@ -2653,6 +2687,14 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+def check_frame(op: Any, size: int, payload_size: int, bounds) -> None:
+    most_header, most_payload = bounds(op if isinstance(op, str) else None) if bounds else (MAX_HEADER, 1 << 32)
+    if size > most_header or payload_size > most_payload:
+        what = f"a {op!r} request" if isinstance(op, str) else "a request"
+        raise FrameTooLarge(f"{what} of {human_bytes(size + payload_size)} is refused: at most "
+                            f"{human_bytes(most_header + most_payload)}")
 
 
 EMPTY_TAR = bytes(1024)      # the end marker alone: what a job without files sends
@@ -2877,9 +2919,14 @@ def folder_entries(folder: Path) -> List[Tuple[str, str]]:
     return entries
 
 
+TAR_ENTRY_OVERHEAD = 1536      # a member's header block, and a PAX header for a long name
+
+
 def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
+    """About the size of a tar of the entries (which decides whether it travels inline)."""
     total = 0
     for _, path in entries:
+        total += TAR_ENTRY_OVERHEAD
         with contextlib.suppress(OSError):
             info = os.lstat(path)
             total += info.st_size if stat_is_regular(info.st_mode) else 0
@@ -3677,7 +3724,7 @@ class Supervisor:
         channel = Channel(reader, writer)
         try:
             while True:
-                header, payload = await channel.receive()
+                header, payload = await channel.receive(frame_bounds(SUPERVISOR_FRAMES))
                 op = header.get("op")
                 handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
                 try:
@@ -4765,7 +4812,7 @@ class NodeLink:
 
     async def read_events(self) -> None:
         while True:
-            header, payload = await self.channel.receive()
+            header, payload = await self.channel.receive(lambda op: NODE_FRAMES)
             if "event" in header:
                 await self.head.on_event(self, header, payload)
                 continue
@@ -5214,7 +5261,11 @@ class Head:
         channel = Channel(reader, writer)
         user = peer_user(writer.get_extra_info("socket"))
         try:
-            header, payload = await channel.receive()
+            try:
+                header, payload = await channel.receive(frame_bounds(HEAD_FRAMES))
+            except FrameTooLarge as exc:
+                await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
+                return
             op = header.get("op")
             handler = getattr(self, f"api_{op}", None) if isinstance(op, str) else None
             try:

@@ -162,3 +162,121 @@ def test_deep_folders_are_removed_without_recursion(tmp_path):
         assert not folder.exists()
     finally:
         distribute.remove_tree(folder)  # pytest's own clean-up recurses: never leave it a deep tree
+
+
+# --- a head whose one node is this machine ---------------------------------------------------------
+
+LOCAL_NODE = "nodes:\n  - {name: here, host: local, slots: 2}\n"
+
+
+@pytest.fixture
+def local_head():
+    """A running head over this machine (node `here`, 2 slots); its supervisor is stopped after."""
+    import psutil
+    head = HeadProcess(None, LOCAL_NODE, dict(os.environ)).start()
+    yield head
+    head.stop()
+    workdir = f"{head.state / 'nodes'}/"
+    supervisors = [p for p in psutil.process_iter(["cmdline"])
+                   if any(arg.startswith(workdir) for arg in p.info["cmdline"] or [])]
+    for process in supervisors:
+        process.terminate()
+    _, alive = psutil.wait_procs(supervisors, timeout=10)
+    for process in alive:
+        process.kill()
+    distribute.remove_tree(head.dir)
+
+
+def supervisor_of(head):
+    """(socket path, psutil.Process) of the local node's supervisor."""
+    import psutil
+    workdir = str(head.state / "nodes" / "here")
+    sock = Path(workdir) / ".distribute" / "supervisor.sock"
+    wait_until(lambda: distribute.socket_answers(str(sock)), 30, "the supervisor's socket")
+    process = next(p for p in psutil.process_iter(["cmdline"])
+                   if "supervise" in (p.info["cmdline"] or []) and workdir in (p.info["cmdline"] or []))
+    return str(sock), process
+
+
+def write_jobs(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "distribute-jobs.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def quick_batch(folder: Path, name: str, jobs: int = 2) -> Path:
+    lines = "".join(f"    - {{name: j{i}, command: 'echo {i}'}}\n" for i in range(jobs))
+    return write_jobs(folder / name, f"meta: {{batch_name: {name}, namespace: other}}\nshell:\n  jobs:\n" + lines)
+
+
+def flood(sock: str, header_size: int, payload_size: int, start: bytes, send_bytes: int):
+    """Declare a frame of header_size + payload_size bytes, send `start` then up to send_bytes of
+    filler; returns (bytes the peer took, its reply frame or None)."""
+    import socket as socketlib
+    conn = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    conn.connect(sock)
+    sent = 0
+    try:
+        conn.sendall(header_size.to_bytes(4, "big") + payload_size.to_bytes(4, "big") + start)
+        chunk = b" " * (1 << 20)
+        conn.settimeout(10)
+        while sent < send_bytes:
+            sent += conn.send(chunk)
+    except (BrokenPipeError, ConnectionResetError, socketlib.timeout):
+        pass
+    try:
+        conn.settimeout(10)
+        data = b""
+        while True:
+            more = conn.recv(1 << 16)
+            if not more:
+                break
+            data += more
+    except (ConnectionResetError, socketlib.timeout):
+        pass
+    finally:
+        conn.close()
+    if len(data) < 8:
+        return sent, None
+    size = int.from_bytes(data[:4], "big")
+    return sent, json.loads(data[8:8 + size])
+
+
+# --- 2. one frame cannot take the head's memory ----------------------------------------------------
+
+GiB = 1 << 30
+
+
+def test_an_oversize_frame_is_refused_before_it_is_read(local_head, tmp_path):
+    """A `status` declaring a 3 GiB payload (and 512 MiB actually sent), a 1 GiB header: the head
+    answers one clear error before reading them, its memory stays where it was, and it serves on."""
+    import psutil
+    head_process = psutil.Process(local_head.proc.pid)
+    local_head.wait_nodes_up(1)
+    before = head_process.memory_info().rss
+    sent, reply = flood(str(local_head.socket), 20, 3 * GiB, b'{"op":"status"}     ', 512 << 20)
+    assert reply is not None and reply["ok"] is False and "'status' request" in reply["error"], reply
+    assert "refused" in reply["error"] and "at most 64.0 KiB" in reply["error"], reply
+    sent, reply = flood(str(local_head.socket), GiB, 0, b'{"op":"add","plan":', 256 << 20)
+    assert reply is not None and "'add' request of 1.0 GiB is refused" in reply["error"], reply
+    # an `add` announced to get the larger bound, but really a status: held to the status bound
+    body = b'{"op":"add","op":"status","pad":"' + b"x" * (1 << 20) + b'"}'
+    sent, reply = flood(str(local_head.socket), len(body), 0, body, 0)
+    assert reply is None or reply["ok"] is False, reply
+    after = head_process.memory_info().rss
+    assert after - before < 64 << 20, (before, after)
+    assert local_head.cli("add", quick_batch(tmp_path, "after")).returncode == 0
+    assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
+    assert "Traceback" not in local_head.log.read_text()
+
+
+def test_an_oversize_frame_is_refused_by_the_supervisor(local_head, tmp_path):
+    local_head.wait_nodes_up(1)
+    sock, process = supervisor_of(local_head)
+    before = process.memory_info().rss
+    flood(sock, 20, 3 * GiB, b'{"op":"progress"}   ', 512 << 20)
+    flood(sock, GiB, 0, b'{"op":"build","plan":', 256 << 20)
+    assert process.memory_info().rss - before < 64 << 20
+    assert local_head.cli("add", quick_batch(tmp_path, "after")).returncode == 0
+    assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
