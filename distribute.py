@@ -2632,7 +2632,11 @@ class ProtocolError(Failed):
     """The other side spoke something that is not our protocol (or hung up)."""
 
 
-class FrameTooLarge(ProtocolError):
+class BadFrame(ProtocolError):
+    """A frame that is not one: its header is no JSON object, or one nested past reading."""
+
+
+class FrameTooLarge(BadFrame):
     """A frame declared more than its op may carry; nothing of it was read."""
 
 
@@ -2676,8 +2680,10 @@ class Channel:
             payload = await self.reader.readexactly(payload_size) if payload_size else b""
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ProtocolError("connection closed") from exc
-        except (ValueError, RecursionError) as exc:         # a header nested past the parser's depth
-            raise ProtocolError(f"bad frame: {one_line(str(exc))[:200]}") from None
+        except RecursionError:
+            raise BadFrame("the request nests deeper than JSON is read here") from None
+        except ValueError as exc:
+            raise BadFrame(f"bad frame: {one_line(str(exc))[:200]}") from None
         return header, payload
 
     async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
@@ -3733,6 +3739,8 @@ class Supervisor:
                     reply = await handler(channel, header, payload)
                 except (Failed, UserError, OSError) as exc:     # a refusal or a full disk: say so, stay connected
                     reply = ({"ok": False, "error": str(exc)}, b"")
+                except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+                    reply = ({"ok": False, "error": bad_request(op, exc)}, b"")
                 if reply is not None:
                     await channel.send(dict(reply[0], reply_to=header.get("id")), reply[1])
         except ProtocolError:
@@ -3944,6 +3952,13 @@ class Supervisor:
                 out[record.run_id] = read_progress(
                     self.workspace(record.namespace, record.batch).progress_file(record.job))
         return {"ok": True, "progress": out}, b""
+
+
+def bad_request(op: Any, exc: BaseException) -> str:
+    """One line (logged, and the reply's error) for a request whose fields a handler choked on."""
+    text = f"bad {one_line(repr(op))[:40]} request: {type(exc).__name__}: {one_line(str(exc))[:200]}"
+    log(f"supervisor: {text}")
+    return text
 
 
 def remove_run_folder(folder: Path) -> None:
@@ -5263,19 +5278,27 @@ class Head:
         try:
             try:
                 header, payload = await channel.receive(frame_bounds(HEAD_FRAMES))
-            except FrameTooLarge as exc:
+            except BadFrame as exc:
                 await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
                 return
             op = header.get("op")
-            handler = getattr(self, f"api_{op}", None) if isinstance(op, str) else None
+            handler = getattr(self, f"api_{op}", None) if isinstance(op, str) and op in REQUEST_FIELDS else None
             try:
                 if handler is None:
-                    raise UserError(f"unknown request {op!r}")
+                    raise UserError(f"unknown request {one_line(repr(op))[:80]}")
+                problem = request_problem(header)
+                if problem:
+                    raise UserError(f"bad {op} request: {problem}")
                 await handler(channel, user, header, payload)
             except UserError as exc:
                 await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
             except Failed as exc:
                 await channel.send({"ok": False, "error": str(exc), "code": EXIT_FAILED})
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                # a request the checks above let through and a handler choked on: one line, never a traceback
+                log(f"head: {op} request from {user['name']} failed: {type(exc).__name__}: {one_line(str(exc))[:200]}")
+                await channel.send({"ok": False, "error": f"the head could not handle this {op} request "
+                                    f"({type(exc).__name__}); see its log", "code": EXIT_FAILED})
         except ProtocolError:
             pass
         finally:
@@ -5296,17 +5319,7 @@ class Head:
             raise UserError(f"{user['name']} may not {what} {batch.key}: it belongs to {batch.owner}")
 
     async def api_add(self, channel: Channel, user: Dict[str, Any], header: Dict[str, Any], payload: bytes):
-        plan = BatchPlan(**header["plan"])
-        for name in (plan.namespace, plan.batch):
-            problem = name_problem(name)
-            if problem:
-                raise UserError(problem)
-        jobs = [(JobPlan(**j["plan"]), int(j.get("retries", 0))) for j in header["jobs"]]
-        for job, _ in jobs:
-            problem = name_problem(job.name)
-            if problem:
-                raise UserError(problem)
-        capabilities = list(header.get("capabilities", []))
+        plan, jobs, capabilities = check_add_request(header)
         capable = self.capable_nodes(capabilities)
         if header.get("show_caps") or header.get("dry"):
             await channel.send({"ok": True, "dry": True, "capable": capable, "nodes": self.node_report()})
@@ -5578,6 +5591,177 @@ def peer_user(sock) -> Dict[str, Any]:
     except KeyError:
         name = str(uid)
     return {"uid": uid, "name": name}
+
+
+# --- what a client may ask ---------------------------------------------------
+# The head checks every field of a request itself: a raw socket client skips the
+# job-file loader, so nothing it sends may fail later inside the head or on a node
+# (a path out of input/, params nested deeper than JSON encoders go, a bad type).
+
+PARAMS_DEPTH = 32
+MAX_RETRIES = 1000
+_STR, _LIST, _DICT, _BOOL, _INT = str, list, dict, bool, int
+_OPT_STR = (str, type(None))
+REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (type, required)
+    "status": {}, "nodes": {},
+    "kill": {"batch": (_STR, True)},
+    "retry": {"batch": (_STR, True), "failed_only": (_BOOL, False)},
+    "why": {"ref": (_STR, True)},
+    "logs": {"batch": (_STR, True), "job": (_STR, True), "offset": (_INT, False)},
+    "report": {"batch": (_STR, True)},
+    "pull": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
+    "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
+    "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
+            "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+}
+_LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _type_problem(key: str, value: Any, kind: Any) -> Optional[str]:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return f"{key} must be {_kind(kinds[0]())}, not {_kind(value)}"
+    if not isinstance(value, kinds):
+        return f"{key} must be {_kind(kinds[0]())}, not {_kind(value)}"
+    return None
+
+
+def request_problem(header: Dict[str, Any]) -> Optional[str]:
+    """Why a client's request (its header) is malformed, None when every field has its type."""
+    for key, (kind, required) in REQUEST_FIELDS[header["op"]].items():
+        if key not in header:
+            if required:
+                return f"{key} is missing"
+            continue
+        problem = _type_problem(key, header[key], kind)
+        if problem:
+            return problem
+        if key in _LIST_ITEMS and any(not isinstance(item, str) for item in header[key]):
+            return f"every entry of {key} must be text"
+        if key == "hashes" and any(not isinstance(v, str) for v in header[key].values()):
+            return "every hash must be text"
+        if key == "offset" and header[key] < 0:
+            return "offset must not be negative"
+    return None
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and mappings nest in value (without recursion: any depth is measured)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _fields(what: str, value: Any, cls) -> Dict[str, Any]:
+    """value as keyword arguments of the dataclass cls: a mapping with only cls's fields."""
+    if not isinstance(value, dict):
+        raise UserError(f"{what} must be a mapping, not {_kind(value)}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise UserError(f"{what}: unknown key {one_line(repr(unknown[0]))[:80]} (known: {', '.join(known)})")
+    return value
+
+
+def _check(what: str, value: Any, kind: Any) -> Any:
+    problem = _type_problem(what, value, kind)
+    if problem:
+        raise UserError(problem)
+    return value
+
+
+def _check_alias(what: str, alias: Any) -> None:
+    _check(what, alias, str)
+    problem = alias_problem(alias)
+    if problem:
+        raise UserError(f"{what}: {problem}")
+
+
+def mount_problem(mount: str) -> Optional[str]:
+    if not mount.startswith("/") or ":" in mount or "," in mount or ".." in mount.split("/"):
+        return f"{mount!r} must be an absolute container path without ':', ',' or '..'"
+    return None
+
+
+def check_batch_plan(value: Any) -> BatchPlan:
+    data = _fields("plan", value, BatchPlan)
+    for key in ("namespace", "batch", "flavour"):
+        if key not in data:
+            raise UserError(f"plan: {key} is missing")
+    plan = BatchPlan(**data)
+    for key in ("namespace", "batch"):
+        problem = name_problem(_check(f"plan.{key}", getattr(plan, key), str))
+        if problem:
+            raise UserError(f"plan.{key}: {problem}")
+    if plan.flavour not in FLAVOURS:
+        raise UserError(f"plan.flavour must be one of {', '.join(FLAVOURS)}")
+    if plan.build_alias is not None:
+        _check_alias("plan.build_alias", plan.build_alias)
+    _check("plan.build_command", plan.build_command, _OPT_STR)
+    for alias in _check("plan.initial", plan.initial, list):
+        _check_alias("plan.initial", alias)
+    for mount in _check("plan.mounts", plan.mounts, list):
+        problem = mount_problem(_check("plan.mounts", mount, str))
+        if problem:
+            raise UserError(f"plan.mounts: {problem}")
+    return plan
+
+
+def check_job_plan(index: int, value: Any) -> Tuple[JobPlan, int]:
+    where = f"jobs[{index}]"
+    entry = _check(where, value, dict)
+    unknown = [k for k in entry if k not in ("plan", "retries")]
+    if unknown:
+        raise UserError(f"{where}: unknown key {one_line(repr(unknown[0]))[:80]} (known: plan, retries)")
+    data = _fields(f"{where}.plan", entry.get("plan"), JobPlan)
+    if "name" not in data:
+        raise UserError(f"{where}.plan: name is missing")
+    job = JobPlan(**data)
+    problem = name_problem(_check(f"{where}.name", job.name, str)) or reserved_job_name_problem(job.name)
+    if problem:
+        raise UserError(f"{where}.name: {problem}")
+    where = f"job {job.name}"
+    for alias in _check(f"{where}: files", job.files, list):
+        _check_alias(f"{where}: files", alias)
+    _check(f"{where}: command", job.command, _OPT_STR)
+    _check(f"{where}: has_script", job.has_script, bool)
+    _check(f"{where}: params", job.params, (dict, type(None)))
+    if job.params is not None and nesting_depth(job.params) > PARAMS_DEPTH:
+        raise UserError(f"{where}: params nest deeper than {PARAMS_DEPTH} levels")
+    retries = _check(f"{where}: retries", entry.get("retries", 0), int)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise UserError(f"{where}: retries must be between 0 and {MAX_RETRIES}")
+    return job, retries
+
+
+def check_add_request(header: Dict[str, Any]) -> Tuple[BatchPlan, List[Tuple[JobPlan, int]], List[str]]:
+    """An `add` request's plan, jobs and capabilities, every field checked (UserError if not)."""
+    plan = check_batch_plan(header.get("plan"))
+    if not header["jobs"]:
+        raise UserError("the batch has no jobs")
+    jobs = [check_job_plan(i, j) for i, j in enumerate(header["jobs"])]
+    names: set = set()
+    for job, _ in jobs:
+        if job.name in names:
+            raise UserError(f"job name {job.name!r} is used twice")
+        names.add(job.name)
+    capabilities = list(header.get("capabilities", []))
+    for capability in capabilities:
+        if not CAPABILITY_RE.match(capability):
+            raise UserError(f"capability {one_line(repr(capability))[:80]} is not a valid name")
+    matrix = header.get("matrix")
+    if matrix is not None and not re.match(r"@[^:\s]+:[^\s]+\Z", matrix):
+        raise UserError(f"{one_line(repr(matrix))[:80]} is not a Matrix user id like @alice:example.org")
+    return plan, jobs, capabilities
 
 
 # ---------------------------------------------------------------------------

@@ -280,3 +280,84 @@ def test_an_oversize_frame_is_refused_by_the_supervisor(local_head, tmp_path):
     assert process.memory_info().rss - before < 64 << 20
     assert local_head.cli("add", quick_batch(tmp_path, "after")).returncode == 0
     assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
+
+
+# --- 3. the head checks every field of a request itself ---------------------------------------------
+
+NESTED = '"@nested@"'
+
+
+async def ask(sock: str, header, payload: bytes = b"", nested_depth: int = 0):
+    """One request, its reply header.  The text NESTED in the header stands for a value nested
+    nested_depth deep (written by hand: Python's own encoder gives up before a thousand)."""
+    reader, writer = await asyncio.open_unix_connection(sock)
+    channel = distribute.Channel(reader, writer)
+    body = json.dumps(header, separators=(",", ":"))
+    body = body.replace(NESTED, '{"x":' * nested_depth + "1" + "}" * nested_depth).encode()
+    try:
+        writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload)
+        return (await asyncio.wait_for(channel.receive(), 20))[0]
+    finally:
+        channel.close()
+
+
+def raw_add(**changes):
+    plan = dataclasses.asdict(distribute.BatchPlan("evil", "raw", "shell"))
+    job = {"name": "a", "files": [], "command": "true", "has_script": False, "params": None}
+    header = {"op": "add", "plan": dict(plan, **changes.pop("plan", {})),
+              "jobs": [{"plan": dict(job, **changes.pop("job", {})), "retries": 0}], "capabilities": []}
+    header.update(changes)
+    return header
+
+
+BAD_REQUESTS = [
+    (raw_add(job={"files": ["../../../../etc/passwd"]}), "must be a plain file name"),
+    (raw_add(job={"params": {"deep": NESTED.strip('"')}}), "params nest deeper than 32 levels"),
+    (raw_add(plan={"surprise": 1}), "plan: unknown key 'surprise'"),
+    (raw_add(job={"name": "build"}), "reserved"),
+    (raw_add(job={"name": "../x"}), "not a valid name"),
+    (raw_add(plan={"namespace": ["x"]}), "plan.namespace must be text"),
+    (raw_add(plan={"initial": ["/etc/shadow"]}), "must be a plain file name"),
+    (raw_add(plan={"mounts": ["/a:/b"]}), "absolute container path"),
+    (raw_add(jobs=[]), "no jobs"),
+    (raw_add(jobs="all"), "jobs must be a list"),
+    (dict(raw_add(), jobs=[{"plan": {"name": "a"}, "retries": -1}]), "retries must be between"),
+    (raw_add(capabilities=["gpu; rm -rf /"]), "not a valid name"),
+    ({"op": "logs", "batch": "x", "job": "y", "offset": "zero"}, "offset must be a number"),
+    ({"op": "logs", "batch": "x", "job": "y", "offset": -5}, "must not be negative"),
+    ({"op": "kill", "batch": {"$ne": 1}}, "batch must be text"),
+    ({"op": "why"}, "ref is missing"),
+    ({"op": "pull_files", "batch": "x", "paths": [1, 2]}, "every entry of paths must be text"),
+    ({"op": "__init__"}, "unknown request '__init__'"),
+    ({"op": ["status"]}, "unknown request"),
+]
+
+
+def test_the_head_checks_every_field_of_a_request(local_head, tmp_path):
+    """A raw client's plan naming a path out of input/, params nested 970 deep, an unknown plan key
+    and other malformed fields: each gets one clear error reply, nothing is added, and another
+    user's batch still runs."""
+    local_head.wait_nodes_up(1)
+    for header, expected in BAD_REQUESTS:
+        reply = asyncio.run(ask(str(local_head.socket), header, nested_depth=970))
+        assert reply.get("ok") is False and expected in reply["error"], (header.get("op"), expected, reply)
+        assert "\n" not in reply["error"]
+    assert local_head.status()["batches"] == []
+    assert local_head.cli("add", quick_batch(tmp_path, "after")).returncode == 0
+    assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
+    log = local_head.log.read_text()
+    assert "Traceback" not in log and "RecursionError" not in log
+
+
+def test_the_supervisor_answers_malformed_requests_with_one_line(local_head, tmp_path):
+    local_head.wait_nodes_up(1)
+    sock, _ = supervisor_of(local_head)
+    for header in ({"op": "start", "id": 1}, {"op": "build", "plan": {"bogus": 1}, "id": 2},
+                   {"op": "tail", "run_id": 5, "id": 3}, {"op": "cleanup", "namespace": None, "id": 4},
+                   {"op": "kill", "run_ids": "1.1", "grace": "soon", "id": 5}):
+        reply = asyncio.run(ask(sock, header))
+        assert reply.get("ok") is False and "\n" not in reply["error"], (header, reply)
+    assert local_head.cli("add", quick_batch(tmp_path, "after")).returncode == 0
+    assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
+    supervisor_log = local_head.state / "nodes" / "here" / ".distribute" / "supervisor.log"
+    assert "Traceback" not in supervisor_log.read_text()
