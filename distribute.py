@@ -1286,8 +1286,8 @@ class Workspace:
     def reset_for_job(self, plan: BatchPlan) -> None:
         """input/ holds just the initial files, distribute_save/ and mounts are empty."""
         for folder in (self.input, self.save, self.root / "mounts"):
-            if folder.exists():
-                shutil.rmtree(folder)
+            if os.path.lexists(folder):
+                remove_tree(folder)
         self.input.mkdir()
         self.save.mkdir()
         for alias in plan.initial:
@@ -1554,6 +1554,7 @@ def finish_landing(incoming: Path, final: Path, record: Dict[str, Any]) -> Path:
     hold, job.json is a new file and the renames move names, never link targets."""
     with folder_fd(final.parent, create=False) as batch_fd:
         with _fd_closing(open_folder_at(batch_fd, incoming.name)) as incoming_fd:
+            record = dict(record, **skipped_outputs(incoming_fd))
             write_file_at(incoming_fd, "job.json", json_bytes(record))
         if landed_already(final, record, batch_fd):
             remove_at(batch_fd, incoming.name)
@@ -1568,6 +1569,24 @@ def finish_landing(incoming: Path, final: Path, record: Dict[str, Any]) -> Path:
             os.rename(incoming.name, final.name, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
             remove_at(batch_fd, old)
     return final
+
+
+def skipped_outputs(folder_fd_: int) -> Dict[str, Any]:
+    """{"skipped": [...]} from the list the node sent along with a job's results (then removed),
+    or {} (see job_result_entries)."""
+    data = read_file_at(folder_fd_, SKIPPED_FILE)
+    if data is None:
+        return {}
+    remove_at(folder_fd_, SKIPPED_FILE)
+    try:
+        listed = json.loads(data)
+    except ValueError:
+        return {}
+    if not isinstance(listed, list):
+        return {}
+    kept = [{"path": str(e.get("path"))[:4096], "reason": str(e.get("reason"))[:200]}
+            for e in listed[:MAX_SKIPPED_LISTED + 1] if isinstance(e, dict)]
+    return {"skipped": kept} if kept else {}
 
 
 @contextlib.contextmanager
@@ -2917,12 +2936,59 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha
 
 def folder_entries(folder: Path) -> List[Tuple[str, str]]:
     """(name in archive, path) for everything under folder, links kept as links."""
+    return walk_folder(folder)[0]
+
+
+RESULT_DEPTH = 128          # a job's folders nested deeper are left out of its results (and listed)
+
+
+def walk_folder(folder: PathLike, regular_only: bool = False, max_depth: Optional[int] = None
+                ) -> Tuple[List[Tuple[str, str]], List[Dict[str, str]]]:
+    """(name in archive, path) for everything under folder, each folder before what it holds,
+    without recursion (os.walk recurses: 10,000 nested folders raise RecursionError).  With
+    `regular_only`, only folders and regular files are taken; links, fifos, sockets, devices,
+    folders nested past `max_depth` and what cannot be read are returned as skipped
+    ({"path", "reason"}) instead."""
     entries: List[Tuple[str, str]] = []
-    for top, dirs, files in os.walk(folder):
-        rel_top = os.path.relpath(top, folder)
-        for name in sorted(dirs) + sorted(files):
-            entries.append((name if rel_top == "." else f"{rel_top}/{name}", os.path.join(top, name)))
-    return entries
+    skipped: List[Dict[str, str]] = []
+    stack = [("", os.fspath(folder), 0)]
+    while stack:
+        rel_top, top, depth = stack.pop()
+        try:
+            with os.scandir(top) as listing:
+                found = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            if rel_top:
+                skipped.append({"path": rel_top, "reason": f"cannot be read: {exc.strerror or exc}"})
+            continue
+        below = []
+        for entry in found:
+            rel = f"{rel_top}/{entry.name}" if rel_top else entry.name
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                skipped.append({"path": rel, "reason": f"cannot be read: {exc.strerror or exc}"})
+                continue
+            if stat.S_ISDIR(mode):
+                if max_depth is not None and depth >= max_depth:
+                    skipped.append({"path": rel, "reason": f"nested deeper than {max_depth} folders"})
+                    continue
+                entries.append((rel, entry.path))
+                below.append((rel, entry.path, depth + 1))
+            elif stat.S_ISREG(mode) or not regular_only:
+                entries.append((rel, entry.path))
+            else:
+                skipped.append({"path": rel, "reason": f"{special_kind(mode)}: only files and folders are kept"})
+        stack.extend(reversed(below))
+    return entries, skipped
+
+
+def special_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 TAR_ENTRY_OVERHEAD = 1536      # a member's header block, and a PAX header for a long name
@@ -3786,7 +3852,7 @@ class Supervisor:
                 pass
             return {"ok": True, "already": True}, b""
         if ws.root.exists():
-            shutil.rmtree(ws.root)
+            remove_tree(ws.root)        # any depth: a job may have left 10,000 nested folders
         ws.create()
         await self.receive_files(channel, header, payload, ws.root)
         key = f"{plan.namespace}/{plan.batch}"
@@ -3880,9 +3946,7 @@ class Supervisor:
         return dict(event, inline=False), b""
 
     def result_entries(self, run_id: str) -> List[Tuple[str, str]]:
-        folder = self.run_dir(run_id)
-        extra = [("stdout.txt", str(folder / "stdout.txt"))] if (folder / "stdout.txt").exists() else []
-        return folder_entries(folder / "save") + extra
+        return job_result_entries(self.run_dir(run_id))
 
     def result_tar(self, run_id: str) -> bytes:
         return tar_of(self.result_entries(run_id))
@@ -3928,7 +3992,8 @@ class Supervisor:
         """The head is done with a batch on this node: delete its build directory."""
         ws = self.workspace(header["namespace"], header["batch"])
         for folder in [ws.root] + list(ws.root.parent.glob(glob_escape(ws.root.name) + ".slot*")):
-            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(folder)
         with contextlib.suppress(OSError):
             ws.root.parent.rmdir()
         return None
@@ -3954,6 +4019,30 @@ class Supervisor:
         return {"ok": True, "progress": out}, b""
 
 
+# What a job left in distribute_save/ travels as regular files and folders only: a link
+# (which could point anywhere), a fifo (which blocks its reader) or a device is left out,
+# as are folders nested past RESULT_DEPTH, and the archive's job.json lists each with
+# its reason.  The list rides along in the results as SKIPPED_FILE.
+SKIPPED_FILE = ".distribute-skipped.json"
+MAX_SKIPPED_LISTED = 1000
+
+
+def job_result_entries(run_folder: Path) -> List[Tuple[str, str]]:
+    """The tar entries of a finished run: its saved files, stdout.txt and the list of what was left out."""
+    entries, skipped = walk_folder(run_folder / "save", regular_only=True, max_depth=RESULT_DEPTH)
+    entries = [e for e in entries if e[0] != SKIPPED_FILE]
+    if (run_folder / "stdout.txt").exists():
+        entries.append(("stdout.txt", str(run_folder / "stdout.txt")))
+    if skipped:
+        listed = skipped[:MAX_SKIPPED_LISTED]
+        if len(skipped) > len(listed):
+            listed.append({"path": "...", "reason": f"{len(skipped) - len(listed)} more left out"})
+        with folder_fd(run_folder, create=False) as fd:
+            write_file_at(fd, SKIPPED_FILE, json.dumps(listed).encode())
+        entries.append((SKIPPED_FILE, str(run_folder / SKIPPED_FILE)))
+    return entries
+
+
 def bad_request(op: Any, exc: BaseException) -> str:
     """One line (logged, and the reply's error) for a request whose fields a handler choked on."""
     text = f"bad {one_line(repr(op))[:40]} request: {type(exc).__name__}: {one_line(str(exc))[:200]}"
@@ -3972,7 +4061,8 @@ def remove_run_folder(folder: Path) -> None:
             os.rmdir(folder / "save")
         os.rmdir(folder)
     except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(folder)         # any depth: a job may leave 10,000 nested folders
 
 
 def glob_escape(name: str) -> str:

@@ -361,3 +361,81 @@ def test_the_supervisor_answers_malformed_requests_with_one_line(local_head, tmp
     assert local_head.wait_batch("other/after")["jobs"]["done"] == 2
     supervisor_log = local_head.state / "nodes" / "here" / ".distribute" / "supervisor.log"
     assert "Traceback" not in supervisor_log.read_text()
+
+
+# --- 9. hostile or odd outputs ------------------------------------------------------------------------
+
+ODD_OUTPUTS = """\
+import os
+os.chdir("distribute_save")
+open("result.txt", "w").write("42\\n")
+os.symlink("/etc/passwd", "passwd")
+os.symlink("result.txt", "inner-link")
+os.mkfifo("pipe")
+with open("sparse.bin", "wb") as f:
+    f.write(b"head")
+    f.seek((256 << 20) - 4)
+    f.write(b"tail")
+os.mkdir("deep")
+os.chdir("deep")
+for _ in range(3000):              # past the interpreter's recursion limit (1000)
+    os.mkdir("d")
+    os.chdir("d")
+open("bottom.txt", "w").write("x")
+"""
+
+
+def test_links_fifos_deep_folders_and_sparse_files_in_results(local_head, tmp_path):
+    """A job leaves a link out, a link in, a fifo, 3,000 nested folders (past the interpreter's
+    recursion limit, like the issue's 10,000) and a 256 MiB sparse file: it finishes; links and
+    the fifo are left out and listed in job.json with their reason, the folders past the depth
+    limit too; the sparse file lands sparse; the node cleans up."""
+    script = tmp_path / "odd" / "odd.py"
+    script.parent.mkdir()
+    script.write_text(ODD_OUTPUTS)
+    path = write_jobs(tmp_path / "odd", f"""\
+        meta: {{batch_name: odd, namespace: lab}}
+        shell:
+          initialize:
+            required_files: [{script}]
+          jobs:
+            - {{name: odd, command: 'python3 input/odd.py'}}
+        """)
+    local_head.wait_nodes_up(1)
+    local_head.cli("add", path)
+    batch = local_head.wait_batch("lab/odd", timeout=180)
+    assert batch["jobs"]["done"] == 1, (batch, local_head.log.read_text()[-3000:])
+    folder = local_head.archive / "lab" / "odd" / "odd"
+    assert (folder / "result.txt").read_text() == "42\n"
+    for name in ("passwd", "inner-link", "pipe"):
+        assert not os.path.lexists(folder / name)
+    record = json.loads((folder / "job.json").read_text())
+    reasons = {e["path"]: e["reason"] for e in record["skipped"]}
+    assert reasons["passwd"].startswith("a symbolic link") and reasons["inner-link"].startswith("a symbolic link")
+    assert reasons["pipe"].startswith("a fifo")
+    deep = [p for p, r in reasons.items() if "nested deeper than" in r]
+    assert len(deep) == 1 and deep[0].startswith("deep/d/d/"), reasons
+    assert not (folder / distribute.SKIPPED_FILE).exists()
+    sparse = (folder / "sparse.bin").stat()
+    assert sparse.st_size == 256 << 20 and sparse.st_blocks * 512 < 8 << 20, sparse
+    with open(folder / "sparse.bin", "rb") as handle:
+        assert handle.read(4) == b"head"
+        handle.seek((256 << 20) - 4)
+        assert handle.read() == b"tail"
+    runs = local_head.state / "nodes" / "here" / ".distribute" / "runs"
+    wait_until(lambda: not any(runs.iterdir()), 60, "the node to delete the archived run")
+    supervisor_log = local_head.state / "nodes" / "here" / ".distribute" / "supervisor.log"
+    assert "Traceback" not in supervisor_log.read_text() + local_head.log.read_text()
+    assert "will retry" not in local_head.log.read_text()        # landed the first time
+
+
+def test_result_walk_keeps_only_files_and_folders(tmp_path):
+    save = tmp_path / "save"
+    (save / "a" / "b").mkdir(parents=True)
+    (save / "a" / "b" / "x.txt").write_text("x")
+    os.symlink("/", save / "root")
+    os.mkfifo(save / "a" / "fifo")
+    entries, skipped = distribute.walk_folder(save, regular_only=True, max_depth=1)
+    assert [name for name, _ in entries] == ["a"]
+    assert {e["path"]: e["reason"].split(":")[0] for e in skipped} == {
+        "root": "a symbolic link", "a/fifo": "a fifo", "a/b": "nested deeper than 1 folders"}
