@@ -5001,6 +5001,7 @@ class Head:
         remove_unfinished_landings(config.archive)
         self.store = Store(config.state / "distribute.sqlite")
         self.files = config.state / "files"
+        remove_unfinished_uploads(self.files)
         self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
         self.batches = {b.id: b for b in self.store.active_batches()}
         self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
@@ -5433,18 +5434,18 @@ class Head:
         try:
             await channel.send({"ok": True, "send": True})
             await receive_tar(channel.reader, incoming)
-        except BaseException:
-            shutil.rmtree(incoming, ignore_errors=True)
-            raise
-        if existing is not None:
-            await self.kill_batch(existing)
-            self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
-            if header.get("replace"):
-                shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
-        todo = [(job, retries) for job, retries in jobs if job.name not in skip]
-        batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
-                                        header.get("matrix"), todo)
-        os.rename(incoming, self.files / str(batch_id))
+            if existing is not None:
+                await self.kill_batch(existing)
+                self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
+                if header.get("replace"):
+                    shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
+            todo = [(job, retries) for job, retries in jobs if job.name not in skip]
+            batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
+                                            header.get("matrix"), todo)
+            os.rename(incoming, self.files / str(batch_id))
+        finally:
+            if os.path.lexists(incoming):       # the upload broke off or was refused: no trace left
+                remove_tree(incoming)
         batch = self.store.batch(batch_id)
         self.batches[batch_id] = batch
         self.queued[batch_id] = len(todo)
@@ -5663,6 +5664,13 @@ class Head:
             await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
+
+
+def remove_unfinished_uploads(files: Path) -> None:
+    """The `.incoming-*` folders of uploads a killed head was receiving: never a batch's files."""
+    for path in Path(files).glob(".incoming-*"):
+        with contextlib.suppress(OSError, UnsafeArchive):
+            remove_tree(path)
 
 
 def asyncio_spawn(coroutine) -> None:
@@ -5922,7 +5930,8 @@ class HeadClient:
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
         try:
-            reply, data = await channel.request(header, payload)
+            with self.head_may_go_away():
+                reply, data = await channel.request(header, payload)
         finally:
             channel.close()
         if not reply.get("ok"):
@@ -5935,15 +5944,33 @@ class HeadClient:
         """A request the head first accepts, then the files as one tar stream, then the answer."""
         channel = await self.open()
         try:
-            reply, _ = await channel.request(header)
-            if reply.get("ok") and reply.get("send"):
-                await send_tar_stream(channel.writer, entries)
-                reply, _ = await channel.receive()
+            with self.head_may_go_away():
+                reply, _ = await channel.request(header)
+                if reply.get("ok") and reply.get("send"):
+                    await send_tar_stream(channel.writer, entries)
+                    reply, _ = await channel.receive()
         finally:
             channel.close()
         if not reply.get("ok"):
             raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(reply.get("error") or "refused")
         return reply
+
+    @contextlib.contextmanager
+    def head_may_go_away(self) -> Iterator[None]:
+        """The head stopping (killed, restarted, its machine gone) in the middle of a request
+        is one line, exit 1: a half-sent request is never kept by the head."""
+        errors: Tuple[type, ...] = (ConnectionError, EOFError, ProtocolError)
+        if self.conn is not None:
+            errors += (import_asyncssh().Error,)
+        try:
+            yield
+        except errors as exc:
+            if isinstance(exc, BadFrame):
+                raise
+            where = "local" if self.head in (None, "", "local") else self.head
+            raise Failed(f"the head ({where}) went away in the middle of this request "
+                         f"({one_line(str(exc)) or type(exc).__name__}); nothing half-sent is kept: "
+                         "try again once it is back (distribute status tells)") from None
 
     async def close(self) -> None:
         if self.conn is not None:

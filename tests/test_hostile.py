@@ -439,3 +439,45 @@ def test_result_walk_keeps_only_files_and_folders(tmp_path):
     assert [name for name, _ in entries] == ["a"]
     assert {e["path"]: e["reason"].split(":")[0] for e in skipped} == {
         "root": "a symbolic link", "a/fifo": "a fifo", "a/b": "nested deeper than 1 folders"}
+
+
+# --- 11. the head killed during a large add ------------------------------------------------------------
+
+def test_head_killed_during_an_add(local_head, tmp_path):
+    """The client says in one line that the head went away (exit 1); the partial upload is gone
+    once the head is back, and the same add then goes through."""
+    import subprocess
+    import sys
+    folder = tmp_path / "big"
+    folder.mkdir()
+    with open(folder / "big.bin", "wb") as out:
+        block = bytes(range(256)) * 4096
+        for _ in range(300):
+            out.write(block)
+    path = write_jobs(folder, f"""\
+        meta: {{batch_name: big, namespace: lab}}
+        shell:
+          initialize:
+            required_files: [{folder / 'big.bin'}]
+          jobs:
+            - {{name: a, command: 'wc -c < input/big.bin'}}
+        """)
+    local_head.wait_nodes_up(1)
+    files = local_head.state / "files"
+    client = subprocess.Popen([sys.executable, str(ROOT / "distribute.py"), "--head", "local", "--socket",
+                               str(local_head.socket), "add", str(path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def part_arrived():
+        return any(p.stat().st_size > 1 << 20 for p in files.glob(".incoming-*/**/*") if p.is_file())
+    wait_until(part_arrived, 60, "the upload to begin")
+    local_head.kill9()
+    _, err = client.communicate(timeout=60)
+    assert client.returncode == 1, err
+    assert len(err.strip().splitlines()) == 1 and "went away" in err and "Traceback" not in err, err
+    assert list(files.glob(".incoming-*")), "the killed head left its partial upload (the case under test)"
+    local_head.start()
+    assert not list(files.glob(".incoming-*"))
+    local_head.cli("add", path)
+    local_head.wait_batch("lab/big", timeout=120)
+    assert (local_head.archive / "lab" / "big" / "a" / "stdout.txt").read_text().strip() == str(300 * 1 << 20)
