@@ -3476,7 +3476,7 @@ def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
         lock = PauseLock(
             # Who paused is whoever owns the file: a lock cannot speak for someone else.
             user=_user_of_uid(info.st_uid),
-            until=min(float(data["until"]), info.st_mtime + MAX_PAUSE_SECONDS + _PAUSE_LOCK_SLACK),
+            until=min(float(data["until"]), lock_written_at(info) + MAX_PAUSE_SECONDS + _PAUSE_LOCK_SLACK),
             pid=int(data["pid"]), detached=bool(data["detached"]), since=float(data.get("since") or 0.0),
             pid_started=None if data.get("pid_started") is None else float(data["pid_started"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -3484,6 +3484,22 @@ def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
     finally:
         os.close(fd)
     return lock, info
+
+
+# When a lock was written, by clocks its owner cannot set: st_mtime is whatever `touch -d`
+# says, but the kernel stamps st_ctime itself on every change (a utime included), and
+# this process remembers (monotonic) when it first saw each version of each lock file.
+_LOCKS_FIRST_SEEN: Dict[Tuple[int, int, int], float] = {}
+
+
+def lock_written_at(info: os.stat_result) -> float:
+    """The earliest of the lock's inode change time and when this process first saw it."""
+    key = (info.st_dev, info.st_ino, info.st_ctime_ns)
+    first_seen = _LOCKS_FIRST_SEEN.setdefault(key, time.monotonic())
+    if len(_LOCKS_FIRST_SEEN) > 4096:              # locks come and go: forget old versions
+        _LOCKS_FIRST_SEEN.clear()
+        _LOCKS_FIRST_SEEN[key] = first_seen
+    return min(info.st_ctime, time.time() - (time.monotonic() - first_seen))
 
 
 def pauser_alive(lock: PauseLock, thorough: bool = True) -> bool:
@@ -6292,12 +6308,22 @@ def status_bar(jobs: Dict[str, int], total: int, width: int = 20) -> str:
     return "[" + (cells + "." * width)[:width] + "]"
 
 
+def local_date_time(iso: Optional[str]) -> str:
+    """'2026-11-30 14:05' in this machine's time zone, from the head's ISO time."""
+    try:
+        moment = datetime.datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment.timestamp()))
+
+
 def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
     lines = []
     for node in nodes:
         state = node["state"]
         if node["paused"]:
-            state = "paused by " + ", ".join(f"{p['user']} until {p['until'][11:19]}" for p in node["paused"])
+            state = "paused by " + ", ".join(f"{p['user']} until {local_date_time(p['until'])}"
+                                             for p in node["paused"])
         busy = ", ".join(r.get("job") and f"{r['batch']}/{r['job']}" or f"build {r.get('build')}"
                          for r in node["running"]) or "idle"
         lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{node['slots']} slots  {busy}")

@@ -481,3 +481,30 @@ def test_head_killed_during_an_add(local_head, tmp_path):
     local_head.cli("add", path)
     local_head.wait_batch("lab/big", timeout=120)
     assert (local_head.archive / "lab" / "big" / "a" / "stdout.txt").read_text().strip() == str(300 * 1 << 20)
+
+
+# --- 4. a pause lock's cap uses a time its owner cannot set -------------------------------------------
+
+def test_a_lock_dated_ten_years_ahead_is_still_capped(tmp_path):
+    """The owner writes until=2036 and sets the file's mtime ten years ahead: the lock still ends
+    at most MAX_PAUSE_SECONDS (+ slack) after it was written."""
+    import time
+    folder = tmp_path / "locks"
+    folder.mkdir()
+    os.chmod(folder, 0o1777)
+    lock = folder / "pause-dalice.json"
+    ten_years = 10 * 365 * 86400
+    lock.write_text(json.dumps({"until": time.time() + ten_years, "pid": 1, "detached": True}))
+    os.utime(lock, (time.time() + ten_years, time.time() + ten_years))
+    [found] = distribute.active_pauses(folder)
+    assert found.until <= time.time() + distribute.MAX_PAUSE_SECONDS + 61
+    later = time.time() + distribute.MAX_PAUSE_SECONDS + 120
+    assert distribute.active_pauses(folder, now=later) == []
+
+
+def test_nodes_shows_the_date_a_pause_ends():
+    import time
+    until = time.mktime((2036, 3, 1, 9, 30, 0, 0, 0, -1))
+    node = {"name": "node1", "state": "up", "paused": [{"user": "dalice", "until": distribute.now_iso(until)}],
+            "running": [], "slots": 1, "capabilities": []}
+    assert "paused by dalice until 2036-03-01 09:30" in distribute.format_nodes([node])[0]
