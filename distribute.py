@@ -5877,6 +5877,7 @@ class Head:
 
     async def api_logs(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "read the output of")         # see README: who reads what
         job = self.store.job_by_name(batch.id, header["job"])
         if job is None:
             raise UserError(f"no job {header['job']!r} in {batch.key}")
@@ -5898,6 +5899,7 @@ class Head:
     async def api_pull(self, channel, user, header, payload):
         """The manifest of a batch's archive, filtered, and how many jobs are not finished."""
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "pull")
         selection = PullSelection.of(header)
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         # a big archive takes seconds to list: not on the loop that serves everyone else
@@ -5912,6 +5914,7 @@ class Head:
         already has are only named in the header ("same")."""
         import asyncio
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "pull")
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         loop = asyncio.get_event_loop()
         paths = [str(p) for p in header.get("paths", [])]
