@@ -89,9 +89,11 @@ def one_line(text: str) -> str:
 
 
 def log(message: str) -> None:
-    """One timestamped line on stderr: the head's and the supervisor's log (never secrets)."""
-    sys.stderr.write(f"{now_iso()} {message}\n")
-    sys.stderr.flush()
+    """One timestamped line on stderr: the head's and the supervisor's log (never secrets).
+    A log on a full disk loses the line, never the process that wrote it."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"{now_iso()} {message}\n")
+        sys.stderr.flush()
 
 
 def import_asyncssh():
@@ -3173,6 +3175,22 @@ async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
         writer.write_eof()
 
 
+async def stream_and_reply(channel: Channel, entries: List[Tuple[str, str]]) -> Dict[str, Any]:
+    """Send a tar of the entries on channel while awaiting the receiver's reply: a receiver that
+    refuses before reading it all (no space, a refused entry) is heard, not taken for a broken pipe."""
+    import asyncio
+    sender = asyncio.ensure_future(send_tar_stream(channel.writer, entries))
+    reply: Dict[str, Any] = {}
+    try:
+        reply, _ = await channel.receive()
+    finally:
+        if not sender.done() and not reply.get("ok"):
+            sender.cancel()                 # refused or cut: nobody reads the rest
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await sender
+    return reply
+
+
 def extract_then_close(source, dest: Path) -> int:
     """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
     instead of blocking for ever when extraction stops early (refused entry, full disk)."""
@@ -3860,6 +3878,7 @@ class Supervisor:
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
         self.pause_locks: List[Any] = []
+        self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
     # records on disk
     def run_dir(self, run_id: str) -> Path:
@@ -3868,10 +3887,7 @@ class Supervisor:
         return self.runs_dir / run_id
 
     def save_record(self, record: RunRecord) -> None:
-        folder = self.run_dir(record.run_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / "record.json",
-                         lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(record))))
+        save_run_record(self.run_dir(record.run_id), dataclasses.asdict(record))
 
     def load_record(self, run_id: str) -> Optional[RunRecord]:
         try:
@@ -3964,6 +3980,8 @@ class Supervisor:
                     reply = ({"ok": False, "error": bad_request(op, exc)}, b"")
                 if reply is not None:
                     await channel.send(dict(reply[0], reply_to=header.get("id")), reply[1])
+                if header.get("stream"):
+                    break           # a channel carrying a tar until EOF serves that one request
         except ProtocolError:
             pass
         finally:
@@ -3979,6 +3997,7 @@ class Supervisor:
             if self.head is not None and self.head is not channel:
                 self.head.close()
             self.head = channel
+            self.node_name = str(header.get("node") or self.node_name)[:128]
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
                     workspaces=self.workspaces(), protocol=PROTOCOL), b""
@@ -4108,6 +4127,7 @@ class Supervisor:
 
     async def receive_files(self, channel: Channel, header, payload: bytes, dest: Path) -> None:
         """Files come inline (small) or, on a channel of their own, as a tar until EOF."""
+        check_space(dest, header.get("size") if header.get("stream") else len(payload), self.node_name)
         if header.get("stream"):
             await receive_tar(channel.reader, dest)
         else:
@@ -4192,10 +4212,53 @@ def job_result_entries(run_folder: Path) -> List[Tuple[str, str]]:
         listed = skipped[:MAX_SKIPPED_LISTED]
         if len(skipped) > len(listed):
             listed.append({"path": "...", "reason": f"{len(skipped) - len(listed)} more left out"})
-        with folder_fd(run_folder, create=False) as fd:
-            write_file_at(fd, SKIPPED_FILE, json.dumps(listed).encode())
-        entries.append((SKIPPED_FILE, str(run_folder / SKIPPED_FILE)))
+        try:
+            with folder_fd(run_folder, create=False) as fd:
+                write_file_at(fd, SKIPPED_FILE, json.dumps(listed).encode())
+            entries.append((SKIPPED_FILE, str(run_folder / SKIPPED_FILE)))
+        except OSError as exc:          # a full disk: the results still go, without the list
+            log(f"supervisor: cannot list what {run_folder.name} left out: {exc.strerror or exc}")
     return entries
+
+
+# A full disk on a node: a job that writes past the free space still ends as finished.  Its
+# record.json is written padded to RECORD_RESERVE bytes, so that when a later version cannot
+# get a new file (ENOSPC) it overwrites the reserved blocks in place.  Files for a build or a
+# job are refused up front, with the space needed and free, when they cannot fit.
+RECORD_RESERVE = 4096
+SPACE_MARGIN = 1 << 20
+
+
+def save_run_record(folder: Path, data: Dict[str, Any]) -> None:
+    text = json.dumps(data).encode()
+    padded = text.ljust(RECORD_RESERVE) if len(text) < RECORD_RESERVE else text
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / "record.json", lambda tmp: tmp.write_bytes(padded))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or len(padded) > RECORD_RESERVE:
+            raise
+        fd = os.open(folder / "record.json", os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != RECORD_RESERVE:
+                raise
+            os.pwrite(fd, padded, 0)
+        finally:
+            os.close(fd)
+        log(f"supervisor: disk full: record of run {data.get('run_id')} overwritten in its reserved place")
+
+
+def check_space(dest: Path, size: Any, node: str) -> None:
+    """Refuse files that cannot fit in dest's file system, before receiving them."""
+    if not isinstance(size, int) or size <= 0:
+        return
+    try:
+        free = shutil.disk_usage(str(dest)).free
+    except OSError:
+        return
+    if size + SPACE_MARGIN > free:
+        raise Failed(f"no space on {node}: need {human_bytes(size)}, have {human_bytes(free)} "
+                     f"free in {dest.parent}")
 
 
 def bad_request(op: Any, exc: BaseException) -> str:
@@ -5145,7 +5208,7 @@ class NodeLink:
             self.transport.remote_pyz = argv0[1]
         reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
         self.channel = Channel(reader, writer)
-        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0})
+        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name})
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
         self.info, self.paused = hello, hello.get("paused", [])
@@ -5215,9 +5278,8 @@ class NodeLink:
         with self.transfer_breaks_off():
             channel = await self.open_data_channel()
             try:
-                await channel.send(dict(header, stream=True))
-                await send_tar_stream(channel.writer, entries)
-                reply, _ = await channel.receive()
+                await channel.send(dict(header, stream=True, size=entries_size(entries)))
+                reply = await stream_and_reply(channel, entries)
             finally:
                 channel.close()
         if not reply.get("ok", True):

@@ -508,3 +508,71 @@ def test_nodes_shows_the_date_a_pause_ends():
     node = {"name": "node1", "state": "up", "paused": [{"user": "dalice", "until": distribute.now_iso(until)}],
             "running": [], "slots": 1, "capabilities": []}
     assert "paused by dalice until 2036-03-01 09:30" in distribute.format_nodes([node])[0]
+
+
+# --- 8. a node's disk fills up --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_node(tmp_path):
+    """A head whose one node (`here`) works on a 24 MiB tmpfs (unmounted at the end)."""
+    import subprocess
+    import psutil
+    workdir = Path(distribute.tempfile.mkdtemp(prefix="dsmall-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0755", "distribute-test", str(workdir)], check=True)
+    head = HeadProcess(None, f"nodes:\n  - {{name: here, host: local, slots: 1, workdir: {workdir}}}\n",
+                       dict(os.environ))
+    try:
+        yield head.start()
+    finally:
+        head.stop()
+        for process in psutil.process_iter(["cmdline"]):
+            if str(workdir) in (process.info["cmdline"] or []):
+                process.kill()
+        subprocess.run(["umount", "-l", str(workdir)], check=False)
+        os.rmdir(workdir)
+        distribute.remove_tree(head.dir)
+
+
+def test_a_job_filling_the_nodes_disk_still_finishes(small_node, tmp_path):
+    """The job writes past the free space: the supervisor still records it finished, the head
+    archives it, the node gets its space back and the next batch runs."""
+    head = small_node
+    path = write_jobs(tmp_path / "fill", """\
+        meta: {batch_name: fill, namespace: lab}
+        shell:
+          jobs:
+            - {name: fill, command: 'head -c 64000000 /dev/urandom > distribute_save/fill.bin; echo wrote; exit 1'}
+        """)
+    head.wait_nodes_up(1)
+    head.cli("add", path)
+    batch = head.wait_batch("lab/fill", timeout=120)
+    assert batch["jobs"]["failed"] == 1, batch
+    landed = head.archive / "lab" / "fill" / "fill"
+    assert 8 << 20 < (landed / "fill.bin").stat().st_size < 24 << 20
+    head.cli("add", quick_batch(tmp_path, "next"))
+    assert head.wait_batch("other/next", timeout=60)["jobs"]["done"] == 2
+
+
+def test_shared_files_larger_than_the_nodes_free_space_are_refused_up_front(small_node, tmp_path):
+    """A build whose shared input cannot fit: the node says so (need, have) before receiving it,
+    instead of a broken pipe half-way."""
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    with open(folder / "big.bin", "wb") as out:
+        block = os.urandom(1 << 20)
+        for _ in range(40):
+            out.write(block)
+    path = write_jobs(folder, f"""\
+        meta: {{batch_name: huge, namespace: lab}}
+        shell:
+          initialize:
+            required_files: [{folder / 'big.bin'}]
+          jobs:
+            - {{name: a, command: 'true'}}
+        """)
+    small_node.wait_nodes_up(1)
+    small_node.cli("add", path)
+    wait_until(lambda: "no space on here: need 40.0 MiB" in small_node.log.read_text(), 60,
+               "the head to log the node's refusal")
+    log = small_node.log.read_text()
+    assert "Broken pipe" not in log and "Traceback" not in log
