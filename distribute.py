@@ -570,6 +570,13 @@ IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z
 IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
 
 
+def image_problem(image: str) -> Optional[str]:
+    """Why `image` cannot be given to `docker run` (None when it is a reference or an image id)."""
+    if IMAGE_REF_RE.match(image) or re.match(r"sha256:[0-9a-f]{64}\Z", image):
+        return None
+    return f"{one_line(repr(image))[:200]} is not an image reference (like docker.io/you/solver:1.0)"
+
+
 def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
     """(the archive to send or None, the image reference to run)."""
     import yaml
@@ -605,8 +612,7 @@ def image_archive_reference(path: str, y: _Y) -> str:
     config = str(manifest[0].get("Config", ""))
     digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
     reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
-    if reference.startswith("sha256:") and not re.match(r"[0-9a-f]{64}\Z", digest) \
-            or not reference.startswith("sha256:") and not IMAGE_REF_RE.match(reference):
+    if image_problem(reference):
         raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
     return reference
 
@@ -6502,6 +6508,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 
@@ -6602,6 +6609,11 @@ def check_batch_plan(value: Any) -> BatchPlan:
         problem = mount_problem(_check("plan.mounts", mount, str))
         if problem:
             raise UserError(f"plan.mounts: {problem}")
+    if plan.flavour in CONTAINER_ENGINES or plan.image is not None:     # an engine's argument: never an option
+        problem = image_problem(_check("plan.image", plan.image, str)) if plan.flavour in CONTAINER_ENGINES \
+            else "only docker and podman batches have one"
+        if problem:
+            raise UserError(f"plan.image: {problem}")
     return plan
 
 

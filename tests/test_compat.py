@@ -721,3 +721,33 @@ def test_original_slurm_command_line_writes_the_folder(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "alice@hpc.example:runs/boxes/" in (tmp_path / "out" / "upload.sh").read_text()
     assert "note: the original's `slurm OUTDIR [FILE]" in one_line(result.stderr)
+
+
+def test_the_head_refuses_a_raw_image_that_would_be_an_engine_option(local_head):
+    """A raw client skips the job-file loader: the head itself checks the image it will hand to
+    `docker run` (no `--privileged`, no `-v /:/host`), and forget/du requests are checked too."""
+    import asyncio
+    import dataclasses
+
+    async def ask(header):
+        reader, writer = await asyncio.open_unix_connection(str(local_head.socket))
+        channel = distribute.Channel(reader, writer)
+        try:
+            return (await asyncio.wait_for(channel.request(header), 20))[0]
+        finally:
+            channel.close()
+
+    def raw_add(flavour, image):
+        plan = dataclasses.asdict(distribute.BatchPlan("evil", "raw", flavour, image=image))
+        job = {"name": "a", "files": [], "command": None, "has_script": False, "params": None}
+        return {"op": "add", "plan": plan, "jobs": [{"plan": job, "retries": 0}], "capabilities": []}
+
+    for header, expected in ((raw_add("docker", "--privileged"), "plan.image: '--privileged' is not an image reference"),
+                             (raw_add("podman", "-v/:/host"), "is not an image reference"),
+                             (raw_add("docker", None), "plan.image must be text"),
+                             (raw_add("shell", "docker.io/a/b"), "plan.image: only docker and podman batches have one"),
+                             ({"op": "forget", "batch": ["x"]}, "batch must be text"),
+                             ({"op": "forget", "batch": "x", "dry": "yes"}, "dry must be true/false")):
+        reply = asyncio.run(ask(header))
+        assert reply.get("ok") is False and expected in reply["error"], (header, reply)
+    assert not any(b["batch"] == "evil/raw" for b in local_head.status()["batches"])
