@@ -434,7 +434,7 @@ def read_yaml(path: str) -> _Y:
         where = f"{path}:{mark.line + 1}" if mark else path
         tab = yaml_tab_problem(text, mark)
         if tab:
-            raise UserError(f"{path}: {tab}") from None
+            raise UserError(f"{where}: {tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -7474,7 +7474,7 @@ def read_client_config() -> Dict[str, str]:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         if yaml_tab_problem(text, mark):
-            raise UserError(f"{path}: {yaml_tab_problem(text, mark)}") from None
+            raise UserError(f"{path}{where}: {yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
