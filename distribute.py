@@ -1521,6 +1521,31 @@ def remove_tree(path: PathLike) -> None:
             remove_at(fd, os.path.basename(path))
 
 
+_LIBC = []
+
+
+def sync_file_system(path: PathLike) -> None:
+    """Put everything written on the file system holding `path` on stable storage (Linux
+    syncfs(2): one call for all the files and folders of many landed results; os.sync()
+    where it is missing)."""
+    if not _LIBC:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _LIBC.append(getattr(libc, "syncfs", None))
+    syncfs = _LIBC[0]
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
+
+
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
     return inside(Path(archive), namespace, batch)
 
@@ -2450,12 +2475,12 @@ class TimelineSpan:
 class Store:
     """The head's database.  One connection, used from the event loop only.
 
-    WAL with synchronous=NORMAL, and FULL for durable transactions.  NORMAL may lose the
-    last commits in a power cut (never corrupt the store): a lost claim only means a
-    job is queued again, and the node's stale copy is stopped when it reconnects.  The
-    commit that notes a result as archived is durable (fsynced, about 1 ms) before the
-    node is told to delete its copy, so a result both sides consider archived is on
-    disk on the head."""
+    WAL with synchronous=NORMAL.  NORMAL may lose the last commits in a power cut (never
+    corrupt the store): a lost claim only means a job is queued again, and the node's
+    stale copy is stopped when it reconnects.  Before a node is told to delete a result,
+    DurableAcks flushes the store's file system with the archive's, so a result both
+    sides consider archived is on disk on the head.  `transaction(durable=True)` makes
+    one commit FULL (fsynced) by itself."""
 
     def __init__(self, path: Path):
         import sqlite3
@@ -3157,16 +3182,74 @@ def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
                     tar.add(path, arcname=name, recursive=False)
 
 
+async def in_own_thread(function, *args: Any) -> Any:
+    """Run a blocking function in a thread of its own and await its result.  Transfers use
+    this rather than the loop's shared pool: a tar thread waits for data that only the event
+    loop hands it, so a pool filled with such threads (six slow uploads) would wait forever."""
+    import asyncio
+    import threading
+    loop = asyncio.get_event_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:          # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+    threading.Thread(target=work, name=getattr(function, "__name__", "transfer"), daemon=True).start()
+    return await future
+
+
+async def fd_ready(fd: int, writable: bool) -> None:
+    """Wait until a non-blocking pipe end can be read (or written) without blocking."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def read_pipe(fd: int, size: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            await fd_ready(fd, writable=False)
+
+
+async def write_pipe(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await fd_ready(fd, writable=True)
+
+
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
     Large files never sit in memory: a thread writes the tar into a pipe."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
-    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    os.set_blocking(read_fd, False)
+    producer = asyncio.ensure_future(in_own_thread(write_entries_to_fd, write_fd, entries))
     try:
         while True:
-            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            chunk = await read_pipe(read_fd, 1 << 20)
             if not chunk:
                 break
             writer.write(chunk)
@@ -3206,10 +3289,10 @@ def extract_then_close(source, dest: Path) -> int:
 async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
     """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -3217,9 +3300,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
                 break
             if on_bytes is not None:
                 on_bytes(len(chunk))
-            view = memoryview(chunk)
-            while view:
-                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+            await write_pipe(write_fd, chunk)
     finally:
         os.close(write_fd)
         try:
@@ -5465,6 +5546,82 @@ class NodeLink:
                 await self.channel.send(header)
 
 
+class TransferGate:
+    """Bounds the uploads a head receives at once: `total` in all and `each` per user; more wait
+    their turn (queued, never refused), and a user's waiting uploads hold no place of another's."""
+
+    def __init__(self, total: int = 64, each: int = 16):
+        self.limits = (total, each)
+        self.total = None
+        self.users: Dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, user: str):
+        import asyncio
+        if self.total is None:
+            self.total = asyncio.Semaphore(self.limits[0])
+        mine = self.users.setdefault(user, asyncio.Semaphore(self.limits[1]))
+        async with mine:
+            async with self.total:
+                yield
+
+
+class DurableAcks:
+    """A node deletes its copy of a result when the head acknowledges it, so the head first puts
+    the archived files and the store's record of them on stable storage.  Results landed
+    within a few milliseconds of each other share one flush (syncfs of the archive's and the
+    state folder's file systems, in a thread of its own): one flush per job would cost the
+    event loop several milliseconds each.  A failing flush sends nothing and is tried again;
+    the results wait on their nodes meanwhile."""
+
+    def __init__(self, folders: List[Path], flush=sync_file_system):
+        seen, self.folders = set(), []
+        for folder in folders:                      # one flush per file system
+            device = os.stat(folder).st_dev
+            if device not in seen:
+                seen.add(device)
+                self.folders.append(folder)
+        self.flush = flush
+        self.pending: Dict[Any, List[str]] = {}     # link -> run ids landed, not yet acknowledged
+        self._ready = None
+
+    def add(self, link: Any, run_id: str) -> None:
+        import asyncio
+        self.pending.setdefault(link, []).append(run_id)
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+
+    def flush_all(self) -> None:
+        for folder in self.folders:
+            self.flush(folder)
+
+    async def run(self) -> None:
+        """The head's task: flush, then acknowledge everything landed before the flush."""
+        import asyncio
+        backoff = 0.5
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self.pending = self.pending, {}
+            try:
+                await in_own_thread(self.flush_all)
+            except OSError as exc:
+                log(f"archive: cannot flush to disk ({exc}); results stay on their nodes, trying again "
+                    f"in {backoff:.0f}s")
+                for link, run_ids in batch.items():
+                    self.pending.setdefault(link, [])[:0] = run_ids
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self._ready.set()
+                continue
+            backoff = 0.5
+            for link, run_ids in batch.items():
+                await link.tell({"op": "ack", "run_ids": run_ids})
+
+
 class Head:
     """The scheduler, archivist and API server; see the section comment."""
 
@@ -5487,6 +5644,8 @@ class Head:
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
         self._local_build: Optional[str] = None
+        self.acks = DurableAcks([config.archive, config.state])
+        self.uploads = TransferGate()
         self._wake = None
         self.matrix = None
 
@@ -5504,6 +5663,7 @@ class Head:
         server = await self.start_api()
         tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
         tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
+        tasks.append(asyncio.ensure_future(self.acks.run()))
         log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
             f"archive {self.config.archive}")
         try:
@@ -5768,7 +5928,7 @@ class Head:
         if self.store.run_id_of(job.id) != run_id:
             return
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction(durable=True):     # on disk before the node drops its copy
+        with self.store.transaction():          # flushed by self.acks before the node drops its copy
             self.store.set_progress(job.id, header.get("progress"))
             if state == "failed" and job.attempts <= job.retries and batch.state == "active":
                 self.store.requeue(job.id, count_attempt=True)
@@ -5778,7 +5938,7 @@ class Head:
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
-        await link.tell({"op": "ack", "run_ids": [run_id]})
+        self.acks.add(link, run_id)
         self.release_build_if_done(link, batch)
         self.maybe_finish_batch(batch)
         self.wake()         # the slot is free now; a spawned fetch ends long after its event's wake
@@ -5950,8 +6110,9 @@ class Head:
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
         try:
-            await channel.send({"ok": True, "send": True})
-            await receive_tar(channel.reader, incoming)
+            async with self.uploads.slot(user["name"]):
+                await channel.send({"ok": True, "send": True})
+                await receive_tar(channel.reader, incoming)
             if existing is not None:
                 await self.kill_batch(existing)
                 self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
@@ -6180,10 +6341,11 @@ class Head:
         wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
         await channel.send({"ok": True, "same": same, "stream": True})
         read_fd, write_fd = os.pipe()
-        producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
+        os.set_blocking(read_fd, False)
+        producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
         try:
             while True:
-                chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+                chunk = await read_pipe(read_fd, 1 << 20)
                 if not chunk:
                     break
                 channel.writer.write(chunk)
