@@ -5547,8 +5547,9 @@ class NodeLink:
 
 
 class TransferGate:
-    """Bounds the uploads a head receives at once: `total` in all and `each` per user; more wait
-    their turn (queued, never refused), and a user's waiting uploads hold no place of another's."""
+    """Bounds the uploads and pulls a head serves at once: `total` in all and `each` per user;
+    more wait their turn (queued, never refused), and a user's waiting ones hold no place of
+    another's.  (Result fetches are bounded by the nodes' slots.)"""
 
     def __init__(self, total: int = 64, each: int = 16):
         self.limits = (total, each)
@@ -5645,7 +5646,7 @@ class Head:
         self.program = program_bytes(config.pyz)
         self._local_build: Optional[str] = None
         self.acks = DurableAcks([config.archive, config.state])
-        self.uploads = TransferGate()
+        self.transfers = TransferGate()
         self._wake = None
         self.matrix = None
 
@@ -6110,7 +6111,7 @@ class Head:
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
         try:
-            async with self.uploads.slot(user["name"]):
+            async with self.transfers.slot(user["name"]):
                 await channel.send({"ok": True, "send": True})
                 await receive_tar(channel.reader, incoming)
             if existing is not None:
@@ -6339,20 +6340,21 @@ class Head:
             check_archive_rel(rel)                      # a UserError before anything is sent
         # hashing may read gigabytes: not on the loop that serves everyone else
         wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
-        await channel.send({"ok": True, "same": same, "stream": True})
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(read_fd, False)
-        producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
-        try:
-            while True:
-                chunk = await read_pipe(read_fd, 1 << 20)
-                if not chunk:
-                    break
-                channel.writer.write(chunk)
-                await channel.writer.drain()
-        finally:
-            os.close(read_fd)
-            await producer
+        async with self.transfers.slot(user["name"]):
+            await channel.send({"ok": True, "same": same, "stream": True})
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
+            try:
+                while True:
+                    chunk = await read_pipe(read_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    channel.writer.write(chunk)
+                    await channel.writer.drain()
+            finally:
+                os.close(read_fd)
+                await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
 
