@@ -203,7 +203,8 @@ def human_bytes(size: float) -> str:
 # "file:line: key: what is wrong" and stops before anything is sent anywhere.
 # ---------------------------------------------------------------------------
 
-FLAVOURS = ("python", "apptainer", "shell")
+FLAVOURS = ("python", "apptainer", "shell", "docker", "podman")
+CONTAINER_ENGINES = ("docker", "podman")     # flavours named after the engine that runs them
 SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per_cpu", "hint",
               "time", "partition", "account", "mail_user", "mail_type")
 
@@ -262,6 +263,7 @@ class JobFile:
     initial_files: List[FileSpec] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)   # apptainer required_mounts
     slurm: Optional[SlurmOptions] = None
+    image: Optional[str] = None              # docker/podman: the image to run (build: its archive, if any)
 
     def shared_files(self) -> List[FileSpec]:
         """Files every job of the batch needs: sent to a node once."""
@@ -286,6 +288,7 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
 
     @property
     def is_local(self) -> bool:
@@ -392,6 +395,19 @@ class _Y:
             raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
+def yaml_tab_problem(text: str, mark) -> Optional[str]:
+    """A YAML error caused by a tab in the indentation, said so (PyYAML only says
+    "found character that cannot start any token")."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    if "\t" not in line[:mark.column + 1]:
+        return None
+    return (f"tab character at line {mark.line + 1}: YAML indents with spaces; replace the tab at column "
+            f"{line.index(chr(9)) + 1} with spaces")
+
+
 def read_yaml(path: str) -> _Y:
     """Parse a YAML file into a located node tree; every failure is a one-line UserError."""
     import yaml
@@ -416,6 +432,9 @@ def read_yaml(path: str) -> _Y:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
+        tab = yaml_tab_problem(text, mark)
+        if tab:
+            raise UserError(f"{path}: {tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -505,10 +524,14 @@ def _meta(y: _Y) -> Meta:
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
-              "shell": ("build", "required_files")}
+              "shell": ("build", "required_files"),
+              "docker": ("image", "required_files", "required_mounts"),
+              "podman": ("image", "required_files", "required_mounts")}
 _JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
              "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params")}
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params"),
+             "docker": ("name", "required_files", "retries", "slurm", "params"),
+             "podman": ("name", "required_files", "retries", "slurm", "params")}
 
 
 def _job(y: _Y, flavour: str, base: Path) -> Job:
@@ -539,6 +562,61 @@ def _mount(y: _Y) -> str:
     return mount
 
 
+# docker/podman images: a registry reference, or an image archive (`docker save`, also
+# gzipped) that travels with the batch and is `load`ed on each node.  The reference
+# an archive loads as comes from its manifest.json, read here on the submitting machine.
+IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def image_problem(image: str) -> Optional[str]:
+    """Why `image` cannot be given to `docker run` (None when it is a reference or an image id)."""
+    if IMAGE_REF_RE.match(image) or re.match(r"sha256:[0-9a-f]{64}\Z", image):
+        return None
+    return f"{one_line(repr(image))[:200]} is not an image reference (like docker.io/you/solver:1.0)"
+
+
+def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
+    """(the archive to send or None, the image reference to run)."""
+    import yaml
+    if isinstance(y.node, yaml.ScalarNode):
+        text = y.text()
+        local = (base / text) if not os.path.isabs(text) else Path(text)
+        if not text.lower().endswith(IMAGE_ARCHIVE_SUFFIXES) and not local.is_file():
+            if not IMAGE_REF_RE.match(text):
+                raise y.fail(f"{text!r} is neither an image reference (like docker.io/you/solver:1.0) "
+                             "nor an image archive file")
+            return None, text
+    spec = _file_spec(y, base)
+    return spec, image_archive_reference(spec.path, y)
+
+
+def image_archive_reference(path: str, y: _Y) -> str:
+    """The name an image archive loads as: its first tag, else its image id (sha256:...)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name in ("manifest.json", "./manifest.json"):
+                    manifest = json.load(tar.extractfile(member))
+                    break
+            else:
+                manifest = None
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise y.fail(f"{path} is not an image archive ({one_line(str(exc)) or type(exc).__name__}); "
+                     "make one with `docker save -o FILE.tar IMAGE`") from None
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise y.fail(f"{path} has no docker manifest.json; make the archive with `docker save -o FILE.tar IMAGE` "
+                     "(or `podman save`)")
+    tags = manifest[0].get("RepoTags") or []
+    config = str(manifest[0].get("Config", ""))
+    digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
+    reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
+    if image_problem(reference):
+        raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
+    return reference
+
+
 def load_job_file(path: str) -> JobFile:
     """Read and check a distribute-jobs.yaml; raises UserError naming file, line and key."""
     root = read_yaml(path)
@@ -565,6 +643,16 @@ def load_job_file(path: str) -> JobFile:
         batch.build = _file_spec(init["sif"], base)
         batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
             if "required_mounts" in init else []
+    elif flavour in CONTAINER_ENGINES:
+        if "image" not in init or init["image"].is_null():
+            raise (section.get("initialize") or keys[flavour]).fail(
+                "missing required key 'image' (a registry reference like docker.io/you/solver:1.0, "
+                "or an image archive file made by `docker save`)")
+        batch.build, batch.image = _container_image(init["image"], base)
+        batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
+            if "required_mounts" in init else []
+        if flavour not in batch.meta.capabilities:      # only nodes where the engine answers
+            batch.meta.capabilities.append(flavour)
     elif "build" in init:
         batch.build_command = init["build"].optional_text()
     batch.initial_files = _file_list(init.get("required_files"), base)
@@ -589,6 +677,38 @@ def load_job_file(path: str) -> JobFile:
     return batch
 
 
+# The original distribute's nodes files: `ip` for the host, a name optional, and the
+# TCP ports its own protocol needed.  SSH needs none of them: they are accepted and
+# ignored (`serve` and `nodes --check` say so once).
+ORIGINAL_PORT_KEYS = ("transport_port", "keepalive_port", "cancel_port")
+ORIGINAL_NODE_KEYS = ("ip",) + ORIGINAL_PORT_KEYS
+
+
+def _original_node_keys(item: _Y, keys: Dict[str, _Y]) -> Dict[str, _Y]:
+    """`ip` becomes `host` (and the name, when none is given); port keys must be port numbers."""
+    if "ip" in keys:
+        if "host" in keys:
+            raise keys["ip"].fail("give either host or ip (the original's name for it), not both")
+        keys["host"] = keys.pop("ip")
+        keys.setdefault("name", keys["host"])
+    for key in ("name", "host"):
+        if key not in keys or keys[key].is_null():
+            raise item.fail(f"missing required key {key!r}")
+    for key in ORIGINAL_PORT_KEYS:
+        if key in keys and not keys[key].is_null() and keys[key].integer(minimum=1) > 65535:
+            raise keys[key].fail("must be at most 65535")
+    return keys
+
+
+def original_ports_note(nodes: List[NodeSpec]) -> Optional[str]:
+    """One note line when the nodes file carries the original's port keys, else None."""
+    keys = sorted({key for node in nodes for key in node.ignored}, key=ORIGINAL_PORT_KEYS.index)
+    if not keys:
+        return None
+    return (f"note: {', '.join(keys)} in the nodes file are ignored: the head reaches every node over "
+            "SSH (port 22, or the node's `port:`), so no other port needs to be open")
+
+
 def load_nodes_file(path: str) -> List[NodeSpec]:
     """Read and check a distribute-nodes.yaml."""
     root = read_yaml(path)
@@ -598,10 +718,11 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir"),
-                            required=("name", "host"))
+                             "pause_dir") + ORIGINAL_NODE_KEYS)
+        keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
-                        capabilities=_capabilities(keys.get("capabilities")))
+                        capabilities=_capabilities(keys.get("capabilities")),
+                        ignored=[k for k in ORIGINAL_PORT_KEYS if k in keys])
         if not re.match(r"[A-Za-z0-9_.:\[\]-]+\Z", node.host) or node.host.startswith("-"):
             raise keys["host"].fail(f"{node.host!r} is not a host name")
         if "user" in keys and not keys["user"].is_null():
@@ -725,7 +846,8 @@ class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
     `build` is the python flavour's build file, `build_command` the shell one's,
-    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    `sif` the apptainer image, `image` the docker/podman one (a registry reference,
+    or File(archive)); paths may be str, Path or File (with an alias).
     """
     namespace: str
     name: str
@@ -739,8 +861,10 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    image: Any = None
 
-    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
+                 ("mounts", "apptainer docker podman"), ("image", "docker podman"))
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -748,8 +872,8 @@ class Batch:
         for what, value in (("namespace", self.namespace), ("name", self.name)):
             _check_api_name(value, f"Batch {what}")
         for attr, owner in self._ONLY_FOR:
-            if getattr(self, attr) and self.flavour != owner:
-                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+            if getattr(self, attr) and self.flavour not in owner.split():
+                raise UserError(f"{self.label}: {attr}= is only for {owner.replace(' ', '/')} batches")
         self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
         self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
         self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
@@ -822,7 +946,9 @@ class Batch:
                     build_command=loaded.build_command,
                     sif=_file_of(loaded.build) if apptainer and loaded.build else None,
                     initial_files=[_file_of(spec) for spec in loaded.initial_files],
-                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+                    mounts=list(loaded.mounts), slurm=loaded.slurm,
+                    image=(_file_of(loaded.build) if loaded.build else loaded.image)
+                    if loaded.flavour in CONTAINER_ENGINES else None)
         for job in loaded.jobs:
             batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
                           files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
@@ -851,6 +977,8 @@ class Batch:
             init["build"] = self.build_command
         if self.sif is not None:
             init["sif"] = _file_entry(self.sif, folder)
+        if self.image is not None:
+            init["image"] = _file_entry(self.image, folder) if isinstance(self.image, File) else str(self.image)
         if self.initial_files:
             init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
         if self.mounts:
@@ -1220,12 +1348,13 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    image: Optional[str] = None             # docker/podman: the reference to run
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts))
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image)
 
 
 @dataclass
@@ -1313,6 +1442,10 @@ class Workspace:
             return [python, plan.build_alias or "build.py"]
         if plan.flavour == "shell" and plan.build_command:
             return ["/bin/sh", "-c", plan.build_command]
+        if plan.flavour in CONTAINER_ENGINES:     # fetch the image once per node and batch
+            if plan.build_alias:
+                return [plan.flavour, "load", "--input", plan.build_alias]
+            return [plan.flavour, "pull", plan.image or ""]
         return None     # apptainer: the image is the build
 
     def job_argv(self, plan: BatchPlan, job: JobPlan, python: str, cpus: int) -> List[str]:
@@ -1320,6 +1453,8 @@ class Workspace:
             return [python, "job.py"]
         if plan.flavour == "shell":
             return ["/bin/sh", "-c", job.command or ""]
+        if plan.flavour in CONTAINER_ENGINES:
+            return container_argv(self, plan, cpus)
         return apptainer_argv(self, plan, cpus)
 
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
@@ -1339,6 +1474,32 @@ def apptainer_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
     return ["apptainer", "run", "--app", "distribute", "--bind", ",".join(binds),
             str(ws.root / (plan.build_alias or "image.sif")), str(cpus)]
+
+
+CONTAINER_ENV = ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS")
+
+
+def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
+    """Run as the node account, so what the job writes is its files, not root's.  Rootless
+    podman maps that account to itself with keep-id (rootful podman cannot)."""
+    if engine == "podman" and uid != 0:
+        return ["--userns=keep-id", "--user", f"{uid}:{gid}"]
+    return ["--user", f"{uid}:{gid}"]
+
+
+def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
+    """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
+    are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
+    # --init: the engine's tiny init is PID 1 and passes a kill's SIGTERM on to the job (a job
+    # that is PID 1 itself would ignore it, and outlive `kill` once the client is SIGKILLed)
+    argv = [plan.flavour, "run", "--rm", "--init"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    for name in CONTAINER_ENV:
+        argv += ["--env", name]
+    binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
+    binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
+    for bind in binds:
+        argv += ["--volume", bind]
+    return argv + [plan.image or "", str(cpus)]
 
 
 def read_progress(path: Path) -> Optional[float]:
@@ -2160,6 +2321,8 @@ def slurm_job_command(batch: JobFile) -> str:
     for index, mount in enumerate(batch.mounts):
         binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
     binds += '"'
+    if batch.flavour in CONTAINER_ENGINES:      # clusters have apptainer, which runs registry images
+        return f'apptainer run --bind {binds} {shlex.quote("docker://" + (batch.image or ""))} "$cpus"'
     sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
     return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
 
@@ -2179,7 +2342,7 @@ def run_task_script(batch: JobFile) -> str:
     if batch.flavour == "python":
         prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
     check = ""
-    if batch.flavour == "apptainer":
+    if batch.flavour in ("apptainer",) + CONTAINER_ENGINES:
         check = ('case $task in *[,:]*)\n'
                  '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
                  '    exit 1 ;;\nesac\n')
@@ -2311,6 +2474,11 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
                        throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
     """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
     check_slurm_options(batch)
+    if batch.flavour in CONTAINER_ENGINES and batch.build is not None:
+        raise UserError(f"{batch.path}: slurm cannot run the image archive {batch.build.alias}: Slurm clusters "
+                        f"run containers with apptainer, which takes registry images; push the image and give "
+                        f"initialize.image as a reference, or build a .sif from it (`apptainer build image.sif "
+                        f"docker-archive:{batch.build.alias}`) and use an apptainer: section")
     if throttle is not None and throttle < 1:
         raise UserError(f"--throttle must be at least 1, not {throttle}")
     arrays = plan_slurm_arrays(batch, max_array_size)
@@ -2665,6 +2833,25 @@ class Store:
             self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
         else:
             self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+    # forget and du
+    def forget_batch(self, namespace: str, name: str) -> int:
+        """Delete every record of NAMESPACE/NAME (replaced runs of it too); returns how many jobs."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
+                                                 (namespace, name))]
+            jobs = 0
+            for batch_id in ids:
+                jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM spans WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+        return jobs
+
+    def batch_owners(self) -> Dict[Tuple[str, str], Tuple[str, str]]:
+        """{(namespace, name): (owner, state)} of every batch that was not replaced."""
+        return {(ns, name): (owner, state) for ns, name, owner, state in self.db.execute(
+            "SELECT namespace, name, owner, state FROM batches WHERE state != 'replaced' ORDER BY id")}
 
 
 class _Transaction:
@@ -3914,6 +4101,18 @@ PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gc
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
+def engine_answers(engine: str, timeout: float = 5.0) -> bool:
+    """Whether a container engine works here, not just lies on PATH: `docker version` needs
+    the daemon and the right to use it; `podman version` a usable user setup."""
+    if not shutil.which(engine):
+        return False
+    try:
+        return subprocess.run([engine, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def machine_identity() -> Dict[str, str]:
     """Which machine this is: its machine id (systemd's; DISTRIBUTE_MACHINE_ID first, for
     containers and test labs whose "machines" share one kernel), boot id and hostname."""
@@ -3970,7 +4169,8 @@ def shared_workdir_message(workdir: str, other_host: Any) -> str:
 
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
-    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    caps = [tool for tool in PROBED_TOOLS if tool not in CONTAINER_ENGINES and shutil.which(tool)]
+    caps += [engine for engine in CONTAINER_ENGINES if engine_answers(engine)]
     gpus = 0
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(Exception):
@@ -6080,7 +6280,7 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head")
+            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
         return self.batches.get(batch.id, batch)
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
@@ -6358,6 +6558,74 @@ class Head:
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
 
+    async def api_forget(self, channel, user, header, payload):
+        """Delete an ended batch's archive folder and records (owner or admin); `dry` only
+        checks and says what would go."""
+        import asyncio
+        batch = self.lookup_batch(str(header.get("batch", "")))
+        self.check_owner(user, batch, "forget")
+        counts = self.batch_counts(batch.id)
+        if batch.state == "active" or counts.get("queued") or counts.get("running"):
+            raise UserError(f"{batch.key} is still active ({counts.get('queued', 0)} queued, "
+                            f"{counts.get('running', 0)} running): wait for it to end, or "
+                            f"`distribute kill {batch.key}` first")
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files, size = await asyncio.get_event_loop().run_in_executor(None, folder_usage, root)
+        if not header.get("dry"):
+            if root.exists():
+                gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
+                os.rename(root, gone)
+                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+            self.store.forget_batch(batch.namespace, batch.name)
+            self.batches.pop(batch.id, None)
+            self.queued.pop(batch.id, None)
+            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
+        await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
+                            "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})
+
+    async def api_du(self, channel, user, header, payload):
+        """Space the archive takes, per namespace and batch."""
+        import asyncio
+        usage = await asyncio.get_event_loop().run_in_executor(None, archive_usage, self.config.archive)
+        owners = self.store.batch_owners()
+        for namespace in usage:
+            for entry in namespace["batches"]:
+                owner, state = owners.get((namespace["namespace"], entry["batch"].split("/", 1)[1]),
+                                          (None, "unknown"))
+                entry.update(owner=owner, state=state)
+        await channel.send({"ok": True, "archive": str(self.config.archive), "namespaces": usage,
+                            "bytes": sum(n["bytes"] for n in usage)})
+
+
+def folder_usage(root: Path) -> Tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed; (0, 0) when it does not exist."""
+    files = size = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+    return files, size
+
+
+def archive_usage(archive: Path) -> List[Dict[str, Any]]:
+    """[{namespace, bytes, files, batches: [{batch, bytes, files}]}], biggest first."""
+    out = []
+    for ns_dir in sorted(Path(archive).iterdir()) if Path(archive).is_dir() else []:
+        if not ns_dir.is_dir() or ns_dir.is_symlink() or ns_dir.name.startswith("."):
+            continue
+        batches = []
+        for batch_dir in sorted(ns_dir.iterdir()):
+            if batch_dir.is_dir() and not batch_dir.is_symlink() and not batch_dir.name.startswith("."):
+                files, size = folder_usage(batch_dir)
+                batches.append({"batch": f"{ns_dir.name}/{batch_dir.name}", "bytes": size, "files": files})
+        batches.sort(key=lambda b: -b["bytes"])
+        out.append({"namespace": ns_dir.name, "bytes": sum(b["bytes"] for b in batches),
+                    "files": sum(b["files"] for b in batches), "batches": batches})
+    out.sort(key=lambda n: -n["bytes"])
+    return out
+
 
 def remove_unfinished_uploads(files: Path) -> None:
     """The `.incoming-*` folders of uploads a killed head was receiving: never a batch's files."""
@@ -6404,6 +6672,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 
@@ -6504,6 +6773,11 @@ def check_batch_plan(value: Any) -> BatchPlan:
         problem = mount_problem(_check("plan.mounts", mount, str))
         if problem:
             raise UserError(f"plan.mounts: {problem}")
+    if plan.flavour in CONTAINER_ENGINES or plan.image is not None:     # an engine's argument: never an option
+        problem = image_problem(_check("plan.image", plan.image, str)) if plan.flavour in CONTAINER_ENGINES \
+            else "only docker and podman batches have one"
+        if problem:
+            raise UserError(f"plan.image: {problem}")
     return plan
 
 
@@ -6571,11 +6845,53 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
     return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
 
 
+def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """Why the SSH connection to the head failed, and what to do, in the user's terms."""
+    import asyncio
+    import errno
+    asyncssh = import_asyncssh()
+    login = f"{user + '@' if user else ''}{host}"
+    where = f"{host}:{port or 22}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
+                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
+                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
+                f"or add it with `{keyscan}`")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+    if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+                "the head's sshd uses another)")
+    if isinstance(exc, socket.gaierror):
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"the head {where} did not answer: is the machine up and on this network?"
+    return SshTransport(NodeSpec("head", host)).describe_error(exc)
+
+
+def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
+    """The head's machine answered, but nothing serves the API socket there."""
+    if "prohibited" in reason.lower():
+        return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
+                "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
+    where = f"{path} on {head}" if head else path
+    return (f"no head is running at {where}: is `distribute serve` running? If it is, the socket is "
+            "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
+            "adds you to its --group)")
+
+
 class HeadClient:
     """One connection to the head's API; each request opens its own channel on it."""
 
+    origin: Optional[str] = None      # where the head came from when not --head: named in errors
+
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+
+    def unreachable(self, message: str) -> Failed:
+        return Failed(message + (f"; {self.origin}" if self.origin else ""))
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -6592,12 +6908,10 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except FileNotFoundError:
-                raise Failed(f"no head listens on {path}") from None
+            except (FileNotFoundError, ConnectionRefusedError):
+                raise self.unreachable(head_socket_problem(path, None)) from None
             except PermissionError:
                 raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
-            except ConnectionRefusedError:
-                raise Failed(f"no head listens on {path} (stale socket)") from None
             return Channel(reader, writer)
         asyncssh = import_asyncssh()
         if self.conn is None:
@@ -6612,12 +6926,12 @@ class HeadClient:
                                                    compression_algs=None, **options)
                 await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
-                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+                raise self.unreachable(head_connect_problem(exc, user, host, port)) from None
         path = self.socket_path or REMOTE_SOCKET
         try:
             reader, writer = await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+            raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
 
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
@@ -6676,6 +6990,7 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
     async def go():
         client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        client.origin = ctx_obj.get("origin")
         try:
             return await work(client)
         finally:
@@ -7001,10 +7316,57 @@ def enable_commands(system: bool, written: Path) -> List[str]:
                    f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
 
 
+def serves_as(user: str, python: str, program: str) -> bool:
+    """Whether `user` can run the head as `python program` (3.10+, the program readable and
+    its imports there): tried for real, as that user, with the environment systemd gives."""
+    import pwd
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    try:
+        for argv in ([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"], [python, program, "--version"]):
+            if subprocess.run(argv, user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode != 0:
+                return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def service_python(user: str, python: str, program: str) -> Tuple[str, Optional[str]]:
+    """The python3 for ExecStart that `user` can run (root's pyenv python is not one), and a
+    note when it is not the one running now; none at all: a UserError saying what to do."""
+    candidates = [python] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                             if p != python and os.path.isfile(p)]
+    for candidate in candidates:
+        if serves_as(user, candidate, program):
+            note = None if candidate == python else (f"note: ExecStart uses {candidate}: {user} cannot run the head "
+                                                     f"with {python}")
+            return candidate, note
+    raise UserError(f"{user} cannot run the head with {' or '.join(candidates)} and {program} (a python3 of 3.10 "
+                    f"or newer that {user} may execute, and the program readable by {user}, are needed): put "
+                    f"distribute.pyz where {user} can read it and run `sudo /usr/bin/python3 distribute.pyz "
+                    "service install ...`")
+
+
+def group_member_problem(user: str, group: str) -> Optional[str]:
+    """The head gives its socket to --group: its account must be a member to do so."""
+    import grp
+    import pwd
+    try:
+        entry, account = grp.getgrnam(group), pwd.getpwnam(user)
+    except KeyError:
+        return None                 # service_argv names a missing group
+    if account.pw_gid == entry.gr_gid or user in entry.gr_mem or user == "root":
+        return None
+    return (f"the head's account {user} must be in --group {group} (it hands its socket to that group): "
+            f"`sudo usermod -aG {group} {user}`, then run this again")
+
+
 def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
                     archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
-                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
-    """Write the unit file; return where, and the commands to enable it."""
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str], List[str]]:
+    """Write the unit file; return where, the commands to enable it, and notes."""
     owner = service_user(user) if system else current_user()
     if system:
         state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
@@ -7013,8 +7375,16 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
         state_dir = Path(state).resolve() if state else default_state_dir().resolve()
         default_output = user_unit_path()
     archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
-    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
-                       owner if system else None,
+    argv, notes = service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), []
+    if group and group_member_problem(owner, group):
+        raise UserError(group_member_problem(owner, group))
+    if system and os.geteuid() == 0 and owner != "root":
+        argv[0], note = service_python(owner, argv[0], argv[1])
+        notes += [note] if note else []
+    if system and not group:
+        notes.append(f"note: only {owner} and root may use this head; to let the lab in, install again with "
+                     f"--group GROUP ({owner} and the lab's accounts in it)")
+    unit = ServiceUnit(argv, system, owner if system else None,
                        state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
     target = Path(output).resolve() if output else default_output
     try:
@@ -7026,7 +7396,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
     except PermissionError as exc:
         raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
                      "(sudo), or write the unit elsewhere with --output FILE") from None
-    return target, enable_commands(system, target)
+    return target, enable_commands(system, target), notes
 
 
 # --- `nodes --check`: what each node still needs, before the head reaches it --
@@ -7227,6 +7597,9 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
     path = nodes_file or NODES_FILE
     if not os.path.exists(path):
         raise UserError(f"no nodes file {path}: give --nodes FILE")
+    note = original_ports_note(load_nodes_file(path))
+    if note:
+        click.echo(note)
     checks = check_nodes(path, min_free)
     for check in checks:
         click.echo(check.line())
@@ -7240,7 +7613,7 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
 CONFIG_KEYS = ("head", "socket")
 # Commands that never talk to a head: a broken config file must not stop them
 # (above all `config`, which repairs it).
-COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "install", "node", "pause", "resume", "serve", "service", "run",
                          "template", "check", "slurm", "demo")
 
 
@@ -7264,6 +7637,8 @@ def read_client_config() -> Dict[str, str]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if yaml_tab_problem(text, mark):
+            raise UserError(f"{path}: {yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
@@ -7305,6 +7680,15 @@ def resolve_head(head: Optional[str], socket_path: Optional[str],
     return stored["head"], socket_path or stored.get("socket")
 
 
+def head_origin(head: Optional[str], given: Optional[str], from_environment: bool) -> Optional[str]:
+    """Where the head a command talks to came from, when the command line did not name it."""
+    if given is None and head is not None:
+        return f"the head {head} comes from {config_path()} (`distribute config --head` changes it)"
+    if from_environment and head is not None:
+        return f"the head {head} comes from $DISTRIBUTE_HEAD"
+    return None
+
+
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
@@ -7315,6 +7699,64 @@ def completion_script(shell: str) -> str:
     if completer is None:
         raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
     return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `install`: a `distribute` command (and completion) on this machine ---------
+# The pyz is copied to PREFIX/lib/distribute/ and PREFIX/bin/distribute runs it with
+# the python3 that ran `install`; completion goes where the user's shell finds it by
+# itself (zsh needs one fpath line, which is printed).  Running it again replaces the
+# same files: a way to upgrade too.
+
+WRAPPER = """#!/bin/sh
+# Written by `distribute install`; run it again to upgrade.
+exec {python} {program} "$@"
+"""
+
+
+def completion_target(shell: str, home: Path) -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "distribute",
+            "zsh": data / "zsh" / "site-functions" / "_distribute",
+            "fish": config / "fish" / "completions" / "distribute.fish"}[shell]
+
+
+def install_command(prefix: Path, shell: Optional[str]) -> List[str]:
+    """Install the command and the completion; return what to tell the user."""
+    prefix = prefix.expanduser().resolve()
+    home = Path.home()
+    shell = shell or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if shell not in COMPLETION_SHELLS:
+        raise UserError(f"no completion for the shell {shell!r}: give --shell {'|'.join(COMPLETION_SHELLS)}")
+    pyz = running_pyz()
+    if pyz:
+        program = prefix / "lib" / "distribute" / "distribute.pyz"
+        if os.path.abspath(pyz) != str(program):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(program, lambda tmp: shutil.copyfile(pyz, tmp))
+    else:
+        program = Path(os.path.abspath(__file__))     # from a source tree: run it where it is
+    command = prefix / "bin" / "distribute"
+    command.parent.mkdir(parents=True, exist_ok=True)
+    text = WRAPPER.format(python=shlex.quote(sys.executable), program=shlex.quote(str(program)))
+    write_atomically(command, lambda tmp: (tmp.write_text(text), tmp.chmod(0o755)))
+    completion = completion_target(shell, home)
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    script = completion_script(shell)
+    write_atomically(completion, lambda tmp: tmp.write_text(script))
+    lines = [f"installed {command} (runs {program} with {sys.executable})",
+             f"{shell} completion: {completion}"]
+    if shell == "zsh":
+        lines.append(f"zsh: put `fpath+=({completion.parent})` before `compinit` in ~/.zshrc once")
+    on_path = [os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.realpath(command.parent) not in on_path:
+        rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc", "fish": None}[shell]
+        lines.append(f"{command.parent} is not on your PATH: "
+                     + (f"fish_add_path {command.parent}" if rc is None else
+                        f"echo 'export PATH=\"{command.parent}:$PATH\"' >> {rc}") + ", then open a new shell")
+    else:
+        lines.append("open a new shell, then: distribute --help")
+    return lines
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
@@ -7661,6 +8103,34 @@ apptainer:
         "params_2.txt": "2\n",
     },
 }
+for _engine in CONTAINER_ENGINES:
+    TEMPLATES[_engine] = {
+        JOBS_FILE: f"""\
+# A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
+#   {_engine} run --rm --init --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+# The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
+meta:
+  batch_name: my_{_engine}_batch
+  namespace: my_name
+  capabilities: [{_engine}]       # nodes where `{_engine} version` works
+{_engine}:
+  initialize:
+    image: docker.io/your_name/solver:latest   # a registry reference, or an archive: solver.tar (`{_engine} save`)
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {{path: params_1.txt, alias: params.txt}}
+    - name: job_2
+      required_files:
+        - {{path: params_2.txt, alias: params.txt}}
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    }
 
 
 def write_template(flavour: str, output: str) -> List[Path]:
@@ -7700,8 +8170,10 @@ def find_job_file(path: Optional[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    given = head
     head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
-    ctx.obj = {"head": head, "socket": socket_path}
+    ctx.obj = {"head": head, "socket": socket_path, "origin": head_origin(
+        head, given, ctx.get_parameter_source("head") == click.core.ParameterSource.ENVIRONMENT)}
 
 
 @cli.command()
@@ -7798,6 +8270,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    if original_ports_note(nodes):
+        log(original_ports_note(nodes))
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
@@ -7973,6 +8447,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
 
     async def go():
         client = HeadClient(obj.get("head"), obj.get("socket"))
+        client.origin = obj.get("origin")
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)
@@ -8239,7 +8714,8 @@ def service_group() -> None:
               help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
                    "~/.local/state/distribute].")
 @click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
-@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the head's account must be in it too).")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--output", default=None, metavar="PATH",
               help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
@@ -8250,10 +8726,13 @@ def service_install(user, nodes_file, state, archive, group, matrix_config, outp
     """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
     if user and not system:
         raise UserError("--user names the account of a system unit; a --user-unit runs as you")
-    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    target, commands, notes = install_service(user, nodes_file, state, archive, group, matrix_config, output,
+                                              system)
     click.echo(f"wrote {target}; to start the head now and at every boot:")
     for line in commands:
         click.echo(f"  {line}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @cli.command(name="config")
@@ -8292,6 +8771,21 @@ def config_command(head, socket_path, unset, show) -> None:
         click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
 
 
+@cli.command(name="install")
+@click.option("--prefix", default="~/.local", show_default=True, metavar="DIR",
+              help="The command goes to DIR/bin, the program to DIR/lib/distribute.")
+@click.option("--shell", type=click.Choice(COMPLETION_SHELLS), default=None,
+              help="Whose completion to install [default: from $SHELL].")
+def install(prefix, shell) -> None:
+    """Put a `distribute` command (and shell completion) on this machine; again to upgrade."""
+    try:
+        lines = install_command(Path(prefix), shell)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename}: permission denied; choose a --prefix of yours") from None
+    for line in lines:
+        click.echo(line)
+
+
 @cli.command(name="completion")
 @click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
 def completion_command(shell) -> None:
@@ -8325,6 +8819,46 @@ def report(obj, batch, output) -> None:
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
 
 
+# `forget` and `du`: the archive does not only grow.
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("--yes", is_flag=True, help="Do not ask; delete at once.")
+@click.pass_obj
+def forget(obj, batch, yes) -> None:
+    """Delete an ended batch's archived results and its record on the head (owner or admin)."""
+    ask = {"op": "forget", "batch": batch, "dry": True}
+    if not yes:
+        found, _ = client_call(obj, ask)
+        prompt = (f"forget {found['batch']}: delete its {found['jobs']} jobs' records and its archive "
+                  f"({found['files']} files, {human_bytes(found['bytes'])}) on the head?")
+        try:
+            confirmed = click.confirm(prompt, default=False, err=True)
+        except click.exceptions.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UserError(f"not confirmed: {found['batch']} is kept (`forget --yes` deletes without asking)")
+    reply, _ = client_call(obj, dict(ask, dry=False))
+    click.echo(f"forgot {reply['batch']}: {reply['files']} files, {human_bytes(reply['bytes'])} freed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.pass_obj
+def du(obj, as_json) -> None:
+    """Show the space the head's archive takes, per namespace and batch."""
+    reply, _ = client_call(obj, {"op": "du"})
+    if as_json:
+        click.echo(json.dumps({k: reply[k] for k in ("archive", "bytes", "namespaces")}, indent=2))
+        return
+    for namespace in reply["namespaces"]:
+        click.echo(f"{human_bytes(namespace['bytes']):>10}  {namespace['namespace']}/")
+        for entry in namespace["batches"]:
+            who = ", ".join(x for x in (entry.get("owner"), entry.get("state")) if x)
+            click.echo(f"{human_bytes(entry['bytes']):>10}    {entry['batch']}  ({entry['files']} files; {who})")
+    click.echo(f"{human_bytes(reply['bytes']):>10}  in total, in {reply['archive']}")
+
+
 def _not_yet(name: str, help_text: str):
     @click.pass_context
     def command(ctx, **_):
@@ -8345,9 +8879,99 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
         _not_yet(_name, _help)
 
 
+# The original distribute's spellings: the ones with a meaning here are rewritten to
+# ours (with one note line, so people learn the new names); the others get one line
+# naming what to use instead.
+
+_ORIGINAL_RENAMED = {"server-status": "status", "node-status": "nodes"}
+_ORIGINAL_GONE = {
+    "server": "the head is `distribute serve --nodes distribute-nodes.yaml --archive DIR` here "
+              "(the original's --save-path is --archive; --temp-dir and --port are not needed)",
+    "client": "nodes run no `distribute client` here: list the machine in the head's nodes file and the "
+              "head starts what it needs over SSH (README: Coming from the original)",
+}
+_GLOBAL_OPTIONS = ("--head", "--socket")
+
+
+def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(our argv, notes) for a command line in the original's spelling: `server-status`,
+    `node-status [--nodes-file F]`, `--ip HOST [--port N]`, `pull ... include -i RE` /
+    `exclude -e RE`.  A command that has no counterpart here is a UserError naming ours."""
+    argv = list(argv)
+    index = 0                                   # the command: the first word after global options
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in _GLOBAL_OPTIONS else 1
+    if index >= len(argv):
+        return argv, []
+    command, rest, notes = argv[index], argv[index + 1:], []
+    if command in _ORIGINAL_GONE:
+        raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
+    if command == "help":                       # the original's `help [COMMAND]`
+        return argv[:index] + rest[:1] + ["--help"], []
+    if command in _ORIGINAL_RENAMED:
+        notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
+        if command == "node-status":
+            rest = _rename_option(rest, ("--nodes-file",), "--nodes")
+            if "--nodes" in rest or any(a.startswith("--nodes=") for a in rest):
+                rest = ["--check"] + rest
+        command = _ORIGINAL_RENAMED[command]
+    head: List[str] = []
+    if any(a == "--ip" or a.startswith("--ip=") for a in rest):
+        kept: List[str] = []
+        words = iter(rest)
+        for word in words:
+            if word == "--ip":
+                head = ["--head", next(words, "")]
+            elif word.startswith("--ip="):
+                head = ["--head", word[5:]]
+            elif word in ("-p", "--port"):      # the original's TCP port: SSH needs none
+                next(words, None)
+            elif not word.startswith("--port="):
+                kept.append(word)
+        rest = kept
+        notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pause" and rest and not rest[0].startswith("-"):
+        rest = ["--duration"] + rest
+        notes.append(f"`pause {rest[1]}` is `pause --duration {rest[1]}` here")
+    original_slurm = {"--cluster-username": "--cluster-user", "--cluster-address": "--cluster-host",
+                      "--cluster-upload-destination": "--cluster-dir"}
+    if command == "slurm" and any(a.partition("=")[0] in original_slurm for a in rest):
+        for old, new in original_slurm.items():
+            rest = _rename_option(rest, (old,), new)
+        words, positional, kept = iter(rest), [], []
+        for word in words:                      # the original took OUTDIR first, then the job file
+            if word.startswith("--cluster-") and "=" not in word:
+                kept += [word, next(words, "")]
+            elif word.startswith("-"):
+                kept.append(word)
+            else:
+                positional.append(word)
+        rest = kept + positional[::-1]
+        notes.append("the original's `slurm OUTDIR [FILE] --cluster-username/--cluster-address/"
+                     "--cluster-upload-destination` is `slurm [FILE] OUTDIR --cluster-user/--cluster-host/"
+                     "--cluster-dir` here")
+    if command == "pull" and ("include" in rest or "exclude" in rest):
+        rest = [word for word in rest if word not in ("include", "exclude")]
+        rest = _rename_option(rest, ("-i", "--include"), "--filter")
+        rest = _rename_option(rest, ("-e",), "--exclude")
+        notes.append("`pull include -i RE` / `exclude -e RE` are `pull --filter RE` / `--exclude RE` here")
+    return argv[:index] + head + [command] + rest, notes
+
+
+def _rename_option(words: List[str], old: Tuple[str, ...], new: str) -> List[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(new + eq + value if name in old else word)
+    return out
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
+        argv, notes = original_spelling(sys.argv[1:] if argv is None else argv)
+        if notes:
+            click.echo(f"distribute: note: {'; '.join(notes)}", err=True)
         code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
