@@ -3505,6 +3505,28 @@ def owner_decide(policy: OwnerPolicy, state: OwnerState, sample: OwnerSample, no
     return dataclasses.replace(state, busy_since=None, quiet_since=quiet_since)
 
 
+def describe_owner_policy(policy: OwnerPolicy) -> str:
+    """One line for logs: 'busy > 50% CPU for 30s, console idle < 5m, resume after 1m quiet, ...'."""
+    parts = []
+    if policy.busy_cpu is not None:
+        parts.append(f"busy > {policy.busy_cpu:g}% CPU for {format_duration(policy.busy_for)}")
+    if policy.console_idle is not None:
+        parts.append(f"console input within {format_duration(policy.console_idle)}"
+                     + (" (ssh logins too)" if policy.console_ssh else ""))
+    if parts:
+        parts.append(f"resume after {format_duration(policy.quiet)} quiet")
+    if policy.users is not None:
+        parts.append(f"users {', '.join(policy.users) or 'none'}")
+    for desk in policy.desk_hours:
+        parts.append(f"{desk.slots} slots on {','.join(_DAYS[d] for d in desk.days)} "
+                     f"{desk.start // 60:02d}:{desk.start % 60:02d}-{desk.end // 60:02d}:{desk.end % 60:02d}")
+    if policy.vacate_after is not None:
+        parts.append(f"vacate after {format_duration(policy.vacate_after)}")
+    if policy.vacate_gpu_at_once:
+        parts.append("vacate GPU jobs at once")
+    return ", ".join(parts) or "empty"
+
+
 def owner_vacates(policy: Optional[OwnerPolicy], paused_since: Optional[float], holds_gpu: bool,
                   now: float) -> bool:
     """Whether a running job of a node paused since `paused_since` must make room (run elsewhere)."""
@@ -3840,6 +3862,8 @@ class Supervisor:
             if "policy" in header:           # the nodes file's owner policy travels with the hello
                 policy = header["policy"]
                 self.policy = OwnerPolicy.from_dict(policy) if isinstance(policy, dict) else None
+                if self.policy is not None:
+                    log(f"supervisor: owner policy {describe_owner_policy(self.policy)}")
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
                     owner_slots=self.owner_slots, workspaces=self.workspaces(), protocol=PROTOCOL), b""
