@@ -3473,6 +3473,7 @@ class OwnerSample:
     top_user: str = ""               # who used most of it
     top_cpu: float = 0.0
     console: Optional[str] = None    # 'alice on pts/3 (ssh)' when a terminal of theirs is active
+    top_process: str = ""            # 'make (pid 1234)': the busiest counted process, for the log
 
 
 @dataclass
@@ -3571,6 +3572,7 @@ class OwnerProbe:
         table = process_table()
         ours = set(job_processes(job_roots, table)) | {os.getpid()}
         used: Dict[int, int] = {}
+        busiest = (0, 0)
         current: Dict[int, Tuple[int, int]] = {}
         for pid, proc in table.items():
             current[pid] = (proc.start, proc.ticks)
@@ -3583,6 +3585,7 @@ class OwnerProbe:
             uid = _proc_uid(pid)
             if uid is not None and self.counts(uid):
                 used[uid] = used.get(uid, 0) + delta
+                busiest = max(busiest, (delta, pid))
         elapsed = None if self.last_time is None else max(now - self.last_time, 1e-3)
         self.last, self.last_time = current, now
         sample = OwnerSample(console=self.console(table, now) if self.policy.console_idle is not None else None)
@@ -3591,6 +3594,7 @@ class OwnerProbe:
             top = max(used, key=used.get)
             sample.cpu = sum(used.values()) * scale
             sample.top_user, sample.top_cpu = _user_of_uid(top), used[top] * scale
+            sample.top_process = f"{table[busiest[1]].comm} (pid {busiest[1]}, ppid {table[busiest[1]].ppid})"
         return sample
 
     def console(self, table: Dict[int, ProcInfo], now: float) -> Optional[str]:
@@ -3797,9 +3801,11 @@ class Supervisor:
                 if policy.busy_cpu is not None or policy.console_idle is not None:
                     roots = [proc.pid for proc in self.procs.values()]
                     before = self.owner.reason
-                    self.owner = owner_decide(policy, self.owner, probe.sample(roots, now), now)
+                    sample = probe.sample(roots, now)
+                    self.owner = owner_decide(policy, self.owner, sample, now)
                     if self.owner.reason != before:
-                        log(f"supervisor: {self.owner.reason or 'the owner is quiet again'}")
+                        busiest = f"; busiest: {sample.top_process}" if sample.top_process else ""
+                        log(f"supervisor: {self.owner.reason or 'the owner is quiet again'}{busiest}")
                 self.owner_slots = desk_slots(policy, datetime.datetime.fromtimestamp(now))
                 for run_id, record in list(self.live.items()):
                     if run_id in self.procs and run_id not in self.dying and owner_vacates(

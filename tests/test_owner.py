@@ -4,7 +4,8 @@ locks where its supervisor watches (issue 12, item 3).
 The policy's decisions are pure functions, tested here with made-up samples and
 an injected clock; the probe is tested on real processes of real accounts; the
 rest runs a real head (`distribute serve`) over three real sshd nodes, where an
-ordinary user (dalice) burns CPU or logs in with a terminal.  All three nodes
+ordinary user burns CPU or logs in with a terminal (downer: an account of these
+tests alone, see the `accounts` fixture).  All three nodes
 share this machine, so every policy names the accounts that count (users:) and
 jobs sleep instead of burning CPU: a node sees the other nodes' processes too.
 """
@@ -149,6 +150,9 @@ def test_vacate_after_its_time_and_gpu_jobs_at_once():
     assert not vacates(None, 0, True, 10 ** 9)
 
 
+OWNER = "downer"
+
+
 # --- the probe, on real processes of real accounts -----------------------------------------------
 
 def as_user(name):
@@ -160,15 +164,28 @@ def as_user(name):
 BURN = "while :; do :; done"
 
 
-def test_probe_counts_the_owner_and_never_a_jobs_own_children(ssh_keys):
-    """A job (as dnode) whose children burn CPU, in a session of its own and in a grandchild
-    that left it with setsid, counts for nothing; dalice burning counts, named."""
+JOB_ACCOUNT = "downerjob"    # no other test uses it: its only processes are this job's
+
+
+@pytest.fixture(scope="module", autouse=True)
+def accounts(ssh_keys):
+    """Ordinary accounts of these tests alone: `downer`, the workstation's owner, and
+    `downerjob`, a job's.  (dalice and dbob run other tests' commands on this machine at
+    the same time, which a policy would rightly count.)"""
+    import sshd as lab
+    for name in (OWNER, JOB_ACCOUNT):
+        lab._ensure_user(name, [])
+
+
+def test_probe_counts_the_owner_and_never_a_jobs_own_children(accounts):
+    """A job whose children burn CPU, in a session of its own and in a grandchild that left
+    it with setsid, counts for nothing although its account counts; downer burning counts, named."""
     job = subprocess.Popen(["sh", "-c", f"sh -c '{BURN}' & setsid sh -c '{BURN}' & {BURN}"],
-                           start_new_session=True, **as_user("dnode"))
+                           start_new_session=True, **as_user(JOB_ACCOUNT))
     owner = None
     try:
         wait_until(lambda: len(psutil.Process(job.pid).children(recursive=True)) >= 2, 10, "the job's children")
-        probe = distribute.OwnerProbe(OwnerPolicy(busy_cpu=20, users=["dnode", "dalice"]))
+        probe = distribute.OwnerProbe(OwnerPolicy(busy_cpu=20, users=[JOB_ACCOUNT, "downer"]))
         probe.sample([job.pid], time.time())
 
         def sample_after(seconds):
@@ -178,10 +195,10 @@ def test_probe_counts_the_owner_and_never_a_jobs_own_children(ssh_keys):
             return probe.sample([job.pid], time.time())
         quiet = sample_after(1.0)
         assert quiet.cpu < 20, quiet      # three processes of the job burn: none of it is the owner's
-        owner = subprocess.Popen(["sh", "-c", BURN], **as_user("dalice"))
+        owner = subprocess.Popen(["sh", "-c", BURN], **as_user("downer"))
         probe.sample([job.pid], time.time())
         busy = sample_after(1.0)
-        assert busy.top_user == "dalice" and busy.top_cpu > 20, busy
+        assert busy.top_user == "downer" and busy.top_cpu > 20, busy
     finally:
         for proc in [job] + ([owner] if owner else []):
             for child in psutil.Process(proc.pid).children(recursive=True):
@@ -190,10 +207,10 @@ def test_probe_counts_the_owner_and_never_a_jobs_own_children(ssh_keys):
             proc.wait()
 
 
-def test_probe_ignores_other_accounts_when_users_are_named(ssh_keys):
+def test_probe_ignores_other_accounts_when_users_are_named(accounts):
     burner = subprocess.Popen(["sh", "-c", BURN], **as_user("dbob"))
     try:
-        probe = distribute.OwnerProbe(OwnerPolicy(busy_cpu=20, users=["dalice"]))
+        probe = distribute.OwnerProbe(OwnerPolicy(busy_cpu=20, users=["downer"]))
         probe.sample([], time.time())
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline:
@@ -273,7 +290,7 @@ def archived(head, key):
 
 
 @pytest.fixture
-def burner():
+def burner(accounts):
     """burner(user) starts a CPU burner as that user; all are killed at the end."""
     started = []
 
@@ -291,23 +308,23 @@ BUSY_FOR, QUIET = 2, 3
 
 
 @pytest.mark.nodes(node_yaml={"node2": f"owner: {{busy: {{cpu: 10%, for: {BUSY_FOR}s}}, quiet: {QUIET}s, "
-                                        "users: [dalice]}\n"})
+                                        "users: [downer]}\n"})
 def test_owner_burning_cpu_stops_that_nodes_jobs_and_they_continue_after_quiet(head, tmp_path, burner):
     head.wait_nodes_up(3)
     head.cli("add", shell_batch(tmp_path / "b", "busy", jobs=3, seconds=25))
     for name in ("node1", "node2", "node3"):
         wait_until(lambda: job_processes(head.workdirs[name]), 60, f"a job running on {name}")
-    burning = burner("dalice")
+    burning = burner("downer")
     started = time.monotonic()
     await_on(head, "node2", lambda: all_stopped(head.workdirs["node2"]), BUSY_FOR + 4, "node2's jobs to stop")
     assert time.monotonic() - started <= BUSY_FOR + 2
     assert none_stopped(head.workdirs["node1"]) and none_stopped(head.workdirs["node3"])
     node2 = wait_until(lambda: node_of(head, "node2")["paused"] and node_of(head, "node2"), 5, "nodes to say why")
     reason = node2["paused"][0]["reason"]
-    assert reason.startswith("owner busy: ") and reason.endswith("% CPU by dalice"), reason
+    assert reason.startswith("owner busy: ") and reason.endswith("% CPU by downer"), reason
     assert node2["paused"][0]["since"]
     shown = head.cli("nodes").stdout
-    assert "paused by the owner (owner busy: " in shown and "CPU by dalice, since " in shown
+    assert "paused by the owner (owner busy: " in shown and "CPU by downer, since " in shown
 
     burning.kill()
     burning.wait()
@@ -318,16 +335,16 @@ def test_owner_burning_cpu_stops_that_nodes_jobs_and_they_continue_after_quiet(h
     head.wait_batch("lab/busy", timeout=180)
     assert sorted(archived(head, "lab/busy")) == ["job_0", "job_1", "job_2"]
     svg = head.cli("report", "lab/busy", "-o", "-").stdout
-    assert 'class="pause"' in svg and "CPU by dalice" in svg
+    assert 'class="pause"' in svg and "CPU by downer" in svg
 
 
-@pytest.mark.nodes(node_yaml={"node2": "owner: {console: {idle: 5m, ssh: true}, quiet: 2s, users: [dalice]}\n",
-                              "node3": "owner: {console: {idle: 5m}, quiet: 2s, users: [dalice]}\n"})
-def test_a_pty_login_through_sshd_counts_only_where_the_policy_says_so(head, ssh_nodes, ssh_keys):
+@pytest.mark.nodes(node_yaml={"node2": "owner: {console: {idle: 5m, ssh: true}, quiet: 2s, users: [downer]}\n",
+                              "node3": "owner: {console: {idle: 5m}, quiet: 2s, users: [downer]}\n"})
+def test_a_pty_login_through_sshd_counts_only_where_the_policy_says_so(head, ssh_nodes, ssh_keys, accounts):
     head.wait_nodes_up(3)
     import sshd as lab
-    with lab.SshClientHome("dalice-pty", key=ssh_keys.get("client-alice")) as home:
-        home.add_host("desk", ssh_nodes["node2"], "dalice")
+    with lab.SshClientHome("owner-pty", key=ssh_keys.get("client-alice")) as home:
+        home.add_host("desk", ssh_nodes["node2"], "downer")
         assert not node_of(head, "node2")["paused"] and not node_of(head, "node3")["paused"]
         session = subprocess.Popen(["ssh", "-tt", "-F", str(home.config), "desk", "cat"], env=home.env(),
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -337,7 +354,7 @@ def test_a_pty_login_through_sshd_counts_only_where_the_policy_says_so(head, ssh
             node2 = wait_until(lambda: node_of(head, "node2")["paused"] and node_of(head, "node2"), 15,
                                "node2 (ssh: true) to pause for the pty login")
             reason = node2["paused"][0]["reason"]
-            assert reason.startswith("console active: dalice on pts/") and reason.endswith("(ssh)"), reason
+            assert reason.startswith("console active: downer on pts/") and reason.endswith("(ssh)"), reason
             # node3 sees the same terminal (one machine) but its policy leaves ssh logins out:
             # two more of its ticks later it is still running.
             paused_at = time.monotonic()
@@ -365,14 +382,14 @@ def test_desk_hours_leave_fewer_slots(head, tmp_path):
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # one at a time
 
 
-@pytest.mark.nodes(node_yaml={"node2": "owner: {busy: {cpu: 10%, for: 1s}, quiet: 1h, users: [dalice], "
+@pytest.mark.nodes(node_yaml={"node2": "owner: {busy: {cpu: 10%, for: 1s}, quiet: 1h, users: [downer], "
                                         "vacate: {after: 2s}}\n"})
 def test_a_job_paused_too_long_is_vacated_and_runs_elsewhere_without_a_retry(head, tmp_path, burner):
     head.wait_nodes_up(3)
     head.cli("add", shell_batch(tmp_path / "v", "vacate", jobs=4, seconds=12))
     wait_until(lambda: any(r.get("job") for r in node_of(head, "node2")["running"]), 60, "a job on node2")
     moved = next(r["job"] for r in node_of(head, "node2")["running"] if r.get("job"))
-    burner("dalice")
+    burner("downer")
     head.wait_batch("lab/vacate", timeout=180)
     jobs = archived(head, "lab/vacate")
     assert sorted(jobs) == ["job_0", "job_1", "job_2", "job_3"]       # every job archived, once each
@@ -403,3 +420,31 @@ def test_pause_from_the_nodes_pyz_locks_where_its_supervisor_watches(head):
                              capture_output=True, text=True, timeout=60)
     assert resumed.returncode == 0 and "your pause has ended" in resumed.stdout, resumed.stdout + resumed.stderr
     wait_until(lambda: not node_of(head, "node1")["paused"], 10, "node1 to resume")
+
+
+@pytest.mark.nodes(caps={"node2": ["owned"]},
+                   node_yaml={"node2": "owner: {busy: {cpu: 60%, for: 3s}, quiet: 1h}\n"})
+def test_a_jobs_own_children_never_count_as_the_owners_load(head, tmp_path):
+    """With the default accounts, a job burning CPU in a child and in a grandchild that left
+    its session never pauses its node.  (The job-tree rule alone, with the jobs' account
+    counted, is test_probe_counts_the_owner_and_never_a_jobs_own_children: here other
+    tests on this machine use the node account too.)"""
+    head.wait_nodes_up(3)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    burn = "timeout 6 sh -c \\\"while :; do :; done\\\""
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent(f"""\
+        meta: {{batch_name: children, namespace: lab, capabilities: [owned]}}
+        shell:
+          jobs:
+            - name: burner
+              command: "sh -c '{burn}' & setsid sh -c '{burn}' & {burn}; wait; echo ok > distribute_save/ok.txt"
+        """))
+    head.cli("add", folder / "distribute-jobs.yaml")
+    head.wait_batch("lab/children", timeout=120)
+    job = archived(head, "lab/children")["burner"]
+    took = (datetime.datetime.fromisoformat(job["end"]) - datetime.datetime.fromisoformat(job["start"])).total_seconds()
+    assert job["state"] == "ok" and took > 5, job     # it burned longer than the policy's 3 s, unpaused
+    log = (head.workdirs["node2"] / ".distribute" / "supervisor.log").read_text()
+    assert "owner policy busy > 60% CPU for 3s" in log and "owner busy" not in log, log
+    assert "paused" not in head.log.read_text()
