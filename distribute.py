@@ -3191,12 +3191,12 @@ def process_start_time(pid: int) -> Optional[float]:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat_file:
             data = stat_file.read()
-        with open("/proc/stat", "rb") as stat_file:
-            boot = next(int(line.split()[1]) for line in stat_file if line.startswith(b"btime "))
+        with open("/proc/uptime", "rb") as uptime_file:     # not /proc/stat's btime: slow to read
+            boot = int(time.time() - float(uptime_file.read().split()[0]))   # whole seconds, as btime
         return boot + int(data[data.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, IndexError, StopIteration):
+    except (OSError, ValueError, IndexError):
         pass
     import psutil
     try:
@@ -7728,10 +7728,39 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
         _not_yet(_name, _help)
 
 
+def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
+    """`pause` and `resume` with their plain options, run without click's parsing: what the
+    person at a workstation types when they need it now.  Anything else (--help, a typo,
+    global options) returns None and goes through click, with its help and errors."""
+    if not args or args[0] not in ("pause", "resume"):
+        return None
+    rest = args[1:]
+    if args[0] == "resume":
+        return (lambda: resume.callback(everyone=bool(rest))) if rest in ([], ["--all"]) else None
+    duration, detach, index = _PAUSE_DEFAULT_DURATION, False, 0
+    while index < len(rest):
+        arg = rest[index]
+        if arg == "--detach":
+            detach = True
+        elif arg == "--duration" and index + 1 < len(rest) and not rest[index + 1].startswith("-"):
+            duration, index = rest[index + 1], index + 1
+        elif arg.startswith("--duration=") and len(arg) > len("--duration="):
+            duration = arg.partition("=")[2]
+        else:
+            return None
+        index += 1
+    return lambda: pause.callback(duration=duration, detach=detach)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
-        code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
+        fast = node_fast_path(list(sys.argv[1:] if argv is None else argv))
+        if fast is not None:
+            fast()
+            code = 0
+        else:
+            code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

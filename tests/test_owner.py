@@ -194,11 +194,11 @@ def test_probe_counts_the_owner_and_never_a_jobs_own_children(accounts):
                 time.sleep(0.05)
             return probe.sample([job.pid], time.time())
         quiet = sample_after(1.0)
-        assert quiet.cpu < 20, quiet      # three processes of the job burn: none of it is the owner's
+        assert quiet.cpu == 0, quiet      # three processes of the job burn: none of it is the owner's
         owner = subprocess.Popen(["sh", "-c", BURN], **as_user("downer"))
         probe.sample([job.pid], time.time())
         busy = sample_after(1.0)
-        assert busy.top_user == "downer" and busy.top_cpu > 20, busy
+        assert busy.top_user == "downer" and busy.top_cpu > 5, busy    # a loaded machine gives it little
     finally:
         for proc in [job] + ([owner] if owner else []):
             for child in psutil.Process(proc.pid).children(recursive=True):
@@ -304,10 +304,12 @@ def burner(accounts):
         proc.wait()
 
 
+# Only downer counts and it is idle but for the burner, so a low limit is exact; a higher one
+# would measure this machine's load (two cores shared with other test runs), not the policy.
 BUSY_FOR, QUIET = 2, 3
 
 
-@pytest.mark.nodes(node_yaml={"node2": f"owner: {{busy: {{cpu: 10%, for: {BUSY_FOR}s}}, quiet: {QUIET}s, "
+@pytest.mark.nodes(node_yaml={"node2": f"owner: {{busy: {{cpu: 2%, for: {BUSY_FOR}s}}, quiet: {QUIET}s, "
                                         "users: [downer]}\n"})
 def test_owner_burning_cpu_stops_that_nodes_jobs_and_they_continue_after_quiet(head, tmp_path, burner):
     head.wait_nodes_up(3)
@@ -382,7 +384,7 @@ def test_desk_hours_leave_fewer_slots(head, tmp_path):
     assert all(later[0] >= earlier[1] for earlier, later in zip(spans, spans[1:])), spans  # one at a time
 
 
-@pytest.mark.nodes(node_yaml={"node2": "owner: {busy: {cpu: 10%, for: 1s}, quiet: 1h, users: [downer], "
+@pytest.mark.nodes(node_yaml={"node2": "owner: {busy: {cpu: 2%, for: 1s}, quiet: 1h, users: [downer], "
                                         "vacate: {after: 2s}}\n"})
 def test_a_job_paused_too_long_is_vacated_and_runs_elsewhere_without_a_retry(head, tmp_path, burner):
     head.wait_nodes_up(3)
@@ -448,3 +450,35 @@ def test_a_jobs_own_children_never_count_as_the_owners_load(head, tmp_path):
     log = (head.workdirs["node2"] / ".distribute" / "supervisor.log").read_text()
     assert "owner policy busy > 60% CPU for 3s" in log and "owner busy" not in log, log
     assert "paused" not in head.log.read_text()
+
+
+# --- `pause` and `resume` skip click's parsing, and say the same -------------------------------------
+
+@pytest.mark.parametrize("argv, handled", [
+    (["pause", "--detach", "--duration", "10m"], True), (["pause", "--duration=90s", "--detach"], True),
+    (["pause"], True), (["resume"], True), (["resume", "--all"], True),
+    (["pause", "--help"], False), (["pause", "--durtion", "5m"], False), (["pause", "--duration"], False),
+    (["pause", "--duration", "--detach"], False), (["resume", "--everyone"], False), (["resume", "-h"], False),
+    (["--head", "x", "pause"], False), (["status"], False),
+])
+def test_fast_path_takes_only_plain_pause_and_resume(argv, handled):
+    assert (distribute.node_fast_path(argv) is not None) == handled
+
+
+@pytest.mark.parametrize("argv", [
+    ["pause", "--detach", "--duration", "10m"], ["pause", "--duration", "5h", "--detach"], ["resume"],
+])
+def test_fast_path_says_and_does_what_click_says(argv, tmp_path):
+    """A command line through the fast path and through click: the same output, exit code and locks."""
+    def run(fast):
+        folder = tmp_path / ("fast" if fast else "click")
+        env = dict(os.environ, DISTRIBUTE_PAUSE_DIR=str(folder), TZ="UTC")
+        code = "import sys, distribute\n" + ("" if fast else "distribute.node_fast_path = lambda args: None\n") \
+            + "distribute.main()\n"
+        done = subprocess.run([sys.executable, "-c", code] + argv, cwd=str(ROOT), env=env,
+                              capture_output=True, text=True, timeout=60)
+        locks = sorted(p.name for p in folder.glob("pause-*.json")) if folder.exists() else []
+        return done.returncode, done.stdout, done.stderr, locks
+    fast, slow = run(True), run(False)
+    strip_times = lambda text: __import__("re").sub(r"\d\d:\d\d:\d\d", "T", text)
+    assert (fast[0], strip_times(fast[1]), fast[2], fast[3]) == (slow[0], strip_times(slow[1]), slow[2], slow[3])
