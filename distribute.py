@@ -3698,6 +3698,7 @@ class OwnerProbe:
                     self.allowed.add(pwd.getpwnam(name).pw_uid)
         self.last: Dict[int, Tuple[int, int]] = {}     # pid -> (start, ticks) at the last sample
         self.last_time: Optional[float] = None
+        self.jobs_own: Dict[int, int] = {}             # pid -> start of every process seen in a job
 
     def counts(self, uid: int) -> bool:
         """Whose processes and terminals count: the policy's users, else every person's
@@ -3708,7 +3709,21 @@ class OwnerProbe:
 
     def sample(self, job_roots: Iterable[int], now: float) -> OwnerSample:
         table = process_table()
-        ours = set(job_processes(job_roots, table)) | {os.getpid()}
+        # A job's process stays the job's after its root ended (a job's leftovers, or one that
+        # exited between samples), and so do the processes it starts.
+        ours = set(job_processes(job_roots, table)) | {
+            pid for pid, start in self.jobs_own.items() if pid in table and table[pid].start == start}
+        children: Dict[int, List[int]] = {}
+        for proc in table.values():
+            children.setdefault(proc.ppid, []).append(proc.pid)
+        pending = list(ours)
+        while pending:
+            for child in children.get(pending.pop(), ()):
+                if child not in ours:
+                    ours.add(child)
+                    pending.append(child)
+        self.jobs_own = {pid: table[pid].start for pid in ours}
+        ours.add(os.getpid())
         used: Dict[int, int] = {}
         busiest = (0, 0)
         current: Dict[int, Tuple[int, int]] = {}
@@ -5815,7 +5830,11 @@ class Head:
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
                             "progress": progress.get(job.run_id or "", job.progress)})
-        await channel.send({"ok": True, "batches": batches, "running": running})
+        paused = [{"node": link.name, "since": min([l.get("since") or time.time() for l in link.paused]),
+                   "why": [pause_label(l) + ("" if l.get("reason") else f" until {clock_time(l.get('until') or 0)}")
+                           for l in link.paused]}
+                  for link in self.links.values() if link.paused]      # issue 14: say why, since when
+        await channel.send({"ok": True, "batches": batches, "running": running, "paused_nodes": paused})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -6139,6 +6158,8 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
         for job in running_by_batch.get(batch["batch"], []):
             progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
             lines.append(f"    {job['job']} on {job['node']}{progress}")
+    for node in reply.get("paused_nodes", []):
+        lines.append(f"{node['node']} paused since {clock_time(node['since'])}: {'; '.join(node['why'])}")
     return lines or ["no batches"]
 
 

@@ -327,6 +327,8 @@ def test_owner_burning_cpu_stops_that_nodes_jobs_and_they_continue_after_quiet(h
     assert node2["paused"][0]["since"]
     shown = head.cli("nodes").stdout
     assert "paused by the owner (owner busy: " in shown and "CPU by downer, since " in shown
+    status = head.cli("status").stdout
+    assert "node2 paused since " in status and ": the owner (owner busy: " in status, status
 
     burning.kill()
     burning.wait()
