@@ -316,8 +316,9 @@ class OwnerPolicy:
 
 
 def _owner_duration(y: "_Y") -> float:
+    text = y.text()
     try:
-        return float(parse_duration(y.text()))
+        return float(parse_duration(text))
     except UserError as exc:
         raise y.fail(str(exc)) from None
 
