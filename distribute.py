@@ -2812,6 +2812,139 @@ def transport_for(node: NodeSpec):
     return LocalTransport(node) if node.is_local else SshTransport(node)
 
 
+# OpenSSH's `ssh`, where it is installed, carries the client's streams: its crypto is C in a
+# process of its own (asyncssh's is Python in ours, about 4.5 s of CPU per GiB), and one master
+# connection kept for a while (ControlPersist) makes every later command skip the handshake.
+# asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
+
+SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
+
+
+def openssh_program() -> Optional[str]:
+    """The `ssh` to carry streams with, or None for asyncssh."""
+    if os.environ.get("DISTRIBUTE_SSH", "").strip().lower() == "asyncssh":
+        return None
+    return shutil.which("ssh")
+
+
+def ssh_config_file() -> Optional[str]:
+    """$HOME/.ssh/config when HOME is not the passwd entry's home.  asyncssh (and so our
+    fallback) reads ~/.ssh from $HOME, OpenSSH from the passwd entry; this keeps both alike."""
+    import pwd
+    home = os.path.expanduser("~")
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        passwd_home = ""
+    config = os.path.join(home, ".ssh", "config")
+    if os.path.realpath(home) == os.path.realpath(passwd_home) or not os.path.isfile(config):
+        return None
+    return config
+
+
+def private_runtime_dir() -> Path:
+    """A folder only this user can enter, for SSH control and forwarded sockets:
+    $XDG_RUNTIME_DIR/distribute-ssh, else ~/.cache/distribute-ssh."""
+    import stat
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(os.path.expanduser("~"), ".cache")
+    folder = base / "distribute-ssh"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise Failed(f"cannot make {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Failed(f"{folder} must be a folder of yours that only you can open "
+                     f"(remove it, or chmod 700 it)")
+    return folder
+
+
+def openssh_failure(host: str, text: str) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " ".join(lines)
+    if "Host key verification failed" in joined or "host key is known" in joined \
+            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+        return (f"host key of {host} not verified: it is unknown or has changed; check your "
+                f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
+    if "Permission denied" in joined:
+        return f"SSH login to {host} refused: {lines[-1]}"
+    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+
+
+class OpenSshForward:
+    """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
+    master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
+
+    Host keys are checked by ssh against the user's known_hosts (BatchMode: an unknown key
+    is refused, never asked about or accepted).  The control and forwarded sockets live in
+    private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
+
+    def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
+                 persist: int = SSH_PERSIST_SECONDS):
+        self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.config = ssh_config_file()
+        key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
+        folder = private_runtime_dir()
+        self.control, self.local, self.log_path, self.lock_path = (
+            folder / f"{key}.{suffix}" for suffix in ("ctl", "sock", "log", "lock"))
+
+    @property
+    def usable(self) -> bool:
+        """Unix socket paths are limited to 108 bytes: a very long HOME cannot host ours."""
+        return len(str(self.control)) < 100
+
+    def master_argv(self) -> List[str]:
+        argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
+                 "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
+                 "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
+                 "-L", f"{self.local}:{self.remote}", "-N", "-f"]
+        argv += (["-l", self.user] if self.user else []) + (["-p", str(self.port)] if self.port else [])
+        return argv + ["--", self.host]
+
+    async def open(self):
+        """(reader, writer) on the remote socket, starting the master when none answers."""
+        import asyncio
+        import fcntl
+        with contextlib.suppress(OSError):
+            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        lock = os.open(str(self.lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            await asyncio.get_event_loop().run_in_executor(None, fcntl.flock, lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):      # another command started it meanwhile
+                return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+            await self.start()
+            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        finally:
+            os.close(lock)
+
+    async def start(self) -> None:
+        import asyncio
+        for leftover in (self.control, self.local):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+            process = await asyncio.create_subprocess_exec(
+                *self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                code = await asyncio.wait_for(process.wait(), 120)
+            except asyncio.TimeoutError:
+                process.kill()
+                await process.wait()
+                raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
+        if code != 0 or not self.local.exists():
+            text = self.log_path.read_text(errors="replace")
+            raise Failed(one_line(openssh_failure(self.host, text)))
+
+    def stop(self) -> None:
+        """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
+        if self.control.exists():
+            subprocess.run([self.ssh, "-o", f"ControlPath={self.control}", "-O", "exit", "--", self.host],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 # ---------------------------------------------------------------------------
 # 9. Workstation pause
 #
@@ -5298,10 +5431,13 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
 
 
 class HeadClient:
-    """One connection to the head's API; each request opens its own channel on it."""
+    """One connection to the head's API; each request opens its own channel on it: a
+    Unix socket forwarded by OpenSSH's `ssh` (kept for a while, see OpenSshForward), else
+    asyncssh's stream-local forwarding."""
 
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+        self.forward: Any = None            # an OpenSshForward, False when asyncssh carries it
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -5325,6 +5461,12 @@ class HeadClient:
             except ConnectionRefusedError:
                 raise Failed(f"no head listens on {path} (stale socket)") from None
             return Channel(reader, writer)
+        if self.forward is None and openssh_program():
+            user, host, port = parse_head(self.head)
+            forward = OpenSshForward(openssh_program(), host, user, port, self.socket_path or REMOTE_SOCKET)
+            self.forward = forward if forward.usable else False
+        if self.forward:
+            return Channel(*await self.forward.open())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
