@@ -5466,7 +5466,9 @@ class HeadClient:
             forward = OpenSshForward(openssh_program(), host, user, port, self.socket_path or REMOTE_SOCKET)
             self.forward = forward if forward.usable else False
         if self.forward:
-            return Channel(*await self.forward.open())
+            reader, writer = await self.forward.open()
+            return ForwardedChannel(reader, writer, f"cannot reach the head's socket {self.socket_path or REMOTE_SOCKET} "
+                                    f"on {self.head}: the connection closed (is `distribute serve` running there?)")
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -5517,6 +5519,25 @@ class HeadClient:
     async def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+class ForwardedChannel(Channel):
+    """A channel through an OpenSshForward: ssh accepts it here before reaching the far socket,
+    so a first reply that never comes means the far socket could not be reached."""
+
+    def __init__(self, reader, writer, unreachable: str):
+        super().__init__(reader, writer)
+        self.unreachable, self.answered = unreachable, False
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        try:
+            result = await super().receive()
+        except ProtocolError:
+            if self.answered:
+                raise
+            raise Failed(self.unreachable) from None
+        self.answered = True
+        return result
 
 
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
