@@ -25,21 +25,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
-import hashlib
 import io
 import itertools
-import json
 import os
 import re
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +42,31 @@ except ImportError:
     pass
 
 import click
+
+
+class LazyModule:
+    """A standard module imported on first use, so each command loads only what it touches
+    (`python3 -X importtime distribute.pyz --help` shows what a start costs)."""
+
+    def __init__(self, name: str):
+        self.__name = name
+
+    def __getattr__(self, attr: str):
+        module = __import__(self.__name)
+        globals()[self.__name] = module         # later uses skip this proxy
+        return getattr(module, attr)
+
+
+datetime = LazyModule("datetime")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+shlex = LazyModule("shlex")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+socket = LazyModule("socket")
+subprocess = LazyModule("subprocess")
+tarfile = LazyModule("tarfile")
+tempfile = LazyModule("tempfile")
 
 __version__ = "0.1.0"
 
@@ -2873,6 +2888,46 @@ def openssh_failure(host: str, text: str) -> str:
     return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
 
 
+def unix_connect(path: str):
+    """A blocking stream socket connected to the Unix socket at path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_on_socket(sock, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    """One request and its reply over a blocking socket, in Channel's frames (a command that
+    asks one thing needs no event loop: importing asyncio alone costs more than the answer)."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    reader = sock.makefile("rb", buffering=1 << 16)
+
+    def exactly(size: int) -> bytes:
+        try:
+            data = reader.read(size) if size else b""
+        except ConnectionError:
+            data = b""
+        if len(data) != size:
+            raise ProtocolError("connection closed")
+        return data
+    try:
+        sock.sendall(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload)
+    except ConnectionError:
+        raise ProtocolError("connection closed") from None
+    prefix = exactly(8)
+    size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+    if size > MAX_HEADER:
+        raise ProtocolError("frame header too large")
+    try:
+        reply = json.loads(exactly(size))
+    except ValueError as exc:
+        raise ProtocolError(f"bad frame: {exc}") from None
+    return reply, exactly(payload_size)
+
+
 class OpenSshForward:
     """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
     master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
@@ -2907,32 +2962,41 @@ class OpenSshForward:
     async def open(self):
         """(reader, writer) on the remote socket, starting the master when none answers."""
         import asyncio
-        import fcntl
         with contextlib.suppress(OSError):
             return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        await asyncio.get_event_loop().run_in_executor(None, self.start_unless_up)
+        return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+
+    def connect(self):
+        """A blocking socket on the remote socket (what a one-request command needs: no asyncio)."""
+        try:
+            return unix_connect(str(self.local))
+        except OSError:
+            self.start_unless_up()
+            return unix_connect(str(self.local))
+
+    def start_unless_up(self) -> None:
+        """Start the master, unless another command did while we waited for the lock."""
+        import fcntl
         lock = os.open(str(self.lock_path), os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            await asyncio.get_event_loop().run_in_executor(None, fcntl.flock, lock, fcntl.LOCK_EX)
-            with contextlib.suppress(OSError):      # another command started it meanwhile
-                return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
-            await self.start()
-            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                unix_connect(str(self.local)).close()
+                return
+            self.start()
         finally:
             os.close(lock)
 
-    async def start(self) -> None:
-        import asyncio
+    def start(self) -> None:
         for leftover in (self.control, self.local):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(leftover)
         with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
-            process = await asyncio.create_subprocess_exec(
-                *self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
             try:
-                code = await asyncio.wait_for(process.wait(), 120)
-            except asyncio.TimeoutError:
-                process.kill()
-                await process.wait()
+                code = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, timeout=120).returncode
+            except subprocess.TimeoutExpired:
                 raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
         if code != 0 or not self.local.exists():
             text = self.log_path.read_text(errors="replace")
@@ -5454,21 +5518,12 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except FileNotFoundError:
-                raise Failed(f"no head listens on {path}") from None
-            except PermissionError:
-                raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
-            except ConnectionRefusedError:
-                raise Failed(f"no head listens on {path} (stale socket)") from None
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise local_socket_failure(path, exc) from None
             return Channel(reader, writer)
-        if self.forward is None and openssh_program():
-            user, host, port = parse_head(self.head)
-            forward = OpenSshForward(openssh_program(), host, user, port, self.socket_path or REMOTE_SOCKET)
-            self.forward = forward if forward.usable else False
-        if self.forward:
+        if self.openssh_forward():
             reader, writer = await self.forward.open()
-            return ForwardedChannel(reader, writer, f"cannot reach the head's socket {self.socket_path or REMOTE_SOCKET} "
-                                    f"on {self.head}: the connection closed (is `distribute serve` running there?)")
+            return ForwardedChannel(reader, writer, self.unreachable())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -5490,16 +5545,50 @@ class HeadClient:
             raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
         return Channel(reader, writer)
 
+    def openssh_forward(self) -> Optional[OpenSshForward]:
+        """The OpenSshForward to the head, or None when asyncssh must carry the connection."""
+        if self.forward is None:
+            program = openssh_program()
+            if program:
+                user, host, port = parse_head(self.head)
+                forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+            self.forward = forward if program and forward.usable else False
+        return self.forward or None
+
+    def unreachable(self) -> str:
+        return (f"cannot reach the head's socket {self.socket_path or REMOTE_SOCKET} on {self.head}: "
+                "the connection closed (is `distribute serve` running there?)")
+
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
         try:
             reply, data = await channel.request(header, payload)
         finally:
             channel.close()
-        if not reply.get("ok"):
-            message = reply.get("error") or "the head refused"
-            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
-        return reply, data
+        return checked_reply(reply), data
+
+    def call_blocking(self, header: Dict[str, Any], payload: bytes = b"") -> Optional[Tuple[Dict[str, Any], bytes]]:
+        """call() without an event loop, for a head on this machine or behind an OpenSshForward;
+        None when only asyncssh can reach the head."""
+        forwarded = self.head not in (None, "", "local")
+        if not forwarded:
+            path = self.local_socket()
+            try:
+                sock = unix_connect(path)
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise local_socket_failure(path, exc) from None
+        elif self.openssh_forward():
+            sock = self.forward.connect()
+        else:
+            return None
+        with sock:
+            try:
+                reply, data = request_on_socket(sock, header, payload)
+            except ProtocolError as exc:
+                if forwarded and str(exc) == "connection closed":       # ssh never reached the far socket
+                    raise Failed(self.unreachable()) from None
+                raise
+        return checked_reply(reply), data
 
     async def call_with_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]
                               ) -> Dict[str, Any]:
@@ -5519,6 +5608,22 @@ class HeadClient:
     async def close(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+def local_socket_failure(path: str, exc: OSError) -> Failed:
+    if isinstance(exc, PermissionError):
+        return Failed(f"{path}: permission denied (ask the admin to add you to the head's group)")
+    if isinstance(exc, ConnectionRefusedError):
+        return Failed(f"no head listens on {path} (stale socket)")
+    return Failed(f"no head listens on {path}")
+
+
+def checked_reply(reply: Dict[str, Any]) -> Dict[str, Any]:
+    """The head's reply, or its refusal raised (exit 2 for bad input, else 1)."""
+    if not reply.get("ok"):
+        message = reply.get("error") or "the head refused"
+        raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
+    return reply
 
 
 class ForwardedChannel(Channel):
@@ -5554,6 +5659,9 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    if answer is not None:
+        return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
 
 
