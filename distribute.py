@@ -2880,6 +2880,8 @@ class LocalTransport:
         import asyncio
         return await asyncio.open_unix_connection(path, limit=2 ** 24)
 
+    open_bulk_socket = open_socket
+
     async def close(self) -> None:
         return None
 
@@ -2931,8 +2933,47 @@ class SshTransport:
         return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
 
     remote_pyz = ""
+    bulk: Any = None        # the OpenSshForward bulk transfers take, False when they stay on asyncssh
+
+    async def open_bulk_socket(self, path: str):
+        """A stream for one bulk transfer (results, uploads): through OpenSSH's `ssh` where it is
+        installed, so the decryption runs in its process, not in the head's; else open_socket."""
+        import asyncio
+        if self.bulk is None:
+            self.bulk = False
+            program, forward = openssh_program(), None
+            try:
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
+            except Failed as exc:
+                log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
+            if forward and forward.usable and await self.bulk_works(forward):
+                self.bulk = forward
+        if self.bulk and self.bulk.remote == path:
+            try:
+                return await self.bulk.open()
+            except (Failed, OSError) as exc:
+                log(f"node {self.node.name}: a bulk transfer goes over asyncssh ({one_line(str(exc))})")
+        return await self.open_socket(path)
+
+    async def bulk_works(self, forward) -> bool:
+        """Whether the forward reaches the supervisor (sshd may forbid stream-local forwarding)."""
+        import asyncio
+        try:
+            channel = Channel(*await forward.open())
+            try:
+                reply, _ = await asyncio.wait_for(channel.request({"op": "hello", "id": 0}), 30)
+            finally:
+                channel.close()
+            return bool(reply.get("ok"))
+        except (Failed, OSError, asyncio.TimeoutError) as exc:
+            log(f"node {self.node.name}: bulk transfers stay on asyncssh ({one_line(str(exc) or type(exc).__name__)})")
+            return False
 
     async def close(self) -> None:
+        if self.bulk:
+            import asyncio
+            await asyncio.get_event_loop().run_in_executor(None, self.bulk.stop)
+            self.bulk = None
         if self.conn is not None:
             self.conn.close()
             with contextlib.suppress(Exception):
@@ -4982,7 +5023,7 @@ class NodeLink:
         """A channel of its own to the supervisor, for one bulk transfer."""
         if not self.up:
             raise ProtocolError(f"node {self.name} is not connected")
-        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        reader, writer = await self.transport.open_bulk_socket(supervisor_socket(self.workdir))
         return Channel(reader, writer)
 
     async def send_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]) -> Dict[str, Any]:
