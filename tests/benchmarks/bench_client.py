@@ -32,21 +32,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchcommon import ROOT, HeadProcess, machine, report, shell_job_file  # noqa: E402
+from benchcommon import INSTALLED, ROOT, HeadProcess, compile_module, machine, report, shell_job_file  # noqa: E402
 
 import sshd as sshd_lib  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 import distribute  # noqa: E402
-
-# the module from its .pyc, as an installed `distribute` runs (PYTHONDONTWRITEBYTECODE may be set here)
-INSTALLED = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'distribute'; "
-                                   "import distribute; distribute.main()"]
-
-
-def compile_module() -> None:
-    import py_compile
-    py_compile.compile(str(ROOT / "distribute.py"), doraise=True)
 
 
 def timed(argv, env):
