@@ -605,3 +605,17 @@ def test_unreachable_head_socket_over_openssh_is_one_clear_line(lab):
     assert result.returncode == 1
     assert result.stderr == ("distribute: cannot reach the head's socket /nonexistent/head.sock on head: "
                              "the connection closed (is `distribute serve` running there?)\n")
+
+
+def test_commands_started_together_share_one_new_master(lab):
+    with sshd_lib.SshClientHome("eager") as eager:
+        eager.add_host("head", lab.sshd, "dalice")
+        env = eager.env()
+        clients = [subprocess.Popen(lab.remote_argv("status", "--json"), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [client.communicate(timeout=120) for client in clients]
+        assert [client.returncode for client in clients] == [0] * 4, outputs
+        assert all("batches" in json.loads(out) for out, _ in outputs)
+        pid = master_pid(env)                                   # exactly one control socket, one master
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not psutil_alive(pid), 30, "the master to exit")
