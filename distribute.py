@@ -25,23 +25,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
 import errno
-import hashlib
 import io
 import itertools
-import json
 import os
 import re
-import shlex
-import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +44,31 @@ except ImportError:
     pass
 
 import click
+
+
+class LazyModule:
+    """A standard module imported on first use, so each command loads only what it touches
+    (`python3 -X importtime distribute.pyz --help` shows what a start costs)."""
+
+    def __init__(self, name: str):
+        self.__name = name
+
+    def __getattr__(self, attr: str):
+        module = __import__(self.__name)
+        globals()[self.__name] = module         # later uses skip this proxy
+        return getattr(module, attr)
+
+
+datetime = LazyModule("datetime")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+shlex = LazyModule("shlex")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+socket = LazyModule("socket")
+subprocess = LazyModule("subprocess")
+tarfile = LazyModule("tarfile")
+tempfile = LazyModule("tempfile")
 
 __version__ = "0.1.0"
 
@@ -3638,6 +3653,8 @@ class LocalTransport:
         import asyncio
         return await asyncio.open_unix_connection(path, limit=2 ** 24)
 
+    open_bulk_socket = open_socket
+
     async def close(self) -> None:
         return None
 
@@ -3689,8 +3706,47 @@ class SshTransport:
         return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
 
     remote_pyz = ""
+    bulk: Any = None        # the OpenSshForward bulk transfers take, False when they stay on asyncssh
+
+    async def open_bulk_socket(self, path: str):
+        """A stream for one bulk transfer (results, uploads): through OpenSSH's `ssh` where it is
+        installed, so the decryption runs in its process, not in the head's; else open_socket."""
+        import asyncio
+        if self.bulk is None:
+            self.bulk = False
+            program, forward = openssh_program(), None
+            try:
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
+            except Failed as exc:
+                log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
+            if forward and forward.usable and await self.bulk_works(forward):
+                self.bulk = forward
+        if self.bulk and self.bulk.remote == path:
+            try:
+                return await self.bulk.open()
+            except (Failed, OSError) as exc:
+                log(f"node {self.node.name}: a bulk transfer goes over asyncssh ({one_line(str(exc))})")
+        return await self.open_socket(path)
+
+    async def bulk_works(self, forward) -> bool:
+        """Whether the forward reaches the supervisor (sshd may forbid stream-local forwarding)."""
+        import asyncio
+        try:
+            channel = Channel(*await forward.open())
+            try:
+                reply, _ = await asyncio.wait_for(channel.request({"op": "hello", "id": 0}), 30)
+            finally:
+                channel.close()
+            return bool(reply.get("ok"))
+        except (Failed, OSError, asyncio.TimeoutError) as exc:
+            log(f"node {self.node.name}: bulk transfers stay on asyncssh ({one_line(str(exc) or type(exc).__name__)})")
+            return False
 
     async def close(self) -> None:
+        if self.bulk:
+            import asyncio
+            await asyncio.get_event_loop().run_in_executor(None, self.bulk.stop)
+            self.bulk = None
         if self.conn is not None:
             self.conn.close()
             with contextlib.suppress(Exception):
@@ -3721,6 +3777,188 @@ async def enable_server_nodelay(conn) -> None:
 
 def transport_for(node: NodeSpec):
     return LocalTransport(node) if node.is_local else SshTransport(node)
+
+
+# OpenSSH's `ssh`, where it is installed, carries the client's streams: its crypto is C in a
+# process of its own (asyncssh's is Python in ours, about 4.5 s of CPU per GiB), and one master
+# connection kept for a while (ControlPersist) makes every later command skip the handshake.
+# asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
+
+SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
+
+
+def openssh_program() -> Optional[str]:
+    """The `ssh` to carry streams with, or None for asyncssh."""
+    if os.environ.get("DISTRIBUTE_SSH", "").strip().lower() == "asyncssh":
+        return None
+    return shutil.which("ssh")
+
+
+def ssh_config_file() -> Optional[str]:
+    """$HOME/.ssh/config when HOME is not the passwd entry's home.  asyncssh (and so our
+    fallback) reads ~/.ssh from $HOME, OpenSSH from the passwd entry; this keeps both alike."""
+    import pwd
+    home = os.path.expanduser("~")
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        passwd_home = ""
+    config = os.path.join(home, ".ssh", "config")
+    if os.path.realpath(home) == os.path.realpath(passwd_home) or not os.path.isfile(config):
+        return None
+    return config
+
+
+def private_runtime_dir() -> Path:
+    """A folder only this user can enter, for SSH control and forwarded sockets:
+    $XDG_RUNTIME_DIR/distribute-ssh, else ~/.cache/distribute-ssh."""
+    import stat
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(os.path.expanduser("~"), ".cache")
+    folder = base / "distribute-ssh"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise Failed(f"cannot make {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Failed(f"{folder} must be a folder of yours that only you can open "
+                     f"(remove it, or chmod 700 it)")
+    return folder
+
+
+def openssh_failure(host: str, text: str) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " ".join(lines)
+    if "Host key verification failed" in joined or "host key is known" in joined \
+            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+        return (f"host key of {host} not verified: it is unknown or has changed; check your "
+                f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
+    if "Permission denied" in joined:
+        return f"SSH login to {host} refused: {lines[-1]}"
+    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+
+
+def unix_connect(path: str):
+    """A blocking stream socket connected to the Unix socket at path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_on_socket(sock, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    """One request and its reply over a blocking socket, in Channel's frames (a command that
+    asks one thing needs no event loop: importing asyncio alone costs more than the answer)."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    reader = sock.makefile("rb", buffering=1 << 16)
+
+    def exactly(size: int) -> bytes:
+        try:
+            data = reader.read(size) if size else b""
+        except ConnectionError:
+            data = b""
+        if len(data) != size:
+            raise ProtocolError("connection closed")
+        return data
+    try:
+        sock.sendall(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload)
+    except ConnectionError:
+        raise ProtocolError("connection closed") from None
+    prefix = exactly(8)
+    size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+    if size > MAX_HEADER:
+        raise ProtocolError("frame header too large")
+    try:
+        reply = json.loads(exactly(size))
+    except ValueError as exc:
+        raise ProtocolError(f"bad frame: {exc}") from None
+    return reply, exactly(payload_size)
+
+
+class OpenSshForward:
+    """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
+    master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
+
+    Host keys are checked by ssh against the user's known_hosts (BatchMode: an unknown key
+    is refused, never asked about or accepted).  The control and forwarded sockets live in
+    private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
+
+    def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
+                 persist: int = SSH_PERSIST_SECONDS):
+        self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.config = ssh_config_file()
+        key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
+        folder = private_runtime_dir()
+        self.control, self.local, self.log_path, self.lock_path = (
+            folder / f"{key}.{suffix}" for suffix in ("ctl", "sock", "log", "lock"))
+
+    @property
+    def usable(self) -> bool:
+        """Unix socket paths are limited to 108 bytes: a very long HOME cannot host ours."""
+        return len(str(self.control)) < 100
+
+    def master_argv(self) -> List[str]:
+        argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
+                 "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
+                 "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
+                 "-L", f"{self.local}:{self.remote}", "-N", "-f"]
+        argv += (["-l", self.user] if self.user else []) + (["-p", str(self.port)] if self.port else [])
+        return argv + ["--", self.host]
+
+    async def open(self):
+        """(reader, writer) on the remote socket, starting the master when none answers."""
+        import asyncio
+        with contextlib.suppress(OSError):
+            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        await asyncio.get_event_loop().run_in_executor(None, self.start_unless_up)
+        return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+
+    def connect(self):
+        """A blocking socket on the remote socket (what a one-request command needs: no asyncio)."""
+        try:
+            return unix_connect(str(self.local))
+        except OSError:
+            self.start_unless_up()
+            return unix_connect(str(self.local))
+
+    def start_unless_up(self) -> None:
+        """Start the master, unless another command did while we waited for the lock."""
+        import fcntl
+        lock = os.open(str(self.lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                unix_connect(str(self.local)).close()
+                return
+            self.start()
+        finally:
+            os.close(lock)
+
+    def start(self) -> None:
+        for leftover in (self.control, self.local):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+            try:
+                code = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, timeout=120).returncode
+            except subprocess.TimeoutExpired:
+                raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
+        if code != 0 or not self.local.exists():
+            text = self.log_path.read_text(errors="replace")
+            raise Failed(one_line(openssh_failure(self.host, text)))
+
+    def stop(self) -> None:
+        """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
+        if self.control.exists():
+            subprocess.run([self.ssh, "-o", f"ControlPath={self.control}", "-O", "exit", "--", self.host],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------------------
@@ -6146,7 +6384,7 @@ class NodeLink:
         """A channel of its own to the supervisor, for one bulk transfer."""
         if not self.up:
             raise ProtocolError(f"node {self.name} is not connected")
-        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        reader, writer = await self.transport.open_bulk_socket(supervisor_socket(self.workdir))
         return Channel(reader, writer)
 
     async def send_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]) -> Dict[str, Any]:
@@ -7362,12 +7600,15 @@ def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str
 
 
 class HeadClient:
-    """One connection to the head's API; each request opens its own channel on it."""
+    """One connection to the head's API; each request opens its own channel on it: a
+    Unix socket forwarded by OpenSSH's `ssh` (kept for a while, see OpenSshForward), else
+    asyncssh's stream-local forwarding."""
 
     origin: Optional[str] = None      # where the head came from when not --head: named in errors
 
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+        self.forward: Any = None            # an OpenSshForward, False when asyncssh carries it
 
     def unreachable(self, message: str) -> Failed:
         return Failed(message + (f"; {self.origin}" if self.origin else ""))
@@ -7387,11 +7628,12 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except (FileNotFoundError, ConnectionRefusedError):
-                raise self.unreachable(head_socket_problem(path, None)) from None
-            except PermissionError:
-                raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
+        if self.openssh_forward():
+            reader, writer = await self.forward.open()
+            return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -7413,6 +7655,21 @@ class HeadClient:
             raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
 
+    def openssh_forward(self) -> Optional[OpenSshForward]:
+        """The OpenSshForward to the head, or None when asyncssh must carry the connection."""
+        if self.forward is None:
+            program = openssh_program()
+            if program:
+                user, host, port = parse_head(self.head)
+                forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+            self.forward = forward if program and forward.usable else False
+        return self.forward or None
+
+    def closed_socket_message(self) -> str:
+        """What to say when SSH reached the head's machine but nothing answered on the socket."""
+        message = head_socket_problem(self.socket_path or REMOTE_SOCKET, self.head)
+        return message + (f"; {self.origin}" if self.origin else "")
+
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
         try:
@@ -7420,10 +7677,30 @@ class HeadClient:
                 reply, data = await channel.request(header, payload)
         finally:
             channel.close()
-        if not reply.get("ok"):
-            message = reply.get("error") or "the head refused"
-            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
-        return reply, data
+        return checked_reply(reply), data
+
+    def call_blocking(self, header: Dict[str, Any], payload: bytes = b"") -> Optional[Tuple[Dict[str, Any], bytes]]:
+        """call() without an event loop, for a head on this machine or behind an OpenSshForward;
+        None when only asyncssh can reach the head."""
+        forwarded = self.head not in (None, "", "local")
+        if not forwarded:
+            path = self.local_socket()
+            try:
+                sock = unix_connect(path)
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
+        elif self.openssh_forward():
+            sock = self.forward.connect()
+        else:
+            return None
+        with sock:
+            try:
+                reply, data = request_on_socket(sock, header, payload)
+            except ProtocolError as exc:
+                if forwarded and str(exc) == "connection closed":       # ssh never reached the far socket
+                    raise Failed(self.closed_socket_message()) from None
+                raise
+        return checked_reply(reply), data
 
     async def call_with_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]
                               ) -> Dict[str, Any]:
@@ -7463,6 +7740,40 @@ class HeadClient:
             self.conn.close()
 
 
+def local_socket_failure(path: str, exc: OSError) -> str:
+    """Why the head's socket on this machine did not answer, and what to do."""
+    if isinstance(exc, PermissionError):
+        return f"{path}: permission denied (ask the admin to add you to the head's group)"
+    return head_socket_problem(path, None)
+
+
+def checked_reply(reply: Dict[str, Any]) -> Dict[str, Any]:
+    """The head's reply, or its refusal raised (exit 2 for bad input, else 1)."""
+    if not reply.get("ok"):
+        message = reply.get("error") or "the head refused"
+        raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
+    return reply
+
+
+class ForwardedChannel(Channel):
+    """A channel through an OpenSshForward: ssh accepts it here before reaching the far socket,
+    so a first reply that never comes means the far socket could not be reached."""
+
+    def __init__(self, reader, writer, unreachable: str):
+        super().__init__(reader, writer)
+        self.unreachable, self.answered = unreachable, False
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        try:
+            result = await super().receive()
+        except ProtocolError:
+            if self.answered:
+                raise
+            raise Failed(self.unreachable) from None
+        self.answered = True
+        return result
+
+
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
     """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
@@ -7478,6 +7789,9 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    if answer is not None:
+        return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
 
 
