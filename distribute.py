@@ -525,14 +525,15 @@ class _Y:
 
 def yaml_tab_problem(text: str, mark) -> Optional[str]:
     """A YAML error caused by a tab in the indentation, said so (PyYAML only says
-    "found character that cannot start any token")."""
+    "found character that cannot start any token"): "LINE: tab character: ..." to put
+    after the file's name."""
     lines = text.splitlines()
     if mark is None or mark.line >= len(lines):
         return None
     line = lines[mark.line]
     if "\t" not in line[:mark.column + 1]:
         return None
-    return (f"tab character at line {mark.line + 1}: YAML indents with spaces; replace the tab at column "
+    return (f"{mark.line + 1}: tab character: YAML indents with spaces; replace the tab at column "
             f"{line.index(chr(9)) + 1} with spaces")
 
 
@@ -562,7 +563,7 @@ def read_yaml(path: str) -> _Y:
         where = f"{path}:{mark.line + 1}" if mark else path
         tab = yaml_tab_problem(text, mark)
         if tab:
-            raise UserError(f"{path}: {tab}") from None
+            raise UserError(f"{path}:{tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -8437,7 +8438,7 @@ def read_client_config() -> Dict[str, str]:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         if yaml_tab_problem(text, mark):
-            raise UserError(f"{path}: {yaml_tab_problem(text, mark)}") from None
+            raise UserError(f"{path}:{yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
