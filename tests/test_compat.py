@@ -488,12 +488,12 @@ def test_tab_in_yaml_is_named(tmp_path):
     path.write_text("meta:\n  batch_name: a\n\tnamespace: b\nshell:\n  jobs: []\n")
     result = cli("check", path)
     assert result.returncode == 2
-    assert one_line(result.stderr) == (f"distribute: error: {path}:3: tab character at line 3: YAML indents "
+    assert one_line(result.stderr) == (f"distribute: error: {path}:3: tab character: YAML indents "
                                        "with spaces; replace the tab at column 1 with spaces")
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n  - name: a\n  \thost: b\n")
     with pytest.raises(distribute.UserError,
-                       match="tab character at line 3: YAML indents with spaces; replace the tab at column 3 with"):
+                       match="nodes.yaml:3: tab character: YAML indents with spaces; replace the tab at column 3 with"):
         distribute.load_nodes_file(str(nodes))
     path.write_text('meta: {batch_name: a, namespace: b}\nshell:\n  jobs:\n    - {name: x, command: "a\tb"}\n')
     assert cli("check", path).returncode == 0                # a tab inside a value is fine
@@ -501,7 +501,7 @@ def test_tab_in_yaml_is_named(tmp_path):
     config.parent.mkdir(parents=True)
     config.write_text("head: a\n\tsocket: /x\n")
     result = cli("status", env=dict(os.environ, XDG_CONFIG_HOME=str(tmp_path / "xdg")))
-    assert one_line(result.stderr) == (f"distribute: error: {config}:2: tab character at line 2: YAML indents with "
+    assert one_line(result.stderr) == (f"distribute: error: {config}:2: tab character: YAML indents with "
                                        "spaces; replace the tab at column 1 with spaces")
 
 
