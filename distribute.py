@@ -3881,6 +3881,14 @@ def request_on_socket(sock, header: Dict[str, Any], payload: bytes = b"") -> Tup
     return reply, exactly(payload_size)
 
 
+class SshConnectFailed(Failed):
+    """`ssh` could not connect; `text` is what it wrote (a client says it in its own terms)."""
+
+    def __init__(self, message: str, text: str):
+        super().__init__(message)
+        self.text = text
+
+
 class OpenSshForward:
     """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
     master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
@@ -3953,7 +3961,7 @@ class OpenSshForward:
                 raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
         if code != 0 or not self.local.exists():
             text = self.log_path.read_text(errors="replace")
-            raise Failed(one_line(openssh_failure(self.host, text)))
+            raise SshConnectFailed(one_line(openssh_failure(self.host, text)), text)
 
     def stop(self) -> None:
         """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
@@ -7571,22 +7579,52 @@ def head_connect_problem(exc: BaseException, user: Optional[str], host: str, por
     login = f"{user + '@' if user else ''}{host}"
     where = f"{host}:{port or 22}"
     if isinstance(exc, asyncssh.HostKeyNotVerifiable):
-        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
-        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
-                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
-                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
-                f"or add it with `{keyscan}`")
+        return head_host_key_problem(user, host, port)
     if isinstance(exc, asyncssh.PermissionDenied):
-        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
-                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+        return head_login_problem(user, host)
     if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
-        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
-                "the head's sshd uses another)")
+        return head_refused_problem(where)
     if isinstance(exc, socket.gaierror):
         return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return f"the head {where} did not answer: is the machine up and on this network?"
     return SshTransport(NodeSpec("head", host)).describe_error(exc)
+
+
+def head_openssh_problem(text: str, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """The same, from what OpenSSH's `ssh` wrote on stderr when it could not connect."""
+    refused = re.search(r"connect to host (\S+) port (\d+): Connection refused", text)
+    if refused:
+        return head_refused_problem(f"{refused.group(1)}:{refused.group(2)}")
+    if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text \
+            or "host key is known" in text:
+        return head_host_key_problem(user, host, port)
+    if "Permission denied" in text:
+        return head_login_problem(user, host)
+    if "Could not resolve hostname" in text:
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if "timed out" in text:
+        return f"the head {host}:{port or 22} did not answer: is the machine up and on this network?"
+    return openssh_failure(host, text)
+
+
+def head_host_key_problem(user: Optional[str], host: str, port: Optional[int]) -> str:
+    login = f"{f'-p {port} ' if port else ''}{user + '@' if user else ''}{host}"
+    keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+    return (f"host key of {host} not verified: the head's SSH key is unknown to this machine or has changed "
+            f"(it is not in {Path.home() / '.ssh' / 'known_hosts'}); connect once with `ssh {login}` and accept "
+            f"it after comparing its fingerprint with the head's admin, or add it with `{keyscan}`")
+
+
+def head_login_problem(user: Optional[str], host: str) -> str:
+    login = f"{user + '@' if user else ''}{host}"
+    return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+            f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+
+
+def head_refused_problem(where: str) -> str:
+    return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+            "the head's sshd uses another)")
 
 
 def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
@@ -7633,7 +7671,10 @@ class HeadClient:
                 raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
         if self.openssh_forward():
-            reader, writer = await self.forward.open()
+            try:
+                reader, writer = await self.forward.open()
+            except SshConnectFailed as exc:
+                raise self.unreachable(head_openssh_problem(exc.text, *parse_head(self.head))) from None
             return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
@@ -7691,7 +7732,10 @@ class HeadClient:
             except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
                 raise self.unreachable(local_socket_failure(path, exc)) from None
         elif self.openssh_forward():
-            sock = self.forward.connect()
+            try:
+                sock = self.forward.connect()
+            except SshConnectFailed as exc:
+                raise self.unreachable(head_openssh_problem(exc.text, *parse_head(self.head))) from None
         else:
             return None
         with sock:
@@ -7790,7 +7834,9 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+    client.origin = ctx_obj.get("origin")
+    answer = client.call_blocking(header, payload)
     if answer is not None:
         return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
