@@ -752,3 +752,26 @@ def test_the_head_refuses_a_raw_image_that_would_be_an_engine_option(local_head)
         reply = asyncio.run(ask(header))
         assert reply.get("ok") is False and expected in reply["error"], (header, reply)
     assert not any(b["batch"] == "evil/raw" for b in local_head.status()["batches"])
+
+
+def test_head_messages_when_asyncssh_carries_the_client(head_sshd, alice_home, tmp_path):
+    """Without `ssh` on PATH the client connects with asyncssh: the same messages."""
+    no_ssh = tmp_path / "bin-without-ssh"
+    no_ssh.mkdir()
+    env = alice_home.env(XDG_CONFIG_HOME=str(tmp_path / "xdg"), PATH=str(no_ssh))
+    env.pop("DISTRIBUTE_HEAD", None)
+
+    def laptop_without_ssh(*args):
+        return subprocess.run(DISTRIBUTE + [str(a) for a in args], env=env, capture_output=True, text=True,
+                              timeout=60)
+    result = laptop_without_ssh("--head", f"{head_sshd.host}:1", "status")
+    assert one_line(result.stderr).startswith(f"distribute: nothing listens on {head_sshd.host}:1: check the host "
+                                              "and port of --head")
+    result = laptop_without_ssh("--head", "head", "--socket", "/tmp/nowhere/head.sock", "status")
+    assert "no head is running at /tmp/nowhere/head.sock on head: is `distribute serve` running?" in \
+        one_line(result.stderr)
+    alice_home.known_hosts.write_text("")
+    result = laptop_without_ssh("--head", "head", "status")
+    line = one_line(result.stderr)
+    assert line.startswith("distribute: host key of head not verified: the head's SSH key is unknown to this machine")
+    assert f"{alice_home.path}/.ssh/known_hosts" in line and "ssh-keyscan" in line
