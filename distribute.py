@@ -25,23 +25,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
 import errno
-import hashlib
 import io
 import itertools
-import json
 import os
 import re
-import shlex
-import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +44,31 @@ except ImportError:
     pass
 
 import click
+
+
+class LazyModule:
+    """A standard module imported on first use, so each command loads only what it touches
+    (`python3 -X importtime distribute.pyz --help` shows what a start costs)."""
+
+    def __init__(self, name: str):
+        self.__name = name
+
+    def __getattr__(self, attr: str):
+        module = __import__(self.__name)
+        globals()[self.__name] = module         # later uses skip this proxy
+        return getattr(module, attr)
+
+
+datetime = LazyModule("datetime")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+shlex = LazyModule("shlex")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+socket = LazyModule("socket")
+subprocess = LazyModule("subprocess")
+tarfile = LazyModule("tarfile")
+tempfile = LazyModule("tempfile")
 
 __version__ = "0.1.0"
 
@@ -203,7 +218,8 @@ def human_bytes(size: float) -> str:
 # "file:line: key: what is wrong" and stops before anything is sent anywhere.
 # ---------------------------------------------------------------------------
 
-FLAVOURS = ("python", "apptainer", "shell")
+FLAVOURS = ("python", "apptainer", "shell", "docker", "podman")
+CONTAINER_ENGINES = ("docker", "podman")     # flavours named after the engine that runs them
 SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per_cpu", "hint",
               "time", "partition", "account", "mail_user", "mail_type")
 
@@ -262,6 +278,7 @@ class JobFile:
     initial_files: List[FileSpec] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)   # apptainer required_mounts
     slurm: Optional[SlurmOptions] = None
+    image: Optional[str] = None              # docker/podman: the image to run (build: its archive, if any)
 
     def shared_files(self) -> List[FileSpec]:
         """Files every job of the batch needs: sent to a node once."""
@@ -286,6 +303,7 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
     owner: Optional["OwnerPolicy"] = None     # when the workstation's people come first (issue 14)
 
     @property
@@ -505,6 +523,20 @@ class _Y:
             raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
+def yaml_tab_problem(text: str, mark) -> Optional[str]:
+    """A YAML error caused by a tab in the indentation, said so (PyYAML only says
+    "found character that cannot start any token"): "LINE: tab character: ..." to put
+    after the file's name."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    if "\t" not in line[:mark.column + 1]:
+        return None
+    return (f"{mark.line + 1}: tab character: YAML indents with spaces; replace the tab at column "
+            f"{line.index(chr(9)) + 1} with spaces")
+
+
 def read_yaml(path: str) -> _Y:
     """Parse a YAML file into a located node tree; every failure is a one-line UserError."""
     import yaml
@@ -529,6 +561,9 @@ def read_yaml(path: str) -> _Y:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
+        tab = yaml_tab_problem(text, mark)
+        if tab:
+            raise UserError(f"{path}:{tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -618,10 +653,14 @@ def _meta(y: _Y) -> Meta:
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
-              "shell": ("build", "required_files")}
+              "shell": ("build", "required_files"),
+              "docker": ("image", "required_files", "required_mounts"),
+              "podman": ("image", "required_files", "required_mounts")}
 _JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
              "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params")}
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params"),
+             "docker": ("name", "required_files", "retries", "slurm", "params"),
+             "podman": ("name", "required_files", "retries", "slurm", "params")}
 
 
 def _job(y: _Y, flavour: str, base: Path) -> Job:
@@ -652,6 +691,61 @@ def _mount(y: _Y) -> str:
     return mount
 
 
+# docker/podman images: a registry reference, or an image archive (`docker save`, also
+# gzipped) that travels with the batch and is `load`ed on each node.  The reference
+# an archive loads as comes from its manifest.json, read here on the submitting machine.
+IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def image_problem(image: str) -> Optional[str]:
+    """Why `image` cannot be given to `docker run` (None when it is a reference or an image id)."""
+    if IMAGE_REF_RE.match(image) or re.match(r"sha256:[0-9a-f]{64}\Z", image):
+        return None
+    return f"{one_line(repr(image))[:200]} is not an image reference (like docker.io/you/solver:1.0)"
+
+
+def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
+    """(the archive to send or None, the image reference to run)."""
+    import yaml
+    if isinstance(y.node, yaml.ScalarNode):
+        text = y.text()
+        local = (base / text) if not os.path.isabs(text) else Path(text)
+        if not text.lower().endswith(IMAGE_ARCHIVE_SUFFIXES) and not local.is_file():
+            if not IMAGE_REF_RE.match(text):
+                raise y.fail(f"{text!r} is neither an image reference (like docker.io/you/solver:1.0) "
+                             "nor an image archive file")
+            return None, text
+    spec = _file_spec(y, base)
+    return spec, image_archive_reference(spec.path, y)
+
+
+def image_archive_reference(path: str, y: _Y) -> str:
+    """The name an image archive loads as: its first tag, else its image id (sha256:...)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name in ("manifest.json", "./manifest.json"):
+                    manifest = json.load(tar.extractfile(member))
+                    break
+            else:
+                manifest = None
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise y.fail(f"{path} is not an image archive ({one_line(str(exc)) or type(exc).__name__}); "
+                     "make one with `docker save -o FILE.tar IMAGE`") from None
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise y.fail(f"{path} has no docker manifest.json; make the archive with `docker save -o FILE.tar IMAGE` "
+                     "(or `podman save`)")
+    tags = manifest[0].get("RepoTags") or []
+    config = str(manifest[0].get("Config", ""))
+    digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
+    reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
+    if image_problem(reference):
+        raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
+    return reference
+
+
 def load_job_file(path: str) -> JobFile:
     """Read and check a distribute-jobs.yaml; raises UserError naming file, line and key."""
     root = read_yaml(path)
@@ -678,6 +772,16 @@ def load_job_file(path: str) -> JobFile:
         batch.build = _file_spec(init["sif"], base)
         batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
             if "required_mounts" in init else []
+    elif flavour in CONTAINER_ENGINES:
+        if "image" not in init or init["image"].is_null():
+            raise (section.get("initialize") or keys[flavour]).fail(
+                "missing required key 'image' (a registry reference like docker.io/you/solver:1.0, "
+                "or an image archive file made by `docker save`)")
+        batch.build, batch.image = _container_image(init["image"], base)
+        batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
+            if "required_mounts" in init else []
+        if flavour not in batch.meta.capabilities:      # only nodes where the engine answers
+            batch.meta.capabilities.append(flavour)
     elif "build" in init:
         batch.build_command = init["build"].optional_text()
     batch.initial_files = _file_list(init.get("required_files"), base)
@@ -702,6 +806,38 @@ def load_job_file(path: str) -> JobFile:
     return batch
 
 
+# The original distribute's nodes files: `ip` for the host, a name optional, and the
+# TCP ports its own protocol needed.  SSH needs none of them: they are accepted and
+# ignored (`serve` and `nodes --check` say so once).
+ORIGINAL_PORT_KEYS = ("transport_port", "keepalive_port", "cancel_port")
+ORIGINAL_NODE_KEYS = ("ip",) + ORIGINAL_PORT_KEYS
+
+
+def _original_node_keys(item: _Y, keys: Dict[str, _Y]) -> Dict[str, _Y]:
+    """`ip` becomes `host` (and the name, when none is given); port keys must be port numbers."""
+    if "ip" in keys:
+        if "host" in keys:
+            raise keys["ip"].fail("give either host or ip (the original's name for it), not both")
+        keys["host"] = keys.pop("ip")
+        keys.setdefault("name", keys["host"])
+    for key in ("name", "host"):
+        if key not in keys or keys[key].is_null():
+            raise item.fail(f"missing required key {key!r}")
+    for key in ORIGINAL_PORT_KEYS:
+        if key in keys and not keys[key].is_null() and keys[key].integer(minimum=1) > 65535:
+            raise keys[key].fail("must be at most 65535")
+    return keys
+
+
+def original_ports_note(nodes: List[NodeSpec]) -> Optional[str]:
+    """One note line when the nodes file carries the original's port keys, else None."""
+    keys = sorted({key for node in nodes for key in node.ignored}, key=ORIGINAL_PORT_KEYS.index)
+    if not keys:
+        return None
+    return (f"note: {', '.join(keys)} in the nodes file are ignored: the head reaches every node over "
+            "SSH (port 22, or the node's `port:`), so no other port needs to be open")
+
+
 def load_nodes_file(path: str) -> List[NodeSpec]:
     """Read and check a distribute-nodes.yaml."""
     root = read_yaml(path)
@@ -711,10 +847,11 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir", "owner"),
-                            required=("name", "host"))
+                             "pause_dir", "owner") + ORIGINAL_NODE_KEYS)
+        keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
-                        capabilities=_capabilities(keys.get("capabilities")))
+                        capabilities=_capabilities(keys.get("capabilities")),
+                        ignored=[k for k in ORIGINAL_PORT_KEYS if k in keys])
         if not re.match(r"[A-Za-z0-9_.:\[\]-]+\Z", node.host) or node.host.startswith("-"):
             raise keys["host"].fail(f"{node.host!r} is not a host name")
         if "user" in keys and not keys["user"].is_null():
@@ -840,7 +977,8 @@ class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
     `build` is the python flavour's build file, `build_command` the shell one's,
-    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    `sif` the apptainer image, `image` the docker/podman one (a registry reference,
+    or File(archive)); paths may be str, Path or File (with an alias).
     """
     namespace: str
     name: str
@@ -854,8 +992,10 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    image: Any = None
 
-    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
+                 ("mounts", "apptainer docker podman"), ("image", "docker podman"))
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -863,8 +1003,8 @@ class Batch:
         for what, value in (("namespace", self.namespace), ("name", self.name)):
             _check_api_name(value, f"Batch {what}")
         for attr, owner in self._ONLY_FOR:
-            if getattr(self, attr) and self.flavour != owner:
-                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+            if getattr(self, attr) and self.flavour not in owner.split():
+                raise UserError(f"{self.label}: {attr}= is only for {owner.replace(' ', '/')} batches")
         self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
         self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
         self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
@@ -937,7 +1077,9 @@ class Batch:
                     build_command=loaded.build_command,
                     sif=_file_of(loaded.build) if apptainer and loaded.build else None,
                     initial_files=[_file_of(spec) for spec in loaded.initial_files],
-                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+                    mounts=list(loaded.mounts), slurm=loaded.slurm,
+                    image=(_file_of(loaded.build) if loaded.build else loaded.image)
+                    if loaded.flavour in CONTAINER_ENGINES else None)
         for job in loaded.jobs:
             batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
                           files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
@@ -966,6 +1108,8 @@ class Batch:
             init["build"] = self.build_command
         if self.sif is not None:
             init["sif"] = _file_entry(self.sif, folder)
+        if self.image is not None:
+            init["image"] = _file_entry(self.image, folder) if isinstance(self.image, File) else str(self.image)
         if self.initial_files:
             init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
         if self.mounts:
@@ -1335,12 +1479,13 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    image: Optional[str] = None             # docker/podman: the reference to run
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts))
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image)
 
 
 @dataclass
@@ -1428,6 +1573,10 @@ class Workspace:
             return [python, plan.build_alias or "build.py"]
         if plan.flavour == "shell" and plan.build_command:
             return ["/bin/sh", "-c", plan.build_command]
+        if plan.flavour in CONTAINER_ENGINES:     # fetch the image once per node and batch
+            if plan.build_alias:
+                return [plan.flavour, "load", "--input", plan.build_alias]
+            return [plan.flavour, "pull", plan.image or ""]
         return None     # apptainer: the image is the build
 
     def job_argv(self, plan: BatchPlan, job: JobPlan, python: str, cpus: int) -> List[str]:
@@ -1435,6 +1584,8 @@ class Workspace:
             return [python, "job.py"]
         if plan.flavour == "shell":
             return ["/bin/sh", "-c", job.command or ""]
+        if plan.flavour in CONTAINER_ENGINES:
+            return container_argv(self, plan, cpus)
         return apptainer_argv(self, plan, cpus)
 
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
@@ -1454,6 +1605,32 @@ def apptainer_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
     return ["apptainer", "run", "--app", "distribute", "--bind", ",".join(binds),
             str(ws.root / (plan.build_alias or "image.sif")), str(cpus)]
+
+
+CONTAINER_ENV = ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS")
+
+
+def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
+    """Run as the node account, so what the job writes is its files, not root's.  Rootless
+    podman maps that account to itself with keep-id (rootful podman cannot)."""
+    if engine == "podman" and uid != 0:
+        return ["--userns=keep-id", "--user", f"{uid}:{gid}"]
+    return ["--user", f"{uid}:{gid}"]
+
+
+def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
+    """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
+    are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
+    # --init: the engine's tiny init is PID 1 and passes a kill's SIGTERM on to the job (a job
+    # that is PID 1 itself would ignore it, and outlive `kill` once the client is SIGKILLed)
+    argv = [plan.flavour, "run", "--rm", "--init"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    for name in CONTAINER_ENV:
+        argv += ["--env", name]
+    binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
+    binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
+    for bind in binds:
+        argv += ["--volume", bind]
+    return argv + [plan.image or "", str(cpus)]
 
 
 def read_progress(path: Path) -> Optional[float]:
@@ -1634,6 +1811,31 @@ def remove_tree(path: PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         with folder_fd(os.path.dirname(path), create=False) as fd:
             remove_at(fd, os.path.basename(path))
+
+
+_LIBC = []
+
+
+def sync_file_system(path: PathLike) -> None:
+    """Put everything written on the file system holding `path` on stable storage (Linux
+    syncfs(2): one call for all the files and folders of many landed results; os.sync()
+    where it is missing)."""
+    if not _LIBC:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _LIBC.append(getattr(libc, "syncfs", None))
+    syncfs = _LIBC[0]
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
@@ -2250,6 +2452,8 @@ def slurm_job_command(batch: JobFile) -> str:
     for index, mount in enumerate(batch.mounts):
         binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
     binds += '"'
+    if batch.flavour in CONTAINER_ENGINES:      # clusters have apptainer, which runs registry images
+        return f'apptainer run --bind {binds} {shlex.quote("docker://" + (batch.image or ""))} "$cpus"'
     sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
     return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
 
@@ -2269,7 +2473,7 @@ def run_task_script(batch: JobFile) -> str:
     if batch.flavour == "python":
         prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
     check = ""
-    if batch.flavour == "apptainer":
+    if batch.flavour in ("apptainer",) + CONTAINER_ENGINES:
         check = ('case $task in *[,:]*)\n'
                  '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
                  '    exit 1 ;;\nesac\n')
@@ -2401,6 +2605,11 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
                        throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
     """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
     check_slurm_options(batch)
+    if batch.flavour in CONTAINER_ENGINES and batch.build is not None:
+        raise UserError(f"{batch.path}: slurm cannot run the image archive {batch.build.alias}: Slurm clusters "
+                        f"run containers with apptainer, which takes registry images; push the image and give "
+                        f"initialize.image as a reference, or build a .sif from it (`apptainer build image.sif "
+                        f"docker-archive:{batch.build.alias}`) and use an apptainer: section")
     if throttle is not None and throttle < 1:
         raise UserError(f"--throttle must be at least 1, not {throttle}")
     arrays = plan_slurm_arrays(batch, max_array_size)
@@ -2565,12 +2774,12 @@ class TimelineSpan:
 class Store:
     """The head's database.  One connection, used from the event loop only.
 
-    WAL with synchronous=NORMAL, and FULL for durable transactions.  NORMAL may lose the
-    last commits in a power cut (never corrupt the store): a lost claim only means a
-    job is queued again, and the node's stale copy is stopped when it reconnects.  The
-    commit that notes a result as archived is durable (fsynced, about 1 ms) before the
-    node is told to delete its copy, so a result both sides consider archived is on
-    disk on the head."""
+    WAL with synchronous=NORMAL.  NORMAL may lose the last commits in a power cut (never
+    corrupt the store): a lost claim only means a job is queued again, and the node's
+    stale copy is stopped when it reconnects.  Before a node is told to delete a result,
+    DurableAcks flushes the store's file system with the archive's, so a result both
+    sides consider archived is on disk on the head.  `transaction(durable=True)` makes
+    one commit FULL (fsynced) by itself."""
 
     def __init__(self, path: Path):
         import sqlite3
@@ -2755,6 +2964,25 @@ class Store:
             self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
         else:
             self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+    # forget and du
+    def forget_batch(self, namespace: str, name: str) -> int:
+        """Delete every record of NAMESPACE/NAME (replaced runs of it too); returns how many jobs."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
+                                                 (namespace, name))]
+            jobs = 0
+            for batch_id in ids:
+                jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM spans WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+        return jobs
+
+    def batch_owners(self) -> Dict[Tuple[str, str], Tuple[str, str]]:
+        """{(namespace, name): (owner, state)} of every batch that was not replaced."""
+        return {(ns, name): (owner, state) for ns, name, owner, state in self.db.execute(
+            "SELECT namespace, name, owner, state FROM batches WHERE state != 'replaced' ORDER BY id")}
 
 
 class _Transaction:
@@ -3272,16 +3500,74 @@ def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
                     tar.add(path, arcname=name, recursive=False)
 
 
+async def in_own_thread(function, *args: Any) -> Any:
+    """Run a blocking function in a thread of its own and await its result.  Transfers use
+    this rather than the loop's shared pool: a tar thread waits for data that only the event
+    loop hands it, so a pool filled with such threads (six slow uploads) would wait forever."""
+    import asyncio
+    import threading
+    loop = asyncio.get_event_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:          # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+    threading.Thread(target=work, name=getattr(function, "__name__", "transfer"), daemon=True).start()
+    return await future
+
+
+async def fd_ready(fd: int, writable: bool) -> None:
+    """Wait until a non-blocking pipe end can be read (or written) without blocking."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def read_pipe(fd: int, size: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            await fd_ready(fd, writable=False)
+
+
+async def write_pipe(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await fd_ready(fd, writable=True)
+
+
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
     Large files never sit in memory: a thread writes the tar into a pipe."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
-    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    os.set_blocking(read_fd, False)
+    producer = asyncio.ensure_future(in_own_thread(write_entries_to_fd, write_fd, entries))
     try:
         while True:
-            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            chunk = await read_pipe(read_fd, 1 << 20)
             if not chunk:
                 break
             writer.write(chunk)
@@ -3321,10 +3607,10 @@ def extract_then_close(source, dest: Path) -> int:
 async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
     """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -3332,9 +3618,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
                 break
             if on_bytes is not None:
                 on_bytes(len(chunk))
-            view = memoryview(chunk)
-            while view:
-                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+            await write_pipe(write_fd, chunk)
     finally:
         os.close(write_fd)
         try:
@@ -3369,6 +3653,8 @@ class LocalTransport:
     async def open_socket(self, path: str):
         import asyncio
         return await asyncio.open_unix_connection(path, limit=2 ** 24)
+
+    open_bulk_socket = open_socket
 
     async def close(self) -> None:
         return None
@@ -3421,8 +3707,47 @@ class SshTransport:
         return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
 
     remote_pyz = ""
+    bulk: Any = None        # the OpenSshForward bulk transfers take, False when they stay on asyncssh
+
+    async def open_bulk_socket(self, path: str):
+        """A stream for one bulk transfer (results, uploads): through OpenSSH's `ssh` where it is
+        installed, so the decryption runs in its process, not in the head's; else open_socket."""
+        import asyncio
+        if self.bulk is None:
+            self.bulk = False
+            program, forward = openssh_program(), None
+            try:
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
+            except Failed as exc:
+                log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
+            if forward and forward.usable and await self.bulk_works(forward):
+                self.bulk = forward
+        if self.bulk and self.bulk.remote == path:
+            try:
+                return await self.bulk.open()
+            except (Failed, OSError) as exc:
+                log(f"node {self.node.name}: a bulk transfer goes over asyncssh ({one_line(str(exc))})")
+        return await self.open_socket(path)
+
+    async def bulk_works(self, forward) -> bool:
+        """Whether the forward reaches the supervisor (sshd may forbid stream-local forwarding)."""
+        import asyncio
+        try:
+            channel = Channel(*await forward.open())
+            try:
+                reply, _ = await asyncio.wait_for(channel.request({"op": "hello", "id": 0}), 30)
+            finally:
+                channel.close()
+            return bool(reply.get("ok"))
+        except (Failed, OSError, asyncio.TimeoutError) as exc:
+            log(f"node {self.node.name}: bulk transfers stay on asyncssh ({one_line(str(exc) or type(exc).__name__)})")
+            return False
 
     async def close(self) -> None:
+        if self.bulk:
+            import asyncio
+            await asyncio.get_event_loop().run_in_executor(None, self.bulk.stop)
+            self.bulk = None
         if self.conn is not None:
             self.conn.close()
             with contextlib.suppress(Exception):
@@ -3453,6 +3778,188 @@ async def enable_server_nodelay(conn) -> None:
 
 def transport_for(node: NodeSpec):
     return LocalTransport(node) if node.is_local else SshTransport(node)
+
+
+# OpenSSH's `ssh`, where it is installed, carries the client's streams: its crypto is C in a
+# process of its own (asyncssh's is Python in ours, about 4.5 s of CPU per GiB), and one master
+# connection kept for a while (ControlPersist) makes every later command skip the handshake.
+# asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
+
+SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
+
+
+def openssh_program() -> Optional[str]:
+    """The `ssh` to carry streams with, or None for asyncssh."""
+    if os.environ.get("DISTRIBUTE_SSH", "").strip().lower() == "asyncssh":
+        return None
+    return shutil.which("ssh")
+
+
+def ssh_config_file() -> Optional[str]:
+    """$HOME/.ssh/config when HOME is not the passwd entry's home.  asyncssh (and so our
+    fallback) reads ~/.ssh from $HOME, OpenSSH from the passwd entry; this keeps both alike."""
+    import pwd
+    home = os.path.expanduser("~")
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        passwd_home = ""
+    config = os.path.join(home, ".ssh", "config")
+    if os.path.realpath(home) == os.path.realpath(passwd_home) or not os.path.isfile(config):
+        return None
+    return config
+
+
+def private_runtime_dir() -> Path:
+    """A folder only this user can enter, for SSH control and forwarded sockets:
+    $XDG_RUNTIME_DIR/distribute-ssh, else ~/.cache/distribute-ssh."""
+    import stat
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(os.path.expanduser("~"), ".cache")
+    folder = base / "distribute-ssh"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise Failed(f"cannot make {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Failed(f"{folder} must be a folder of yours that only you can open "
+                     f"(remove it, or chmod 700 it)")
+    return folder
+
+
+def openssh_failure(host: str, text: str) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " ".join(lines)
+    if "Host key verification failed" in joined or "host key is known" in joined \
+            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+        return (f"host key of {host} not verified: it is unknown or has changed; check your "
+                f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
+    if "Permission denied" in joined:
+        return f"SSH login to {host} refused: {lines[-1]}"
+    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+
+
+def unix_connect(path: str):
+    """A blocking stream socket connected to the Unix socket at path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_on_socket(sock, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    """One request and its reply over a blocking socket, in Channel's frames (a command that
+    asks one thing needs no event loop: importing asyncio alone costs more than the answer)."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    reader = sock.makefile("rb", buffering=1 << 16)
+
+    def exactly(size: int) -> bytes:
+        try:
+            data = reader.read(size) if size else b""
+        except ConnectionError:
+            data = b""
+        if len(data) != size:
+            raise ProtocolError("connection closed")
+        return data
+    try:
+        sock.sendall(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload)
+    except ConnectionError:
+        raise ProtocolError("connection closed") from None
+    prefix = exactly(8)
+    size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+    if size > MAX_HEADER:
+        raise ProtocolError("frame header too large")
+    try:
+        reply = json.loads(exactly(size))
+    except ValueError as exc:
+        raise ProtocolError(f"bad frame: {exc}") from None
+    return reply, exactly(payload_size)
+
+
+class OpenSshForward:
+    """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
+    master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
+
+    Host keys are checked by ssh against the user's known_hosts (BatchMode: an unknown key
+    is refused, never asked about or accepted).  The control and forwarded sockets live in
+    private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
+
+    def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
+                 persist: int = SSH_PERSIST_SECONDS):
+        self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.config = ssh_config_file()
+        key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
+        folder = private_runtime_dir()
+        self.control, self.local, self.log_path, self.lock_path = (
+            folder / f"{key}.{suffix}" for suffix in ("ctl", "sock", "log", "lock"))
+
+    @property
+    def usable(self) -> bool:
+        """Unix socket paths are limited to 108 bytes: a very long HOME cannot host ours."""
+        return len(str(self.control)) < 100
+
+    def master_argv(self) -> List[str]:
+        argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
+                 "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
+                 "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
+                 "-L", f"{self.local}:{self.remote}", "-N", "-f"]
+        argv += (["-l", self.user] if self.user else []) + (["-p", str(self.port)] if self.port else [])
+        return argv + ["--", self.host]
+
+    async def open(self):
+        """(reader, writer) on the remote socket, starting the master when none answers."""
+        import asyncio
+        with contextlib.suppress(OSError):
+            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        await asyncio.get_event_loop().run_in_executor(None, self.start_unless_up)
+        return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+
+    def connect(self):
+        """A blocking socket on the remote socket (what a one-request command needs: no asyncio)."""
+        try:
+            return unix_connect(str(self.local))
+        except OSError:
+            self.start_unless_up()
+            return unix_connect(str(self.local))
+
+    def start_unless_up(self) -> None:
+        """Start the master, unless another command did while we waited for the lock."""
+        import fcntl
+        lock = os.open(str(self.lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                unix_connect(str(self.local)).close()
+                return
+            self.start()
+        finally:
+            os.close(lock)
+
+    def start(self) -> None:
+        for leftover in (self.control, self.local):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+            try:
+                code = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, timeout=120).returncode
+            except subprocess.TimeoutExpired:
+                raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
+        if code != 0 or not self.local.exists():
+            text = self.log_path.read_text(errors="replace")
+            raise Failed(one_line(openssh_failure(self.host, text)))
+
+    def stop(self) -> None:
+        """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
+        if self.control.exists():
+            subprocess.run([self.ssh, "-o", f"ControlPath={self.control}", "-O", "exit", "--", self.host],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------------------
@@ -4202,6 +4709,18 @@ PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gc
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
+def engine_answers(engine: str, timeout: float = 5.0) -> bool:
+    """Whether a container engine works here, not just lies on PATH: `docker version` needs
+    the daemon and the right to use it; `podman version` a usable user setup."""
+    if not shutil.which(engine):
+        return False
+    try:
+        return subprocess.run([engine, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
 def machine_identity() -> Dict[str, str]:
     """Which machine this is: its machine id (systemd's; DISTRIBUTE_MACHINE_ID first, for
     containers and test labs whose "machines" share one kernel), boot id and hostname."""
@@ -4258,7 +4777,8 @@ def shared_workdir_message(workdir: str, other_host: Any) -> str:
 
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
-    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    caps = [tool for tool in PROBED_TOOLS if tool not in CONTAINER_ENGINES and shutil.which(tool)]
+    caps += [engine for engine in CONTAINER_ENGINES if engine_answers(engine)]
     gpus = 0
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(Exception):
@@ -5865,7 +6385,7 @@ class NodeLink:
         """A channel of its own to the supervisor, for one bulk transfer."""
         if not self.up:
             raise ProtocolError(f"node {self.name} is not connected")
-        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        reader, writer = await self.transport.open_bulk_socket(supervisor_socket(self.workdir))
         return Channel(reader, writer)
 
     async def send_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]) -> Dict[str, Any]:
@@ -5913,6 +6433,83 @@ class NodeLink:
                 await self.channel.send(header)
 
 
+class TransferGate:
+    """Bounds the uploads and pulls a head serves at once: `total` in all and `each` per user;
+    more wait their turn (queued, never refused), and a user's waiting ones hold no place of
+    another's.  (Result fetches are bounded by the nodes' slots.)"""
+
+    def __init__(self, total: int = 64, each: int = 16):
+        self.limits = (total, each)
+        self.total = None
+        self.users: Dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, user: str):
+        import asyncio
+        if self.total is None:
+            self.total = asyncio.Semaphore(self.limits[0])
+        mine = self.users.setdefault(user, asyncio.Semaphore(self.limits[1]))
+        async with mine:
+            async with self.total:
+                yield
+
+
+class DurableAcks:
+    """A node deletes its copy of a result when the head acknowledges it, so the head first puts
+    the archived files and the store's record of them on stable storage.  Results landed
+    within a few milliseconds of each other share one flush (syncfs of the archive's and the
+    state folder's file systems, in a thread of its own): one flush per job would cost the
+    event loop several milliseconds each.  A failing flush sends nothing and is tried again;
+    the results wait on their nodes meanwhile."""
+
+    def __init__(self, folders: List[Path], flush=sync_file_system):
+        seen, self.folders = set(), []
+        for folder in folders:                      # one flush per file system
+            device = os.stat(folder).st_dev
+            if device not in seen:
+                seen.add(device)
+                self.folders.append(folder)
+        self.flush = flush
+        self.pending: Dict[Any, List[str]] = {}     # link -> run ids landed, not yet acknowledged
+        self._ready = None
+
+    def add(self, link: Any, run_id: str) -> None:
+        import asyncio
+        self.pending.setdefault(link, []).append(run_id)
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+
+    def flush_all(self) -> None:
+        for folder in self.folders:
+            self.flush(folder)
+
+    async def run(self) -> None:
+        """The head's task: flush, then acknowledge everything landed before the flush."""
+        import asyncio
+        backoff = 0.5
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self.pending = self.pending, {}
+            try:
+                await in_own_thread(self.flush_all)
+            except OSError as exc:
+                log(f"archive: cannot flush to disk ({exc}); results stay on their nodes, trying again "
+                    f"in {backoff:.0f}s")
+                for link, run_ids in batch.items():
+                    self.pending.setdefault(link, [])[:0] = run_ids
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self._ready.set()
+                continue
+            backoff = 0.5
+            for link, run_ids in batch.items():
+                await link.tell({"op": "ack", "run_ids": run_ids})
+
+
 class Head:
     """The scheduler, archivist and API server; see the section comment."""
 
@@ -5935,6 +6532,8 @@ class Head:
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
         self._local_build: Optional[str] = None
+        self.acks = DurableAcks([config.archive, config.state])
+        self.transfers = TransferGate()
         self._wake = None
         self.matrix = None
 
@@ -5952,6 +6551,7 @@ class Head:
         server = await self.start_api()
         tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
         tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
+        tasks.append(asyncio.ensure_future(self.acks.run()))
         log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
             f"archive {self.config.archive}")
         try:
@@ -6222,7 +6822,7 @@ class Head:
         if self.store.run_id_of(job.id) != run_id:
             return
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction(durable=True):     # on disk before the node drops its copy
+        with self.store.transaction():          # flushed by self.acks before the node drops its copy
             self.store.set_progress(job.id, header.get("progress"))
             if state == "failed" and job.attempts <= job.retries and batch.state == "active":
                 self.store.requeue(job.id, count_attempt=True)
@@ -6232,7 +6832,7 @@ class Head:
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
-        await link.tell({"op": "ack", "run_ids": [run_id]})
+        self.acks.add(link, run_id)
         self.release_build_if_done(link, batch)
         self.maybe_finish_batch(batch)
         self.wake()         # the slot is free now; a spawned fetch ends long after its event's wake
@@ -6391,7 +6991,7 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head")
+            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
         return self.batches.get(batch.id, batch)
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
@@ -6422,8 +7022,9 @@ class Head:
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
         try:
-            await channel.send({"ok": True, "send": True})
-            await receive_tar(channel.reader, incoming)
+            async with self.transfers.slot(user["name"]):
+                await channel.send({"ok": True, "send": True})
+                await receive_tar(channel.reader, incoming)
             if existing is not None:
                 await self.kill_batch(existing)
                 self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
@@ -6661,21 +7262,91 @@ class Head:
             check_archive_rel(rel)                      # a UserError before anything is sent
         # hashing may read gigabytes: not on the loop that serves everyone else
         wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
-        await channel.send({"ok": True, "same": same, "stream": True})
-        read_fd, write_fd = os.pipe()
-        producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
-                if not chunk:
-                    break
-                channel.writer.write(chunk)
-                await channel.writer.drain()
-        finally:
-            os.close(read_fd)
-            await producer
+        async with self.transfers.slot(user["name"]):
+            await channel.send({"ok": True, "same": same, "stream": True})
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
+            try:
+                while True:
+                    chunk = await read_pipe(read_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    channel.writer.write(chunk)
+                    await channel.writer.drain()
+            finally:
+                os.close(read_fd)
+                await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
+
+    async def api_forget(self, channel, user, header, payload):
+        """Delete an ended batch's archive folder and records (owner or admin); `dry` only
+        checks and says what would go."""
+        import asyncio
+        batch = self.lookup_batch(str(header.get("batch", "")))
+        self.check_owner(user, batch, "forget")
+        counts = self.batch_counts(batch.id)
+        if batch.state == "active" or counts.get("queued") or counts.get("running"):
+            raise UserError(f"{batch.key} is still active ({counts.get('queued', 0)} queued, "
+                            f"{counts.get('running', 0)} running): wait for it to end, or "
+                            f"`distribute kill {batch.key}` first")
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files, size = await asyncio.get_event_loop().run_in_executor(None, folder_usage, root)
+        if not header.get("dry"):
+            if root.exists():
+                gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
+                os.rename(root, gone)
+                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+            self.store.forget_batch(batch.namespace, batch.name)
+            self.batches.pop(batch.id, None)
+            self.queued.pop(batch.id, None)
+            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
+        await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
+                            "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})
+
+    async def api_du(self, channel, user, header, payload):
+        """Space the archive takes, per namespace and batch."""
+        import asyncio
+        usage = await asyncio.get_event_loop().run_in_executor(None, archive_usage, self.config.archive)
+        owners = self.store.batch_owners()
+        for namespace in usage:
+            for entry in namespace["batches"]:
+                owner, state = owners.get((namespace["namespace"], entry["batch"].split("/", 1)[1]),
+                                          (None, "unknown"))
+                entry.update(owner=owner, state=state)
+        await channel.send({"ok": True, "archive": str(self.config.archive), "namespaces": usage,
+                            "bytes": sum(n["bytes"] for n in usage)})
+
+
+def folder_usage(root: Path) -> Tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed; (0, 0) when it does not exist."""
+    files = size = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+    return files, size
+
+
+def archive_usage(archive: Path) -> List[Dict[str, Any]]:
+    """[{namespace, bytes, files, batches: [{batch, bytes, files}]}], biggest first."""
+    out = []
+    for ns_dir in sorted(Path(archive).iterdir()) if Path(archive).is_dir() else []:
+        if not ns_dir.is_dir() or ns_dir.is_symlink() or ns_dir.name.startswith("."):
+            continue
+        batches = []
+        for batch_dir in sorted(ns_dir.iterdir()):
+            if batch_dir.is_dir() and not batch_dir.is_symlink() and not batch_dir.name.startswith("."):
+                files, size = folder_usage(batch_dir)
+                batches.append({"batch": f"{ns_dir.name}/{batch_dir.name}", "bytes": size, "files": files})
+        batches.sort(key=lambda b: -b["bytes"])
+        out.append({"namespace": ns_dir.name, "bytes": sum(b["bytes"] for b in batches),
+                    "files": sum(b["files"] for b in batches), "batches": batches})
+    out.sort(key=lambda n: -n["bytes"])
+    return out
 
 
 def remove_unfinished_uploads(files: Path) -> None:
@@ -6723,6 +7394,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 
@@ -6823,6 +7495,11 @@ def check_batch_plan(value: Any) -> BatchPlan:
         problem = mount_problem(_check("plan.mounts", mount, str))
         if problem:
             raise UserError(f"plan.mounts: {problem}")
+    if plan.flavour in CONTAINER_ENGINES or plan.image is not None:     # an engine's argument: never an option
+        problem = image_problem(_check("plan.image", plan.image, str)) if plan.flavour in CONTAINER_ENGINES \
+            else "only docker and podman batches have one"
+        if problem:
+            raise UserError(f"plan.image: {problem}")
     return plan
 
 
@@ -6890,11 +7567,56 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
     return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
 
 
+def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """Why the SSH connection to the head failed, and what to do, in the user's terms."""
+    import asyncio
+    import errno
+    asyncssh = import_asyncssh()
+    login = f"{user + '@' if user else ''}{host}"
+    where = f"{host}:{port or 22}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
+                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
+                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
+                f"or add it with `{keyscan}`")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+    if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+                "the head's sshd uses another)")
+    if isinstance(exc, socket.gaierror):
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"the head {where} did not answer: is the machine up and on this network?"
+    return SshTransport(NodeSpec("head", host)).describe_error(exc)
+
+
+def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
+    """The head's machine answered, but nothing serves the API socket there."""
+    if "prohibited" in reason.lower():
+        return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
+                "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
+    where = f"{path} on {head}" if head else path
+    return (f"no head is running at {where}: is `distribute serve` running? If it is, the socket is "
+            "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
+            "adds you to its --group)")
+
+
 class HeadClient:
-    """One connection to the head's API; each request opens its own channel on it."""
+    """One connection to the head's API; each request opens its own channel on it: a
+    Unix socket forwarded by OpenSSH's `ssh` (kept for a while, see OpenSshForward), else
+    asyncssh's stream-local forwarding."""
+
+    origin: Optional[str] = None      # where the head came from when not --head: named in errors
 
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+        self.forward: Any = None            # an OpenSshForward, False when asyncssh carries it
+
+    def unreachable(self, message: str) -> Failed:
+        return Failed(message + (f"; {self.origin}" if self.origin else ""))
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -6911,13 +7633,12 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except FileNotFoundError:
-                raise Failed(f"no head listens on {path}") from None
-            except PermissionError:
-                raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
-            except ConnectionRefusedError:
-                raise Failed(f"no head listens on {path} (stale socket)") from None
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
+        if self.openssh_forward():
+            reader, writer = await self.forward.open()
+            return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -6931,13 +7652,28 @@ class HeadClient:
                                                    compression_algs=None, **options)
                 await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
-                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+                raise self.unreachable(head_connect_problem(exc, user, host, port)) from None
         path = self.socket_path or REMOTE_SOCKET
         try:
             reader, writer = await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+            raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
+
+    def openssh_forward(self) -> Optional[OpenSshForward]:
+        """The OpenSshForward to the head, or None when asyncssh must carry the connection."""
+        if self.forward is None:
+            program = openssh_program()
+            if program:
+                user, host, port = parse_head(self.head)
+                forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+            self.forward = forward if program and forward.usable else False
+        return self.forward or None
+
+    def closed_socket_message(self) -> str:
+        """What to say when SSH reached the head's machine but nothing answered on the socket."""
+        message = head_socket_problem(self.socket_path or REMOTE_SOCKET, self.head)
+        return message + (f"; {self.origin}" if self.origin else "")
 
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
@@ -6946,10 +7682,30 @@ class HeadClient:
                 reply, data = await channel.request(header, payload)
         finally:
             channel.close()
-        if not reply.get("ok"):
-            message = reply.get("error") or "the head refused"
-            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
-        return reply, data
+        return checked_reply(reply), data
+
+    def call_blocking(self, header: Dict[str, Any], payload: bytes = b"") -> Optional[Tuple[Dict[str, Any], bytes]]:
+        """call() without an event loop, for a head on this machine or behind an OpenSshForward;
+        None when only asyncssh can reach the head."""
+        forwarded = self.head not in (None, "", "local")
+        if not forwarded:
+            path = self.local_socket()
+            try:
+                sock = unix_connect(path)
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
+        elif self.openssh_forward():
+            sock = self.forward.connect()
+        else:
+            return None
+        with sock:
+            try:
+                reply, data = request_on_socket(sock, header, payload)
+            except ProtocolError as exc:
+                if forwarded and str(exc) == "connection closed":       # ssh never reached the far socket
+                    raise Failed(self.closed_socket_message()) from None
+                raise
+        return checked_reply(reply), data
 
     async def call_with_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]
                               ) -> Dict[str, Any]:
@@ -6989,12 +7745,47 @@ class HeadClient:
             self.conn.close()
 
 
+def local_socket_failure(path: str, exc: OSError) -> str:
+    """Why the head's socket on this machine did not answer, and what to do."""
+    if isinstance(exc, PermissionError):
+        return f"{path}: permission denied (ask the admin to add you to the head's group)"
+    return head_socket_problem(path, None)
+
+
+def checked_reply(reply: Dict[str, Any]) -> Dict[str, Any]:
+    """The head's reply, or its refusal raised (exit 2 for bad input, else 1)."""
+    if not reply.get("ok"):
+        message = reply.get("error") or "the head refused"
+        raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
+    return reply
+
+
+class ForwardedChannel(Channel):
+    """A channel through an OpenSshForward: ssh accepts it here before reaching the far socket,
+    so a first reply that never comes means the far socket could not be reached."""
+
+    def __init__(self, reader, writer, unreachable: str):
+        super().__init__(reader, writer)
+        self.unreachable, self.answered = unreachable, False
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        try:
+            result = await super().receive()
+        except ProtocolError:
+            if self.answered:
+                raise
+            raise Failed(self.unreachable) from None
+        self.answered = True
+        return result
+
+
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
     """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
 
     async def go():
         client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        client.origin = ctx_obj.get("origin")
         try:
             return await work(client)
         finally:
@@ -7003,6 +7794,9 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    if answer is not None:
+        return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
 
 
@@ -7326,10 +8120,57 @@ def enable_commands(system: bool, written: Path) -> List[str]:
                    f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
 
 
+def serves_as(user: str, python: str, program: str) -> bool:
+    """Whether `user` can run the head as `python program` (3.10+, the program readable and
+    its imports there): tried for real, as that user, with the environment systemd gives."""
+    import pwd
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    try:
+        for argv in ([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"], [python, program, "--version"]):
+            if subprocess.run(argv, user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode != 0:
+                return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def service_python(user: str, python: str, program: str) -> Tuple[str, Optional[str]]:
+    """The python3 for ExecStart that `user` can run (root's pyenv python is not one), and a
+    note when it is not the one running now; none at all: a UserError saying what to do."""
+    candidates = [python] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                             if p != python and os.path.isfile(p)]
+    for candidate in candidates:
+        if serves_as(user, candidate, program):
+            note = None if candidate == python else (f"note: ExecStart uses {candidate}: {user} cannot run the head "
+                                                     f"with {python}")
+            return candidate, note
+    raise UserError(f"{user} cannot run the head with {' or '.join(candidates)} and {program} (a python3 of 3.10 "
+                    f"or newer that {user} may execute, and the program readable by {user}, are needed): put "
+                    f"distribute.pyz where {user} can read it and run `sudo /usr/bin/python3 distribute.pyz "
+                    "service install ...`")
+
+
+def group_member_problem(user: str, group: str) -> Optional[str]:
+    """The head gives its socket to --group: its account must be a member to do so."""
+    import grp
+    import pwd
+    try:
+        entry, account = grp.getgrnam(group), pwd.getpwnam(user)
+    except KeyError:
+        return None                 # service_argv names a missing group
+    if account.pw_gid == entry.gr_gid or user in entry.gr_mem or user == "root":
+        return None
+    return (f"the head's account {user} must be in --group {group} (it hands its socket to that group): "
+            f"`sudo usermod -aG {group} {user}`, then run this again")
+
+
 def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
                     archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
-                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
-    """Write the unit file; return where, and the commands to enable it."""
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str], List[str]]:
+    """Write the unit file; return where, the commands to enable it, and notes."""
     owner = service_user(user) if system else current_user()
     if system:
         state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
@@ -7338,8 +8179,16 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
         state_dir = Path(state).resolve() if state else default_state_dir().resolve()
         default_output = user_unit_path()
     archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
-    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
-                       owner if system else None,
+    argv, notes = service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), []
+    if group and group_member_problem(owner, group):
+        raise UserError(group_member_problem(owner, group))
+    if system and os.geteuid() == 0 and owner != "root":
+        argv[0], note = service_python(owner, argv[0], argv[1])
+        notes += [note] if note else []
+    if system and not group:
+        notes.append(f"note: only {owner} and root may use this head; to let the lab in, install again with "
+                     f"--group GROUP ({owner} and the lab's accounts in it)")
+    unit = ServiceUnit(argv, system, owner if system else None,
                        state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
     target = Path(output).resolve() if output else default_output
     try:
@@ -7351,7 +8200,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
     except PermissionError as exc:
         raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
                      "(sudo), or write the unit elsewhere with --output FILE") from None
-    return target, enable_commands(system, target)
+    return target, enable_commands(system, target), notes
 
 
 # --- `nodes --check`: what each node still needs, before the head reaches it --
@@ -7552,6 +8401,9 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
     path = nodes_file or NODES_FILE
     if not os.path.exists(path):
         raise UserError(f"no nodes file {path}: give --nodes FILE")
+    note = original_ports_note(load_nodes_file(path))
+    if note:
+        click.echo(note)
     checks = check_nodes(path, min_free)
     for check in checks:
         click.echo(check.line())
@@ -7565,7 +8417,7 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
 CONFIG_KEYS = ("head", "socket")
 # Commands that never talk to a head: a broken config file must not stop them
 # (above all `config`, which repairs it).
-COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "install", "node", "pause", "resume", "serve", "service", "run",
                          "template", "check", "slurm", "demo")
 
 
@@ -7589,6 +8441,8 @@ def read_client_config() -> Dict[str, str]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if yaml_tab_problem(text, mark):
+            raise UserError(f"{path}:{yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
@@ -7630,6 +8484,15 @@ def resolve_head(head: Optional[str], socket_path: Optional[str],
     return stored["head"], socket_path or stored.get("socket")
 
 
+def head_origin(head: Optional[str], given: Optional[str], from_environment: bool) -> Optional[str]:
+    """Where the head a command talks to came from, when the command line did not name it."""
+    if given is None and head is not None:
+        return f"the head {head} comes from {config_path()} (`distribute config --head` changes it)"
+    if from_environment and head is not None:
+        return f"the head {head} comes from $DISTRIBUTE_HEAD"
+    return None
+
+
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
@@ -7640,6 +8503,64 @@ def completion_script(shell: str) -> str:
     if completer is None:
         raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
     return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `install`: a `distribute` command (and completion) on this machine ---------
+# The pyz is copied to PREFIX/lib/distribute/ and PREFIX/bin/distribute runs it with
+# the python3 that ran `install`; completion goes where the user's shell finds it by
+# itself (zsh needs one fpath line, which is printed).  Running it again replaces the
+# same files: a way to upgrade too.
+
+WRAPPER = """#!/bin/sh
+# Written by `distribute install`; run it again to upgrade.
+exec {python} {program} "$@"
+"""
+
+
+def completion_target(shell: str, home: Path) -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "distribute",
+            "zsh": data / "zsh" / "site-functions" / "_distribute",
+            "fish": config / "fish" / "completions" / "distribute.fish"}[shell]
+
+
+def install_command(prefix: Path, shell: Optional[str]) -> List[str]:
+    """Install the command and the completion; return what to tell the user."""
+    prefix = prefix.expanduser().resolve()
+    home = Path.home()
+    shell = shell or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if shell not in COMPLETION_SHELLS:
+        raise UserError(f"no completion for the shell {shell!r}: give --shell {'|'.join(COMPLETION_SHELLS)}")
+    pyz = running_pyz()
+    if pyz:
+        program = prefix / "lib" / "distribute" / "distribute.pyz"
+        if os.path.abspath(pyz) != str(program):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(program, lambda tmp: shutil.copyfile(pyz, tmp))
+    else:
+        program = Path(os.path.abspath(__file__))     # from a source tree: run it where it is
+    command = prefix / "bin" / "distribute"
+    command.parent.mkdir(parents=True, exist_ok=True)
+    text = WRAPPER.format(python=shlex.quote(sys.executable), program=shlex.quote(str(program)))
+    write_atomically(command, lambda tmp: (tmp.write_text(text), tmp.chmod(0o755)))
+    completion = completion_target(shell, home)
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    script = completion_script(shell)
+    write_atomically(completion, lambda tmp: tmp.write_text(script))
+    lines = [f"installed {command} (runs {program} with {sys.executable})",
+             f"{shell} completion: {completion}"]
+    if shell == "zsh":
+        lines.append(f"zsh: put `fpath+=({completion.parent})` before `compinit` in ~/.zshrc once")
+    on_path = [os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.realpath(command.parent) not in on_path:
+        rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc", "fish": None}[shell]
+        lines.append(f"{command.parent} is not on your PATH: "
+                     + (f"fish_add_path {command.parent}" if rc is None else
+                        f"echo 'export PATH=\"{command.parent}:$PATH\"' >> {rc}") + ", then open a new shell")
+    else:
+        lines.append("open a new shell, then: distribute --help")
+    return lines
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
@@ -7991,6 +8912,34 @@ apptainer:
         "params_2.txt": "2\n",
     },
 }
+for _engine in CONTAINER_ENGINES:
+    TEMPLATES[_engine] = {
+        JOBS_FILE: f"""\
+# A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
+#   {_engine} run --rm --init --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+# The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
+meta:
+  batch_name: my_{_engine}_batch
+  namespace: my_name
+  capabilities: [{_engine}]       # nodes where `{_engine} version` works
+{_engine}:
+  initialize:
+    image: docker.io/your_name/solver:latest   # a registry reference, or an archive: solver.tar (`{_engine} save`)
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {{path: params_1.txt, alias: params.txt}}
+    - name: job_2
+      required_files:
+        - {{path: params_2.txt, alias: params.txt}}
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    }
 
 
 def write_template(flavour: str, output: str) -> List[Path]:
@@ -8030,8 +8979,10 @@ def find_job_file(path: Optional[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    given = head
     head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
-    ctx.obj = {"head": head, "socket": socket_path}
+    ctx.obj = {"head": head, "socket": socket_path, "origin": head_origin(
+        head, given, ctx.get_parameter_source("head") == click.core.ParameterSource.ENVIRONMENT)}
 
 
 @cli.command()
@@ -8128,6 +9079,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    if original_ports_note(nodes):
+        log(original_ports_note(nodes))
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
@@ -8303,6 +9256,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
 
     async def go():
         client = HeadClient(obj.get("head"), obj.get("socket"))
+        client.origin = obj.get("origin")
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)
@@ -8570,7 +9524,8 @@ def service_group() -> None:
               help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
                    "~/.local/state/distribute].")
 @click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
-@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the head's account must be in it too).")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--output", default=None, metavar="PATH",
               help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
@@ -8581,10 +9536,13 @@ def service_install(user, nodes_file, state, archive, group, matrix_config, outp
     """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
     if user and not system:
         raise UserError("--user names the account of a system unit; a --user-unit runs as you")
-    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    target, commands, notes = install_service(user, nodes_file, state, archive, group, matrix_config, output,
+                                              system)
     click.echo(f"wrote {target}; to start the head now and at every boot:")
     for line in commands:
         click.echo(f"  {line}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @cli.command(name="config")
@@ -8623,6 +9581,21 @@ def config_command(head, socket_path, unset, show) -> None:
         click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
 
 
+@cli.command(name="install")
+@click.option("--prefix", default="~/.local", show_default=True, metavar="DIR",
+              help="The command goes to DIR/bin, the program to DIR/lib/distribute.")
+@click.option("--shell", type=click.Choice(COMPLETION_SHELLS), default=None,
+              help="Whose completion to install [default: from $SHELL].")
+def install(prefix, shell) -> None:
+    """Put a `distribute` command (and shell completion) on this machine; again to upgrade."""
+    try:
+        lines = install_command(Path(prefix), shell)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename}: permission denied; choose a --prefix of yours") from None
+    for line in lines:
+        click.echo(line)
+
+
 @cli.command(name="completion")
 @click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
 def completion_command(shell) -> None:
@@ -8656,6 +9629,46 @@ def report(obj, batch, output) -> None:
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
 
 
+# `forget` and `du`: the archive does not only grow.
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("--yes", is_flag=True, help="Do not ask; delete at once.")
+@click.pass_obj
+def forget(obj, batch, yes) -> None:
+    """Delete an ended batch's archived results and its record on the head (owner or admin)."""
+    ask = {"op": "forget", "batch": batch, "dry": True}
+    if not yes:
+        found, _ = client_call(obj, ask)
+        prompt = (f"forget {found['batch']}: delete its {found['jobs']} jobs' records and its archive "
+                  f"({found['files']} files, {human_bytes(found['bytes'])}) on the head?")
+        try:
+            confirmed = click.confirm(prompt, default=False, err=True)
+        except click.exceptions.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UserError(f"not confirmed: {found['batch']} is kept (`forget --yes` deletes without asking)")
+    reply, _ = client_call(obj, dict(ask, dry=False))
+    click.echo(f"forgot {reply['batch']}: {reply['files']} files, {human_bytes(reply['bytes'])} freed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.pass_obj
+def du(obj, as_json) -> None:
+    """Show the space the head's archive takes, per namespace and batch."""
+    reply, _ = client_call(obj, {"op": "du"})
+    if as_json:
+        click.echo(json.dumps({k: reply[k] for k in ("archive", "bytes", "namespaces")}, indent=2))
+        return
+    for namespace in reply["namespaces"]:
+        click.echo(f"{human_bytes(namespace['bytes']):>10}  {namespace['namespace']}/")
+        for entry in namespace["batches"]:
+            who = ", ".join(x for x in (entry.get("owner"), entry.get("state")) if x)
+            click.echo(f"{human_bytes(entry['bytes']):>10}    {entry['batch']}  ({entry['files']} files; {who})")
+    click.echo(f"{human_bytes(reply['bytes']):>10}  in total, in {reply['archive']}")
+
+
 def _not_yet(name: str, help_text: str):
     @click.pass_context
     def command(ctx, **_):
@@ -8674,6 +9687,93 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
                      ("slurm", "Transpile a batch for a Slurm cluster."), ("node", "Node-side commands (used by the head).")):
     if _name not in cli.commands:
         _not_yet(_name, _help)
+
+
+# The original distribute's spellings: the ones with a meaning here are rewritten to
+# ours (with one note line, so people learn the new names); the others get one line
+# naming what to use instead.
+
+_ORIGINAL_RENAMED = {"server-status": "status", "node-status": "nodes"}
+_ORIGINAL_GONE = {
+    "server": "the head is `distribute serve --nodes distribute-nodes.yaml --archive DIR` here "
+              "(the original's --save-path is --archive; --temp-dir and --port are not needed)",
+    "client": "nodes run no `distribute client` here: list the machine in the head's nodes file and the "
+              "head starts what it needs over SSH (README: Coming from the original)",
+}
+_GLOBAL_OPTIONS = ("--head", "--socket")
+
+
+def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(our argv, notes) for a command line in the original's spelling: `server-status`,
+    `node-status [--nodes-file F]`, `--ip HOST [--port N]`, `pull ... include -i RE` /
+    `exclude -e RE`.  A command that has no counterpart here is a UserError naming ours."""
+    argv = list(argv)
+    index = 0                                   # the command: the first word after global options
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in _GLOBAL_OPTIONS else 1
+    if index >= len(argv):
+        return argv, []
+    command, rest, notes = argv[index], argv[index + 1:], []
+    if command in _ORIGINAL_GONE:
+        raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
+    if command == "help":                       # the original's `help [COMMAND]`
+        return argv[:index] + rest[:1] + ["--help"], []
+    if command in _ORIGINAL_RENAMED:
+        notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
+        if command == "node-status":
+            rest = _rename_option(rest, ("--nodes-file",), "--nodes")
+            if "--nodes" in rest or any(a.startswith("--nodes=") for a in rest):
+                rest = ["--check"] + rest
+        command = _ORIGINAL_RENAMED[command]
+    head: List[str] = []
+    if any(a == "--ip" or a.startswith("--ip=") for a in rest):
+        kept: List[str] = []
+        words = iter(rest)
+        for word in words:
+            if word == "--ip":
+                head = ["--head", next(words, "")]
+            elif word.startswith("--ip="):
+                head = ["--head", word[5:]]
+            elif word in ("-p", "--port"):      # the original's TCP port: SSH needs none
+                next(words, None)
+            elif not word.startswith("--port="):
+                kept.append(word)
+        rest = kept
+        notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pause" and rest and not rest[0].startswith("-"):
+        rest = ["--duration"] + rest
+        notes.append(f"`pause {rest[1]}` is `pause --duration {rest[1]}` here")
+    original_slurm = {"--cluster-username": "--cluster-user", "--cluster-address": "--cluster-host",
+                      "--cluster-upload-destination": "--cluster-dir"}
+    if command == "slurm" and any(a.partition("=")[0] in original_slurm for a in rest):
+        for old, new in original_slurm.items():
+            rest = _rename_option(rest, (old,), new)
+        words, positional, kept = iter(rest), [], []
+        for word in words:                      # the original took OUTDIR first, then the job file
+            if word.startswith("--cluster-") and "=" not in word:
+                kept += [word, next(words, "")]
+            elif word.startswith("-"):
+                kept.append(word)
+            else:
+                positional.append(word)
+        rest = kept + positional[::-1]
+        notes.append("the original's `slurm OUTDIR [FILE] --cluster-username/--cluster-address/"
+                     "--cluster-upload-destination` is `slurm [FILE] OUTDIR --cluster-user/--cluster-host/"
+                     "--cluster-dir` here")
+    if command == "pull" and ("include" in rest or "exclude" in rest):
+        rest = [word for word in rest if word not in ("include", "exclude")]
+        rest = _rename_option(rest, ("-i", "--include"), "--filter")
+        rest = _rename_option(rest, ("-e",), "--exclude")
+        notes.append("`pull include -i RE` / `exclude -e RE` are `pull --filter RE` / `--exclude RE` here")
+    return argv[:index] + head + [command] + rest, notes
+
+
+def _rename_option(words: List[str], old: Tuple[str, ...], new: str) -> List[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(new + eq + value if name in old else word)
+    return out
 
 
 def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
@@ -8703,11 +9803,15 @@ def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
-        fast = node_fast_path(list(sys.argv[1:] if argv is None else argv))
+        argv = list(sys.argv[1:] if argv is None else argv)
+        fast = node_fast_path(argv)
         if fast is not None:
             fast()
             code = 0
         else:
+            argv, notes = original_spelling(argv)
+            if notes:
+                click.echo(f"distribute: note: {'; '.join(notes)}", err=True)
             code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()

@@ -131,6 +131,17 @@ class HeadProcess:
             raise AssertionError(f"batch {key} did not finish: {self.batch(key)}\n{self.log.read_text()[-4000:]}")
 
 
+def pyz_of_another_build(pyz, folder):
+    """The same program as another build (another archive comment, so another hash), as a
+    head upgrade brings: `distribute-next.pyz` in folder."""
+    import zipfile
+    other = Path(folder) / "distribute-next.pyz"
+    shutil.copy(pyz, other)
+    with zipfile.ZipFile(other, "a") as archive:
+        archive.comment = b"the next build"
+    return other
+
+
 def node_workdirs(ssh_nodes):
     """One workdir per node, owned by the node account (the nodes share this machine's disk)."""
     base = Path(tempfile.mkdtemp(prefix="dnodes-", dir="/tmp"))
