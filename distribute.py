@@ -7221,6 +7221,10 @@ class Head:
                 reason = "busy with " + ", ".join(r.get("job") or f"build of {r.get('build')}"
                                                   for r in next(n for n in self.node_report()
                                                                 if n["name"] == link.name)["running"])
+                if link.capacity < link.spec.slots:
+                    reason += f" (desk hours: {link.capacity} of {link.spec.slots} slots)"
+            elif reason == "paused":
+                reason = "paused by " + ", ".join(pause_label(l) for l in link.paused)
             elif reason == "unreachable" and link.error:
                 reason = f"unreachable: {link.error}"
             reasons[link.name] = reason or "can run it: it will when its turn comes"
