@@ -546,8 +546,7 @@ def test_head_over_ssh_messages(head_sshd, alice_home, tmp_path):
     result = laptop(alice_home, tmp_path, "--head", "head", "status")
     assert result.returncode == 1
     line = one_line(result.stderr)
-    assert line.startswith("distribute: host key of head not verified: the head's SSH key is unknown to this "
-                           "machine or has changed")
+    assert line.startswith("distribute: the head head's SSH host key is unknown to this machine (or has changed)")
     assert f"it is not in {alice_home.path}/.ssh/known_hosts" in line
     assert "connect once with `ssh head`" in line and "`ssh-keyscan head >> ~/.ssh/known_hosts`" in line
 
@@ -773,5 +772,5 @@ def test_head_messages_when_asyncssh_carries_the_client(head_sshd, alice_home, t
     alice_home.known_hosts.write_text("")
     result = laptop_without_ssh("--head", "head", "status")
     line = one_line(result.stderr)
-    assert line.startswith("distribute: host key of head not verified: the head's SSH key is unknown to this machine")
+    assert line.startswith("distribute: the head head's SSH host key is unknown to this machine (or has changed)")
     assert f"{alice_home.path}/.ssh/known_hosts" in line and "ssh-keyscan" in line
