@@ -4777,6 +4777,20 @@ def workdir_claim(home: Path) -> Optional[Dict[str, Any]]:
     return claim
 
 
+def lock_workdir(home: Path) -> Optional[int]:
+    """One supervisor per workdir: an exclusive flock on .distribute/supervisor.lock held for the
+    supervisor's life (two started at once, by one head or two, cannot both serve; the kernel
+    drops the lock with the process).  None if another supervisor holds it."""
+    import fcntl
+    fd = os.open(str(home / "supervisor.lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | _CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def claim_workdir(home: Path, identity: Dict[str, str]) -> None:
     write_atomically(home / "machine.json", lambda tmp: tmp.write_text(json.dumps(identity)))
 
@@ -4882,6 +4896,10 @@ class Supervisor:
         import asyncio
         self.home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
+        self.workdir_lock = lock_workdir(self.home)
+        if self.workdir_lock is None:
+            log(f"supervisor: another supervisor serves {self.workdir} already; leaving it that")
+            return
         self.runs_dir.mkdir(exist_ok=True)
         self.reap_orphans()
         with contextlib.suppress(FileNotFoundError):
