@@ -2669,6 +2669,7 @@ class NodeView:
     free_slots: int
     paused: bool = False
     reachable: bool = True
+    upgrading: bool = False          # its supervisor is another build: it finishes, then is replaced
 
 
 @dataclass
@@ -2720,6 +2721,8 @@ def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
         return "the batch's build failed there"
     if node.paused:
         return "paused"
+    if node.upgrading:
+        return "its supervisor is being upgraded (after its running jobs end)"
     if node.free_slots <= 0:
         return "busy"
     return None
@@ -3830,6 +3833,60 @@ PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gc
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
+def machine_identity() -> Dict[str, str]:
+    """Which machine this is: its machine id (systemd's; DISTRIBUTE_MACHINE_ID first, for
+    containers and test labs whose "machines" share one kernel), boot id and hostname."""
+    machine = os.environ.get("DISTRIBUTE_MACHINE_ID", "").strip()
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        if machine:
+            break
+        with contextlib.suppress(OSError):
+            machine = Path(path).read_text().strip()
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    hostname = socket.gethostname()
+    return {"machine_id": machine or f"host:{hostname}", "boot_id": boot, "hostname": hostname}
+
+
+# A workdir belongs to one machine.  Its supervisor claims it in .distribute/machine.json
+# and refreshes the claim; another machine reaching the same folder (NFS home folders)
+# finds a fresh claim that is not its own and is refused.  A claim older than this is
+# a machine that stopped using the folder, and may be taken over.
+CLAIM_REFRESH = 30.0
+CLAIM_STALE = 120.0
+
+
+def workdir_claim(home: Path) -> Optional[Dict[str, Any]]:
+    """The machine that claims this workdir, with its claim's age; None if nobody (fresh)."""
+    path = home / "machine.json"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        claim = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(claim, dict) or age > CLAIM_STALE:
+        return None
+    return claim
+
+
+def claim_workdir(home: Path, identity: Dict[str, str]) -> None:
+    write_atomically(home / "machine.json", lambda tmp: tmp.write_text(json.dumps(identity)))
+
+
+def foreign_claim_problem(workdir: Path, identity: Dict[str, str]) -> Optional[str]:
+    """Why this machine must not use `workdir`: another machine uses it right now."""
+    claim = workdir_claim(workdir / ".distribute")
+    if claim is None or claim.get("machine_id") == identity["machine_id"]:
+        return None
+    return shared_workdir_message(str(workdir), claim.get("hostname"))
+
+
+def shared_workdir_message(workdir: str, other_host: Any) -> str:
+    return (f"workdir {workdir} is in use by another machine, {other_host}: two machines share it "
+            "(a folder on NFS?); give each node a workdir on its own disk")
+
+
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
     caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
@@ -3841,8 +3898,8 @@ def probe_machine() -> Dict[str, Any]:
     if gpus:
         caps.append("gpu")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"capabilities": caps, "cpus": os.cpu_count() or 1, "memory": memory, "gpus": gpus,
-            "hostname": socket.gethostname(), "python": sys.version.split()[0], "version": __version__}
+    return dict(machine_identity(), capabilities=caps, cpus=os.cpu_count() or 1, memory=memory, gpus=gpus,
+                python=sys.version.split()[0], version=__version__)
 
 
 @dataclass
@@ -3877,6 +3934,7 @@ class Supervisor:
         self.builds: Dict[str, Any] = {}           # batch key -> task
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
+        self.build = program_bytes()[1]            # the head replaces a supervisor of another build
         self.pause_locks: List[Any] = []
         self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
@@ -3918,14 +3976,22 @@ class Supervisor:
                                                  limit=2 ** 24)
         os.chmod(self.socket_path, 0o600)
         watcher = asyncio.ensure_future(self.watch_pauses())
+        claimed = 0.0
         try:
             while not self.idle_long_enough():
+                if time.time() - claimed > CLAIM_REFRESH:
+                    with contextlib.suppress(OSError):         # a full disk must not stop the jobs
+                        claim_workdir(self.home, self.machine_identity())
+                    claimed = time.time()
                 await asyncio.sleep(1.0)
         finally:
             watcher.cancel()
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+
+    def machine_identity(self) -> Dict[str, str]:
+        return {key: self.machine[key] for key in ("machine_id", "boot_id", "hostname")}
 
     def idle_long_enough(self) -> bool:
         if self.head is not None or self.procs or self.builds:
@@ -4000,7 +4066,7 @@ class Supervisor:
             self.node_name = str(header.get("node") or self.node_name)[:128]
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
-                    workspaces=self.workspaces(), protocol=PROTOCOL), b""
+                    workspaces=self.workspaces(), protocol=PROTOCOL, build=self.build, pid=os.getpid()), b""
 
     def workspaces(self) -> List[Dict[str, str]]:
         """The batch folders on this node that no build is filling right now (a slot shadow
@@ -4315,9 +4381,16 @@ def supervisor_socket(workdir: str) -> str:
 
 
 def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[str],
-                              pause_folder: Optional[str] = None) -> str:
-    """Start a supervisor for workdir unless one answers already; return when it listens."""
+                              pause_folder: Optional[str] = None, replace: bool = False) -> str:
+    """Start a supervisor for workdir unless one answers already (with `replace`, stop that
+    one first: the head upgrades it); return when it listens.  Refuses a workdir that
+    another machine uses."""
     sock_path = supervisor_socket(str(workdir))
+    problem = foreign_claim_problem(Path(workdir), machine_identity())
+    if problem:
+        raise Failed(problem)
+    if replace:
+        stop_supervisor(sock_path)
     if socket_answers(sock_path):
         return "running"
     home = Path(workdir) / ".distribute"
@@ -4334,6 +4407,36 @@ def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[st
             return "started"
         time.sleep(0.02)
     raise Failed(f"the supervisor did not start; see {home / 'supervisor.log'}")
+
+
+def stop_supervisor(sock_path: str, grace: float = 10.0) -> bool:
+    """Stop the supervisor listening on sock_path (found by the socket's peer credentials,
+    so any release's supervisor is found); its jobs, in sessions of their own, go on."""
+    import struct
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(sock_path)
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    pid = struct.unpack("3i", creds)[0]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"supervise" not in cmdline or pid == os.getpid():
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def socket_answers(path) -> bool:
@@ -5107,7 +5210,22 @@ def hold_head_lock(state: Path, socket_path: Path) -> int:
     return fd
 
 
-NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version")   # kept per node
+NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version", "machine_id",
+              "build")   # kept per node
+
+
+class NodeRefused(Failed):
+    """A node the head must not use until the admin changes something (said in the message)."""
+
+
+def parse_json_line(out: bytes) -> Dict[str, Any]:
+    """The last line of a command's output, as JSON; {} if it is not."""
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        value = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class NodeLink:
@@ -5126,6 +5244,8 @@ class NodeLink:
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
         self.last_known: Dict[str, Any] = {}         # what it reported when last up (kept in the store)
+        self.conflict: Optional[str] = None          # why it is refused: its machine is listed twice
+        self.replace_supervisor = False              # next connection replaces an outdated supervisor
 
     @property
     def name(self) -> str:
@@ -5159,7 +5279,24 @@ class NodeLink:
 
     def view(self) -> NodeView:
         return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
-                        self.spec.slots - len(self.slots), bool(self.paused), self.up)
+                        self.spec.slots - len(self.slots), bool(self.paused), self.up, self.outdated)
+
+    @property
+    def expected_build(self) -> str:
+        """The build this node's supervisor should run: what the head copies there (a local
+        node runs the head's own program)."""
+        return self.head.local_build if self.spec.is_local else self.head.program[1]
+
+    @property
+    def outdated(self) -> bool:
+        return self.up and self.info.get("build") != self.expected_build
+
+    def refuse(self, reason: str) -> None:
+        """Stop using this node (another entry reaches its machine): its loop reconnects and
+        is refused with `reason` until the nodes file changes."""
+        self.conflict = reason
+        if self.channel is not None:
+            self.channel.close()
 
     async def run_forever(self) -> None:
         import asyncio
@@ -5172,7 +5309,7 @@ class NodeLink:
                 raise
             except Exception as exc:                     # any failure: node is down, retry
                 self.error = self.transport.describe_error(exc)
-                refused = "host key" in self.error
+                refused = "host key" in self.error or isinstance(exc, NodeRefused)
                 self.state = "refused" if refused else "down"
                 log(f"node {self.name}: {self.error}")
             self.mark_down()
@@ -5198,12 +5335,18 @@ class NodeLink:
         await self.transport.connect()
         argv0 = await self.install_program()
         pause = ["--pause-dir", self.spec.pause_dir] if self.spec.pause_dir else []
+        replace = ["--replace"] if self.replace_supervisor else []
         code, out, err = await self.transport.run(
             argv0 + ["node", "start", "--workdir", self.workdir, "--idle-timeout",
-                     str(self.head.config.supervisor_idle)] + pause)
+                     str(self.head.config.supervisor_idle)] + pause + replace)
         if code != 0:
             text = (err or out).decode("utf-8", "replace").strip().splitlines()
-            raise Failed(f"cannot start the supervisor: {text[-1] if text else f'exit code {code}'}")
+            reason = text[-1] if text else f"exit code {code}"
+            if "in use by another machine" in reason:
+                raise NodeRefused(reason.replace("distribute: ", "", 1))
+            raise Failed(f"cannot start the supervisor: {reason}")
+        self.replace_supervisor = False
+        started = parse_json_line(out)
         if isinstance(self.transport, SshTransport):
             self.transport.remote_pyz = argv0[1]
         reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
@@ -5211,9 +5354,17 @@ class NodeLink:
         hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name})
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
-        self.info, self.paused = hello, hello.get("paused", [])
+        if started.get("machine_id") and hello.get("machine_id") != started["machine_id"]:
+            raise NodeRefused(shared_workdir_message(self.workdir, hello.get("hostname")))
         self.last_known = {key: hello.get(key) for key in NODE_FACTS}
         self.head.store.remember_node(self.name, self.last_known)
+        self.conflict = self.head.machine_conflict(self)
+        if self.conflict:
+            raise NodeRefused(self.conflict)
+        self.info, self.paused = hello, hello.get("paused", [])
+        if hello.get("build") != self.expected_build:
+            log(f"node {self.name}: its supervisor runs build {hello.get('build') or 'of release ' + str(hello.get('version'))}"
+                f", this head {self.expected_build}: no new work there; it is replaced once its running jobs end")
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.reconcile(self, hello.get("runs", []))
@@ -5335,6 +5486,7 @@ class Head:
         self.last_owner: Optional[str] = None
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
+        self._local_build: Optional[str] = None
         self._wake = None
         self.matrix = None
 
@@ -5368,11 +5520,51 @@ class Head:
         if self._wake is not None:
             self._wake.set()
 
+    @property
+    def local_build(self) -> str:
+        """The build of this head's own program, which local nodes run."""
+        if self._local_build is None:
+            self._local_build = self.program[1] if not self.config.pyz else program_bytes()[1]
+        return self._local_build
+
+    def machine_conflict(self, link: NodeLink) -> Optional[str]:
+        """Two entries of the nodes file reaching one machine: the one listed first keeps it, a
+        later one is refused (several `host: local` entries are a way to try a lab on one
+        machine, and are allowed)."""
+        machine = link.last_known.get("machine_id")
+        if not machine:
+            return None
+        for other in self.links.values():
+            if other is link:
+                break
+            if other.last_known.get("machine_id") == machine and not (other.spec.is_local and link.spec.is_local):
+                return (f"{link.name} reaches the same machine as {other.name} ({link.last_known.get('hostname')}, "
+                        f"machine id {str(machine)[:12]}): list each machine once in the nodes file")
+        later = list(self.links.values())
+        for other in later[later.index(link) + 1:]:
+            if other.up and other.last_known.get("machine_id") == machine \
+                    and not (other.spec.is_local and link.spec.is_local):
+                other.refuse(f"{other.name} reaches the same machine as {link.name}: list each machine once")
+        return None
+
+    def replace_outdated_supervisors(self) -> None:
+        """An outdated supervisor (another build) gets no new work; once it runs no job and no
+        build, reconnecting replaces it with this head's build."""
+        busy = {job.node for job in self.store.running_jobs()}
+        building = {node for (_, node), state in self.builds.items() if state == "running"}
+        for link in self.links.values():
+            if link.outdated and not link.replace_supervisor and link.name not in busy | building:
+                log(f"node {link.name}: replacing its supervisor with build {link.expected_build}")
+                link.replace_supervisor = True
+                if link.channel is not None:
+                    link.channel.close()
+
     async def watch_lost_nodes(self) -> None:
         """Requeue the jobs of a node that has been away longer than the node timeout."""
         import asyncio
         while True:
             await asyncio.sleep(1.0)
+            self.replace_outdated_supervisors()
             for link in self.links.values():
                 if link.up or link.down_since is None:
                     continue
@@ -5816,6 +6008,8 @@ class Head:
                                 "batch": batch.key if batch else None, "run_id": holder})
             out.append({"name": link.name, "host": link.spec.host, "state": link.state, "error": link.error,
                         "reachable": link.up, "version": link.info.get("version"),
+                        "build": link.info.get("build"), "upgrading": link.outdated,
+                        "machine": link.info.get("hostname"),
                         "capabilities": link.capabilities, "slots": link.spec.slots,
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
@@ -6385,7 +6579,7 @@ def local_date_time(iso: Optional[str]) -> str:
 def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
     lines = []
     for node in nodes:
-        state = node["state"]
+        state = "upgrading" if node.get("upgrading") else node["state"]
         if node["paused"]:
             state = "paused by " + ", ".join(f"{p['user']} until {local_date_time(p['until'])}"
                                              for p in node["paused"])
@@ -6395,7 +6589,8 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
         lines.append(f"{'':<12} capabilities: {', '.join(node['capabilities']) or '-'}"
                      + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
-                     + (f"; version {node['version']}" if node.get("version") else ""))
+                     + (f"; version {node['version']}" if node.get("version") else "")
+                     + (f" (build {node['build']})" if node.get("build") else ""))
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
     return lines
@@ -6710,6 +6905,12 @@ else echo "workdir=cannot-create"; fi
 d=$wd
 while [ ! -d "$d" ]; do d=$(dirname "$d"); done
 df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free-kib=" $4}'
+mid=$DISTRIBUTE_MACHINE_ID
+[ -n "$mid" ] || mid=$(cat /etc/machine-id 2>/dev/null || cat /var/lib/dbus/machine-id 2>/dev/null)
+echo "machine-id=$mid"
+echo "hostname=$(uname -n)"
+c="$wd/.distribute/machine.json"
+if [ -f "$c" ]; then echo "claim=$(tr -d '\n' < "$c")"; echo "claim-age=$(( $(date +%s) - $(stat -c %Y "$c") ))"; fi
 '''
 
 
@@ -6720,6 +6921,8 @@ class NodeCheck:
     problems: List[str] = field(default_factory=list)
     python: Optional[str] = None
     free: Optional[int] = None
+    machine: Optional[str] = None
+    hostname: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -6787,6 +6990,15 @@ def judge_node_facts(check: NodeCheck, facts: Dict[str, str], spec: NodeSpec, wo
         if mode & 0o1002 != 0o1002:
             check.problems.append(f"pause dir {pause_folder} has mode {mode:04o}: workstation users cannot "
                                   f"pause (fix: chmod 1777 {pause_folder})")
+    check.machine = facts.get("machine-id") or None
+    check.hostname = facts.get("hostname")
+    try:
+        claim = json.loads(facts["claim"]) if int(facts.get("claim-age", CLAIM_STALE + 1)) <= CLAIM_STALE else {}
+    except (KeyError, ValueError):
+        claim = {}
+    if isinstance(claim, dict) and claim.get("machine_id") and check.machine \
+            and claim["machine_id"] != check.machine:
+        check.problems.append(shared_workdir_message(workdir, claim.get("hostname")))
     if "free-kib" in facts:
         check.free = int(facts["free-kib"]) * 1024
         if check.free < min_free:
@@ -6827,7 +7039,23 @@ def check_nodes(nodes_file: str, min_free: str, timeout: float = 15.0) -> List[N
 
     async def all_nodes() -> List[NodeCheck]:
         return list(await asyncio.gather(*(check_node(spec, limit, timeout) for spec in nodes)))
-    return asyncio.run(all_nodes())
+    checks = asyncio.run(all_nodes())
+    flag_machines_listed_twice(checks, nodes)
+    return checks
+
+
+def flag_machines_listed_twice(checks: List[NodeCheck], nodes: List[NodeSpec]) -> None:
+    """Entries reaching one machine (other than `host: local` ones): the first one listed is
+    kept, the later ones are problems, as the head decides (said once their own problems,
+    which an admin fixes first, are gone)."""
+    first: Dict[str, str] = {}
+    for check, spec in zip(checks, nodes):
+        if not check.machine or spec.is_local:
+            continue
+        if check.machine in first and check.ok:
+            check.problems.append(f"reaches the same machine as {first[check.machine]} ({check.hostname}): "
+                                  "list each machine once in the nodes file")
+        first.setdefault(check.machine, check.name)
 
 
 def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
@@ -7679,10 +7907,12 @@ def node_group() -> None:
 @click.option("--idle-timeout", default=600.0)
 @click.option("--pause-dir", default=None, help="Where pause locks live (default $DISTRIBUTE_PAUSE_DIR or "
               f"{DEFAULT_PAUSE_DIR}).")
-def node_start(workdir, idle_timeout, pause_dir) -> None:
-    """Start the supervisor for WORKDIR unless it runs already; print its socket."""
-    start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir)
-    click.echo(supervisor_socket(workdir))
+@click.option("--replace", is_flag=True, help="Stop a running supervisor first (the head upgrades it).")
+def node_start(workdir, idle_timeout, pause_dir, replace) -> None:
+    """Start the supervisor for WORKDIR unless it runs already; print its socket and this
+    machine's identity (one JSON line)."""
+    state = start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir, replace)
+    click.echo(json.dumps(dict(machine_identity(), socket=supervisor_socket(workdir), state=state)))
 
 
 @node_group.command("supervise")
