@@ -7385,6 +7385,8 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "why": {"ref": (_STR, True)},
     "logs": {"batch": (_STR, True), "job": (_STR, True), "offset": (_INT, False)},
     "report": {"batch": (_STR, True)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)},
+    "du": {},
     "pull": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
@@ -7763,9 +7765,9 @@ class ForwardedChannel(Channel):
         super().__init__(reader, writer)
         self.unreachable, self.answered = unreachable, False
 
-    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+    async def receive(self, bounds=None) -> Tuple[Dict[str, Any], bytes]:
         try:
-            result = await super().receive()
+            result = await super().receive(bounds)
         except ProtocolError:
             if self.answered:
                 raise
