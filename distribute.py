@@ -7254,12 +7254,13 @@ class Head:
 
     async def api_logs(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
-        self.check_owner(user, batch, "read the output of")         # see README: who reads what
         job = self.store.job_by_name(batch.id, header["job"])
         if job is None:
             raise UserError(f"no job {header['job']!r} in {batch.key}")
         offset = int(header.get("offset", 0))
         link = self.links.get(job.node or "")
+        if job.state in ("queued", "running"):      # see README: who reads whose output
+            self.check_owner(user, batch, "read the live output of")
         if job.state == "running" and link is not None and link.up:
             reply, data = await link.request({"op": "tail", "run_id": job.run_id, "offset": offset})
             await channel.send({"ok": True, "state": "running", "offset": offset + len(data)}, data)
@@ -7276,7 +7277,6 @@ class Head:
     async def api_pull(self, channel, user, header, payload):
         """The manifest of a batch's archive, filtered, and how many jobs are not finished."""
         batch = self.lookup_batch(header["batch"])
-        self.check_owner(user, batch, "pull")
         selection = PullSelection.of(header)
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         # a big archive takes seconds to list: not on the loop that serves everyone else
@@ -7291,7 +7291,6 @@ class Head:
         already has are only named in the header ("same")."""
         import asyncio
         batch = self.lookup_batch(header["batch"])
-        self.check_owner(user, batch, "pull")
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         loop = asyncio.get_event_loop()
         paths = [str(p) for p in header.get("paths", [])]
@@ -7427,6 +7426,8 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "why": {"ref": (_STR, True)},
     "logs": {"batch": (_STR, True), "job": (_STR, True), "offset": (_INT, False)},
     "report": {"batch": (_STR, True)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)},
+    "du": {},
     "pull": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
@@ -7829,9 +7830,9 @@ class ForwardedChannel(Channel):
         super().__init__(reader, writer)
         self.unreachable, self.answered = unreachable, False
 
-    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+    async def receive(self, bounds=None) -> Tuple[Dict[str, Any], bytes]:
         try:
-            result = await super().receive()
+            result = await super().receive(bounds)
         except ProtocolError:
             if self.answered:
                 raise

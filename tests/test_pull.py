@@ -73,8 +73,8 @@ _counter = iter(range(10 ** 6))
 
 
 def known_batch(lab, tmp_path, jobs=1):
-    """A finished batch of trivial jobs, added by dalice (only a batch's owner and the admin may pull it):
-    the head knows it, so it serves whatever is in its archive folder."""
+    """A finished batch of trivial jobs, added by dalice who pulls it: the head knows it, so it serves
+    whatever is in its archive folder."""
     name = f"crafted{next(_counter)}"
     folder = tmp_path / name
     folder.mkdir()
