@@ -80,7 +80,7 @@ def known_batch(lab, tmp_path, jobs=1):
     (folder / "distribute-jobs.yaml").write_text(
         f"meta: {{batch_name: {name}, namespace: lab}}\nshell:\n  jobs:\n"
         + "".join(f"    - {{name: seed_{i}, command: 'true'}}\n" for i in range(jobs)))
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     lab.wait_batch(f"lab/{name}")
     return f"lab/{name}", lab.archive / "lab" / name
 
@@ -136,7 +136,7 @@ def sweep(lab, tmp_path_factory):
         (folder / f"job_{x}.py").write_text(SAVER.format(x=x))
         lines += [f"    - name: job_{x}", f"      file: job_{x}.py", f"      params: {{x: {x}}}"]
     (folder / "distribute-jobs.yaml").write_text("\n".join(lines) + "\n")
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     batch = lab.wait_batch("lab/sweep")
     assert batch["jobs"]["done"] == 4, batch
     return lab.archive / "lab" / "sweep"
@@ -305,7 +305,7 @@ def test_pull_while_the_batch_runs_says_how_many_are_unfinished(lab, tmp_path):
             - {name: slow_1, command: 'sleep 120'}
             - {name: slow_2, command: 'sleep 120'}
         """))
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     try:
         out = lab.archive / "lab" / "running" / "quick" / "out.txt"
         wait_until(lambda: out.exists(), 60, "the quick job's result")
