@@ -6440,9 +6440,17 @@ def remove_unfinished_uploads(files: Path) -> None:
             remove_tree(path)
 
 
+_SPAWNED: set = set()
+
+
 def asyncio_spawn(coroutine) -> None:
+    """Run coroutine as a task held until it ends: the loop keeps tasks only weakly, and one
+    waiting on a plain Unix socket whose reading is paused (a fast bulk stream into a slower
+    disk) is referenced by nothing else, so it would be collected mid-transfer."""
     import asyncio
-    asyncio.ensure_future(coroutine)
+    task = asyncio.ensure_future(coroutine)
+    _SPAWNED.add(task)
+    task.add_done_callback(_SPAWNED.discard)
 
 
 def peer_user(sock) -> Dict[str, Any]:
