@@ -218,7 +218,8 @@ def human_bytes(size: float) -> str:
 # "file:line: key: what is wrong" and stops before anything is sent anywhere.
 # ---------------------------------------------------------------------------
 
-FLAVOURS = ("python", "apptainer", "shell")
+FLAVOURS = ("python", "apptainer", "shell", "docker", "podman")
+CONTAINER_ENGINES = ("docker", "podman")     # flavours named after the engine that runs them
 SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per_cpu", "hint",
               "time", "partition", "account", "mail_user", "mail_type")
 
@@ -277,6 +278,7 @@ class JobFile:
     initial_files: List[FileSpec] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)   # apptainer required_mounts
     slurm: Optional[SlurmOptions] = None
+    image: Optional[str] = None              # docker/podman: the image to run (build: its archive, if any)
 
     def shared_files(self) -> List[FileSpec]:
         """Files every job of the batch needs: sent to a node once."""
@@ -301,10 +303,124 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
+    owner: Optional["OwnerPolicy"] = None     # when the workstation's people come first (issue 14)
 
     @property
     def is_local(self) -> bool:
         return self.host == "local"
+
+
+# The `owner:` block of a node: when the supervisor pauses by itself for the people
+# at the workstation.  All of it optional; without the block nothing is automatic.
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass
+class DeskHours:
+    """Fewer slots on these weekdays (0 = Monday) between start and end (minutes after midnight)."""
+    days: List[int]
+    start: int
+    end: int
+    slots: int
+
+
+@dataclass
+class OwnerPolicy:
+    busy_cpu: Optional[float] = None      # percent of one core used by the owners' processes ...
+    busy_for: float = 10.0                # ... for this long: pause
+    console_idle: Optional[float] = None  # a terminal of theirs with input this recently: pause
+    console_ssh: bool = False             # and a terminal opened through sshd counts too
+    quiet: float = 60.0                   # resume after this long without either
+    users: Optional[List[str]] = None     # whose activity counts (None: every uid >= 1000 but ours)
+    desk_hours: List[DeskHours] = field(default_factory=list)
+    vacate_after: Optional[float] = None  # a job paused this long is stopped and run elsewhere
+    vacate_gpu_at_once: bool = False      # a job holding a GPU is, at once
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "OwnerPolicy":
+        """From the wire (the head's hello); unknown keys are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        policy = cls(**{k: v for k, v in data.items() if k in known})
+        policy.desk_hours = [DeskHours(**d) for d in data.get("desk_hours") or []]
+        return policy
+
+
+def _owner_duration(y: "_Y") -> float:
+    text = y.text()
+    try:
+        return float(parse_duration(text))
+    except UserError as exc:
+        raise y.fail(str(exc)) from None
+
+
+def _owner_days(y: "_Y") -> List[int]:
+    """'mon-fri', 'sat,sun' or a list of day names."""
+    parts = [p.text() for p in y.sequence()] if y.kind == "a list" else y.text().split(",")
+    days: List[int] = []
+    for part in (p.strip().lower() for p in parts):
+        first, _, last = part.partition("-")
+        if first[:3] not in _DAYS or (last and last[:3] not in _DAYS):
+            raise y.fail(f"{part!r} is not a day or a range of days like mon-fri")
+        a, b = _DAYS.index(first[:3]), _DAYS.index((last or first)[:3])
+        days += [(a + i) % 7 for i in range((b - a) % 7 + 1)]
+    return sorted(set(days))
+
+
+def _owner_hours(y: "_Y") -> Tuple[int, int]:
+    """'09:00-18:00' or '9-18' -> minutes after midnight (end may be 24:00)."""
+    match = re.match(r"\s*(\d{1,2})(?::(\d\d))?\s*-\s*(\d{1,2})(?::(\d\d))?\s*\Z", y.text())
+    if not match:
+        raise y.fail(f"{y.text()!r} is not an hour range like 09:00-18:00")
+    start = int(match.group(1)) * 60 + int(match.group(2) or 0)
+    end = int(match.group(3)) * 60 + int(match.group(4) or 0)
+    if not 0 <= start < end <= 24 * 60:
+        raise y.fail(f"{y.text()!r}: the range must lie within 00:00-24:00 and end after it starts")
+    return start, end
+
+
+def _owner_policy(y: "_Y") -> OwnerPolicy:
+    keys = y.mapping(("busy", "console", "quiet", "users", "desk_hours", "vacate"))
+    policy = OwnerPolicy()
+    if "busy" in keys:
+        busy = keys["busy"].mapping(("cpu", "for"), required=("cpu",))
+        cpu = busy["cpu"].text().strip().rstrip("%")
+        try:
+            policy.busy_cpu = float(cpu)
+        except ValueError:
+            raise busy["cpu"].fail(f"{cpu!r} is not a percentage like 50%") from None
+        if not 0 < policy.busy_cpu < 10000:
+            raise busy["cpu"].fail("must be a percentage of one core above 0 (200% is two cores)")
+        if "for" in busy:
+            policy.busy_for = _owner_duration(busy["for"])
+    if "console" in keys:
+        console = keys["console"].mapping(("idle", "ssh"))
+        policy.console_idle = _owner_duration(console["idle"]) if "idle" in console else 300.0
+        if "ssh" in console:
+            if not console["ssh"].node.tag.endswith(":bool"):
+                raise console["ssh"].fail(f"expected true or false, found {console['ssh'].kind}")
+            policy.console_ssh = console["ssh"].node.value.lower() in ("true", "yes", "on", "y")
+    if "quiet" in keys:
+        policy.quiet = _owner_duration(keys["quiet"])
+    if "users" in keys:
+        policy.users = [item.text() for item in keys["users"].sequence()]
+        for item, user in zip(keys["users"].sequence(), policy.users):
+            if not re.match(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z", user):
+                raise item.fail(f"{user!r} is not a user name")
+    for item in keys["desk_hours"].sequence() if "desk_hours" in keys else []:
+        desk = item.mapping(("days", "hours", "slots"), required=("hours", "slots"))
+        start, end = _owner_hours(desk["hours"])
+        days = _owner_days(desk["days"]) if "days" in desk else list(range(7))
+        policy.desk_hours.append(DeskHours(days, start, end, desk["slots"].integer(minimum=0)))
+    if "vacate" in keys:
+        vacate = keys["vacate"].mapping(("after", "gpu_at_once"))
+        if "after" in vacate:
+            policy.vacate_after = _owner_duration(vacate["after"])
+        if "gpu_at_once" in vacate:
+            if not vacate["gpu_at_once"].node.tag.endswith(":bool"):
+                raise vacate["gpu_at_once"].fail(f"expected true or false, found {vacate['gpu_at_once'].kind}")
+            policy.vacate_gpu_at_once = vacate["gpu_at_once"].node.value.lower() in ("true", "yes", "on", "y")
+    return policy
 
 
 class _Y:
@@ -407,6 +523,20 @@ class _Y:
             raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
+def yaml_tab_problem(text: str, mark) -> Optional[str]:
+    """A YAML error caused by a tab in the indentation, said so (PyYAML only says
+    "found character that cannot start any token"): "LINE: tab character: ..." to put
+    after the file's name."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    if "\t" not in line[:mark.column + 1]:
+        return None
+    return (f"{mark.line + 1}: tab character: YAML indents with spaces; replace the tab at column "
+            f"{line.index(chr(9)) + 1} with spaces")
+
+
 def read_yaml(path: str) -> _Y:
     """Parse a YAML file into a located node tree; every failure is a one-line UserError."""
     import yaml
@@ -431,6 +561,9 @@ def read_yaml(path: str) -> _Y:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
+        tab = yaml_tab_problem(text, mark)
+        if tab:
+            raise UserError(f"{path}:{tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -520,10 +653,14 @@ def _meta(y: _Y) -> Meta:
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
-              "shell": ("build", "required_files")}
+              "shell": ("build", "required_files"),
+              "docker": ("image", "required_files", "required_mounts"),
+              "podman": ("image", "required_files", "required_mounts")}
 _JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
              "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params")}
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params"),
+             "docker": ("name", "required_files", "retries", "slurm", "params"),
+             "podman": ("name", "required_files", "retries", "slurm", "params")}
 
 
 def _job(y: _Y, flavour: str, base: Path) -> Job:
@@ -554,6 +691,61 @@ def _mount(y: _Y) -> str:
     return mount
 
 
+# docker/podman images: a registry reference, or an image archive (`docker save`, also
+# gzipped) that travels with the batch and is `load`ed on each node.  The reference
+# an archive loads as comes from its manifest.json, read here on the submitting machine.
+IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def image_problem(image: str) -> Optional[str]:
+    """Why `image` cannot be given to `docker run` (None when it is a reference or an image id)."""
+    if IMAGE_REF_RE.match(image) or re.match(r"sha256:[0-9a-f]{64}\Z", image):
+        return None
+    return f"{one_line(repr(image))[:200]} is not an image reference (like docker.io/you/solver:1.0)"
+
+
+def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
+    """(the archive to send or None, the image reference to run)."""
+    import yaml
+    if isinstance(y.node, yaml.ScalarNode):
+        text = y.text()
+        local = (base / text) if not os.path.isabs(text) else Path(text)
+        if not text.lower().endswith(IMAGE_ARCHIVE_SUFFIXES) and not local.is_file():
+            if not IMAGE_REF_RE.match(text):
+                raise y.fail(f"{text!r} is neither an image reference (like docker.io/you/solver:1.0) "
+                             "nor an image archive file")
+            return None, text
+    spec = _file_spec(y, base)
+    return spec, image_archive_reference(spec.path, y)
+
+
+def image_archive_reference(path: str, y: _Y) -> str:
+    """The name an image archive loads as: its first tag, else its image id (sha256:...)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name in ("manifest.json", "./manifest.json"):
+                    manifest = json.load(tar.extractfile(member))
+                    break
+            else:
+                manifest = None
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise y.fail(f"{path} is not an image archive ({one_line(str(exc)) or type(exc).__name__}); "
+                     "make one with `docker save -o FILE.tar IMAGE`") from None
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise y.fail(f"{path} has no docker manifest.json; make the archive with `docker save -o FILE.tar IMAGE` "
+                     "(or `podman save`)")
+    tags = manifest[0].get("RepoTags") or []
+    config = str(manifest[0].get("Config", ""))
+    digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
+    reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
+    if image_problem(reference):
+        raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
+    return reference
+
+
 def load_job_file(path: str) -> JobFile:
     """Read and check a distribute-jobs.yaml; raises UserError naming file, line and key."""
     root = read_yaml(path)
@@ -580,6 +772,16 @@ def load_job_file(path: str) -> JobFile:
         batch.build = _file_spec(init["sif"], base)
         batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
             if "required_mounts" in init else []
+    elif flavour in CONTAINER_ENGINES:
+        if "image" not in init or init["image"].is_null():
+            raise (section.get("initialize") or keys[flavour]).fail(
+                "missing required key 'image' (a registry reference like docker.io/you/solver:1.0, "
+                "or an image archive file made by `docker save`)")
+        batch.build, batch.image = _container_image(init["image"], base)
+        batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
+            if "required_mounts" in init else []
+        if flavour not in batch.meta.capabilities:      # only nodes where the engine answers
+            batch.meta.capabilities.append(flavour)
     elif "build" in init:
         batch.build_command = init["build"].optional_text()
     batch.initial_files = _file_list(init.get("required_files"), base)
@@ -604,6 +806,38 @@ def load_job_file(path: str) -> JobFile:
     return batch
 
 
+# The original distribute's nodes files: `ip` for the host, a name optional, and the
+# TCP ports its own protocol needed.  SSH needs none of them: they are accepted and
+# ignored (`serve` and `nodes --check` say so once).
+ORIGINAL_PORT_KEYS = ("transport_port", "keepalive_port", "cancel_port")
+ORIGINAL_NODE_KEYS = ("ip",) + ORIGINAL_PORT_KEYS
+
+
+def _original_node_keys(item: _Y, keys: Dict[str, _Y]) -> Dict[str, _Y]:
+    """`ip` becomes `host` (and the name, when none is given); port keys must be port numbers."""
+    if "ip" in keys:
+        if "host" in keys:
+            raise keys["ip"].fail("give either host or ip (the original's name for it), not both")
+        keys["host"] = keys.pop("ip")
+        keys.setdefault("name", keys["host"])
+    for key in ("name", "host"):
+        if key not in keys or keys[key].is_null():
+            raise item.fail(f"missing required key {key!r}")
+    for key in ORIGINAL_PORT_KEYS:
+        if key in keys and not keys[key].is_null() and keys[key].integer(minimum=1) > 65535:
+            raise keys[key].fail("must be at most 65535")
+    return keys
+
+
+def original_ports_note(nodes: List[NodeSpec]) -> Optional[str]:
+    """One note line when the nodes file carries the original's port keys, else None."""
+    keys = sorted({key for node in nodes for key in node.ignored}, key=ORIGINAL_PORT_KEYS.index)
+    if not keys:
+        return None
+    return (f"note: {', '.join(keys)} in the nodes file are ignored: the head reaches every node over "
+            "SSH (port 22, or the node's `port:`), so no other port needs to be open")
+
+
 def load_nodes_file(path: str) -> List[NodeSpec]:
     """Read and check a distribute-nodes.yaml."""
     root = read_yaml(path)
@@ -613,10 +847,11 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir"),
-                            required=("name", "host"))
+                             "pause_dir", "owner") + ORIGINAL_NODE_KEYS)
+        keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
-                        capabilities=_capabilities(keys.get("capabilities")))
+                        capabilities=_capabilities(keys.get("capabilities")),
+                        ignored=[k for k in ORIGINAL_PORT_KEYS if k in keys])
         if not re.match(r"[A-Za-z0-9_.:\[\]-]+\Z", node.host) or node.host.startswith("-"):
             raise keys["host"].fail(f"{node.host!r} is not a host name")
         if "user" in keys and not keys["user"].is_null():
@@ -642,6 +877,8 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
             node.pause_dir = keys["pause_dir"].text()
             if not node.pause_dir.startswith("/"):
                 raise keys["pause_dir"].fail("must be an absolute path")
+        if "owner" in keys and not keys["owner"].is_null():
+            node.owner = _owner_policy(keys["owner"])
         if any(n.name == node.name for n in nodes):
             raise keys["name"].fail(f"node name {node.name!r} is used twice")
         nodes.append(node)
@@ -740,7 +977,8 @@ class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
     `build` is the python flavour's build file, `build_command` the shell one's,
-    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    `sif` the apptainer image, `image` the docker/podman one (a registry reference,
+    or File(archive)); paths may be str, Path or File (with an alias).
     """
     namespace: str
     name: str
@@ -754,8 +992,10 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    image: Any = None
 
-    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
+                 ("mounts", "apptainer docker podman"), ("image", "docker podman"))
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -763,8 +1003,8 @@ class Batch:
         for what, value in (("namespace", self.namespace), ("name", self.name)):
             _check_api_name(value, f"Batch {what}")
         for attr, owner in self._ONLY_FOR:
-            if getattr(self, attr) and self.flavour != owner:
-                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+            if getattr(self, attr) and self.flavour not in owner.split():
+                raise UserError(f"{self.label}: {attr}= is only for {owner.replace(' ', '/')} batches")
         self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
         self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
         self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
@@ -837,7 +1077,9 @@ class Batch:
                     build_command=loaded.build_command,
                     sif=_file_of(loaded.build) if apptainer and loaded.build else None,
                     initial_files=[_file_of(spec) for spec in loaded.initial_files],
-                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+                    mounts=list(loaded.mounts), slurm=loaded.slurm,
+                    image=(_file_of(loaded.build) if loaded.build else loaded.image)
+                    if loaded.flavour in CONTAINER_ENGINES else None)
         for job in loaded.jobs:
             batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
                           files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
@@ -866,6 +1108,8 @@ class Batch:
             init["build"] = self.build_command
         if self.sif is not None:
             init["sif"] = _file_entry(self.sif, folder)
+        if self.image is not None:
+            init["image"] = _file_entry(self.image, folder) if isinstance(self.image, File) else str(self.image)
         if self.initial_files:
             init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
         if self.mounts:
@@ -1235,12 +1479,13 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    image: Optional[str] = None             # docker/podman: the reference to run
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts))
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image)
 
 
 @dataclass
@@ -1328,6 +1573,10 @@ class Workspace:
             return [python, plan.build_alias or "build.py"]
         if plan.flavour == "shell" and plan.build_command:
             return ["/bin/sh", "-c", plan.build_command]
+        if plan.flavour in CONTAINER_ENGINES:     # fetch the image once per node and batch
+            if plan.build_alias:
+                return [plan.flavour, "load", "--input", plan.build_alias]
+            return [plan.flavour, "pull", plan.image or ""]
         return None     # apptainer: the image is the build
 
     def job_argv(self, plan: BatchPlan, job: JobPlan, python: str, cpus: int) -> List[str]:
@@ -1335,6 +1584,8 @@ class Workspace:
             return [python, "job.py"]
         if plan.flavour == "shell":
             return ["/bin/sh", "-c", job.command or ""]
+        if plan.flavour in CONTAINER_ENGINES:
+            return container_argv(self, plan, cpus)
         return apptainer_argv(self, plan, cpus)
 
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
@@ -1354,6 +1605,32 @@ def apptainer_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
     return ["apptainer", "run", "--app", "distribute", "--bind", ",".join(binds),
             str(ws.root / (plan.build_alias or "image.sif")), str(cpus)]
+
+
+CONTAINER_ENV = ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS")
+
+
+def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
+    """Run as the node account, so what the job writes is its files, not root's.  Rootless
+    podman maps that account to itself with keep-id (rootful podman cannot)."""
+    if engine == "podman" and uid != 0:
+        return ["--userns=keep-id", "--user", f"{uid}:{gid}"]
+    return ["--user", f"{uid}:{gid}"]
+
+
+def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
+    """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
+    are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
+    # --init: the engine's tiny init is PID 1 and passes a kill's SIGTERM on to the job (a job
+    # that is PID 1 itself would ignore it, and outlive `kill` once the client is SIGKILLed)
+    argv = [plan.flavour, "run", "--rm", "--init"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    for name in CONTAINER_ENV:
+        argv += ["--env", name]
+    binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
+    binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
+    for bind in binds:
+        argv += ["--volume", bind]
+    return argv + [plan.image or "", str(cpus)]
 
 
 def read_progress(path: Path) -> Optional[float]:
@@ -1534,6 +1811,31 @@ def remove_tree(path: PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         with folder_fd(os.path.dirname(path), create=False) as fd:
             remove_at(fd, os.path.basename(path))
+
+
+_LIBC = []
+
+
+def sync_file_system(path: PathLike) -> None:
+    """Put everything written on the file system holding `path` on stable storage (Linux
+    syncfs(2): one call for all the files and folders of many landed results; os.sync()
+    where it is missing)."""
+    if not _LIBC:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _LIBC.append(getattr(libc, "syncfs", None))
+    syncfs = _LIBC[0]
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
@@ -2150,6 +2452,8 @@ def slurm_job_command(batch: JobFile) -> str:
     for index, mount in enumerate(batch.mounts):
         binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
     binds += '"'
+    if batch.flavour in CONTAINER_ENGINES:      # clusters have apptainer, which runs registry images
+        return f'apptainer run --bind {binds} {shlex.quote("docker://" + (batch.image or ""))} "$cpus"'
     sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
     return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
 
@@ -2169,7 +2473,7 @@ def run_task_script(batch: JobFile) -> str:
     if batch.flavour == "python":
         prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
     check = ""
-    if batch.flavour == "apptainer":
+    if batch.flavour in ("apptainer",) + CONTAINER_ENGINES:
         check = ('case $task in *[,:]*)\n'
                  '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
                  '    exit 1 ;;\nesac\n')
@@ -2301,6 +2605,11 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
                        throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
     """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
     check_slurm_options(batch)
+    if batch.flavour in CONTAINER_ENGINES and batch.build is not None:
+        raise UserError(f"{batch.path}: slurm cannot run the image archive {batch.build.alias}: Slurm clusters "
+                        f"run containers with apptainer, which takes registry images; push the image and give "
+                        f"initialize.image as a reference, or build a .sif from it (`apptainer build image.sif "
+                        f"docker-archive:{batch.build.alias}`) and use an apptainer: section")
     if throttle is not None and throttle < 1:
         raise UserError(f"--throttle must be at least 1, not {throttle}")
     arrays = plan_slurm_arrays(batch, max_array_size)
@@ -2465,12 +2774,12 @@ class TimelineSpan:
 class Store:
     """The head's database.  One connection, used from the event loop only.
 
-    WAL with synchronous=NORMAL, and FULL for durable transactions.  NORMAL may lose the
-    last commits in a power cut (never corrupt the store): a lost claim only means a
-    job is queued again, and the node's stale copy is stopped when it reconnects.  The
-    commit that notes a result as archived is durable (fsynced, about 1 ms) before the
-    node is told to delete its copy, so a result both sides consider archived is on
-    disk on the head."""
+    WAL with synchronous=NORMAL.  NORMAL may lose the last commits in a power cut (never
+    corrupt the store): a lost claim only means a job is queued again, and the node's
+    stale copy is stopped when it reconnects.  Before a node is told to delete a result,
+    DurableAcks flushes the store's file system with the archive's, so a result both
+    sides consider archived is on disk on the head.  `transaction(durable=True)` makes
+    one commit FULL (fsynced) by itself."""
 
     def __init__(self, path: Path):
         import sqlite3
@@ -2655,6 +2964,25 @@ class Store:
             self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
         else:
             self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+    # forget and du
+    def forget_batch(self, namespace: str, name: str) -> int:
+        """Delete every record of NAMESPACE/NAME (replaced runs of it too); returns how many jobs."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
+                                                 (namespace, name))]
+            jobs = 0
+            for batch_id in ids:
+                jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM spans WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+        return jobs
+
+    def batch_owners(self) -> Dict[Tuple[str, str], Tuple[str, str]]:
+        """{(namespace, name): (owner, state)} of every batch that was not replaced."""
+        return {(ns, name): (owner, state) for ns, name, owner, state in self.db.execute(
+            "SELECT namespace, name, owner, state FROM batches WHERE state != 'replaced' ORDER BY id")}
 
 
 class _Transaction:
@@ -3172,16 +3500,74 @@ def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
                     tar.add(path, arcname=name, recursive=False)
 
 
+async def in_own_thread(function, *args: Any) -> Any:
+    """Run a blocking function in a thread of its own and await its result.  Transfers use
+    this rather than the loop's shared pool: a tar thread waits for data that only the event
+    loop hands it, so a pool filled with such threads (six slow uploads) would wait forever."""
+    import asyncio
+    import threading
+    loop = asyncio.get_event_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:          # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+    threading.Thread(target=work, name=getattr(function, "__name__", "transfer"), daemon=True).start()
+    return await future
+
+
+async def fd_ready(fd: int, writable: bool) -> None:
+    """Wait until a non-blocking pipe end can be read (or written) without blocking."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def read_pipe(fd: int, size: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            await fd_ready(fd, writable=False)
+
+
+async def write_pipe(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await fd_ready(fd, writable=True)
+
+
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
     Large files never sit in memory: a thread writes the tar into a pipe."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
-    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    os.set_blocking(read_fd, False)
+    producer = asyncio.ensure_future(in_own_thread(write_entries_to_fd, write_fd, entries))
     try:
         while True:
-            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            chunk = await read_pipe(read_fd, 1 << 20)
             if not chunk:
                 break
             writer.write(chunk)
@@ -3256,7 +3642,6 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
     On a plain Unix socket (the local head, an OpenSSH forward) the thread reads the socket
     itself: passing each chunk through the event loop cost 4x the CPU of extracting it."""
     import asyncio
-    loop = asyncio.get_event_loop()
     transport, sock = plain_socket_of(reader) if on_bytes is None else (None, None)
     if transport is not None:
         transport.pause_reading()
@@ -3264,14 +3649,15 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
         reader._buffer.clear()
         source = SocketSource(buffered, socket.socket(fileno=os.dup(sock.fileno())))
         try:
-            return await loop.run_in_executor(None, extract_then_close, source, dest)
+            return await in_own_thread(extract_then_close, source, dest)
         finally:
             source.close()
             with contextlib.suppress(Exception):
                 transport.resume_reading()
     read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -3279,9 +3665,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
                 break
             if on_bytes is not None:
                 on_bytes(len(chunk))
-            view = memoryview(chunk)
-            while view:
-                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+            await write_pipe(write_fd, chunk)
     finally:
         os.close(write_fd)
         try:
@@ -3491,17 +3875,35 @@ def private_runtime_dir() -> Path:
     return folder
 
 
-def openssh_failure(host: str, text: str) -> str:
-    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+def openssh_problem(text: str) -> Tuple[str, str]:
+    """(kind, last line) of what an `ssh` that could not connect wrote on stderr; kinds as
+    in head_problem: host-key, denied, refused, no-such-host, timeout, other."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     joined = " ".join(lines)
-    if "Host key verification failed" in joined or "host key is known" in joined \
-            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+    last = lines[-1] if lines else "no reason given"
+    for kind, marks in (("host-key", ("Host key verification failed", "host key is known",
+                                      "HOST IDENTIFICATION HAS CHANGED")),
+                        ("denied", ("Permission denied",)), ("refused", ("Connection refused",)),
+                        ("no-such-host", ("Could not resolve hostname", "Name or service not known")),
+                        ("timeout", ("timed out",))):
+        if any(mark in joined for mark in marks):
+            return kind, last
+    return "other", last
+
+
+def openssh_failure(host: str, text: str, user: Optional[str] = None, port: Optional[int] = None,
+                    head: bool = False) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr: in a lab
+    member's terms when it was the way to the head, in the admin's when to a node."""
+    kind, last = openssh_problem(text)
+    if head:
+        return head_problem(kind, user, host, port, f"ssh to {host} failed: {last}")
+    if kind == "host-key":
         return (f"host key of {host} not verified: it is unknown or has changed; check your "
                 f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
-    if "Permission denied" in joined:
-        return f"SSH login to {host} refused: {lines[-1]}"
-    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+    if kind == "denied":
+        return f"SSH login to {host} refused: {last}"
+    return f"ssh to {host} failed: {last}"
 
 
 def unix_connect(path: str):
@@ -3555,6 +3957,7 @@ class OpenSshForward:
     def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
                  persist: int = SSH_PERSIST_SECONDS):
         self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.to_head = False            # a lab member's way to the head (errors in their terms), not a node's
         self.config = ssh_config_file()
         key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
         folder = private_runtime_dir()
@@ -3616,7 +4019,7 @@ class OpenSshForward:
                 raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
         if code != 0 or not self.local.exists():
             text = self.log_path.read_text(errors="replace")
-            raise Failed(one_line(openssh_failure(self.host, text)))
+            raise Failed(one_line(openssh_failure(self.host, text, self.user, self.port, self.to_head)))
 
     def stop(self) -> None:
         """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
@@ -3659,11 +4062,18 @@ class PauseLock:
     detached: bool
     since: float = 0.0        # when the lock was written
     pid_started: Optional[float] = None  # pid's start time, so a reused pid is not taken for it
+    reason: str = ""          # set only for the supervisor's own pauses (owner policy), never read from a file
+
+
+# Beside the distribute.pyz a head installed (<workdir>/bin/), the node's pause folder as the
+# nodes file sets it, so that `pause` run from that pyz locks where the supervisor watches.
+PAUSE_DIR_NOTE = "pause-dir"
 
 
 def pause_dir() -> Path:
-    """The lock folder ($DISTRIBUTE_PAUSE_DIR or /var/tmp/distribute), created sticky and world-writable."""
-    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or DEFAULT_PAUSE_DIR)
+    """The lock folder ($DISTRIBUTE_PAUSE_DIR, else the one the head noted beside the running
+    pyz, else /var/tmp/distribute), created sticky and world-writable."""
+    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or noted_pause_dir() or DEFAULT_PAUSE_DIR)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(folder)
@@ -3675,6 +4085,34 @@ def pause_dir() -> Path:
         raise Failed(f"cannot create the pause folder {folder}: {exc.strerror}") from None
     check_pause_dir(folder)
     return folder
+
+
+def noted_pause_dir() -> Optional[str]:
+    """The pause folder noted beside the running distribute.pyz, if any (and sound)."""
+    pyz = running_pyz()
+    if not pyz:
+        return None
+    try:
+        text = (Path(pyz).parent / PAUSE_DIR_NOTE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.startswith("/") and "\n" not in text else None
+
+
+def note_pause_dir(folder: str) -> None:
+    """`node start`: note the supervisor's pause folder beside the pyz it runs from."""
+    pyz = running_pyz()
+    if pyz:
+        note = Path(pyz).parent / PAUSE_DIR_NOTE
+        with contextlib.suppress(OSError):    # a read-only bin folder: `pause` falls back to the default
+            if not note.exists() or note.read_text().strip() != folder:
+                write_atomically(note, lambda tmp: (tmp.write_text(folder + "\n"), os.chmod(tmp, 0o644)))
+
+
+def resume_command() -> str:
+    """How this workstation's users run `resume` (a node may have nothing but the pyz)."""
+    pyz = running_pyz()
+    return f"python3 {shlex.quote(pyz)} resume" if pyz else "distribute resume"
 
 
 def check_pause_dir(folder: Path) -> None:
@@ -3712,7 +4150,18 @@ def pause_lock_path(folder: Path, user: str) -> Path:
 
 
 def process_start_time(pid: int) -> Optional[float]:
-    """When pid started (epoch seconds), or None when it cannot be seen."""
+    """When pid started (epoch seconds), or None when it cannot be seen.  From /proc where
+    there is one (as psutil computes it, without importing psutil: `pause` starts faster)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            data = stat_file.read()
+        with open("/proc/uptime", "rb") as uptime_file:     # not /proc/stat's btime: slow to read
+            boot = int(time.time() - float(uptime_file.read().split()[0]))   # whole seconds, as btime
+        return boot + int(data[data.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
     import psutil
     try:
         return psutil.Process(pid).create_time()
@@ -3908,6 +4357,9 @@ class ProcInfo:
     sid: int
     start: int       # start time in clock ticks (or any value that changes when a pid is reused)
     state: str       # 'R', 'S', 'T' (stopped), 'Z' ...
+    ticks: int = 0   # CPU time used so far (user + system, clock ticks), for the owner policy
+    tty: int = 0     # controlling terminal (device number), 0 for none
+    comm: str = ""
 
 
 def process_table() -> Dict[int, ProcInfo]:
@@ -3924,9 +4376,11 @@ def process_table() -> Dict[int, ProcInfo]:
         except OSError:
             continue  # it just ended
         # comm (field 2) may hold spaces and parentheses: split after its last ')'.
-        rest = data[data.rindex(b")") + 2:].split()
+        cut = data.rindex(b")")
+        rest = data[cut + 2:].split()
         table[int(name)] = ProcInfo(int(name), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]),
-                                    rest[0].decode())
+                                    rest[0].decode(), int(rest[11]) + int(rest[12]), int(rest[4]),
+                                    data[data.index(b"(") + 1:cut].decode("utf-8", "replace"))
     return table
 
 
@@ -4040,6 +4494,8 @@ class PauseWatch:
     stopped_roots: set = field(default_factory=set)
     last_sweep: float = 0.0
     settled: bool = False  # False until the first tick: a restarted supervisor thaws leftovers
+    in_force: List[Tuple[str, float, str]] = field(default_factory=list)   # at the last tick
+    all_pauses: List[PauseLock] = field(default_factory=list)   # locks and owner pauses at the last tick
 
     def poll(self, now: float) -> List[PauseLock]:
         """The pauses in force; costs one stat() per tick unless something changed."""
@@ -4057,11 +4513,14 @@ class PauseWatch:
             self.next_expiry = min((lock.until for lock in self.pauses), default=float("inf"))
         return self.pauses
 
-    def step(self, roots: Iterable[int], now: Optional[float] = None) -> bool:
-        """One tick: stop or continue jobs as the pauses say.  True when the pauses changed."""
+    def step(self, roots: Iterable[int], now: Optional[float] = None, extra: Iterable[PauseLock] = ()) -> bool:
+        """One tick: stop or continue jobs as the pauses (and `extra`, the supervisor's own
+        pauses for the workstation's owner) say.  True when the pauses changed."""
         now = time.time() if now is None else now
-        before = [(lock.user, lock.until) for lock in self.pauses]
-        pauses = self.poll(now)
+        before = self.in_force
+        pauses = self.poll(now) + list(extra)
+        self.in_force = [(lock.user, lock.until, lock.reason) for lock in pauses]
+        self.all_pauses = pauses
         roots = set(_job_roots(roots))
         if pauses:
             # Every tick: jobs started meanwhile.  Every second: all of them again, for
@@ -4076,7 +4535,7 @@ class PauseWatch:
         elif self.stopped_roots or self.stopped or not self.settled:
             self.release(roots)
         self.settled = True
-        return before != [(lock.user, lock.until) for lock in pauses]
+        return before != self.in_force
 
     def release(self, roots: Iterable[int] = ()) -> None:
         """Continue everything we stopped (also on shutdown: never leave jobs stopped)."""
@@ -4086,21 +4545,219 @@ class PauseWatch:
 
 async def watch_pauses(job_roots: Callable[[], List[int]],
                        on_change: Optional[Callable[[List[PauseLock]], None]] = None,
-                       interval: float = 0.05, folder: Optional[Path] = None) -> None:
+                       interval: float = 0.05, folder: Optional[Path] = None,
+                       extra: Callable[[], List[PauseLock]] = list) -> None:
     """Run forever in the supervisor's event loop: stop every job while any pause is in force.
 
     job_roots() gives the root pids of the running jobs (each a session leader);
+    extra() the supervisor's own pauses (owner policy), which stop jobs exactly as locks do;
     on_change(pauses) is called whenever who pauses or until when changes.
     Cancelling the task continues whatever it stopped."""
     import asyncio
     watch = PauseWatch(pause_dir() if folder is None else folder)
     try:
         while True:
-            if watch.step(job_roots()) and on_change is not None:
-                on_change(list(watch.pauses))
+            if watch.step(job_roots(), extra=extra()) and on_change is not None:
+                on_change(list(watch.all_pauses))
             await asyncio.sleep(interval)
     finally:
         watch.release(job_roots())
+
+
+# --- the owner policy: pausing by itself for the people at the workstation ----
+#
+# Decided on the node, once a second, so it works while the head is away.  Two
+# signals, both readable without root: CPU used by the owners' processes that are
+# not distribute's (a job's whole tree never counts, however it forks), and a
+# terminal of theirs with recent input (the tty's access time, which is what `w`
+# shows as idle; a terminal opened through sshd counts only when the policy says
+# so).  The decision itself is a pure function of the policy, the last state and
+# one sample, so it is tested without processes.
+
+_OWNER_TICK = 1.0
+
+
+def desk_slots(policy: OwnerPolicy, moment: datetime.datetime) -> Optional[int]:
+    """The node's slots at this local time: the fewest of the desk-hour ranges it falls in, None outside."""
+    minute = moment.hour * 60 + moment.minute
+    found = [d.slots for d in policy.desk_hours if moment.weekday() in d.days and d.start <= minute < d.end]
+    return min(found) if found else None
+
+
+@dataclass
+class OwnerSample:
+    """What the owners did since the last sample."""
+    cpu: float = 0.0                 # percent of one core, all counted processes together
+    top_user: str = ""               # who used most of it
+    top_cpu: float = 0.0
+    console: Optional[str] = None    # 'alice on pts/3 (ssh)' when a terminal of theirs is active
+    top_process: str = ""            # 'make (pid 1234)': the busiest counted process, for the log
+
+
+@dataclass
+class OwnerState:
+    busy_since: Optional[float] = None   # start of the current run of samples over the CPU limit
+    reason: str = ""                     # while the policy pauses the node: why ...
+    who: str = ""                        # ... because of whom ...
+    since: float = 0.0                   # ... and since when
+    quiet_since: Optional[float] = None  # while paused: since when nothing counted
+
+
+def owner_decide(policy: OwnerPolicy, state: OwnerState, sample: OwnerSample, now: float) -> OwnerState:
+    """One step of the policy: pause after busy_for seconds of load or at console input, resume
+    after `quiet` seconds with neither."""
+    busy = policy.busy_cpu is not None and sample.cpu > policy.busy_cpu
+    busy_since = (now if state.busy_since is None else state.busy_since) if busy else None
+    console = sample.console if policy.console_idle is not None else None
+    if not state.reason:
+        if console:
+            return OwnerState(busy_since, f"console active: {console}", console.split(" ")[0], now)
+        if busy and now - busy_since >= policy.busy_for:
+            return OwnerState(busy_since, f"owner busy: {sample.top_cpu:.0f}% CPU by {sample.top_user}",
+                              sample.top_user, now)
+        return OwnerState(busy_since)
+    if busy or console:
+        return dataclasses.replace(state, busy_since=busy_since, quiet_since=None)
+    quiet_since = now if state.quiet_since is None else state.quiet_since
+    if now - quiet_since >= policy.quiet:
+        return OwnerState()
+    return dataclasses.replace(state, busy_since=None, quiet_since=quiet_since)
+
+
+def describe_owner_policy(policy: OwnerPolicy) -> str:
+    """One line for logs: 'busy > 50% CPU for 30s, console idle < 5m, resume after 1m quiet, ...'."""
+    parts = []
+    if policy.busy_cpu is not None:
+        parts.append(f"busy > {policy.busy_cpu:g}% CPU for {format_duration(policy.busy_for)}")
+    if policy.console_idle is not None:
+        parts.append(f"console input within {format_duration(policy.console_idle)}"
+                     + (" (ssh logins too)" if policy.console_ssh else ""))
+    if parts:
+        parts.append(f"resume after {format_duration(policy.quiet)} quiet")
+    if policy.users is not None:
+        parts.append(f"users {', '.join(policy.users) or 'none'}")
+    for desk in policy.desk_hours:
+        parts.append(f"{desk.slots} slots on {','.join(_DAYS[d] for d in desk.days)} "
+                     f"{desk.start // 60:02d}:{desk.start % 60:02d}-{desk.end // 60:02d}:{desk.end % 60:02d}")
+    if policy.vacate_after is not None:
+        parts.append(f"vacate after {format_duration(policy.vacate_after)}")
+    if policy.vacate_gpu_at_once:
+        parts.append("vacate GPU jobs at once")
+    return ", ".join(parts) or "empty"
+
+
+def owner_vacates(policy: Optional[OwnerPolicy], paused_since: Optional[float], holds_gpu: bool,
+                  now: float) -> bool:
+    """Whether a running job of a node paused since `paused_since` must make room (run elsewhere)."""
+    if policy is None or paused_since is None:
+        return False
+    if holds_gpu and policy.vacate_gpu_at_once:
+        return True
+    return policy.vacate_after is not None and now - paused_since >= policy.vacate_after
+
+
+def _proc_uid(pid: int) -> Optional[int]:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+class OwnerProbe:
+    """Measures the owners' activity between two calls of sample() (Linux /proc and /dev)."""
+
+    def __init__(self, policy: OwnerPolicy):
+        import pwd
+        self.policy = policy
+        self.own_uid = os.getuid()
+        self.allowed: Optional[set] = None
+        if policy.users is not None:
+            self.allowed = set()
+            for name in policy.users:
+                with contextlib.suppress(KeyError):
+                    self.allowed.add(pwd.getpwnam(name).pw_uid)
+        self.last: Dict[int, Tuple[int, int]] = {}     # pid -> (start, ticks) at the last sample
+        self.last_time: Optional[float] = None
+        self.jobs_own: Dict[int, int] = {}             # pid -> start of every process seen in a job
+
+    def counts(self, uid: int) -> bool:
+        """Whose processes and terminals count: the policy's users, else every person's
+        account (uid >= 1000, not nobody) but the one running the jobs."""
+        if self.allowed is not None:
+            return uid in self.allowed
+        return uid >= 1000 and uid != self.own_uid and uid != 65534
+
+    def sample(self, job_roots: Iterable[int], now: float) -> OwnerSample:
+        table = process_table()
+        # A job's process stays the job's after its root ended (a job's leftovers, or one that
+        # exited between samples), and so do the processes it starts.
+        ours = set(job_processes(job_roots, table)) | {
+            pid for pid, start in self.jobs_own.items() if pid in table and table[pid].start == start}
+        children: Dict[int, List[int]] = {}
+        for proc in table.values():
+            children.setdefault(proc.ppid, []).append(proc.pid)
+        pending = list(ours)
+        while pending:
+            for child in children.get(pending.pop(), ()):
+                if child not in ours:
+                    ours.add(child)
+                    pending.append(child)
+        self.jobs_own = {pid: table[pid].start for pid in ours}
+        ours.add(os.getpid())
+        used: Dict[int, int] = {}
+        busiest = (0, 0)
+        current: Dict[int, Tuple[int, int]] = {}
+        for pid, proc in table.items():
+            current[pid] = (proc.start, proc.ticks)
+            if pid in ours or pid == 2 or proc.ppid == 2 or self.last_time is None:
+                continue           # our jobs, kernel threads, or no earlier sample to compare with
+            before = self.last.get(pid)
+            delta = proc.ticks - before[1] if before is not None and before[0] == proc.start else proc.ticks
+            if delta <= 0:
+                continue
+            uid = _proc_uid(pid)
+            if uid is not None and self.counts(uid):
+                used[uid] = used.get(uid, 0) + delta
+                busiest = max(busiest, (delta, pid))
+        elapsed = None if self.last_time is None else max(now - self.last_time, 1e-3)
+        self.last, self.last_time = current, now
+        sample = OwnerSample(console=self.console(table, now) if self.policy.console_idle is not None else None)
+        if elapsed is not None and used:
+            scale = 100.0 / (os.sysconf("SC_CLK_TCK") * elapsed)
+            top = max(used, key=used.get)
+            sample.cpu = sum(used.values()) * scale
+            sample.top_user, sample.top_cpu = _user_of_uid(top), used[top] * scale
+            sample.top_process = f"{table[busiest[1]].comm} (pid {busiest[1]}, ppid {table[busiest[1]].ppid})"
+        return sample
+
+    def console(self, table: Dict[int, ProcInfo], now: float) -> Optional[str]:
+        """'alice on tty2' or 'alice on pts/3 (ssh)': a counted person's terminal with input
+        within the policy's idle time and a process on it."""
+        import glob
+        for path in sorted(glob.glob("/dev/tty[0-9]*") + glob.glob("/dev/pts/[0-9]*")):
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            if not self.counts(info.st_uid) or now - info.st_atime > (self.policy.console_idle or 0):
+                continue
+            holders = [proc for proc in table.values() if proc.tty == info.st_rdev]
+            if not holders:
+                continue
+            remote = any(_under_sshd(proc, table) for proc in holders)
+            if remote and not self.policy.console_ssh:
+                continue
+            return f"{_user_of_uid(info.st_uid)} on {path[5:]}" + (" (ssh)" if remote else "")
+        return None
+
+
+def _under_sshd(proc: ProcInfo, table: Dict[int, ProcInfo]) -> bool:
+    seen = 0
+    while proc is not None and seen < 64:
+        if proc.comm.startswith("sshd"):
+            return True
+        proc, seen = table.get(proc.ppid), seen + 1
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -4116,6 +4773,18 @@ async def watch_pauses(job_roots: Callable[[], List[int]],
 PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gcc", "nvcc",
                 "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
+
+
+def engine_answers(engine: str, timeout: float = 5.0) -> bool:
+    """Whether a container engine works here, not just lies on PATH: `docker version` needs
+    the daemon and the right to use it; `podman version` a usable user setup."""
+    if not shutil.which(engine):
+        return False
+    try:
+        return subprocess.run([engine, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def machine_identity() -> Dict[str, str]:
@@ -4174,7 +4843,8 @@ def shared_workdir_message(workdir: str, other_host: Any) -> str:
 
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
-    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    caps = [tool for tool in PROBED_TOOLS if tool not in CONTAINER_ENGINES and shutil.which(tool)]
+    caps += [engine for engine in CONTAINER_ENGINES if engine_answers(engine)]
     gpus = 0
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(Exception):
@@ -4200,6 +4870,7 @@ class RunRecord:
     end: Optional[float] = None
     exit_code: Optional[int] = None
     killed: bool = False
+    vacated: bool = False            # stopped to make room for the workstation's owner: run it elsewhere
 
 
 class Supervisor:
@@ -4221,6 +4892,11 @@ class Supervisor:
         self.machine = probe_machine()
         self.build = program_bytes()[1]            # the head replaces a supervisor of another build
         self.pause_locks: List[Any] = []
+        self.paused_since: Optional[float] = None  # when the first of the pauses in force began
+        self.policy: Optional[OwnerPolicy] = None  # the owner policy the head sent (issue 14)
+        self.owner = OwnerState()
+        self.owner_slots: Optional[int] = None     # desk hours: the slots the head may use now
+        self.gpu_runs: set = set()                 # run_ids of jobs holding a GPU
         self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
     # records on disk
@@ -4261,6 +4937,7 @@ class Supervisor:
                                                  limit=2 ** 24)
         os.chmod(self.socket_path, 0o600)
         watcher = asyncio.ensure_future(self.watch_pauses())
+        owner = asyncio.ensure_future(self.watch_owner())
         claimed = 0.0
         try:
             while not self.idle_long_enough():
@@ -4269,7 +4946,11 @@ class Supervisor:
                         claim_workdir(self.home, self.machine_identity())
                     claimed = time.time()
                 await asyncio.sleep(1.0)
+                if owner.done():            # a bug in the owner policy must not end the supervisor
+                    log(f"supervisor: the owner policy failed ({owner.exception()!r}); restarting it")
+                    owner = asyncio.ensure_future(self.watch_owner())
         finally:
+            owner.cancel()
             watcher.cancel()
             server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -4297,12 +4978,60 @@ class Supervisor:
             return [proc.pid for key, proc in self.procs.items() if key not in self.dying]
 
         def changed(locks) -> None:
+            if not locks:
+                self.paused_since = None
+            elif not self.pause_locks:
+                self.paused_since = time.time()
             self.pause_locks = list(locks)
             self.notify({"event": "paused", "locks": [dataclasses.asdict(l) for l in locks]})
+
+        def owner_pause() -> List[PauseLock]:
+            state = self.owner
+            return [PauseLock(state.who, 0.0, 0, True, state.since, reason=state.reason)] if state.reason else []
         try:
-            await watch_pauses(roots, changed)
+            await watch_pauses(roots, changed, extra=owner_pause)
         except (UserError, Failed) as exc:
             log(f"supervisor: pausing is unavailable here: {exc}")
+
+    async def watch_owner(self) -> None:
+        """Apply the owner policy once a second: pause for the owner (the pause watcher does the
+        stopping), tell the head the desk-hour slots, vacate jobs paused too long."""
+        import asyncio
+        probe: Optional[OwnerProbe] = None
+        reported: Any = None
+        while True:
+            now, policy = time.time(), self.policy
+            if policy is None:
+                probe, self.owner, self.owner_slots = None, OwnerState(), None
+            else:
+                if probe is None or probe.policy is not policy:
+                    probe = OwnerProbe(policy)
+                if policy.busy_cpu is not None or policy.console_idle is not None:
+                    roots = [proc.pid for proc in self.procs.values()]
+                    before = self.owner.reason
+                    sample = probe.sample(roots, now)
+                    self.owner = owner_decide(policy, self.owner, sample, now)
+                    if self.owner.reason != before:
+                        busiest = f"; busiest: {sample.top_process}" if sample.top_process else ""
+                        log(f"supervisor: {self.owner.reason or 'the owner is quiet again'}{busiest}")
+                self.owner_slots = desk_slots(policy, datetime.datetime.fromtimestamp(now))
+                for run_id, record in list(self.live.items()):
+                    if run_id in self.procs and run_id not in self.dying and owner_vacates(
+                            policy, self.paused_since, run_id in self.gpu_runs, now):
+                        self.vacate(run_id, record)
+            if self.owner_slots != reported:
+                reported = self.owner_slots
+                self.notify({"event": "owner", "slots": self.owner_slots})
+            await asyncio.sleep(_OWNER_TICK)
+
+    def vacate(self, run_id: str, record: RunRecord) -> None:
+        """Stop a paused job for good so that the head runs it elsewhere (no retry used)."""
+        log(f"supervisor: vacating run {run_id} ({record.namespace}/{record.batch}/{record.job}), "
+            f"paused since {clock_time(self.paused_since or time.time())}")
+        record.vacated = True
+        self.save_record(record)
+        self.dying.add(run_id)
+        signal_job_processes([self.procs[run_id].pid], signal.SIGKILL)
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
@@ -4348,10 +5077,16 @@ class Supervisor:
             if self.head is not None and self.head is not channel:
                 self.head.close()
             self.head = channel
+            if "policy" in header:           # the nodes file's owner policy travels with the hello
+                policy = header["policy"]
+                self.policy = OwnerPolicy.from_dict(policy) if isinstance(policy, dict) else None
+                if self.policy is not None:
+                    log(f"supervisor: owner policy {describe_owner_policy(self.policy)}")
             self.node_name = str(header.get("node") or self.node_name)[:128]
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
-                    workspaces=self.workspaces(), protocol=PROTOCOL, build=self.build, pid=os.getpid()), b""
+                    owner_slots=self.owner_slots, workspaces=self.workspaces(), protocol=PROTOCOL,
+                    build=self.build, pid=os.getpid()), b""
 
     def workspaces(self) -> List[Dict[str, str]]:
         """The batch folders on this node that no build is filling right now (a slot shadow
@@ -4445,6 +5180,8 @@ class Supervisor:
         cpus = int(header.get("cpus") or self.machine["cpus"])
         env = ws.job_env(plan, job, cpus, header.get("env") or {})
         self.live[run_id] = record
+        if env.get("CUDA_VISIBLE_DEVICES"):
+            self.gpu_runs.add(run_id)
         asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
         return {"ok": True}, b""
 
@@ -4455,6 +5192,7 @@ class Supervisor:
         code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
         record.state, record.end, record.exit_code = "finished", time.time(), code
         self.live.pop(record.run_id, None)
+        self.gpu_runs.discard(record.run_id)
         with contextlib.suppress(FileNotFoundError):
             os.rename(ws.save, folder / "save")
         (folder / "save").mkdir(exist_ok=True)
@@ -5525,6 +6263,7 @@ class NodeLink:
         self.channel: Optional[Channel] = None
         self.slots: Dict[int, str] = {}              # slot -> run id, or "build:<batch id>"
         self.paused: List[Dict[str, Any]] = []
+        self.owner_slots: Optional[int] = None        # desk hours: fewer slots right now (the node says)
         self.down_since: Optional[float] = time.time()
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
@@ -5556,7 +6295,14 @@ class NodeLink:
     def up(self) -> bool:
         return self.state == "up"
 
+    @property
+    def capacity(self) -> int:
+        """The slots the head may fill now: fewer during the node's desk hours."""
+        return self.spec.slots if self.owner_slots is None else max(0, min(self.spec.slots, self.owner_slots))
+
     def free_slot(self) -> Optional[int]:
+        if len(self.slots) >= self.capacity:
+            return None
         for slot in range(self.spec.slots):
             if slot not in self.slots:
                 return slot
@@ -5564,7 +6310,7 @@ class NodeLink:
 
     def view(self) -> NodeView:
         return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
-                        self.spec.slots - len(self.slots), bool(self.paused), self.up, self.outdated)
+                        max(0, self.capacity - len(self.slots)), bool(self.paused), self.up, self.outdated)
 
     @property
     def expected_build(self) -> str:
@@ -5636,11 +6382,14 @@ class NodeLink:
             self.transport.remote_pyz = argv0[1]
         reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
         self.channel = Channel(reader, writer)
-        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name})
+        policy = dataclasses.asdict(self.spec.owner) if self.spec.owner else None
+        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name,
+                                              "policy": policy})
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
         if started.get("machine_id") and hello.get("machine_id") != started["machine_id"]:
             raise NodeRefused(shared_workdir_message(self.workdir, hello.get("hostname")))
+        self.owner_slots = hello.get("owner_slots")
         self.last_known = {key: hello.get(key) for key in NODE_FACTS}
         self.head.store.remember_node(self.name, self.last_known)
         self.conflict = self.head.machine_conflict(self)
@@ -5750,6 +6499,83 @@ class NodeLink:
                 await self.channel.send(header)
 
 
+class TransferGate:
+    """Bounds the uploads and pulls a head serves at once: `total` in all and `each` per user;
+    more wait their turn (queued, never refused), and a user's waiting ones hold no place of
+    another's.  (Result fetches are bounded by the nodes' slots.)"""
+
+    def __init__(self, total: int = 64, each: int = 16):
+        self.limits = (total, each)
+        self.total = None
+        self.users: Dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, user: str):
+        import asyncio
+        if self.total is None:
+            self.total = asyncio.Semaphore(self.limits[0])
+        mine = self.users.setdefault(user, asyncio.Semaphore(self.limits[1]))
+        async with mine:
+            async with self.total:
+                yield
+
+
+class DurableAcks:
+    """A node deletes its copy of a result when the head acknowledges it, so the head first puts
+    the archived files and the store's record of them on stable storage.  Results landed
+    within a few milliseconds of each other share one flush (syncfs of the archive's and the
+    state folder's file systems, in a thread of its own): one flush per job would cost the
+    event loop several milliseconds each.  A failing flush sends nothing and is tried again;
+    the results wait on their nodes meanwhile."""
+
+    def __init__(self, folders: List[Path], flush=sync_file_system):
+        seen, self.folders = set(), []
+        for folder in folders:                      # one flush per file system
+            device = os.stat(folder).st_dev
+            if device not in seen:
+                seen.add(device)
+                self.folders.append(folder)
+        self.flush = flush
+        self.pending: Dict[Any, List[str]] = {}     # link -> run ids landed, not yet acknowledged
+        self._ready = None
+
+    def add(self, link: Any, run_id: str) -> None:
+        import asyncio
+        self.pending.setdefault(link, []).append(run_id)
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+
+    def flush_all(self) -> None:
+        for folder in self.folders:
+            self.flush(folder)
+
+    async def run(self) -> None:
+        """The head's task: flush, then acknowledge everything landed before the flush."""
+        import asyncio
+        backoff = 0.5
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self.pending = self.pending, {}
+            try:
+                await in_own_thread(self.flush_all)
+            except OSError as exc:
+                log(f"archive: cannot flush to disk ({exc}); results stay on their nodes, trying again "
+                    f"in {backoff:.0f}s")
+                for link, run_ids in batch.items():
+                    self.pending.setdefault(link, [])[:0] = run_ids
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self._ready.set()
+                continue
+            backoff = 0.5
+            for link, run_ids in batch.items():
+                await link.tell({"op": "ack", "run_ids": run_ids})
+
+
 class Head:
     """The scheduler, archivist and API server; see the section comment."""
 
@@ -5772,6 +6598,8 @@ class Head:
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
         self._local_build: Optional[str] = None
+        self.acks = DurableAcks([config.archive, config.state])
+        self.transfers = TransferGate()
         self._wake = None
         self.matrix = None
 
@@ -5789,6 +6617,7 @@ class Head:
         server = await self.start_api()
         tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
         tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
+        tasks.append(asyncio.ensure_future(self.acks.run()))
         log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
             f"archive {self.config.archive}")
         try:
@@ -5971,7 +6800,10 @@ class Head:
         elif kind == "paused":
             timeline_pauses(self, link.name, header.get("locks", []))
             link.paused = header.get("locks", [])
-            log(f"node {link.name}: {'paused by ' + ', '.join(l['user'] for l in link.paused) if link.paused else 'resumed'}")
+            log(f"node {link.name}: {'paused by ' + ', '.join(l.get('reason') or l['user'] for l in link.paused) if link.paused else 'resumed'}")
+        elif kind == "owner":                     # desk hours began or ended there
+            link.owner_slots = header.get("slots")
+            log(f"node {link.name}: {link.capacity} of {link.spec.slots} slots now (desk hours)")
         self.wake()
 
     def on_built(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
@@ -6019,6 +6851,9 @@ class Head:
             self.forget_stale_workspace(link, run)
             return
         batch = self.batches.get(job.batch_id) or self.store.batch(job.batch_id)
+        if run.get("vacated") and not run.get("killed"):
+            await self.on_vacated(link, batch, job, run)
+            return
         killed = bool(run.get("killed"))
         code = run.get("exit_code")
         state = "killed" if killed else "done" if code == 0 else "failed"
@@ -6053,7 +6888,7 @@ class Head:
         if self.store.run_id_of(job.id) != run_id:
             return
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction(durable=True):     # on disk before the node drops its copy
+        with self.store.transaction():          # flushed by self.acks before the node drops its copy
             self.store.set_progress(job.id, header.get("progress"))
             if state == "failed" and job.attempts <= job.retries and batch.state == "active":
                 self.store.requeue(job.id, count_attempt=True)
@@ -6063,10 +6898,28 @@ class Head:
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
-        await link.tell({"op": "ack", "run_ids": [run_id]})
+        self.acks.add(link, run_id)
         self.release_build_if_done(link, batch)
         self.maybe_finish_batch(batch)
         self.wake()         # the slot is free now; a spawned fetch ends long after its event's wake
+
+    # ISSUE-14 VACATE (maps onto the lifecycle's one requeue path): the node stopped a job
+    # paused longer than its owner policy allows; it runs again elsewhere, no retry used,
+    # and nothing of this attempt is archived.
+    async def on_vacated(self, link: NodeLink, batch: BatchRow, job: JobRow, run: Dict[str, Any]) -> None:
+        log(f"node {link.name}: {batch.key}/{job.name} vacated (run {run['run_id']}), queued again")
+        timeline_attempt(self, batch.id, job, link.name, run, "vacated")
+        if batch.state == "active":
+            self.store.requeue(job.id, count_attempt=False)
+            self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
+        else:
+            self.store.mark_ended(job.id, "killed", run.get("exit_code"))
+        for slot, holder in list(link.slots.items()):
+            if holder == run["run_id"]:
+                del link.slots[slot]
+        await link.tell({"op": "ack", "run_ids": [run["run_id"]]})
+        self.maybe_finish_batch(batch)
+        self.wake()
 
     def forget_stale_workspace(self, link: NodeLink, run: Dict[str, Any]) -> None:
         """A node that was given up on keeps the batch folder of its stale run: delete it unless
@@ -6204,7 +7057,7 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head")
+            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
         return self.batches.get(batch.id, batch)
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
@@ -6235,8 +7088,9 @@ class Head:
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
         try:
-            await channel.send({"ok": True, "send": True})
-            await receive_tar(channel.reader, incoming)
+            async with self.transfers.slot(user["name"]):
+                await channel.send({"ok": True, "send": True})
+                await receive_tar(channel.reader, incoming)
             if existing is not None:
                 await self.kill_batch(existing)
                 self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
@@ -6298,8 +7152,11 @@ class Head:
                         "capabilities": link.capabilities, "slots": link.spec.slots,
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
-                        "paused": [{"user": l.get("user"), "until": now_iso(l.get("until"))}
-                                   for l in link.paused]})
+                        "paused": [{"user": l.get("user"), "until": now_iso(l.get("until")) if l.get("until") else None,
+                                    "reason": l.get("reason") or None,
+                                    "since": now_iso(l.get("since")) if l.get("since") else None}
+                                   for l in link.paused],
+                        "slots_now": link.capacity})
         return out
 
     async def api_nodes(self, channel, user, header, payload):
@@ -6318,7 +7175,11 @@ class Head:
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
                             "progress": progress.get(job.run_id or "", job.progress)})
-        await channel.send({"ok": True, "batches": batches, "running": running})
+        paused = [{"node": link.name, "since": min([l.get("since") or time.time() for l in link.paused]),
+                   "why": [pause_label(l) + ("" if l.get("reason") else f" until {clock_time(l.get('until') or 0)}")
+                           for l in link.paused]}
+                  for link in self.links.values() if link.paused]      # issue 14: say why, since when
+        await channel.send({"ok": True, "batches": batches, "running": running, "paused_nodes": paused})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -6407,6 +7268,10 @@ class Head:
                 reason = "busy with " + ", ".join(r.get("job") or f"build of {r.get('build')}"
                                                   for r in next(n for n in self.node_report()
                                                                 if n["name"] == link.name)["running"])
+                if link.capacity < link.spec.slots:
+                    reason += f" (desk hours: {link.capacity} of {link.spec.slots} slots)"
+            elif reason == "paused":
+                reason = "paused by " + ", ".join(pause_label(l) for l in link.paused)
             elif reason == "unreachable" and link.error:
                 reason = f"unreachable: {link.error}"
             reasons[link.name] = reason or "can run it: it will when its turn comes"
@@ -6463,21 +7328,91 @@ class Head:
             check_archive_rel(rel)                      # a UserError before anything is sent
         # hashing may read gigabytes: not on the loop that serves everyone else
         wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
-        await channel.send({"ok": True, "same": same, "stream": True})
-        read_fd, write_fd = os.pipe()
-        producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
-                if not chunk:
-                    break
-                channel.writer.write(chunk)
-                await channel.writer.drain()
-        finally:
-            os.close(read_fd)
-            await producer
+        async with self.transfers.slot(user["name"]):
+            await channel.send({"ok": True, "same": same, "stream": True})
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
+            try:
+                while True:
+                    chunk = await read_pipe(read_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    channel.writer.write(chunk)
+                    await channel.writer.drain()
+            finally:
+                os.close(read_fd)
+                await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
+
+    async def api_forget(self, channel, user, header, payload):
+        """Delete an ended batch's archive folder and records (owner or admin); `dry` only
+        checks and says what would go."""
+        import asyncio
+        batch = self.lookup_batch(str(header.get("batch", "")))
+        self.check_owner(user, batch, "forget")
+        counts = self.batch_counts(batch.id)
+        if batch.state == "active" or counts.get("queued") or counts.get("running"):
+            raise UserError(f"{batch.key} is still active ({counts.get('queued', 0)} queued, "
+                            f"{counts.get('running', 0)} running): wait for it to end, or "
+                            f"`distribute kill {batch.key}` first")
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files, size = await asyncio.get_event_loop().run_in_executor(None, folder_usage, root)
+        if not header.get("dry"):
+            if root.exists():
+                gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
+                os.rename(root, gone)
+                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+            self.store.forget_batch(batch.namespace, batch.name)
+            self.batches.pop(batch.id, None)
+            self.queued.pop(batch.id, None)
+            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
+        await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
+                            "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})
+
+    async def api_du(self, channel, user, header, payload):
+        """Space the archive takes, per namespace and batch."""
+        import asyncio
+        usage = await asyncio.get_event_loop().run_in_executor(None, archive_usage, self.config.archive)
+        owners = self.store.batch_owners()
+        for namespace in usage:
+            for entry in namespace["batches"]:
+                owner, state = owners.get((namespace["namespace"], entry["batch"].split("/", 1)[1]),
+                                          (None, "unknown"))
+                entry.update(owner=owner, state=state)
+        await channel.send({"ok": True, "archive": str(self.config.archive), "namespaces": usage,
+                            "bytes": sum(n["bytes"] for n in usage)})
+
+
+def folder_usage(root: Path) -> Tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed; (0, 0) when it does not exist."""
+    files = size = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+    return files, size
+
+
+def archive_usage(archive: Path) -> List[Dict[str, Any]]:
+    """[{namespace, bytes, files, batches: [{batch, bytes, files}]}], biggest first."""
+    out = []
+    for ns_dir in sorted(Path(archive).iterdir()) if Path(archive).is_dir() else []:
+        if not ns_dir.is_dir() or ns_dir.is_symlink() or ns_dir.name.startswith("."):
+            continue
+        batches = []
+        for batch_dir in sorted(ns_dir.iterdir()):
+            if batch_dir.is_dir() and not batch_dir.is_symlink() and not batch_dir.name.startswith("."):
+                files, size = folder_usage(batch_dir)
+                batches.append({"batch": f"{ns_dir.name}/{batch_dir.name}", "bytes": size, "files": files})
+        batches.sort(key=lambda b: -b["bytes"])
+        out.append({"namespace": ns_dir.name, "bytes": sum(b["bytes"] for b in batches),
+                    "files": sum(b["files"] for b in batches), "batches": batches})
+    out.sort(key=lambda n: -n["bytes"])
+    return out
 
 
 def remove_unfinished_uploads(files: Path) -> None:
@@ -6533,6 +7468,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 
@@ -6633,6 +7569,11 @@ def check_batch_plan(value: Any) -> BatchPlan:
         problem = mount_problem(_check("plan.mounts", mount, str))
         if problem:
             raise UserError(f"plan.mounts: {problem}")
+    if plan.flavour in CONTAINER_ENGINES or plan.image is not None:     # an engine's argument: never an option
+        problem = image_problem(_check("plan.image", plan.image, str)) if plan.flavour in CONTAINER_ENGINES \
+            else "only docker and podman batches have one"
+        if problem:
+            raise UserError(f"plan.image: {problem}")
     return plan
 
 
@@ -6700,14 +7641,73 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
     return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
 
 
+def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """Why asyncssh's connection to the head failed, and what to do, in the user's terms."""
+    import asyncio
+    import errno
+    asyncssh = import_asyncssh()
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        kind = "host-key"
+    elif isinstance(exc, asyncssh.PermissionDenied):
+        kind = "denied"
+    elif isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        kind = "refused"
+    elif isinstance(exc, socket.gaierror):
+        kind = "no-such-host"
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        kind = "timeout"
+    else:
+        kind = "other"
+    return head_problem(kind, user, host, port, SshTransport(NodeSpec("head", host)).describe_error(exc))
+
+
+def head_problem(kind: str, user: Optional[str], host: str, port: Optional[int], other: str) -> str:
+    """What a lab member reads when SSH to the head fails (whichever SSH carried it)."""
+    login = f"{user + '@' if user else ''}{host}"
+    where = f"{host}:{port or 22}"
+    if kind == "host-key":
+        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
+                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
+                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
+                f"or add it with `{keyscan}`")
+    if kind == "denied":
+        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+    if kind == "refused":
+        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+                "the head's sshd uses another)")
+    if kind == "no-such-host":
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if kind == "timeout":
+        return f"the head {where} did not answer: is the machine up and on this network?"
+    return other
+
+
+def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
+    """The head's machine answered, but nothing serves the API socket there."""
+    if "prohibited" in reason.lower():
+        return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
+                "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
+    where = f"{path} on {head}" if head else path
+    return (f"no head is running at {where}: is `distribute serve` running? If it is, the socket is "
+            "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
+            "adds you to its --group)")
+
+
 class HeadClient:
     """One connection to the head's API; each request opens its own channel on it: a
     Unix socket forwarded by OpenSSH's `ssh` (kept for a while, see OpenSshForward), else
     asyncssh's stream-local forwarding."""
 
+    origin: Optional[str] = None      # where the head came from when not --head: named in errors
+
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
         self.forward: Any = None            # an OpenSshForward, False when asyncssh carries it
+
+    def unreachable(self, message: str) -> Failed:
+        return Failed(message + (f"; {self.origin}" if self.origin else ""))
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -6725,11 +7725,14 @@ class HeadClient:
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
             except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
-                raise local_socket_failure(path, exc) from None
+                raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
         if self.openssh_forward():
-            reader, writer = await self.forward.open()
-            return ForwardedChannel(reader, writer, self.unreachable())
+            try:
+                reader, writer = await self.forward.open()
+            except Failed as exc:
+                raise self.unreachable(str(exc)) from None
+            return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -6743,12 +7746,12 @@ class HeadClient:
                                                    compression_algs=None, **options)
                 await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
-                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+                raise self.unreachable(head_connect_problem(exc, user, host, port)) from None
         path = self.socket_path or REMOTE_SOCKET
         try:
             reader, writer = await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+            raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
 
     def openssh_forward(self) -> Optional[OpenSshForward]:
@@ -6758,12 +7761,14 @@ class HeadClient:
             if program:
                 user, host, port = parse_head(self.head)
                 forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+                forward.to_head = True
             self.forward = forward if program and forward.usable else False
         return self.forward or None
 
-    def unreachable(self) -> str:
-        return (f"cannot reach the head's socket {self.socket_path or REMOTE_SOCKET} on {self.head}: "
-                "the connection closed (is `distribute serve` running there?)")
+    def closed_socket_message(self) -> str:
+        """What to say when SSH reached the head's machine but nothing answered on the socket."""
+        message = head_socket_problem(self.socket_path or REMOTE_SOCKET, self.head)
+        return message + (f"; {self.origin}" if self.origin else "")
 
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
@@ -6783,9 +7788,12 @@ class HeadClient:
             try:
                 sock = unix_connect(path)
             except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
-                raise local_socket_failure(path, exc) from None
+                raise self.unreachable(local_socket_failure(path, exc)) from None
         elif self.openssh_forward():
-            sock = self.forward.connect()
+            try:
+                sock = self.forward.connect()
+            except Failed as exc:
+                raise self.unreachable(str(exc)) from None
         else:
             return None
         with sock:
@@ -6793,7 +7801,7 @@ class HeadClient:
                 reply, data = request_on_socket(sock, header, payload)
             except ProtocolError as exc:
                 if forwarded and str(exc) == "connection closed":       # ssh never reached the far socket
-                    raise Failed(self.unreachable()) from None
+                    raise Failed(self.closed_socket_message()) from None
                 raise
         return checked_reply(reply), data
 
@@ -6835,12 +7843,11 @@ class HeadClient:
             self.conn.close()
 
 
-def local_socket_failure(path: str, exc: OSError) -> Failed:
+def local_socket_failure(path: str, exc: OSError) -> str:
+    """Why the head's socket on this machine did not answer, and what to do."""
     if isinstance(exc, PermissionError):
-        return Failed(f"{path}: permission denied (ask the admin to add you to the head's group)")
-    if isinstance(exc, ConnectionRefusedError):
-        return Failed(f"no head listens on {path} (stale socket)")
-    return Failed(f"no head listens on {path}")
+        return f"{path}: permission denied (ask the admin to add you to the head's group)"
+    return head_socket_problem(path, None)
 
 
 def checked_reply(reply: Dict[str, Any]) -> Dict[str, Any]:
@@ -6870,12 +7877,19 @@ class ForwardedChannel(Channel):
         return result
 
 
+def head_client(ctx_obj: Dict[str, Any]) -> HeadClient:
+    """A client for the head the command line (or config, or environment) names."""
+    client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+    client.origin = ctx_obj.get("origin")
+    return client
+
+
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
     """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
 
     async def go():
-        client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        client = head_client(ctx_obj)
         try:
             return await work(client)
         finally:
@@ -6884,7 +7898,7 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    answer = head_client(ctx_obj).call_blocking(header, payload)
     if answer is not None:
         return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
@@ -6924,6 +7938,8 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
         for job in running_by_batch.get(batch["batch"], []):
             progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
             lines.append(f"    {job['job']} on {job['node']}{progress}")
+    for node in reply.get("paused_nodes", []):
+        lines.append(f"{node['node']} paused since {clock_time(node['since'])}: {'; '.join(node['why'])}")
     return lines or ["no batches"]
 
 
@@ -6948,11 +7964,15 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
     for node in nodes:
         state = "upgrading" if node.get("upgrading") else node["state"]
         if node["paused"]:
-            state = "paused by " + ", ".join(f"{p['user']} until {local_date_time(p['until'])}"
-                                             for p in node["paused"])
+            state = "paused by " + ", ".join(
+                f"{p['user']} until {local_date_time(p['until'])}" if not p.get("reason")
+                else f"the owner ({p['reason']}, since {local_date_time(p['since'])})"
+                for p in node["paused"])
         busy = ", ".join(r.get("job") and f"{r['batch']}/{r['job']}" or f"build {r.get('build')}"
                          for r in node["running"]) or "idle"
-        lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{node['slots']} slots  {busy}")
+        slots = node["slots"] if node.get("slots_now", node["slots"]) == node["slots"] else \
+            f"{node['slots_now']} (desk hours; {node['slots']})"
+        lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{slots} slots  {busy}")
         lines.append(f"{'':<12} capabilities: {', '.join(node['capabilities']) or '-'}"
                      + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
@@ -7204,10 +8224,57 @@ def enable_commands(system: bool, written: Path) -> List[str]:
                    f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
 
 
+def serves_as(user: str, python: str, program: str) -> bool:
+    """Whether `user` can run the head as `python program` (3.10+, the program readable and
+    its imports there): tried for real, as that user, with the environment systemd gives."""
+    import pwd
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    try:
+        for argv in ([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"], [python, program, "--version"]):
+            if subprocess.run(argv, user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode != 0:
+                return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def service_python(user: str, python: str, program: str) -> Tuple[str, Optional[str]]:
+    """The python3 for ExecStart that `user` can run (root's pyenv python is not one), and a
+    note when it is not the one running now; none at all: a UserError saying what to do."""
+    candidates = [python] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                             if p != python and os.path.isfile(p)]
+    for candidate in candidates:
+        if serves_as(user, candidate, program):
+            note = None if candidate == python else (f"note: ExecStart uses {candidate}: {user} cannot run the head "
+                                                     f"with {python}")
+            return candidate, note
+    raise UserError(f"{user} cannot run the head with {' or '.join(candidates)} and {program} (a python3 of 3.10 "
+                    f"or newer that {user} may execute, and the program readable by {user}, are needed): put "
+                    f"distribute.pyz where {user} can read it and run `sudo /usr/bin/python3 distribute.pyz "
+                    "service install ...`")
+
+
+def group_member_problem(user: str, group: str) -> Optional[str]:
+    """The head gives its socket to --group: its account must be a member to do so."""
+    import grp
+    import pwd
+    try:
+        entry, account = grp.getgrnam(group), pwd.getpwnam(user)
+    except KeyError:
+        return None                 # service_argv names a missing group
+    if account.pw_gid == entry.gr_gid or user in entry.gr_mem or user == "root":
+        return None
+    return (f"the head's account {user} must be in --group {group} (it hands its socket to that group): "
+            f"`sudo usermod -aG {group} {user}`, then run this again")
+
+
 def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
                     archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
-                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
-    """Write the unit file; return where, and the commands to enable it."""
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str], List[str]]:
+    """Write the unit file; return where, the commands to enable it, and notes."""
     owner = service_user(user) if system else current_user()
     if system:
         state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
@@ -7216,8 +8283,16 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
         state_dir = Path(state).resolve() if state else default_state_dir().resolve()
         default_output = user_unit_path()
     archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
-    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
-                       owner if system else None,
+    argv, notes = service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), []
+    if group and group_member_problem(owner, group):
+        raise UserError(group_member_problem(owner, group))
+    if system and os.geteuid() == 0 and owner != "root":
+        argv[0], note = service_python(owner, argv[0], argv[1])
+        notes += [note] if note else []
+    if system and not group:
+        notes.append(f"note: only {owner} and root may use this head; to let the lab in, install again with "
+                     f"--group GROUP ({owner} and the lab's accounts in it)")
+    unit = ServiceUnit(argv, system, owner if system else None,
                        state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
     target = Path(output).resolve() if output else default_output
     try:
@@ -7229,7 +8304,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
     except PermissionError as exc:
         raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
                      "(sudo), or write the unit elsewhere with --output FILE") from None
-    return target, enable_commands(system, target)
+    return target, enable_commands(system, target), notes
 
 
 # --- `nodes --check`: what each node still needs, before the head reaches it --
@@ -7430,6 +8505,9 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
     path = nodes_file or NODES_FILE
     if not os.path.exists(path):
         raise UserError(f"no nodes file {path}: give --nodes FILE")
+    note = original_ports_note(load_nodes_file(path))
+    if note:
+        click.echo(note)
     checks = check_nodes(path, min_free)
     for check in checks:
         click.echo(check.line())
@@ -7443,7 +8521,7 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
 CONFIG_KEYS = ("head", "socket")
 # Commands that never talk to a head: a broken config file must not stop them
 # (above all `config`, which repairs it).
-COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "install", "node", "pause", "resume", "serve", "service", "run",
                          "template", "check", "slurm", "demo")
 
 
@@ -7467,6 +8545,8 @@ def read_client_config() -> Dict[str, str]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if yaml_tab_problem(text, mark):
+            raise UserError(f"{path}:{yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
@@ -7508,6 +8588,15 @@ def resolve_head(head: Optional[str], socket_path: Optional[str],
     return stored["head"], socket_path or stored.get("socket")
 
 
+def head_origin(head: Optional[str], given: Optional[str], from_environment: bool) -> Optional[str]:
+    """Where the head a command talks to came from, when the command line did not name it."""
+    if given is None and head is not None:
+        return f"the head {head} comes from {config_path()} (`distribute config --head` changes it)"
+    if from_environment and head is not None:
+        return f"the head {head} comes from $DISTRIBUTE_HEAD"
+    return None
+
+
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
@@ -7518,6 +8607,64 @@ def completion_script(shell: str) -> str:
     if completer is None:
         raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
     return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `install`: a `distribute` command (and completion) on this machine ---------
+# The pyz is copied to PREFIX/lib/distribute/ and PREFIX/bin/distribute runs it with
+# the python3 that ran `install`; completion goes where the user's shell finds it by
+# itself (zsh needs one fpath line, which is printed).  Running it again replaces the
+# same files: a way to upgrade too.
+
+WRAPPER = """#!/bin/sh
+# Written by `distribute install`; run it again to upgrade.
+exec {python} {program} "$@"
+"""
+
+
+def completion_target(shell: str, home: Path) -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "distribute",
+            "zsh": data / "zsh" / "site-functions" / "_distribute",
+            "fish": config / "fish" / "completions" / "distribute.fish"}[shell]
+
+
+def install_command(prefix: Path, shell: Optional[str]) -> List[str]:
+    """Install the command and the completion; return what to tell the user."""
+    prefix = prefix.expanduser().resolve()
+    home = Path.home()
+    shell = shell or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if shell not in COMPLETION_SHELLS:
+        raise UserError(f"no completion for the shell {shell!r}: give --shell {'|'.join(COMPLETION_SHELLS)}")
+    pyz = running_pyz()
+    if pyz:
+        program = prefix / "lib" / "distribute" / "distribute.pyz"
+        if os.path.abspath(pyz) != str(program):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(program, lambda tmp: shutil.copyfile(pyz, tmp))
+    else:
+        program = Path(os.path.abspath(__file__))     # from a source tree: run it where it is
+    command = prefix / "bin" / "distribute"
+    command.parent.mkdir(parents=True, exist_ok=True)
+    text = WRAPPER.format(python=shlex.quote(sys.executable), program=shlex.quote(str(program)))
+    write_atomically(command, lambda tmp: (tmp.write_text(text), tmp.chmod(0o755)))
+    completion = completion_target(shell, home)
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    script = completion_script(shell)
+    write_atomically(completion, lambda tmp: tmp.write_text(script))
+    lines = [f"installed {command} (runs {program} with {sys.executable})",
+             f"{shell} completion: {completion}"]
+    if shell == "zsh":
+        lines.append(f"zsh: put `fpath+=({completion.parent})` before `compinit` in ~/.zshrc once")
+    on_path = [os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.realpath(command.parent) not in on_path:
+        rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc", "fish": None}[shell]
+        lines.append(f"{command.parent} is not on your PATH: "
+                     + (f"fish_add_path {command.parent}" if rc is None else
+                        f"echo 'export PATH=\"{command.parent}:$PATH\"' >> {rc}") + ", then open a new shell")
+    else:
+        lines.append("open a new shell, then: distribute --help")
+    return lines
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
@@ -7553,10 +8700,15 @@ def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: D
                                     job.attempts, run.get("exit_code")))
 
 
+def pause_label(lock: Dict[str, Any]) -> str:
+    """Who paused, for the timeline: a user, or 'the owner (owner busy: 73% CPU by bob)'."""
+    return f"the owner ({lock['reason']})" if lock.get("reason") else str(lock.get("user"))
+
+
 def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> None:
     """A node's pause locks changed: open a span when the first appears, close it with the last."""
     span = timeline_open_span(head, "pause", node)
-    users = sorted({str(lock.get("user")) for lock in locks})
+    users = sorted({pause_label(lock) for lock in locks})
     if locks and span is None:
         since = [lock.get("since") for lock in locks if lock.get("since")]
         timeline_add(head, TimelineSpan("pause", node, min(since + [time.time()]), state="paused", users=users))
@@ -7595,7 +8747,7 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
         if link is not None and link.paused:      # paused since before this head saw it
             since = [l.get("since") for l in link.paused if l.get("since")]
             pauses.append({"node": name, "start": min(since + [time.time()]), "end": None,
-                           "users": sorted({str(l.get("user")) for l in link.paused})})
+                           "users": sorted({pause_label(l) for l in link.paused})})
     jobs.sort(key=lambda j: (j["start"], j["job"]))
     return {"ok": True, "batch": batch.key, "owner": batch.owner, "state": batch.state,
             "created": batch.created, "finished": batch.finished, "now": time.time(),
@@ -7864,6 +9016,34 @@ apptainer:
         "params_2.txt": "2\n",
     },
 }
+for _engine in CONTAINER_ENGINES:
+    TEMPLATES[_engine] = {
+        JOBS_FILE: f"""\
+# A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
+#   {_engine} run --rm --init --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+# The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
+meta:
+  batch_name: my_{_engine}_batch
+  namespace: my_name
+  capabilities: [{_engine}]       # nodes where `{_engine} version` works
+{_engine}:
+  initialize:
+    image: docker.io/your_name/solver:latest   # a registry reference, or an archive: solver.tar (`{_engine} save`)
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {{path: params_1.txt, alias: params.txt}}
+    - name: job_2
+      required_files:
+        - {{path: params_2.txt, alias: params.txt}}
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    }
 
 
 def write_template(flavour: str, output: str) -> List[Path]:
@@ -7903,8 +9083,10 @@ def find_job_file(path: Optional[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    given = head
     head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
-    ctx.obj = {"head": head, "socket": socket_path}
+    ctx.obj = {"head": head, "socket": socket_path, "origin": head_origin(
+        head, given, ctx.get_parameter_source("head") == click.core.ParameterSource.ENVIRONMENT)}
 
 
 @cli.command()
@@ -8001,6 +9183,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    if original_ports_note(nodes):
+        log(original_ports_note(nodes))
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
@@ -8175,7 +9359,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
         batch_ref = f"{meta.namespace}/{meta.batch_name}"
 
     async def go():
-        client = HeadClient(obj.get("head"), obj.get("socket"))
+        client = head_client(obj)
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)
@@ -8278,6 +9462,7 @@ def node_group() -> None:
 def node_start(workdir, idle_timeout, pause_dir, replace) -> None:
     """Start the supervisor for WORKDIR unless it runs already; print its socket and this
     machine's identity (one JSON line)."""
+    note_pause_dir(pause_dir or os.environ.get("DISTRIBUTE_PAUSE_DIR") or DEFAULT_PAUSE_DIR)
     state = start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir, replace)
     click.echo(json.dumps(dict(machine_identity(), socket=supervisor_socket(workdir), state=state)))
 
@@ -8377,7 +9562,7 @@ def pause(duration: str, detach: bool) -> None:
     if detach:
         lock = write_pause_lock(folder, time.time() + seconds, detached=True)
         click.echo(f"paused this machine's jobs until {clock_time(lock.until)} ({format_duration(seconds)}); "
-                   "`distribute resume` ends it earlier")
+                   f"`{resume_command()}` ends it earlier")
         return
     tty = sys.stdout.isatty()
     with signals_end_pause():
@@ -8442,7 +9627,8 @@ def service_group() -> None:
               help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
                    "~/.local/state/distribute].")
 @click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
-@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the head's account must be in it too).")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--output", default=None, metavar="PATH",
               help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
@@ -8453,10 +9639,13 @@ def service_install(user, nodes_file, state, archive, group, matrix_config, outp
     """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
     if user and not system:
         raise UserError("--user names the account of a system unit; a --user-unit runs as you")
-    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    target, commands, notes = install_service(user, nodes_file, state, archive, group, matrix_config, output,
+                                              system)
     click.echo(f"wrote {target}; to start the head now and at every boot:")
     for line in commands:
         click.echo(f"  {line}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @cli.command(name="config")
@@ -8495,6 +9684,21 @@ def config_command(head, socket_path, unset, show) -> None:
         click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
 
 
+@cli.command(name="install")
+@click.option("--prefix", default="~/.local", show_default=True, metavar="DIR",
+              help="The command goes to DIR/bin, the program to DIR/lib/distribute.")
+@click.option("--shell", type=click.Choice(COMPLETION_SHELLS), default=None,
+              help="Whose completion to install [default: from $SHELL].")
+def install(prefix, shell) -> None:
+    """Put a `distribute` command (and shell completion) on this machine; again to upgrade."""
+    try:
+        lines = install_command(Path(prefix), shell)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename}: permission denied; choose a --prefix of yours") from None
+    for line in lines:
+        click.echo(line)
+
+
 @cli.command(name="completion")
 @click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
 def completion_command(shell) -> None:
@@ -8528,6 +9732,46 @@ def report(obj, batch, output) -> None:
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
 
 
+# `forget` and `du`: the archive does not only grow.
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("--yes", is_flag=True, help="Do not ask; delete at once.")
+@click.pass_obj
+def forget(obj, batch, yes) -> None:
+    """Delete an ended batch's archived results and its record on the head (owner or admin)."""
+    ask = {"op": "forget", "batch": batch, "dry": True}
+    if not yes:
+        found, _ = client_call(obj, ask)
+        prompt = (f"forget {found['batch']}: delete its {found['jobs']} jobs' records and its archive "
+                  f"({found['files']} files, {human_bytes(found['bytes'])}) on the head?")
+        try:
+            confirmed = click.confirm(prompt, default=False, err=True)
+        except click.exceptions.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UserError(f"not confirmed: {found['batch']} is kept (`forget --yes` deletes without asking)")
+    reply, _ = client_call(obj, dict(ask, dry=False))
+    click.echo(f"forgot {reply['batch']}: {reply['files']} files, {human_bytes(reply['bytes'])} freed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.pass_obj
+def du(obj, as_json) -> None:
+    """Show the space the head's archive takes, per namespace and batch."""
+    reply, _ = client_call(obj, {"op": "du"})
+    if as_json:
+        click.echo(json.dumps({k: reply[k] for k in ("archive", "bytes", "namespaces")}, indent=2))
+        return
+    for namespace in reply["namespaces"]:
+        click.echo(f"{human_bytes(namespace['bytes']):>10}  {namespace['namespace']}/")
+        for entry in namespace["batches"]:
+            who = ", ".join(x for x in (entry.get("owner"), entry.get("state")) if x)
+            click.echo(f"{human_bytes(entry['bytes']):>10}    {entry['batch']}  ({entry['files']} files; {who})")
+    click.echo(f"{human_bytes(reply['bytes']):>10}  in total, in {reply['archive']}")
+
+
 def _not_yet(name: str, help_text: str):
     @click.pass_context
     def command(ctx, **_):
@@ -8548,10 +9792,130 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
         _not_yet(_name, _help)
 
 
+# The original distribute's spellings: the ones with a meaning here are rewritten to
+# ours (with one note line, so people learn the new names); the others get one line
+# naming what to use instead.
+
+_ORIGINAL_RENAMED = {"server-status": "status", "node-status": "nodes"}
+_ORIGINAL_GONE = {
+    "server": "the head is `distribute serve --nodes distribute-nodes.yaml --archive DIR` here "
+              "(the original's --save-path is --archive; --temp-dir and --port are not needed)",
+    "client": "nodes run no `distribute client` here: list the machine in the head's nodes file and the "
+              "head starts what it needs over SSH (README: Coming from the original)",
+}
+_GLOBAL_OPTIONS = ("--head", "--socket")
+
+
+def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(our argv, notes) for a command line in the original's spelling: `server-status`,
+    `node-status [--nodes-file F]`, `--ip HOST [--port N]`, `pull ... include -i RE` /
+    `exclude -e RE`.  A command that has no counterpart here is a UserError naming ours."""
+    argv = list(argv)
+    index = 0                                   # the command: the first word after global options
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in _GLOBAL_OPTIONS else 1
+    if index >= len(argv):
+        return argv, []
+    command, rest, notes = argv[index], argv[index + 1:], []
+    if command in _ORIGINAL_GONE:
+        raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
+    if command == "help":                       # the original's `help [COMMAND]`
+        return argv[:index] + rest[:1] + ["--help"], []
+    if command in _ORIGINAL_RENAMED:
+        notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
+        if command == "node-status":
+            rest = _rename_option(rest, ("--nodes-file",), "--nodes")
+            if "--nodes" in rest or any(a.startswith("--nodes=") for a in rest):
+                rest = ["--check"] + rest
+        command = _ORIGINAL_RENAMED[command]
+    head: List[str] = []
+    if any(a == "--ip" or a.startswith("--ip=") for a in rest):
+        kept: List[str] = []
+        words = iter(rest)
+        for word in words:
+            if word == "--ip":
+                head = ["--head", next(words, "")]
+            elif word.startswith("--ip="):
+                head = ["--head", word[5:]]
+            elif word in ("-p", "--port"):      # the original's TCP port: SSH needs none
+                next(words, None)
+            elif not word.startswith("--port="):
+                kept.append(word)
+        rest = kept
+        notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pause" and rest and not rest[0].startswith("-"):
+        rest = ["--duration"] + rest
+        notes.append(f"`pause {rest[1]}` is `pause --duration {rest[1]}` here")
+    original_slurm = {"--cluster-username": "--cluster-user", "--cluster-address": "--cluster-host",
+                      "--cluster-upload-destination": "--cluster-dir"}
+    if command == "slurm" and any(a.partition("=")[0] in original_slurm for a in rest):
+        for old, new in original_slurm.items():
+            rest = _rename_option(rest, (old,), new)
+        words, positional, kept = iter(rest), [], []
+        for word in words:                      # the original took OUTDIR first, then the job file
+            if word.startswith("--cluster-") and "=" not in word:
+                kept += [word, next(words, "")]
+            elif word.startswith("-"):
+                kept.append(word)
+            else:
+                positional.append(word)
+        rest = kept + positional[::-1]
+        notes.append("the original's `slurm OUTDIR [FILE] --cluster-username/--cluster-address/"
+                     "--cluster-upload-destination` is `slurm [FILE] OUTDIR --cluster-user/--cluster-host/"
+                     "--cluster-dir` here")
+    if command == "pull" and ("include" in rest or "exclude" in rest):
+        rest = [word for word in rest if word not in ("include", "exclude")]
+        rest = _rename_option(rest, ("-i", "--include"), "--filter")
+        rest = _rename_option(rest, ("-e",), "--exclude")
+        notes.append("`pull include -i RE` / `exclude -e RE` are `pull --filter RE` / `--exclude RE` here")
+    return argv[:index] + head + [command] + rest, notes
+
+
+def _rename_option(words: List[str], old: Tuple[str, ...], new: str) -> List[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(new + eq + value if name in old else word)
+    return out
+
+
+def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
+    """`pause` and `resume` with their plain options, run without click's parsing: what the
+    person at a workstation types when they need it now.  Anything else (--help, a typo,
+    global options) returns None and goes through click, with its help and errors."""
+    if not args or args[0] not in ("pause", "resume"):
+        return None
+    rest = args[1:]
+    if args[0] == "resume":
+        return (lambda: resume.callback(everyone=bool(rest))) if rest in ([], ["--all"]) else None
+    duration, detach, index = _PAUSE_DEFAULT_DURATION, False, 0
+    while index < len(rest):
+        arg = rest[index]
+        if arg == "--detach":
+            detach = True
+        elif arg == "--duration" and index + 1 < len(rest) and not rest[index + 1].startswith("-"):
+            duration, index = rest[index + 1], index + 1
+        elif arg.startswith("--duration=") and len(arg) > len("--duration="):
+            duration = arg.partition("=")[2]
+        else:
+            return None
+        index += 1
+    return lambda: pause.callback(duration=duration, detach=detach)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
-        code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        fast = node_fast_path(argv)
+        if fast is not None:
+            fast()
+            code = 0
+        else:
+            argv, notes = original_spelling(argv)
+            if notes:
+                click.echo(f"distribute: note: {'; '.join(notes)}", err=True)
+            code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code
