@@ -54,6 +54,9 @@ def run_head(cluster, pyz, work: Path, carrier: str, name: str, jobs: int, mib: 
         head.cli("add", path)
         wait_batch_done(head.socket, f"bench/{name}", 1800)
         wall, cpu = time.perf_counter() - start, head_cpu(proc) - before
+        masters = list((cluster.home.path / ".cache" / "distribute-ssh").glob("*.ctl"))
+        if carrier == "openssh" and not masters:
+            raise SystemExit(f"{carrier}: ssh masters {masters}\n{head.log.read_text()[-2000:]}")
         for i in range(jobs):
             got = head.archive / "bench" / name / f"j{i:05d}" / "r.bin"
             if got.stat().st_size != mib << 20:
