@@ -5133,6 +5133,7 @@ class HeadConfig:
     kill_grace: float = 10.0
     matrix_config: Optional[Path] = None
     group: Optional[str] = None
+    shared_namespaces: List[str] = field(default_factory=list)   # namespaces anyone may add batches to
 
     @property
     def socket_path(self) -> Path:
@@ -5687,6 +5688,17 @@ class Head:
             raise UserError(f"no batch {ref!r} on this head")
         return batch
 
+    def check_namespace(self, user: Dict[str, Any], namespace: str) -> None:
+        """A namespace belongs to whoever started its first batch, unless the head's admin
+        shares it (serve --shared-namespace)."""
+        if namespace in self.config.shared_namespaces or self.is_admin(user):
+            return
+        owner = self.store.namespace_owner(namespace)
+        if owner is not None and owner != user["name"]:
+            raise UserError(f"namespace {namespace} belongs to {owner} (who started its first batch): use your "
+                            f"own, e.g. namespace: {user['name']}, or ask the head's admin to share it "
+                            f"(serve --shared-namespace {namespace})")
+
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
         if user["name"] != batch.owner and not self.is_admin(user):
             raise UserError(f"{user['name']} may not {what} {batch.key}: it belongs to {batch.owner}")
@@ -5721,6 +5733,7 @@ class Head:
                 raise UserError(f"a batch {existing.key} exists already: use --resume to run only the jobs "
                                 "that did not succeed, or --replace to start over")
             self.check_owner(user, existing, "replace" if header.get("replace") else "resume")
+        self.check_namespace(user, plan.namespace)
         # Everything checked: now the files (nothing changes until they are all here).
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
@@ -5790,7 +5803,12 @@ class Head:
 
     async def api_status(self, channel, user, header, payload):
         batches = []
+        mine_only = header.get("all") is False          # the CLI's default; older clients get everything
+        hidden = 0
         for _, namespace, name, owner, state, created, finished, c in self.store.status_rows():
+            if mine_only and (owner != user["name"] or state != "active"):
+                hidden += 1
+                continue
             batches.append({"batch": f"{namespace}/{name}", "owner": owner, "state": state,
                             "created": now_iso(created), "finished": now_iso(finished) if finished else None,
                             "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
@@ -5798,12 +5816,14 @@ class Head:
         progress = await self.running_progress()
         for job in self.store.running_jobs():
             batch = self.store.batch(job.batch_id)
+            if mine_only and batch is not None and batch.owner != user["name"]:
+                continue
             link = self.links.get(job.node or "")
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
                             "progress": progress.get(job.run_id or "", job.progress),
                             "paused": bool(link is not None and link.paused)})
-        await channel.send({"ok": True, "batches": batches, "running": running})
+        await channel.send({"ok": True, "batches": batches, "running": running, "hidden": hidden})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -6937,7 +6957,7 @@ TEMPLATES: Dict[str, Dict[str, str]] = {
 # A python batch: build.py runs once per machine, then job files run one by one.
 meta:
   batch_name: my_first_batch      # unique within your namespace
-  namespace: my_name              # usually your user name or project
+  namespace: my_name              # your login (`template` writes it): namespaces belong to people
   capabilities: [python3]         # every one must be offered by a node
   matrix: ~                       # or "@you:example.org" for a message when done
 python:
@@ -7034,6 +7054,10 @@ def write_template(flavour: str, output: str) -> List[Path]:
     clashes = [str(p) for p in planned if p.exists()]
     if clashes:
         raise UserError(f"{clashes[0]} already exists; choose another place with -o")
+    login = current_user()
+    if name_problem(login) is None:         # the namespace is yours: your login, unless it is no valid name
+        planned[target] = re.sub(r"namespace: my_name( *)", lambda m: "namespace: " + login.ljust(
+            len("my_name") + len(m.group(1)) if m.group(1) else 0), planned[target])
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in planned.items():
         path.write_text(text)
@@ -7150,8 +7174,11 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--group", default=None, metavar="GROUP",
               help="Unix group whose members may use the head (the socket is mode 0660).")
+@click.option("--shared-namespace", "shared", multiple=True, metavar="NAMESPACE",
+              help="A namespace everyone may add batches to (repeatable); others belong to whoever started "
+                   "their first batch.")
 def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_idle, matrix_config,
-          group) -> None:
+          group, shared) -> None:
     """Run the head daemon."""
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
@@ -7159,7 +7186,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
-                        matrix_config=Path(matrix_config) if matrix_config else None, group=group)
+                        matrix_config=Path(matrix_config) if matrix_config else None, group=group,
+                        shared_namespaces=list(shared))
     if group:
         import grp
         try:
@@ -7225,17 +7253,22 @@ def where_it_runs(reply: Dict[str, Any]) -> str:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+@click.option("--all", "everyone", is_flag=True, help="Everyone's batches, ended ones too (default: your active ones).")
 @click.pass_obj
-def status(obj, as_json, watch) -> None:
-    """Show batches: done, running, queued and failed jobs, where, progress."""
+def status(obj, as_json, watch, everyone) -> None:
+    """Show your active batches: done, running, queued and failed jobs, where, progress."""
     while True:
-        reply, _ = client_call(obj, {"op": "status"})
+        reply, _ = client_call(obj, {"op": "status", "all": everyone})
         if as_json:
             click.echo(json.dumps({"batches": reply["batches"], "running": reply["running"]}, indent=2))
         else:
             if watch:
                 click.clear()
-            click.echo("\n".join(format_status(reply)))
+            lines = format_status(reply)
+            if not reply["batches"] and reply.get("hidden"):
+                lines = [f"no active batches of yours; status --all shows everyone's and ended ones "
+                         f"({reply['hidden']})"]
+            click.echo("\n".join(lines))
         if not watch:
             return
         time.sleep(2)

@@ -69,10 +69,10 @@ def test_first_template_batch_on_a_two_slot_node_runs_every_job_and_frees_both_s
     job_file.write_text(job_file.read_text().replace("capabilities: [python3]", "capabilities: [only1]"))
     head.wait_nodes_up(3)
     head.cli("add", job_file)
-    batch = head.wait_batch("my_name/my_first_batch")
+    batch = head.wait_batch("root/my_first_batch")         # the template's namespace: your login
     assert batch["jobs"]["done"] == 2, (batch, head.log.read_text()[-3000:])
     for job in ("job_1", "job_2"):
-        assert (head.archive / "my_name/my_first_batch" / job / "result.txt").is_file()
+        assert (head.archive / "root/my_first_batch" / job / "result.txt").is_file()
     wait_until(lambda: node_idle(head, "node1"), 20, "node1 with both slots free")
     assert "Task exception was never retrieved" not in head.log.read_text()
 
