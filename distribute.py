@@ -2627,7 +2627,7 @@ def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
 # `requeue` (which also frees its slot: slots are derived from running jobs and builds).
 
 NODE_FAILURES = 3               # build or start failures of a batch on one node before it gives up there
-LANDING_TRIES = 6               # landing attempts of a job's results before the job fails visibly
+LANDING_TRIES = 10              # landing attempts of a job's results (over about 6 minutes) before the job fails
 BACKOFF_BASE = 2.0              # seconds; doubles with every failure
 
 
@@ -2862,7 +2862,7 @@ class Lifecycle:
             return []
         if tries < LANDING_TRIES:
             return [Action("land_later", node, job.batch_id, job.id, run_id, job.slot,
-                           info={"run": run, "tries": tries, "delay": backoff(tries, 5.0)})]
+                           info={"run": run, "tries": tries, "delay": backoff(tries, 5.0, 60.0)})]
         self.store.mark_ended(job.id, "failed", run.get("exit_code"),
                               f"its results could not be archived after {tries} tries: {reason}")
         batch = self.store.batch(job.batch_id)
@@ -5619,7 +5619,8 @@ class Head:
         except (OSError, Failed) as exc:
             self.archiving.discard(run_id)
             tries = int(action.info.get("tries", 0)) + 1
-            log(f"archive: cannot store {batch.key}/{job.name}: {one_line(str(exc))} (try {tries})")
+            log(f"archive: cannot store {batch.key}/{job.name}: {one_line(str(exc))} (try {tries} of "
+                f"{LANDING_TRIES}); " + ("will retry" if tries < LANDING_TRIES else "giving up"))
             await self.apply(self.life.landing_failed(link.name, job.id, run, one_line(str(exc)), tries))
             return
         self.archiving.discard(run_id)
