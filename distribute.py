@@ -2805,7 +2805,8 @@ class Lifecycle:
         job = self.store.job(job_id)
         if job is None or job.run_id != run_id or job.state != "running":
             return []
-        actions = self._requeue(job, False, f"node {node}: job {job.name} could not start: {reason}")
+        key = self.store.batch(job.batch_id).key
+        actions = self._requeue(job, False, f"node {node}: {key}/{job.name} could not start: {reason}")
         build = self.store.build(job.batch_id, node)
         tries = (build.tries if build else 0) + 1
         state = "ok" if build is not None and build.state == "ok" and "not built" not in reason else "backoff"
@@ -2956,6 +2957,9 @@ class Lifecycle:
             current = job is not None and job.run_id == run_id and job.state == "running" and job.node == node
             if not current and run.get("state") == "running":
                 actions.append(tell(node, op="kill", run_ids=[run_id], grace=0))
+            elif current and run.get("state") == "running" and not run.get("killed") and \
+                    self.store.batch(job.batch_id).state in ("killed", "replaced"):
+                actions.append(tell(node, op="kill", run_ids=[run_id]))     # a kill lost with the connection
             elif run.get("state") == "finished":
                 actions += self.finished(node, run)
         for job in self.store.running_jobs(node):
