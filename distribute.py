@@ -6477,7 +6477,17 @@ class Head:
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
                         "paused": [{"user": l.get("user"), "until": now_iso(l.get("until"))}
-                                   for l in link.paused]})
+                                   for l in link.paused],
+                        "gave_up": self.gave_up_on(link.name)})
+        return out
+
+    def gave_up_on(self, node: str) -> List[Dict[str, Any]]:
+        """Active batches this node gave up on (build failed, or kept failing to start), and why."""
+        out = []
+        for build in self.store.builds(node=node):
+            batch = self.store.batch(build.batch_id)
+            if build.state == "failed" and batch is not None and batch.state == "active":
+                out.append({"batch": batch.key, "reason": build.reason})
         return out
 
     async def api_nodes(self, channel, user, header, payload):
@@ -7058,6 +7068,8 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
                      + (f" (build {node['build']})" if node.get("build") else ""))
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
+        for given_up in node.get("gave_up") or []:
+            lines.append(f"{'':<12} gave up on {given_up['batch']}: {given_up['reason']}")
     return lines
 
 

@@ -233,6 +233,13 @@ def test_adoption_verdicts():
     assert "ended while no supervisor" in adopt_verdict(record, "boot-a", None)
 
 
+def test_nodes_shows_which_batches_a_node_gave_up_on_and_why():
+    lines = distribute.format_nodes([{"name": "n1", "state": "up", "paused": [], "running": [], "slots": 1,
+                                      "capabilities": [], "gave_up": [{"batch": "lab/b", "reason":
+                                                                       "could not start the build on n1: no space"}]}])
+    assert lines[-1].strip() == "gave up on lab/b: could not start the build on n1: no space"
+
+
 def test_status_marks_a_paused_job():
     lines = distribute.format_status({"batches": [{"batch": "lab/b", "owner": "alice", "state": "active",
                                                    "jobs": {"done": 0, "running": 1, "queued": 0, "failed": 0,
