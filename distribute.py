@@ -6704,7 +6704,7 @@ MAX_RETRIES = 1000
 _STR, _LIST, _DICT, _BOOL, _INT = str, list, dict, bool, int
 _OPT_STR = (str, type(None))
 REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (type, required)
-    "status": {}, "nodes": {},
+    "status": {"all": (_BOOL, False)}, "nodes": {},
     "kill": {"batch": (_STR, True)},
     "retry": {"batch": (_STR, True), "failed_only": (_BOOL, False)},
     "why": {"ref": (_STR, True)},
