@@ -508,3 +508,29 @@ LifecycleMachine.TestCase.settings = settings(max_examples=60, stateful_step_cou
                                               suppress_health_check=list(HealthCheck))
 TestLifecycleMachine = LifecycleMachine.TestCase
 
+
+
+def test_a_failing_task_is_logged_by_its_owner_and_a_long_lived_one_restarts(capsys):
+    import asyncio
+    calls = []
+
+    async def flaky():
+        calls.append(1)
+        if len(calls) < 2:
+            raise OSError("disk went away")
+
+    async def broken():
+        raise ValueError("bad event")
+
+    async def main():
+        owner = distribute.TaskOwner()
+        task = owner.spawn(broken(), "archiving run 3.1")
+        await asyncio.gather(task, return_exceptions=True)
+        await distribute.keep_running(flaky, "the link to node n1")
+        await owner.close()
+        return owner.tasks
+    assert asyncio.run(main()) == set()
+    err = capsys.readouterr().err
+    assert "head: archiving run 3.1 failed: ValueError: bad event" in err
+    assert "head: the link to node n1 stopped (OSError: disk went away); restarting it" in err
+    assert len(calls) == 2 and "never retrieved" not in err
