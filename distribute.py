@@ -2921,6 +2921,9 @@ class Lifecycle:
         running_keys: Dict[str, set] = {}
         for job in self.store.running_jobs():
             running_keys.setdefault(job.node or "", set()).add(job.batch_id)
+        for build in builds:
+            if build.state == "running":
+                running_keys.setdefault(build.node, set()).add(build.batch_id)
         for batch in batches.values():
             if not self.store.has_jobs_in(batch.id, "queued"):
                 continue
@@ -2961,10 +2964,13 @@ class Lifecycle:
                 batch = batches[choice.id]
                 build = self.store.build(batch.id, node.name)
                 if build is not None and build.state == "ok":
-                    with self.store.transaction():
-                        job = self.store.next_queued(batch.id)
-                        run_id = f"{job.id}.{job.attempts + 1}"
-                        self.store.mark_started(job.id, run_id, node.name, slot)
+                    job = self.store.next_queued(batch.id)
+                    if job is None:
+                        choice.queued = 0
+                        views = [v for v in views if v.queued > 0]
+                        continue
+                    run_id = f"{job.id}.{job.attempts + 1}"
+                    self.store.mark_started(job.id, run_id, node.name, slot)
                     actions.append(Action("start_job", node.name, batch.id, job.id, run_id, slot))
                     if not self.store.has_jobs_in(batch.id, "queued"):
                         choice.queued = 0
@@ -3000,10 +3006,15 @@ class Lifecycle:
 
     def built(self, node: str, namespace: str, name: str, exit_code: Optional[int], error: Optional[str],
               log_bytes: bytes) -> List[Action]:
-        batch = next((b for b in self.store.active_batches() if b.namespace == namespace and b.name == name), None)
-        build = self.store.build(batch.id, node) if batch is not None else None
-        if batch is None or build is None or build.state != "running":
-            return []
+        building = [b for b in self.store.builds(node=node) if b.state == "running"]
+        batch = next((row for row in (self.store.batch(b.batch_id) for b in building)
+                      if row is not None and (row.namespace, row.name) == (namespace, name)), None)
+        if batch is None:                       # a build nobody waits for any more
+            return self.forget_workspace(node, {"namespace": namespace, "batch": name})
+        build = self.store.build(batch.id, node)
+        if batch.state != "active":             # killed or replaced while it built: its slot is free now
+            self.store.drop_builds(batch.id, node)
+            return self.forget_workspace(node, {"namespace": namespace, "batch": name})
         actions = [Action("build_log", node, batch.id, info={"data": log_bytes, "ok": exit_code == 0})]
         if exit_code == 0:
             self.store.put_build(BuildRow(batch.id, node, "ok"))
@@ -3124,7 +3135,9 @@ class Lifecycle:
             self.store.set_batch_state(batch_id, "done")
         elif batch.state not in ("killed",):
             return []                               # ended already, or replaced: nothing to announce
-        self.store.drop_builds(batch_id)
+        for build in self.store.builds(batch_id):   # a build under way holds its slot until it reports
+            if build.state != "running":
+                self.store.drop_builds(batch_id, build.node)
         counts = self.store.batch_counts(batch_id)
         text = (f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
                 f"{counts.get('killed', 0)} killed)")
@@ -3151,14 +3164,18 @@ class Lifecycle:
             count = self.store.queue_again(batch_id, states)
             if count:
                 self.store.set_batch_state(batch_id, "active")
-                self.store.drop_builds(batch_id)         # every node may try to build it again
+                for build in self.store.builds(batch_id):    # every node may try to build it again
+                    if build.state in ("failed", "backoff"):
+                        self.store.drop_builds(batch_id, build.node)
         return count, []
 
     def replace(self, batch_id: int) -> List[Action]:
         """`add --replace`: the old batch is killed and forgotten; what it still runs ends as killed."""
         _, _, actions = self.kill(batch_id)
         self.store.set_batch_state(batch_id, "replaced")
-        self.store.drop_builds(batch_id)
+        for build in self.store.builds(batch_id):    # a build under way keeps its slot and folder till it ends
+            if build.state != "running":
+                self.store.drop_builds(batch_id, build.node)
         return [a for a in actions if a.op == "tell"] + [Action("drop_files", batch_id=batch_id)]
 
     # nodes
