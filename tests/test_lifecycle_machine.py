@@ -504,7 +504,9 @@ class LifecycleMachine(RuleBasedStateMachine):
 
 
 STEPS = []
-LifecycleMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None,
+# 60 runs of up to 30 steps by default (about 20 s); LIFECYCLE_EXAMPLES=1000 for a longer search
+LifecycleMachine.TestCase.settings = settings(max_examples=int(os.environ.get("LIFECYCLE_EXAMPLES", 60)),
+                                              stateful_step_count=30, deadline=None,
                                               suppress_health_check=list(HealthCheck))
 TestLifecycleMachine = LifecycleMachine.TestCase
 
