@@ -5370,9 +5370,18 @@ class Supervisor:
     # the server
     async def serve(self) -> None:
         import asyncio
+        import fcntl
         self.home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
         self.runs_dir.mkdir(exist_ok=True)
+        # one supervisor per workdir: two started at once (a head reconnecting twice) would both
+        # adopt the same runs; the second leaves (the kernel drops the lock when the first dies)
+        self.lock = os.open(str(self.home / "supervisor.lock"), os.O_RDWR | os.O_CREAT | _CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            log(f"supervisor: another supervisor already serves {self.workdir}; leaving")
+            return
         self.adopt_orphans()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
@@ -5696,9 +5705,11 @@ class Supervisor:
         folder = self.run_dir(record.run_id)
         ws = self.job_workspace(record)
         self.gpu_runs.discard(record.run_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(ws.save, folder / "save")
-        (folder / "save").mkdir(exist_ok=True)
+        if not record.lost:                     # a lost run's results are not its results
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rename(ws.save, folder / "save")
+        with contextlib.suppress(OSError):
+            (folder / "save").mkdir(exist_ok=True)
         progress = read_progress(ws.progress_file(record.job))
         self.save_record(record)
         self.notify(*self.finished_event(record, progress))
