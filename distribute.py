@@ -3584,7 +3584,7 @@ def run_job_id(run_id: str) -> int:
 
 MAX_HEADER = 64 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
-PROTOCOL = 1
+PROTOCOL = 2                    # 2: hello carries build, pid, machine identity; runs are adopted by pid
 
 # Every frame is bounded by what its op needs, checked on the 8-byte prefix and the op
 # (the header's first key, as Channel.send writes it) before another byte is read: a
@@ -6913,7 +6913,9 @@ class NodeLink:
 
     @property
     def outdated(self) -> bool:
-        return self.up and self.info.get("build") != self.expected_build
+        """Its supervisor is another build, or speaks another protocol: it gets no new work (only
+        the fetch, ack and kill every release speaks) and is replaced once its jobs end."""
+        return self.up and (self.info.get("build") != self.expected_build or self.info.get("protocol") != PROTOCOL)
 
     def refuse(self, reason: str) -> None:
         """Stop using this node (another entry reaches its machine): its loop reconnects and
@@ -6989,9 +6991,10 @@ class NodeLink:
         if self.conflict:
             raise NodeRefused(self.conflict)
         self.info, self.paused = hello, hello.get("paused", [])
-        if hello.get("build") != self.expected_build:
+        if hello.get("build") != self.expected_build or hello.get("protocol") != PROTOCOL:
             log(f"node {self.name}: its supervisor runs build {hello.get('build') or 'of release ' + str(hello.get('version'))}"
-                f", this head {self.expected_build}: no new work there; it is replaced once its running jobs end")
+                f" (protocol {hello.get('protocol')}), this head {self.expected_build} (protocol {PROTOCOL}): "
+                "no new work there; it is replaced once its running jobs end")
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.apply(self.head.life.reconcile(self.name, hello.get("runs", [])))
