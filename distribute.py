@@ -2733,7 +2733,7 @@ class BuildRow:
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
     2: """
@@ -2754,6 +2754,9 @@ ALTER TABLE builds ADD COLUMN tries INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE builds ADD COLUMN reason TEXT;
 ALTER TABLE builds ADD COLUMN retry_at REAL;
 """,                # why a job failed (`why`); a build's slot, failures in a row and back-off
+    5: """
+CREATE TABLE id_floor (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+""",                # ids never come back after `forget` (a stale run id must never name a new job)
 }
 
 
@@ -2826,17 +2829,25 @@ class Store:
     def add_batch(self, namespace: str, name: str, owner: str, plan: BatchPlan, capabilities: List[str],
                   matrix: Optional[str], jobs: List[Tuple[JobPlan, int]]) -> int:
         with self.transaction():
-            cur = self.db.execute(
-                "INSERT INTO batches (namespace, name, owner, flavour, plan, capabilities, matrix, created)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (namespace, name, owner, plan.flavour, json.dumps(dataclasses.asdict(plan)),
+            batch_id = self._next_id("batches")
+            self.db.execute(
+                "INSERT INTO batches (id, namespace, name, owner, flavour, plan, capabilities, matrix, created)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (batch_id, namespace, name, owner, plan.flavour, json.dumps(dataclasses.asdict(plan)),
                  json.dumps(capabilities), matrix, time.time()))
-            batch_id = cur.lastrowid
+            first = self._next_id("jobs")
             self.db.executemany(
-                "INSERT INTO jobs (batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?)",
-                ((batch_id, i, job.name, json.dumps(vars(job)), retries)    # JobPlan is flat: vars() is 3x faster than asdict()
+                "INSERT INTO jobs (id, batch_id, idx, name, plan, retries) VALUES (?,?,?,?,?,?)",
+                ((first + i, batch_id, i, job.name, json.dumps(vars(job)), retries)    # JobPlan is flat: vars() is 3x faster than asdict()
                  for i, (job, retries) in enumerate(jobs)))
         return batch_id
+
+    def _next_id(self, table: str) -> int:
+        """The next id of `batches` or `jobs`: past every id ever used, forgotten ones too."""
+        assert table in ("batches", "jobs")
+        used = self.db.execute(f"SELECT MAX(id) FROM {table}").fetchone()[0] or 0
+        floor = self.db.execute("SELECT value FROM id_floor WHERE name=?", (table,)).fetchone()
+        return max(used, floor[0] if floor else 0) + 1
 
     def _batch(self, row) -> BatchRow:
         plan = self._plans.get(row["id"])
@@ -3054,6 +3065,11 @@ class Store:
         with self.transaction():
             ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
                                                  (namespace, name))]
+            for table in ("batches", "jobs"):       # ids of what goes are never handed out again
+                self.db.execute("INSERT OR REPLACE INTO id_floor (name, value) VALUES (?, ?)",
+                                (table, self._next_id(table) - 1))
+            for batch_id in ids:
+                self._plans.pop(batch_id, None)
             jobs = 0
             for batch_id in ids:
                 jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
@@ -7878,9 +7894,10 @@ class Head:
             if root.exists():
                 gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
                 os.rename(root, gone)
-                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+                await in_own_thread(remove_tree, gone)
             self.store.forget_batch(batch.namespace, batch.name)
-            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            with contextlib.suppress(OSError, UnsafeArchive):
+                remove_tree(self.files / str(batch.id))
             log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
         await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
                             "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})

@@ -161,7 +161,7 @@ def test_original_spellings_work_against_a_head(local_head, tmp_path):
     jobs, key = finished_batch(local_head, tmp_path, jobs=2)
     local_head.wait_batch(key)
     target = ["--head", "local", "--socket", local_head.socket]
-    status = cli(*target, "server-status")
+    status = cli(*target, "server-status", "--all")          # the batch has ended: --all lists it
     assert status.returncode == 0, status.stderr
     assert key in status.stdout
     assert one_line(status.stderr) == "distribute: note: `server-status` is `distribute status` here"
@@ -458,7 +458,7 @@ def test_du_and_forget_an_ended_batch(local_head, tmp_path):
     # gone for pull too, which points to status; and the name can be used again
     pulled = local_head.cli("pull", "--batch", big, check=False)
     assert pulled.returncode == 2
-    assert one_line(pulled.stderr).endswith(f"no batch {big!r} on this head; `distribute status` lists its batches")
+    assert one_line(pulled.stderr).endswith(f"no batch {big!r} on this head; `distribute status --all` lists its batches")
     local_head.cli("add", big_jobs)
     assert local_head.wait_batch(big)["jobs"]["done"] == 3
 
@@ -693,7 +693,7 @@ def test_python_api_builds_docker_batches(tmp_path):
 def test_ip_of_the_original_reaches_the_head_over_ssh(local_head, head_sshd, alice_home, tmp_path):
     _, key = finished_batch(local_head, tmp_path, jobs=1)
     local_head.wait_batch(key)
-    result = laptop(alice_home, tmp_path, "--socket", local_head.socket, "server-status", "--ip", "head", "-p", "8952")
+    result = laptop(alice_home, tmp_path, "--socket", local_head.socket, "server-status", "--ip", "head", "-p", "8952", "--all")
     assert result.returncode == 0, result.stderr
     assert key in result.stdout
     assert one_line(result.stderr) == ("distribute: note: `server-status` is `distribute status` here; "

@@ -488,3 +488,27 @@ def test_results_are_acknowledged_only_after_they_are_on_stable_storage(tmp_path
         worker.cancel()
     asyncio.run(scenario())
     assert events == [("flush", tmp_path), ("ack", ("1.1", "2.1"))]
+
+
+def test_ids_are_never_handed_out_again_after_forget(tmp_path):
+    """A forgotten batch's batch and job ids (run ids are JOB.ATTEMPT) never name a new batch or job:
+    a node may still hold a stale run of it, and the plan of a batch id is cached."""
+    store = distribute.Store(tmp_path / "store.sqlite")
+
+    def add(name):
+        plan = distribute.BatchPlan("lab", name, "shell")
+        batch_id = store.add_batch("lab", name, "alice", plan, [], None,
+                                   [(distribute.JobPlan("a", command="true"), 0), (distribute.JobPlan("b", command="true"), 0)])
+        return batch_id, [job.id for job in store.jobs(batch_id)]
+    add("first")
+    gone, gone_jobs = add("second")
+    assert store.batch(gone).plan.batch == "second"          # (its plan is now cached)
+    store.forget_batch("lab", "second")
+    again, again_jobs = add("third")
+    assert again > gone and min(again_jobs) > max(gone_jobs)
+    assert store.batch(again).plan.batch == "third"
+    reopened = distribute.Store(tmp_path / "store.sqlite")      # the floor is kept in the store
+    reopened.forget_batch("lab", "third")
+    latest = reopened.add_batch("lab", "fourth", "alice", distribute.BatchPlan("lab", "fourth", "shell"), [], None,
+                                [(distribute.JobPlan("a", command="true"), 0)])
+    assert latest > again and reopened.jobs(latest)[0].id > max(again_jobs)
