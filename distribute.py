@@ -1527,14 +1527,19 @@ class Workspace:
 
     def shadow(self, slot: int) -> "Workspace":
         """A sibling workspace for a second job of the batch running at the same time."""
-        twin = Workspace(self.root.with_name(f"{self.root.name}.slot{slot}"))
-        twin.create()
+        twin = self.shadow_of(slot)
+        for folder in (twin.root, twin.input, twin.save, twin.private):     # initial_files/ is the build's
+            folder.mkdir(parents=True, exist_ok=True)
         for entry in self.root.iterdir():
             link = twin.root / entry.name
             if entry.name in self.PRIVATE or os.path.lexists(link):
                 continue
             os.symlink(entry, link)
         return twin
+
+    def shadow_of(self, slot: int) -> "Workspace":
+        """Where the job in `slot` runs (slot 0: the build directory itself)."""
+        return Workspace(self.root.with_name(f"{self.root.name}.slot{slot}")) if slot else self
 
     def place_initial(self, sources: Dict[str, str]) -> None:
         """Copy the batch's shared files (alias -> source path) into place."""
@@ -2710,13 +2715,25 @@ class JobRow:
     exit_code: Optional[int]
     progress: Optional[float]
     slot: Optional[int]
+    reason: Optional[str] = None        # why it failed or was killed, for `why`
+
+
+@dataclass
+class BuildRow:
+    batch_id: int
+    node: str
+    state: str                      # running | ok | failed | backoff (waiting to try again)
+    slot: Optional[int] = None      # the slot a running build holds
+    tries: int = 0                  # failures in a row (build could not start, jobs could not start)
+    reason: Optional[str] = None
+    retry_at: Optional[float] = None
 
 
 # The schema has a version (SQLite's user_version).  Release 0.1.0 wrote no version
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
     2: """
@@ -2730,6 +2747,13 @@ CREATE INDEX spans_open ON spans(kind, node) WHERE ended IS NULL;
     3: """
 CREATE TABLE nodes (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen REAL NOT NULL);
 """,                # what each node reported when it was last up (capabilities, cores, version...)
+    4: """
+ALTER TABLE jobs ADD COLUMN reason TEXT;
+ALTER TABLE builds ADD COLUMN slot INTEGER;
+ALTER TABLE builds ADD COLUMN tries INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE builds ADD COLUMN reason TEXT;
+ALTER TABLE builds ADD COLUMN retry_at REAL;
+""",                # why a job failed (`why`); a build's slot, failures in a row and back-off
 }
 
 
@@ -2772,7 +2796,8 @@ class TimelineSpan:
 
 
 class Store:
-    """The head's database.  One connection, used from the event loop only.
+    """The head's database.  One connection, used from the event loop only.  Every SQL
+    statement of the head is here; rows are read by column name.
 
     WAL with synchronous=NORMAL.  NORMAL may lose the last commits in a power cut (never
     corrupt the store): a lost claim only means a job is queued again, and the node's
@@ -2784,9 +2809,11 @@ class Store:
     def __init__(self, path: Path):
         import sqlite3
         self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         migrate_store(self.db, path)
+        self._plans: Dict[int, BatchPlan] = {}                  # plans never change: decoded once
 
     def transaction(self, durable: bool = False):
         """BEGIN ... COMMIT (ROLLBACK on an exception); a durable one is on disk when it ends."""
@@ -2812,8 +2839,12 @@ class Store:
         return batch_id
 
     def _batch(self, row) -> BatchRow:
-        return BatchRow(row[0], row[1], row[2], row[3], row[4], BatchPlan(**json.loads(row[5])),
-                        json.loads(row[6]), row[7], row[8], row[10], row[9])
+        plan = self._plans.get(row["id"])
+        if plan is None:
+            plan = self._plans[row["id"]] = BatchPlan(**json.loads(row["plan"]))
+        return BatchRow(row["id"], row["namespace"], row["name"], row["owner"], row["flavour"], plan,
+                        json.loads(row["capabilities"]), row["matrix"], row["created"], row["state"],
+                        row["finished"])
 
     def batch(self, batch_id: int) -> Optional[BatchRow]:
         row = self.db.execute("SELECT * FROM batches WHERE id=?", (batch_id,)).fetchone()
@@ -2829,6 +2860,12 @@ class Store:
             raise UserError(f"batch name {name!r} exists in several namespaces: write NAMESPACE/{name}")
         return self._batch(rows[0]) if rows else None
 
+    def namespace_owner(self, namespace: str) -> Optional[str]:
+        """Who started the first batch still known in `namespace` (None: nobody)."""
+        row = self.db.execute("SELECT owner FROM batches WHERE namespace=? ORDER BY id LIMIT 1",
+                              (namespace,)).fetchone()
+        return row["owner"] if row else None
+
     def active_batches(self) -> List[BatchRow]:
         rows = self.db.execute("SELECT * FROM batches WHERE state='active' ORDER BY created, id").fetchall()
         return [self._batch(r) for r in rows]
@@ -2839,8 +2876,9 @@ class Store:
         latest batches, oldest first: no plan decoding, and counts only from the first listed
         batch on.  Two queries that walk the jobs_by_state index in its own order: a single
         JOIN ... GROUP BY needs a temporary B-tree and is 5x slower at 100k jobs."""
-        rows = self.db.execute("SELECT id, namespace, name, owner, state, created, finished FROM batches"
-                               " WHERE state != 'replaced' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = [tuple(r) for r in self.db.execute(
+            "SELECT id, namespace, name, owner, state, created, finished FROM batches"
+            " WHERE state != 'replaced' ORDER BY id DESC LIMIT ?", (limit,)).fetchall()]
         rows.reverse()
         counts: Dict[int, Dict[str, int]] = {}
         if rows:
@@ -2854,18 +2892,26 @@ class Store:
         self.db.execute("UPDATE batches SET state=?, finished=? WHERE id=?",
                         (state, time.time() if state != "active" else None, batch_id))
 
+    def batch_counts(self, batch_id: int) -> Dict[str, int]:
+        return {row[0]: row[1] for row in self.db.execute(
+            "SELECT state, COUNT(*) FROM jobs WHERE batch_id=? GROUP BY state", (batch_id,))}
+
+    def has_jobs_in(self, batch_id: int, state: str, node: Optional[str] = None) -> bool:
+        """Whether any job of the batch is in `state` (on `node`): one index probe, whatever the size."""
+        sql, args = "SELECT 1 FROM jobs WHERE batch_id=? AND state=?", (batch_id, state)
+        if node is not None:
+            sql, args = sql + " AND node=?", args + (node,)
+        return self.db.execute(sql + " LIMIT 1", args).fetchone() is not None
+
     # jobs
     def _job(self, row) -> JobRow:
-        return JobRow(row[0], row[1], row[3], JobPlan(**json.loads(row[4])), row[5], row[6], row[7],
-                      row[8], row[9], row[10], row[11], row[12], row[13], row[14])
+        return JobRow(row["id"], row["batch_id"], row["name"], JobPlan(**json.loads(row["plan"])), row["retries"],
+                      row["state"], row["attempts"], row["run_id"], row["node"], row["started"], row["ended"],
+                      row["exit_code"], row["progress"], row["slot"], row["reason"])
 
     def job(self, job_id: int) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
         return self._job(row) if row else None
-
-    def run_id_of(self, job_id: int) -> Optional[str]:
-        row = self.db.execute("SELECT run_id FROM jobs WHERE id=?", (job_id,)).fetchone()
-        return row[0] if row else None
 
     def job_by_name(self, batch_id: int, name: str) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE batch_id=? AND name=?", (batch_id, name)).fetchone()
@@ -2884,29 +2930,36 @@ class Store:
                               (batch_id,)).fetchone()
         return self._job(row) if row else None
 
-    def running_jobs(self) -> List[JobRow]:
-        return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
-
-    def counts(self) -> Dict[int, Dict[str, int]]:
-        """{batch_id: {state: count}} for every batch, in one query."""
-        out: Dict[int, Dict[str, int]] = {}
-        for batch_id, state, count in self.db.execute(
-                "SELECT batch_id, state, COUNT(*) FROM jobs GROUP BY batch_id, state"):
-            out.setdefault(batch_id, {})[state] = count
-        return out
+    def running_jobs(self, node: Optional[str] = None) -> List[JobRow]:
+        if node is None:
+            return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
+        return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running' AND node=?",
+                                                      (node,))]
 
     def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
         self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
-                        " exit_code=NULL, progress=NULL, attempts=attempts+1 WHERE id=?",
+                        " exit_code=NULL, progress=NULL, reason=NULL, attempts=attempts+1 WHERE id=?",
                         (run_id, node, slot, time.time(), job_id))
 
-    def mark_ended(self, job_id: int, state: str, exit_code: Optional[int]) -> None:
-        self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=? WHERE id=?",
-                        (state, exit_code, time.time(), job_id))
+    def mark_ended(self, job_id: int, state: str, exit_code: Optional[int], reason: Optional[str] = None) -> None:
+        self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=?, reason=? WHERE id=?",
+                        (state, exit_code, time.time(), reason, job_id))
 
     def requeue(self, job_id: int, count_attempt: bool) -> None:
+        """Back to the queue; the slot it held is free (slots are derived from running jobs)."""
         self.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL,"
                         " attempts=attempts - ? WHERE id=?", (0 if count_attempt else 1, job_id))
+
+    def end_queued(self, batch_id: int, state: str, reason: Optional[str] = None) -> int:
+        return self.db.execute("UPDATE jobs SET state=?, ended=?, reason=? WHERE batch_id=? AND state='queued'",
+                               (state, time.time(), reason, batch_id)).rowcount
+
+    def queue_again(self, batch_id: int, states: Iterable[str]) -> int:
+        """`retry`: jobs in `states` are queued again with their attempts counted afresh."""
+        marks = ",".join("?" * len(tuple(states)))
+        return self.db.execute(
+            f"UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL, exit_code=NULL, reason=NULL,"
+            f" attempts=0 WHERE batch_id=? AND state IN ({marks})", (batch_id,) + tuple(states)).rowcount
 
     def set_progress(self, job_id: int, progress: Optional[float]) -> None:
         self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
@@ -2955,15 +3008,45 @@ class Store:
     def known_nodes(self) -> Dict[str, Dict[str, Any]]:
         return {name: json.loads(facts) for name, facts in self.db.execute("SELECT name, facts FROM nodes")}
 
-    # builds
-    def builds(self) -> Dict[Tuple[int, str], str]:
-        return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
 
-    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
-        if state is None:
-            self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
-        else:
-            self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+    # builds: one row per (batch, node) the node has been asked to build
+    def builds(self, batch_id: Optional[int] = None, node: Optional[str] = None) -> List[BuildRow]:
+        sql, args = "SELECT * FROM builds WHERE 1=1", ()      # type: Tuple
+        if batch_id is not None:
+            sql, args = sql + " AND batch_id=?", args + (batch_id,)
+        if node is not None:
+            sql, args = sql + " AND node=?", args + (node,)
+        return [BuildRow(r["batch_id"], r["node"], r["state"], r["slot"], r["tries"], r["reason"], r["retry_at"])
+                for r in self.db.execute(sql, args)]
+
+    def build(self, batch_id: int, node: str) -> Optional[BuildRow]:
+        found = self.builds(batch_id, node)
+        return found[0] if found else None
+
+    def put_build(self, build: BuildRow) -> None:
+        self.db.execute("INSERT OR REPLACE INTO builds (batch_id, node, state, slot, tries, reason, retry_at)"
+                        " VALUES (?,?,?,?,?,?,?)", (build.batch_id, build.node, build.state, build.slot,
+                                                    build.tries, build.reason, build.retry_at))
+
+    def drop_builds(self, batch_id: Optional[int] = None, node: Optional[str] = None,
+                    keep_failed: bool = False) -> None:
+        sql, args = "DELETE FROM builds WHERE 1=1", ()      # type: Tuple
+        if batch_id is not None:
+            sql, args = sql + " AND batch_id=?", args + (batch_id,)
+        if node is not None:
+            sql, args = sql + " AND node=?", args + (node,)
+        if keep_failed:
+            sql += " AND state != 'failed'"
+        self.db.execute(sql, args)
+
+    def busy_slots(self, node: str) -> Dict[int, str]:
+        """slot -> run id or "build:<batch id>": what holds each busy slot of a node, from the
+        running jobs and builds (so a slot is freed by whatever ends the job or build)."""
+        held = {row["slot"] or 0: row["run_id"] or "" for row in self.db.execute(
+            "SELECT slot, run_id FROM jobs WHERE state='running' AND node=?", (node,))}
+        for row in self.db.execute("SELECT slot, batch_id FROM builds WHERE node=? AND state='running'", (node,)):
+            held[row["slot"] or 0] = f"build:{row['batch_id']}"
+        return held
 
     # forget and du
     def forget_batch(self, namespace: str, name: str) -> int:
@@ -3100,6 +3183,394 @@ def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
         return str(slot % gpus)
     per = gpus // slots
     return ",".join(str(i) for i in range(slot * per, (slot + 1) * per))
+
+
+# The job lifecycle as one state machine over the store.  Each transition takes what
+# happened (a node's event, a client's request, the clock), updates the store in one
+# transaction, and returns the actions the head must perform (start a build, tell a node,
+# land results...).  No I/O here: the head executes the actions, the tests read them.
+# A job is queued -> running -> done | failed | killed; the only way back to the queue is
+# `requeue` (which also frees its slot: slots are derived from running jobs and builds).
+
+NODE_FAILURES = 3               # build or start failures of a batch on one node before it gives up there
+LANDING_TRIES = 10              # landing attempts of a job's results (over about 6 minutes) before the job fails
+BACKOFF_BASE = 2.0              # seconds; doubles with every failure
+
+
+def backoff(tries: int, base: float = BACKOFF_BASE, cap: float = 300.0) -> float:
+    """Seconds to wait after the `tries`-th failure in a row."""
+    return min(cap, base * 2 ** max(0, tries - 1))
+
+
+@dataclass
+class Action:
+    """One thing for the head to do.  op: start_build, start_job, tell, land, land_later,
+    build_log, notify, drop_files, wake_at, log."""
+    op: str
+    node: Optional[str] = None
+    batch_id: Optional[int] = None
+    job_id: Optional[int] = None
+    run_id: Optional[str] = None
+    slot: Optional[int] = None
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeState:
+    """What the lifecycle needs to know of a node (the head's link keeps it current)."""
+    name: str
+    slots: int
+    capabilities: List[str] = field(default_factory=list)
+    gpus: int = 0
+    up: bool = False
+    paused: bool = False
+    upgrading: bool = False         # an outdated supervisor: it finishes its work, takes no new
+    capacity: Optional[int] = None  # the slots it may fill now (fewer during its owner's desk hours)
+
+
+def tell(node: str, **message: Any) -> Action:
+    return Action("tell", node, info=message)
+
+
+class Lifecycle:
+    """The transitions; see the comment above."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.nodes: Dict[str, NodeState] = {}
+        self.last_owner: Optional[str] = None       # round-robin cursor of the scheduler
+
+    # helpers
+    def busy(self, node: str) -> Dict[int, str]:
+        return self.store.busy_slots(node)
+
+    def free_slot(self, node: NodeState) -> Optional[int]:
+        busy = self.busy(node.name)
+        if len(busy) >= (node.slots if node.capacity is None else min(node.slots, node.capacity)):
+            return None
+        return next((slot for slot in range(node.slots) if slot not in busy), None)
+
+    def capable(self, batch: BatchRow) -> List[str]:
+        return [n.name for n in self.nodes.values() if not missing_capabilities(batch.capabilities, n.capabilities)]
+
+    def _requeue(self, job: JobRow, count_attempt: bool, why: str) -> List[Action]:
+        """The one way back to the queue (its slot is free as soon as the row is)."""
+        self.store.requeue(job.id, count_attempt)
+        return [Action("log", info={"text": why})]
+
+    # scheduling
+    def batch_views(self, now: float) -> Tuple[Dict[int, BatchRow], List[BatchView]]:
+        batches = {b.id: b for b in self.store.active_batches()}
+        builds = self.store.builds()
+        views = []
+        # a node still running jobs of a replaced batch of the same name keeps that folder busy
+        running_keys: Dict[str, set] = {}
+        for job in self.store.running_jobs():
+            running_keys.setdefault(job.node or "", set()).add(job.batch_id)
+        for build in builds:
+            if build.state == "running":
+                running_keys.setdefault(build.node, set()).add(build.batch_id)
+        for batch in batches.values():
+            if not self.store.has_jobs_in(batch.id, "queued"):
+                continue
+            mine = [b for b in builds if b.batch_id == batch.id]
+            built = [b.node for b in mine if b.state == "ok" and not (b.retry_at and b.retry_at > now)]
+            blocked = [b.node for b in mine if b.state in ("failed", "running") or (b.retry_at and b.retry_at > now)]
+            for node, batch_ids in running_keys.items():
+                for other in batch_ids - {batch.id}:
+                    row = batches.get(other) or self.store.batch(other)
+                    if row is not None and row.key == batch.key:
+                        blocked.append(node)
+            views.append(BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1, built, blocked))
+        return batches, views
+
+    def schedule(self, now: float) -> List[Action]:
+        """Fill every free slot of every usable node (SPEC §6 order, see pick_batch)."""
+        actions: List[Action] = []
+        batches, views = self.batch_views(now)
+        later = [b.retry_at for b in self.store.builds() if b.retry_at and b.retry_at > now]
+        if later:
+            actions.append(Action("wake_at", info={"at": min(later)}))
+        progress = bool(views)
+        while progress:
+            progress = False
+            for node in self.nodes.values():
+                if not node.up or node.paused:
+                    continue
+                slot = self.free_slot(node)
+                if slot is None:
+                    continue
+                free = node.slots - len(self.busy(node.name))
+                view = NodeView(node.name, node.capabilities, node.gpus, free, upgrading=node.upgrading)
+                choice = pick_batch(view, views, self.last_owner)
+                if choice is None:
+                    continue
+                progress = True
+                self.last_owner = choice.owner
+                batch = batches[choice.id]
+                build = self.store.build(batch.id, node.name)
+                if build is not None and build.state == "ok":
+                    job = self.store.next_queued(batch.id)
+                    if job is None:
+                        choice.queued = 0
+                        views = [v for v in views if v.queued > 0]
+                        continue
+                    run_id = f"{job.id}.{job.attempts + 1}"
+                    self.store.mark_started(job.id, run_id, node.name, slot)
+                    actions.append(Action("start_job", node.name, batch.id, job.id, run_id, slot))
+                    if not self.store.has_jobs_in(batch.id, "queued"):
+                        choice.queued = 0
+                else:
+                    tries = build.tries if build is not None else 0
+                    self.store.put_build(BuildRow(batch.id, node.name, "running", slot, tries))
+                    choice.failed_on.append(node.name)
+                    actions.append(Action("start_build", node.name, batch.id, slot=slot))
+                views = [v for v in views if v.queued > 0]
+        return actions
+
+    # builds
+    def build_not_started(self, batch_id: int, node: str, reason: str, now: float) -> List[Action]:
+        """The build could not even start there (no space, refused): back off, give up after a few."""
+        build = self.store.build(batch_id, node)
+        if build is None or build.state != "running":
+            return []
+        return self._node_failure(batch_id, node, build.tries + 1, f"could not start the build on {node}: {reason}",
+                                  now, state_if_retry="backoff")
+
+    def _node_failure(self, batch_id: int, node: str, tries: int, reason: str, now: float,
+                      state_if_retry: str) -> List[Action]:
+        batch = self.store.batch(batch_id)
+        if tries >= NODE_FAILURES:
+            self.store.put_build(BuildRow(batch_id, node, "failed", None, tries, reason))
+            actions = [Action("log", info={"text": f"node {node}: giving up on {batch.key} after {tries} failures: "
+                                                   f"{reason}"})]
+            return actions + [tell(node, op="cleanup", namespace=batch.namespace, batch=batch.name)] \
+                + self.fail_if_unbuildable(batch)
+        retry_at = now + backoff(tries)
+        self.store.put_build(BuildRow(batch_id, node, state_if_retry, None, tries, reason, retry_at))
+        return [Action("wake_at", info={"at": retry_at})]
+
+    def built(self, node: str, namespace: str, name: str, exit_code: Optional[int], error: Optional[str],
+              log_bytes: bytes) -> List[Action]:
+        building = [b for b in self.store.builds(node=node) if b.state == "running"]
+        batch = next((row for row in (self.store.batch(b.batch_id) for b in building)
+                      if row is not None and (row.namespace, row.name) == (namespace, name)), None)
+        if batch is None:                       # a build nobody waits for any more
+            return self.forget_workspace(node, {"namespace": namespace, "batch": name})
+        build = self.store.build(batch.id, node)
+        if batch.state != "active":             # killed or replaced while it built: its slot is free now
+            self.store.drop_builds(batch.id, node)
+            return self.forget_workspace(node, {"namespace": namespace, "batch": name})
+        actions = [Action("build_log", node, batch.id, info={"data": log_bytes, "ok": exit_code == 0})]
+        if exit_code == 0:
+            self.store.put_build(BuildRow(batch.id, node, "ok"))
+            return actions
+        reason = f"build failed on {node}: " + (error or f"exit code {exit_code}")
+        self.store.put_build(BuildRow(batch.id, node, "failed", None, build.tries + 1, reason))
+        actions.append(Action("log", info={"text": f"node {node}: build of {batch.key} failed "
+                                                   f"({error or f'exit code {exit_code}'})"}))
+        actions.append(tell(node, op="cleanup", namespace=batch.namespace, batch=batch.name))
+        return actions + self.fail_if_unbuildable(batch)
+
+    def fail_if_unbuildable(self, batch: BatchRow) -> List[Action]:
+        """When every node that could run the batch failed its build, its jobs cannot run."""
+        capable = self.capable(batch)
+        failed = {b.node: b.reason for b in self.store.builds(batch.id) if b.state == "failed"}
+        if not capable or any(node not in failed for node in capable):
+            return []
+        reason = "; ".join(failed[node] or f"build failed on {node}" for node in capable)
+        self.store.end_queued(batch.id, "failed", reason)
+        return self.end_batch_if_done(batch.id)
+
+    # jobs
+    def job_not_started(self, job_id: int, run_id: str, node: str, reason: str, now: float) -> List[Action]:
+        job = self.store.job(job_id)
+        if job is None or job.run_id != run_id or job.state != "running":
+            return []
+        key = self.store.batch(job.batch_id).key
+        actions = self._requeue(job, False, f"node {node}: {key}/{job.name} could not start: {reason}")
+        build = self.store.build(job.batch_id, node)
+        tries = (build.tries if build else 0) + 1
+        state = "ok" if build is not None and build.state == "ok" and "not built" not in reason else "backoff"
+        return actions + self._node_failure(job.batch_id, node, tries, f"could not start jobs on {node}: {reason}",
+                                            now, state_if_retry=state)
+
+    def finished(self, node: str, run: Dict[str, Any]) -> List[Action]:
+        """A node reports a run ended (an event, or found on reconnection)."""
+        run_id = str(run.get("run_id"))
+        job = self.store.job(run_job_id(run_id))
+        if job is None or job.run_id != run_id or job.state != "running" or job.node != node:
+            return [Action("log", info={"text": f"node {node}: discarding stale run {run_id}"}),
+                    tell(node, op="ack", run_ids=[run_id])] + self.forget_workspace(node, run)
+        batch = self.store.batch(job.batch_id)
+        if batch.state == "replaced":           # a replaced batch's results never land under the new one
+            self.store.mark_ended(job.id, "killed", run.get("exit_code"), "replaced")
+            return [tell(node, op="ack", run_ids=[run_id])] + self.end_batch_if_done(batch.id)
+        if run.get("lost") or (run.get("vacated") and not run.get("killed")):
+            # lost with its machine or supervisor, or vacated for the workstation's owner: it runs
+            # again elsewhere, no retry used, nothing of this attempt archived
+            why = f"lost ({run.get('lost')})" if run.get("lost") else "vacated"
+            actions = [Action("attempt", node, batch.id, job.id, run_id, info={"run": run, "state": "vacated"})] \
+                if run.get("vacated") else []
+            if batch.state == "active":
+                actions += self._requeue(job, False, f"node {node}: {batch.key}/{job.name} {why} "
+                                                     f"(run {run_id}), queued again")
+            else:
+                self.store.mark_ended(job.id, "killed", run.get("exit_code"), why)
+            return actions + [tell(node, op="ack", run_ids=[run_id])] + self.end_batch_if_done(batch.id)
+        return [Action("land", node, batch.id, job.id, run_id, job.slot, info={"run": run})]
+
+    def outcome(self, run: Dict[str, Any]) -> str:
+        if run.get("killed"):
+            return "killed"
+        return "done" if run.get("exit_code") == 0 else "failed"
+
+    def landed(self, node: str, job_id: int, run: Dict[str, Any], progress: Optional[float]) -> List[Action]:
+        run_id = str(run.get("run_id"))
+        job = self.store.job(job_id)
+        if job is None or job.run_id != run_id or job.state != "running":
+            return [tell(node, op="ack", run_ids=[run_id])]
+        batch = self.store.batch(job.batch_id)
+        state, code = self.outcome(run), run.get("exit_code")
+        actions: List[Action] = []
+        with self.store.transaction(durable=True):     # one commit per finished job, on disk before the ack
+            self.store.set_progress(job.id, progress)
+            if state == "failed" and job.attempts <= job.retries and batch.state == "active":
+                actions += self._requeue(job, True, f"{batch.key}/{job.name} failed (exit code {code}) on {node}; "
+                                                    f"attempt {job.attempts} of {job.retries + 1}, trying again")
+            else:
+                reason = f"exit code {code} on {node}" + (f", attempt {job.attempts} of {job.retries + 1}"
+                                                          if job.retries else "") if state == "failed" else None
+                self.store.mark_ended(job.id, state, code, reason)
+        actions.append(tell(node, op="ack", run_ids=[run_id]))
+        return actions + self.release_build_if_done(node, batch) + self.end_batch_if_done(batch.id)
+
+    def landing_failed(self, node: str, job_id: int, run: Dict[str, Any], reason: str, tries: int) -> List[Action]:
+        """Results could not be archived: try again later, ever more slowly, then fail the job."""
+        job = self.store.job(job_id)
+        run_id = str(run.get("run_id"))
+        if job is None or job.run_id != run_id or job.state != "running":
+            return []
+        if tries < LANDING_TRIES:
+            return [Action("land_later", node, job.batch_id, job.id, run_id, job.slot,
+                           info={"run": run, "tries": tries, "delay": backoff(tries, 5.0, 60.0)})]
+        self.store.mark_ended(job.id, "failed", run.get("exit_code"),
+                              f"its results could not be archived after {tries} tries: {reason}")
+        batch = self.store.batch(job.batch_id)
+        return [Action("log", info={"text": f"archive: giving up on {batch.key}/{job.name}: {reason}"})] \
+            + self.release_build_if_done(node, batch) + self.end_batch_if_done(batch.id)
+
+    def forget_workspace(self, node: str, run: Dict[str, Any]) -> List[Action]:
+        """A node keeps the batch folder of a stale run: delete it unless the node builds or runs
+        that batch meanwhile."""
+        namespace, name = run.get("namespace"), run.get("batch")
+        for batch in self.store.active_batches():
+            if batch.namespace == namespace and batch.name == name and (
+                    self.store.build(batch.id, node) is not None or self.store.has_jobs_in(batch.id, "running", node)):
+                return []
+        return [tell(node, op="cleanup", namespace=namespace, batch=name)]
+
+    def release_build_if_done(self, node: str, batch: BatchRow) -> List[Action]:
+        """Delete the node's build directory once it has nothing more to do for the batch."""
+        if batch.state == "active" and self.store.has_jobs_in(batch.id, "queued"):
+            return []
+        if self.store.has_jobs_in(batch.id, "running", node):
+            return []
+        build = self.store.build(batch.id, node)
+        if build is not None and build.state != "failed":
+            self.store.drop_builds(batch.id, node)
+        return [tell(node, op="cleanup", namespace=batch.namespace, batch=batch.name)]
+
+    def end_batch_if_done(self, batch_id: int) -> List[Action]:
+        batch = self.store.batch(batch_id)
+        if batch is None or self.store.has_jobs_in(batch_id, "queued") or self.store.has_jobs_in(batch_id, "running"):
+            return []
+        if batch.state == "active":
+            self.store.set_batch_state(batch_id, "done")
+        elif batch.state not in ("killed",):
+            return []                               # ended already, or replaced: nothing to announce
+        for build in self.store.builds(batch_id):   # a build under way holds its slot until it reports
+            if build.state != "running":
+                self.store.drop_builds(batch_id, build.node)
+        counts = self.store.batch_counts(batch_id)
+        text = (f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
+                f"{counts.get('killed', 0)} killed)")
+        if batch.state == "killed":
+            self.store.set_batch_state(batch_id, "killed")      # stamps when it ended
+        return [Action("log", info={"text": text}), Action("notify", batch_id=batch_id, info={"counts": counts})]
+
+    # requests
+    def kill(self, batch_id: int) -> Tuple[int, int, List[Action]]:
+        batch = self.store.batch(batch_id)
+        with self.store.transaction():
+            dropped = self.store.end_queued(batch_id, "killed", "killed")
+            running = self.store.jobs(batch_id, "running")
+            if batch.state == "active":
+                self.store.set_batch_state(batch_id, "killed")
+        actions = [tell(job.node or "", op="kill", run_ids=[job.run_id]) for job in running]
+        if not running:
+            actions += self.end_batch_if_done(batch_id)
+        return dropped, len(running), actions
+
+    def retry(self, batch_id: int, states: Tuple[str, ...]) -> Tuple[int, List[Action]]:
+        """Queue a batch's failed (and killed) jobs again, also after it ended: its files are kept."""
+        with self.store.transaction():
+            count = self.store.queue_again(batch_id, states)
+            if count:
+                self.store.set_batch_state(batch_id, "active")
+                for build in self.store.builds(batch_id):    # every node may try to build it again
+                    if build.state in ("failed", "backoff"):
+                        self.store.drop_builds(batch_id, build.node)
+        return count, []
+
+    def replace(self, batch_id: int) -> List[Action]:
+        """`add --replace`: the old batch is killed and forgotten; what it still runs ends as killed."""
+        _, _, actions = self.kill(batch_id)
+        self.store.set_batch_state(batch_id, "replaced")
+        for build in self.store.builds(batch_id):    # a build under way keeps its slot and folder till it ends
+            if build.state != "running":
+                self.store.drop_builds(batch_id, build.node)
+        return [a for a in actions if a.op == "tell"] + [Action("drop_files", batch_id=batch_id)]
+
+    # nodes
+    def node_lost(self, node: str) -> List[Action]:
+        """Gone longer than the node timeout: its jobs run elsewhere (without using a retry)."""
+        actions: List[Action] = []
+        with self.store.transaction():
+            for job in self.store.running_jobs(node):
+                actions += self._requeue(job, False, f"node {node}: lost, requeueing {job.name} (run {job.run_id})")
+            self.store.drop_builds(node=node, keep_failed=True)
+        return actions
+
+    def reconcile(self, node: str, runs: List[Dict[str, Any]]) -> List[Action]:
+        """After (re)connecting: adopt runs we still expect, archive finished ones, stop stale ones."""
+        actions: List[Action] = []
+        seen = set()
+        for run in runs:
+            run_id = str(run.get("run_id"))
+            seen.add(run_id)
+            job = self.store.job(run_job_id(run_id))
+            current = job is not None and job.run_id == run_id and job.state == "running" and job.node == node
+            if not current and run.get("state") == "running":
+                actions.append(tell(node, op="kill", run_ids=[run_id], grace=0))
+            elif current and run.get("state") == "running" and not run.get("killed") and \
+                    self.store.batch(job.batch_id).state in ("killed", "replaced"):
+                actions.append(tell(node, op="kill", run_ids=[run_id]))     # a kill lost with the connection
+            elif run.get("state") == "finished":
+                actions += self.finished(node, run)
+        for job in self.store.running_jobs(node):
+            if job.run_id not in seen:
+                actions += self._requeue(job, False, f"node {node}: run {job.run_id} of job {job.name} is unknown "
+                                                     "there; requeueing")
+        for build in self.store.builds(node=node):
+            if build.state == "running":          # a build the node forgot (it restarted): start over
+                self.store.drop_builds(build.batch_id, node)
+        return actions
+
+
+def run_job_id(run_id: str) -> int:
+    head, _, _ = str(run_id).partition(".")
+    return int(head) if head.isdigit() else -1
 
 
 # ---------------------------------------------------------------------------
@@ -4884,7 +5355,44 @@ class RunRecord:
     end: Optional[float] = None
     exit_code: Optional[int] = None
     killed: bool = False
+    slot: int = 0
+    boot_id: Optional[str] = None    # the machine's boot the run started in
+    pid_start: Optional[float] = None   # when its process started: a reused pid is not the job
+    lost: Optional[str] = None       # why it ended unseen (no exit code): the head runs it again
     vacated: bool = False            # stopped to make room for the workstation's owner: run it elsewhere
+
+
+def boot_id() -> Optional[str]:
+    """This boot of the machine (a run recorded under another boot died with it)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def adopt_verdict(record: RunRecord, this_boot: Optional[str], pid_started: Optional[float]) -> Optional[str]:
+    """Whether a run recorded as running by an earlier supervisor still runs (None) or why it is
+    lost.  `pid_started` is when the process with the recorded pid started (None: no such process)."""
+    if record.boot_id and this_boot and record.boot_id != this_boot:
+        return "the node restarted"
+    if not record.pid or pid_started is None:
+        return "its process ended while no supervisor watched it"
+    if record.pid_start is not None and abs(pid_started - record.pid_start) > 1.0:
+        return "its process ended while no supervisor watched it (the pid is another process's now)"
+    return None
+
+
+@dataclass
+class LiveRun:
+    """The supervisor's state of one running job: its record, and the process (ours, or one an
+    earlier supervisor started and this one adopted: then only its pid)."""
+    record: RunRecord
+    proc: Any = None
+    dying: bool = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.proc.pid if self.proc is not None else self.record.pid
 
 
 class Supervisor:
@@ -4898,10 +5406,11 @@ class Supervisor:
         self.idle_timeout = idle_timeout
         self.head: Optional[Channel] = None
         self.head_seen = time.time()
-        self.procs: Dict[str, Any] = {}            # run_id -> asyncio process
-        self.live: Dict[str, RunRecord] = {}       # run_id -> record of a running job
-        self.dying: set = set()                    # run_ids being killed (never re-frozen)
+        self.live: Dict[str, LiveRun] = {}         # run_id -> a running job (one place for its state)
+        self.build_procs: Dict[str, Any] = {}      # batch key -> build process
         self.builds: Dict[str, Any] = {}           # batch key -> task
+        self.tasks: set = set()                    # every task this supervisor started
+        self.boot = boot_id()
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
         self.build = program_bytes()[1]            # the head replaces a supervisor of another build
@@ -4948,7 +5457,7 @@ class Supervisor:
             log(f"supervisor: another supervisor serves {self.workdir} already; leaving it that")
             return
         self.runs_dir.mkdir(exist_ok=True)
-        self.reap_orphans()
+        self.adopt_orphans()            # after the lock: two supervisors never adopt the same runs
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
         server = await asyncio.start_unix_server(self.on_connection, path=str(self.socket_path),
@@ -4978,22 +5487,51 @@ class Supervisor:
         return {key: self.machine[key] for key in ("machine_id", "boot_id", "hostname")}
 
     def idle_long_enough(self) -> bool:
-        if self.head is not None or self.procs or self.builds:
+        if self.head is not None or self.live or self.builds:
             self.head_seen = time.time()
             return False
         return time.time() - self.head_seen > self.idle_timeout
 
-    def reap_orphans(self) -> None:
-        """Runs recorded as running by an earlier supervisor whose process is gone: finished, lost."""
+    def spawn(self, coroutine, what: str):
+        """A task this supervisor owns: its failure is logged, never lost."""
+        import asyncio
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+
+        def ended(done) -> None:
+            self.tasks.discard(done)
+            if not done.cancelled() and done.exception() is not None:
+                log(f"supervisor: {what} failed: {type(done.exception()).__name__}: {done.exception()}")
+        task.add_done_callback(ended)
+        return task
+
+    def adopt_orphans(self) -> None:
+        """Runs an earlier supervisor recorded as running: a process that still runs is watched
+        until it ends; one that is gone (or from an earlier boot) is lost, and the head runs it
+        again without using a retry (its exit code is unknown)."""
         for record in self.all_records():
-            if record.state == "running" and not (record.pid and pid_alive(record.pid)):
-                record.state, record.end, record.exit_code = "finished", time.time(), -1
+            if record.state != "running":
+                continue
+            lost = adopt_verdict(record, self.boot, process_start_time(record.pid) if record.pid else None)
+            if lost:
+                record.state, record.end, record.lost = "finished", time.time(), lost
                 self.save_record(record)
+                continue
+            self.live[record.run_id] = LiveRun(record)
+            self.spawn(self.watch_adopted(record), f"watching run {record.run_id}")
+
+    async def watch_adopted(self, record: RunRecord) -> None:
+        """Poll an adopted job's process (not our child: no exit code) until it is gone."""
+        import asyncio
+        while process_start_time(record.pid) is not None and pid_alive(record.pid):
+            await asyncio.sleep(0.25)
+        self.end_run(record, None, lost="its supervisor was restarted; the exit code is unknown")
 
     async def watch_pauses(self) -> None:
         """Freeze jobs while someone pauses this machine; jobs being killed are left alone."""
         def roots() -> List[int]:
-            return [proc.pid for key, proc in self.procs.items() if key not in self.dying]
+            return [run.pid for run in self.live.values() if run.pid and not run.dying] + \
+                [proc.pid for proc in self.build_procs.values()]
 
         def changed(locks) -> None:
             if not locks:
@@ -5025,7 +5563,8 @@ class Supervisor:
                 if probe is None or probe.policy is not policy:
                     probe = OwnerProbe(policy)
                 if policy.busy_cpu is not None or policy.console_idle is not None:
-                    roots = [proc.pid for proc in self.procs.values()]
+                    roots = [run.pid for run in self.live.values() if run.pid] + \
+                        [proc.pid for proc in self.build_procs.values()]
                     before = self.owner.reason
                     sample = probe.sample(roots, now)
                     self.owner = owner_decide(policy, self.owner, sample, now)
@@ -5033,23 +5572,23 @@ class Supervisor:
                         busiest = f"; busiest: {sample.top_process}" if sample.top_process else ""
                         log(f"supervisor: {self.owner.reason or 'the owner is quiet again'}{busiest}")
                 self.owner_slots = desk_slots(policy, datetime.datetime.fromtimestamp(now))
-                for run_id, record in list(self.live.items()):
-                    if run_id in self.procs and run_id not in self.dying and owner_vacates(
+                for run_id, run in list(self.live.items()):
+                    if run.pid and not run.dying and owner_vacates(
                             policy, self.paused_since, run_id in self.gpu_runs, now):
-                        self.vacate(run_id, record)
+                        self.vacate(run_id, run)
             if self.owner_slots != reported:
                 reported = self.owner_slots
                 self.notify({"event": "owner", "slots": self.owner_slots})
             await asyncio.sleep(_OWNER_TICK)
 
-    def vacate(self, run_id: str, record: RunRecord) -> None:
+    def vacate(self, run_id: str, run: LiveRun) -> None:
         """Stop a paused job for good so that the head runs it elsewhere (no retry used)."""
+        record = run.record
         log(f"supervisor: vacating run {run_id} ({record.namespace}/{record.batch}/{record.job}), "
             f"paused since {clock_time(self.paused_since or time.time())}")
-        record.vacated = True
+        record.vacated, run.dying = True, True
         self.save_record(record)
-        self.dying.add(run_id)
-        signal_job_processes([self.procs[run_id].pid], signal.SIGKILL)
+        signal_job_processes([run.pid], signal.SIGKILL)
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
@@ -5059,7 +5598,7 @@ class Supervisor:
             async def send() -> None:
                 with contextlib.suppress(Exception):
                     await head.send(event, payload)
-            asyncio.ensure_future(send())
+            self.spawn(send(), "sending an event to the head")
 
     async def on_connection(self, reader, writer) -> None:
         channel = Channel(reader, writer)
@@ -5129,34 +5668,47 @@ class Supervisor:
             while header.get("stream") and await channel.reader.read(1 << 20):
                 pass
             return {"ok": True, "already": True}, b""
+        busy = [r.record.job for r in self.live.values()
+                if (r.record.namespace, r.record.batch) == (plan.namespace, plan.batch)]
+        if busy:
+            raise Failed(f"{plan.namespace}/{plan.batch} still runs here ({', '.join(busy)}): "
+                         "its folder cannot be rebuilt now")
         if ws.root.exists():
             remove_tree(ws.root)        # any depth: a job may have left 10,000 nested folders
         ws.create()
         await self.receive_files(channel, header, payload, ws.root)
         key = f"{plan.namespace}/{plan.batch}"
-        self.builds[key] = asyncio.ensure_future(self.run_build(ws, plan, header.get("env") or {}))
+        self.builds[key] = self.spawn(self.run_build(ws, plan, header.get("env") or {}), f"the build of {key}")
         return {"ok": True}, b""
 
     async def run_build(self, ws: Workspace, plan: BatchPlan, env: Dict[str, str]) -> None:
+        """Build, then tell the head how it went, whatever happens (an error is a failed build)."""
         import asyncio
-        log = ws.private / "build.txt"
-        log.write_bytes(b"")
-        argv = ws.build_argv(plan, self.python)
+        log_file = ws.private / "build.txt"
         key = f"{plan.namespace}/{plan.batch}"
-        code = 0
+        code: Optional[int] = 0
+        error: Optional[str] = None
+        text = b""
         try:
+            log_file.write_bytes(b"")
+            argv = ws.build_argv(plan, self.python)
             if argv:
                 while is_paused(pause_dir()):
                     await asyncio.sleep(0.2)
                 code = await self.spawn_and_wait(argv, ws.root, ws.job_env(plan, JobPlan("build"),
-                                                 self.machine["cpus"], env), log, "build:" + key)
+                                                 self.machine["cpus"], env), log_file, build=key)
+            with open(log_file, "rb") as handle:
+                handle.seek(max(0, os.path.getsize(log_file) - 4 * 1024 * 1024))
+                text = handle.read()
+        except (OSError, Failed, UserError) as exc:
+            code, error = None, one_line(str(exc))
         finally:
             self.builds.pop(key, None)
-        self.notify({"event": "built", "namespace": plan.namespace, "batch": plan.batch, "exit_code": code},
-                    log.read_bytes()[-4 * 1024 * 1024:])
+        self.notify({"event": "built", "namespace": plan.namespace, "batch": plan.batch, "exit_code": code,
+                     "error": error}, text)
 
     async def spawn_and_wait(self, argv: List[str], cwd: Path, env: Dict[str, str], log: Path,
-                             key: str, record: Optional[RunRecord] = None) -> int:
+                             build: Optional[str] = None, run: Optional[LiveRun] = None) -> int:
         """Start one build or job process in its own session and wait for it; while the
         machine is paused it starts frozen."""
         import asyncio
@@ -5168,17 +5720,20 @@ class Supervisor:
             except OSError as exc:
                 out.write(f"distribute: cannot start {argv[0]}: {exc.strerror}\n".encode())
                 return 127
-        self.procs[key] = proc
+        if run is not None:
+            run.proc = proc
+            run.record.pid, run.record.pid_start = proc.pid, process_start_time(proc.pid)
+            with contextlib.suppress(OSError):      # a full disk: the process is watched all the same
+                self.save_record(run.record)
+        else:
+            self.build_procs[build or ""] = proc
         if self.pause_locks:
             freeze_tree([proc.pid])
-        if record is not None:
-            record.pid = proc.pid
-            self.save_record(record)
         try:
             return await proc.wait()
         finally:
-            self.procs.pop(key, None)
-            self.dying.discard(key)
+            if run is None:
+                self.build_procs.pop(build or "", None)
 
     async def op_start(self, channel: Channel, header, payload):
         import asyncio
@@ -5193,28 +5748,44 @@ class Supervisor:
         await self.receive_files(channel, header, payload, ws.root)
         folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time())
+        record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time(), slot=slot,
+                           boot_id=self.boot)
         self.save_record(record)
         cpus = int(header.get("cpus") or self.machine["cpus"])
         env = ws.job_env(plan, job, cpus, header.get("env") or {})
-        self.live[run_id] = record
+        run = self.live[run_id] = LiveRun(record)
         if env.get("CUDA_VISIBLE_DEVICES"):
             self.gpu_runs.add(run_id)
-        asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
+        self.spawn(self.run_job(ws, plan, job, run, env, cpus), f"run {run_id}")
         return {"ok": True}, b""
 
-    async def run_job(self, ws: Workspace, plan: BatchPlan, job: JobPlan, record: RunRecord,
+    def job_workspace(self, record: RunRecord) -> Workspace:
+        return self.workspace(record.namespace, record.batch).shadow_of(record.slot)
+
+    async def run_job(self, ws: Workspace, plan: BatchPlan, job: JobPlan, run: LiveRun,
                       env: Dict[str, str], cpus: int) -> None:
-        folder = self.run_dir(record.run_id)
+        folder = self.run_dir(run.record.run_id)
         argv = ws.job_argv(plan, job, self.python, cpus)
-        code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
+        code: Optional[int] = None
+        try:
+            code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", run=run)
+        finally:
+            self.end_run(run.record, code)
+
+    def end_run(self, record: RunRecord, code: Optional[int], lost: Optional[str] = None) -> None:
+        """A job's process is gone: keep its results with the record and tell the head."""
         record.state, record.end, record.exit_code = "finished", time.time(), code
+        record.lost = None if record.killed else lost
         self.live.pop(record.run_id, None)
+        folder = self.run_dir(record.run_id)
+        ws = self.job_workspace(record)
         self.gpu_runs.discard(record.run_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.rename(ws.save, folder / "save")
-        (folder / "save").mkdir(exist_ok=True)
-        progress = read_progress(ws.progress_file(job.name))
+        if not record.lost:                     # a lost run's results are not its results
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rename(ws.save, folder / "save")
+        with contextlib.suppress(OSError):
+            (folder / "save").mkdir(exist_ok=True)
+        progress = read_progress(ws.progress_file(record.job))
         self.save_record(record)
         self.notify(*self.finished_event(record, progress))
 
@@ -5257,17 +5828,16 @@ class Supervisor:
         return None
 
     async def op_kill(self, channel: Channel, header, payload):
-        import asyncio
         grace = float(header.get("grace", 10.0))
         for run_id in header.get("run_ids", []):
-            proc = self.procs.get(run_id)
-            record = self.live.get(run_id)
-            if record is not None:
-                record.killed = True
-                self.save_record(record)
-            if proc is not None:
-                self.dying.add(run_id)
-                asyncio.ensure_future(terminate_tree(proc, grace))
+            run = self.live.get(run_id)
+            if run is None or run.dying:
+                continue
+            run.record.killed, run.dying = True, True
+            with contextlib.suppress(OSError):
+                self.save_record(run.record)
+            if run.pid:
+                self.spawn(terminate_tree(run.pid, grace, run.proc), f"stopping run {run_id}")
         return None
 
     async def op_cleanup(self, channel: Channel, header, payload):
@@ -5294,10 +5864,8 @@ class Supervisor:
 
     async def op_progress(self, channel: Channel, header, payload):
         out = {}
-        for record in self.all_records():
-            if record.state == "running":
-                out[record.run_id] = read_progress(
-                    self.workspace(record.namespace, record.batch).progress_file(record.job))
+        for run in self.live.values():          # each job's own slot folder
+            out[run.record.run_id] = read_progress(self.job_workspace(run.record).progress_file(run.record.job))
         return {"ok": True, "progress": out}, b""
 
 
@@ -5405,16 +5973,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-async def terminate_tree(proc, grace: float) -> None:
+async def terminate_tree(pid: int, grace: float, proc=None) -> None:
     """SIGTERM every process of the job (children that left its session too), waking it
-    if paused, then SIGKILL whatever is left after `grace`."""
+    if paused, then SIGKILL whatever is left after `grace`.  `proc`: our child, if it is one
+    (an adopted job is only a pid)."""
     import asyncio
     for sig in (signal.SIGTERM, signal.SIGCONT):
-        signal_job_processes([proc.pid], sig)
-    try:
-        await asyncio.wait_for(proc.wait(), grace)
-    except asyncio.TimeoutError:
-        signal_job_processes([proc.pid], signal.SIGKILL)
+        signal_job_processes([pid], sig)
+    deadline = time.time() + grace
+    if proc is not None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(proc.wait(), grace)
+    else:
+        while time.time() < deadline and pid_alive(pid):
+            await asyncio.sleep(0.1)
+    if proc is None or proc.returncode is None:
+        signal_job_processes([pid], signal.SIGKILL)
 
 
 def supervisor_socket(workdir: str) -> str:
@@ -6221,6 +6795,7 @@ class HeadConfig:
     kill_grace: float = 10.0
     matrix_config: Optional[Path] = None
     group: Optional[str] = None
+    shared_namespaces: List[str] = field(default_factory=list)   # namespaces anyone may add batches to
 
     @property
     def socket_path(self) -> Path:
@@ -6279,7 +6854,6 @@ class NodeLink:
         self.error: Optional[str] = None
         self.info: Dict[str, Any] = {}
         self.channel: Optional[Channel] = None
-        self.slots: Dict[int, str] = {}              # slot -> run id, or "build:<batch id>"
         self.paused: List[Dict[str, Any]] = []
         self.owner_slots: Optional[int] = None        # desk hours: fewer slots right now (the node says)
         self.down_since: Optional[float] = time.time()
@@ -6314,17 +6888,18 @@ class NodeLink:
         return self.state == "up"
 
     @property
+    def slots(self) -> Dict[int, str]:
+        """slot -> run id, or "build:<batch id>" (from the store: never out of step with it)."""
+        return self.head.store.busy_slots(self.name)
+
+    def node_state(self) -> NodeState:
+        return NodeState(self.name, self.spec.slots, self.capabilities, int(self.info.get("gpus", 0)),
+                         self.up, bool(self.paused), self.outdated, self.capacity)
+
+    @property
     def capacity(self) -> int:
         """The slots the head may fill now: fewer during the node's desk hours."""
         return self.spec.slots if self.owner_slots is None else max(0, min(self.spec.slots, self.owner_slots))
-
-    def free_slot(self) -> Optional[int]:
-        if len(self.slots) >= self.capacity:
-            return None
-        for slot in range(self.spec.slots):
-            if slot not in self.slots:
-                return slot
-        return None
 
     def view(self) -> NodeView:
         return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
@@ -6419,9 +6994,9 @@ class NodeLink:
                 f", this head {self.expected_build}: no new work there; it is replaced once its running jobs end")
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
-        await self.head.reconcile(self, hello.get("runs", []))
+        await self.head.apply(self.head.life.reconcile(self.name, hello.get("runs", [])))
         for workspace in hello.get("workspaces", []):
-            self.head.forget_stale_workspace(self, workspace)
+            await self.head.apply(self.head.life.forget_workspace(self.name, workspace))
         self.head.wake()
         await self.read_events()
 
@@ -6517,6 +7092,47 @@ class NodeLink:
                 await self.channel.send(header)
 
 
+class TaskOwner:
+    """Owns the head's background tasks.  Each one's end is seen (done callback): a failure is
+    logged with what the task was doing, never left as "Task exception was never retrieved"."""
+
+    def __init__(self):
+        self.tasks: set = set()
+
+    def spawn(self, coroutine, what: str):
+        import asyncio
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, what))
+        return task
+
+    def _ended(self, task, what: str) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log(f"head: {what} failed: {type(exc).__name__}: {one_line(str(exc))}")
+
+    async def close(self) -> None:
+        import asyncio
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def keep_running(start, what: str) -> None:
+    """Run a long-lived coroutine; when it fails, log why and start it again a second later."""
+    import asyncio
+    while True:
+        try:
+            await start()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log(f"head: {what} stopped ({type(exc).__name__}: {one_line(str(exc))}); restarting it")
+            await asyncio.sleep(1.0)
+
+
 class TransferGate:
     """Bounds the uploads and pulls a head serves at once: `total` in all and `each` per user;
     more wait their turn (queued, never refused), and a user's waiting ones hold no place of
@@ -6595,7 +7211,8 @@ class DurableAcks:
 
 
 class Head:
-    """The scheduler, archivist and API server; see the section comment."""
+    """The scheduler, archivist and API server; see the section comment.  The job lifecycle's
+    decisions are the Lifecycle's (section 7); the head performs the actions they return."""
 
     def __init__(self, config: HeadConfig):
         self.config = config
@@ -6603,39 +7220,35 @@ class Head:
         config.archive.mkdir(parents=True, exist_ok=True)
         remove_unfinished_landings(config.archive)
         self.store = Store(config.state / "distribute.sqlite")
+        self.life = Lifecycle(self.store)
         self.files = config.state / "files"
         remove_unfinished_uploads(self.files)
         self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
         for name, facts in self.store.known_nodes().items():
             if name in self.links:
                 self.links[name].last_known = facts
-        self.batches = {b.id: b for b in self.store.active_batches()}
-        self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
-        self.builds = self.store.builds()
-        self.last_owner: Optional[str] = None
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
+        self.tasks = TaskOwner()
         self._local_build: Optional[str] = None
         self.acks = DurableAcks([config.archive, config.state])
         self.transfers = TransferGate()
         self._wake = None
+        self._timer = None
         self.matrix = None
 
     # the main loop
     async def serve(self) -> None:
         import asyncio
         self._wake = asyncio.Event()
-        for job in self.store.running_jobs():
-            link = self.links.get(job.node or "")
-            if link is not None and job.slot is not None:
-                link.slots[job.slot] = job.run_id or ""
-        for (batch_id, node), state in list(self.builds.items()):
-            if state == "running":
-                self.set_build(batch_id, node, None)
+        for build in self.store.builds():
+            if build.state == "running":            # builds in flight when the head stopped: ask again
+                self.store.drop_builds(build.batch_id, build.node)
         server = await self.start_api()
-        tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
-        tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
-        tasks.append(asyncio.ensure_future(self.acks.run()))
+        loops = [self.tasks.spawn(keep_running(link.run_forever, f"the link to node {link.name}"), link.name)
+                 for link in self.links.values()]
+        loops.append(self.tasks.spawn(keep_running(self.watch_lost_nodes, "the lost-node watcher"), "watcher"))
+        loops.append(self.tasks.spawn(keep_running(self.acks.run, "acknowledging results"), "acks"))
         log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
             f"archive {self.config.archive}")
         try:
@@ -6644,13 +7257,26 @@ class Head:
                 self._wake.clear()
                 await self.schedule()
         finally:
-            for task in tasks:
-                task.cancel()
             server.close()
+            await self.tasks.close()
 
     def wake(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def wake_at(self, when: float) -> None:
+        import asyncio
+        loop = asyncio.get_event_loop()
+        delay = max(0.0, when - time.time())
+        if self._timer is not None and self._timer.when() <= loop.time() + delay:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = loop.call_later(delay + 0.01, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.wake()
 
     @property
     def local_build(self) -> str:
@@ -6683,7 +7309,7 @@ class Head:
         """An outdated supervisor (another build) gets no new work; once it runs no job and no
         build, reconnecting replaces it with this head's build."""
         busy = {job.node for job in self.store.running_jobs()}
-        building = {node for (_, node), state in self.builds.items() if state == "running"}
+        building = {b.node for b in self.store.builds() if b.state == "running"}
         for link in self.links.values():
             if link.outdated and not link.replace_supervisor and link.name not in busy | building:
                 log(f"node {link.name}: replacing its supervisor with build {link.expected_build}")
@@ -6698,77 +7324,58 @@ class Head:
             await asyncio.sleep(1.0)
             self.replace_outdated_supervisors()
             for link in self.links.values():
-                if link.up or link.down_since is None:
+                if link.up or link.down_since is None or time.time() - link.down_since < self.config.node_timeout:
                     continue
-                if time.time() - link.down_since < self.config.node_timeout:
-                    continue
-                lost = [j for j in self.store.running_jobs() if j.node == link.name]
-                for job in lost:
-                    log(f"node {link.name}: lost, requeueing {job.name} (run {job.run_id})")
-                    self.store.requeue(job.id, count_attempt=False)
-                    self.queued[job.batch_id] = self.queued.get(job.batch_id, 0) + 1
-                link.slots.clear()
-                for (batch_id, node) in [k for k in self.builds if k[1] == link.name and self.builds[k] != "failed"]:
-                    self.set_build(batch_id, node, None)
-                if lost:
-                    self.wake()
-
-    # scheduling
-    def batch_views(self) -> List[BatchView]:
-        views = []
-        for batch in self.batches.values():
-            if batch.state != "active" or self.queued.get(batch.id, 0) <= 0:
-                continue
-            built = [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"]
-            blocked = [n for (b, n), s in self.builds.items() if b == batch.id and s in ("failed", "running")]
-            views.append(BatchView(batch.id, batch.owner, batch.created, batch.capabilities,
-                                   self.queued.get(batch.id, 0), built, blocked))
-        return views
+                if self.store.running_jobs(link.name) or self.store.builds(node=link.name):
+                    await self.apply(self.life.node_lost(link.name))
 
     async def schedule(self) -> None:
-        import asyncio
-        views = self.batch_views()
-        if not views:
-            return
-        progress = True
-        while progress:
-            progress = False
-            for link in self.links.values():
-                slot = link.free_slot()
-                if not link.up or slot is None or link.paused:
-                    continue
-                choice = pick_batch(link.view(), views, self.last_owner)
-                if choice is None:
-                    continue
-                progress = True
-                self.last_owner = choice.owner
-                batch = self.batches[choice.id]
-                if self.builds.get((batch.id, link.name)) == "ok":
-                    job = self.claim_job(batch, link, slot)
-                    choice.queued -= 1
-                    asyncio.ensure_future(self.start_job(link, batch, job, slot))
-                else:
-                    link.slots[slot] = f"build:{batch.id}"
-                    self.set_build(batch.id, link.name, "running")
-                    choice.failed_on.append(link.name)
-                    asyncio.ensure_future(self.start_build(link, batch, slot))
-                views = [v for v in views if v.queued > 0]
+        self.life.nodes = {name: link.node_state() for name, link in self.links.items()}
+        await self.apply(self.life.schedule(time.time()), wake=False)
 
-    def set_build(self, batch_id: int, node: str, state: Optional[str]) -> None:
-        self.store.set_build(batch_id, node, state)
-        if state is None:
-            self.builds.pop((batch_id, node), None)
-        else:
-            self.builds[(batch_id, node)] = state
-
-    def claim_job(self, batch: BatchRow, link: NodeLink, slot: int) -> JobRow:
-        job = self.store.next_queued(batch.id)
-        run_id = f"{job.id}.{job.attempts + 1}"
-        self.store.mark_started(job.id, run_id, link.name, slot)
-        self.queued[batch.id] -= 1
-        link.slots[slot] = run_id
-        job.run_id, job.attempts = run_id, job.attempts + 1
-        return job
+    # performing the lifecycle's actions
+    async def apply(self, actions: List[Action], wake: bool = True) -> None:
+        """Perform what a transition decided, then let the scheduler look again (slots may be free)."""
+        for action in actions:
+            link = self.links.get(action.node or "")
+            if action.op == "log":
+                log(action.info["text"])
+            elif action.op == "tell" and link is not None:
+                message = dict(action.info)
+                if message.get("op") == "kill":
+                    message.setdefault("grace", self.config.kill_grace)
+                if message.get("op") == "ack":      # once the archive and the store are on disk
+                    for run_id in message.get("run_ids", []):
+                        self.acks.add(link, run_id)
+                    continue
+                await link.tell(message)
+            elif action.op == "start_build" and link is not None:
+                self.tasks.spawn(self.start_build(link, action), f"starting a build on {link.name}")
+            elif action.op == "start_job" and link is not None:
+                self.tasks.spawn(self.start_job(link, action), f"starting run {action.run_id} on {link.name}")
+            elif action.op == "land" and link is not None:
+                if action.info.get("inline"):
+                    await self.land(link, action)
+                else:                               # a long transfer of its own
+                    self.tasks.spawn(self.land(link, action), f"archiving run {action.run_id}")
+            elif action.op == "land_later" and link is not None:
+                self.tasks.spawn(self.land_later(link, action), f"archiving run {action.run_id} again")
+            elif action.op == "build_log":
+                batch = self.store.batch(action.batch_id)
+                timeline_build_ended(self, batch.id, action.node, action.info["ok"])
+                self.archive_build_log(batch, action.node, action.info["data"])
+            elif action.op == "attempt":
+                job = self.store.job(action.job_id)
+                if job is not None:
+                    timeline_attempt(self, action.batch_id, job, action.node, action.info["run"], action.info["state"])
+            elif action.op == "notify":
+                self.on_batch_finished(self.store.batch(action.batch_id), action.info["counts"])
+            elif action.op == "drop_files":
+                shutil.rmtree(self.files / str(action.batch_id), ignore_errors=True)
+            elif action.op == "wake_at":
+                self.wake_at(action.info["at"])
+        if wake:
+            self.wake()
 
     def job_env(self, link: NodeLink, slot: int) -> Dict[str, str]:
         gpus = gpu_for_slot(slot, link.spec.slots, int(link.info.get("gpus", 0)))
@@ -6777,44 +7384,44 @@ class Head:
     def cpus_per_slot(self, link: NodeLink) -> int:
         return max(1, int(link.info.get("cpus", 1)) // link.spec.slots)
 
-    async def start_build(self, link: NodeLink, batch: BatchRow, slot: int) -> None:
-        entries = folder_entries(self.files / str(batch.id) / "shared")
+    async def start_build(self, link: NodeLink, action: Action) -> None:
+        batch = self.store.batch(action.batch_id)
         timeline_build_started(self, batch.id, link.name)
         try:
+            entries = folder_entries(self.files / str(batch.id) / "shared")
             await link.send_files({"op": "build", "plan": dataclasses.asdict(batch.plan),
-                                   "env": self.job_env(link, slot)}, entries)
-        except Failed as exc:
-            log(f"node {link.name}: build of {batch.key} could not start: {exc}")
-            link.slots.pop(slot, None)
-            self.set_build(batch.id, link.name, None)
-            self.wake()
+                                   "env": self.job_env(link, action.slot or 0)}, entries)
+        except Exception as exc:                    # refused, no space, connection lost: told below
+            reason = one_line(str(exc) or type(exc).__name__)
+            log(f"node {link.name}: build of {batch.key} could not start: {reason}")
+            timeline_build_ended(self, batch.id, link.name, False)
+            await self.apply(self.life.build_not_started(batch.id, link.name, reason, time.time()))
 
-    async def start_job(self, link: NodeLink, batch: BatchRow, job: JobRow, slot: int) -> None:
-        entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
+    async def start_job(self, link: NodeLink, action: Action) -> None:
+        batch, job = self.store.batch(action.batch_id), self.store.job(action.job_id)
         try:
-            await link.send_files({"op": "start", "run_id": job.run_id, "slot": slot,
+            entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
+            await link.send_files({"op": "start", "run_id": action.run_id, "slot": action.slot,
                                    "plan": vars(batch.plan), "job": vars(job.plan),    # flat dataclasses
-                                   "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, entries)
-        except Failed as exc:
-            log(f"node {link.name}: {batch.key}/{job.name} could not start: {exc}")
-            current = self.store.job(job.id)
-            if current is not None and current.run_id == job.run_id and current.state == "running":
-                self.store.requeue(job.id, count_attempt=False)
-                self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
-                if link.slots.get(slot) == job.run_id:
-                    del link.slots[slot]
-                self.set_build(batch.id, link.name, None)
-                self.wake()
+                                   "cpus": self.cpus_per_slot(link), "env": self.job_env(link, action.slot or 0)},
+                                  entries)
+        except Exception as exc:
+            reason = one_line(str(exc) or type(exc).__name__)
+            await self.apply(self.life.job_not_started(job.id, action.run_id, link.name, reason, time.time()))
 
     # events from nodes
     async def on_event(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
         kind = header.get("event")
-        if kind == "finished" and header.get("inline"):
-            await self.on_finished(link, header, payload)
-        elif kind == "finished":
-            asyncio_spawn(self.on_finished(link, header, payload))     # a long transfer of its own
+        if kind == "finished" and isinstance(header.get("run"), dict):
+            actions = self.life.finished(link.name, header["run"])
+            for action in actions:
+                if action.op == "land":
+                    action.info.update(inline=bool(header.get("inline")), payload=payload,
+                                       progress=header.get("progress"))
+            await self.apply(actions)
         elif kind == "built":
-            self.on_built(link, header, payload)
+            await self.apply(self.life.built(link.name, str(header.get("namespace")), str(header.get("batch")),
+                                             header.get("exit_code"), header.get("error"), payload))
         elif kind == "paused":
             timeline_pauses(self, link.name, header.get("locks", []))
             link.paused = header.get("locks", [])
@@ -6824,164 +7431,57 @@ class Head:
             log(f"node {link.name}: {link.capacity} of {link.spec.slots} slots now (desk hours)")
         self.wake()
 
-    def on_built(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
-        batch = self.active_batch(header.get("namespace"), header.get("batch"))
-        for slot, holder in list(link.slots.items()):
-            if batch is not None and holder == f"build:{batch.id}":
-                del link.slots[slot]
-        if batch is None:
-            return
-        ok = header.get("exit_code") == 0
-        timeline_build_ended(self, batch.id, link.name, ok)
-        self.set_build(batch.id, link.name, "ok" if ok else "failed")
-        self.archive_build_log(batch, link.name, payload)
-        if not ok:
-            log(f"node {link.name}: build of {batch.key} failed (exit code {header.get('exit_code')})")
-            asyncio_spawn(link.tell({"op": "cleanup", "namespace": batch.namespace, "batch": batch.name}))
-            self.fail_if_unbuildable(batch)
-
     def archive_build_log(self, batch: BatchRow, node: str, data: bytes) -> None:
         land_build_log(self.config.archive, batch.namespace, batch.name, node, bytes(data))
 
-    def fail_if_unbuildable(self, batch: BatchRow) -> None:
-        """When every node that could run the batch failed its build, its jobs cannot run."""
-        capable = [l for l in self.links.values()
-                   if not missing_capabilities(batch.capabilities, l.capabilities)]
-        if capable and all(self.builds.get((batch.id, l.name)) == "failed" for l in capable):
-            for job in self.store.jobs(batch.id, "queued"):
-                self.store.mark_ended(job.id, "failed", None)
-            self.queued[batch.id] = 0
-            self.maybe_finish_batch(batch)
-
-    def active_batch(self, namespace: Optional[str], name: Optional[str]) -> Optional[BatchRow]:
-        for batch in self.batches.values():
-            if batch.namespace == namespace and batch.name == name:
-                return batch
-        return None
-
-    async def on_finished(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
-        run = header["run"]
-        run_id = run["run_id"]
-        job = self.store.job(int(run_id.split(".")[0]))
-        if job is None or job.run_id != run_id or job.state != "running":
-            log(f"node {link.name}: discarding stale run {run_id}")
-            await link.tell({"op": "ack", "run_ids": [run_id]})
-            self.forget_stale_workspace(link, run)
-            return
-        batch = self.batches.get(job.batch_id) or self.store.batch(job.batch_id)
-        if run.get("vacated") and not run.get("killed"):
-            await self.on_vacated(link, batch, job, run)
-            return
-        killed = bool(run.get("killed"))
-        code = run.get("exit_code")
-        state = "killed" if killed else "done" if code == 0 else "failed"
-        record = {"namespace": batch.namespace, "batch": batch.name, "job": job.name, "node": link.name,
-                  "start": now_iso(run.get("start")), "end": now_iso(run.get("end") or time.time()),
-                  "exit_code": code, "attempts": job.attempts, "state": "ok" if state == "done" else state,
-                  "params": job.plan.params or {}}
+    async def land(self, link: NodeLink, action: Action) -> None:
+        """Archive a finished run's results (inline, or fetched from the node), then tell the
+        lifecycle; a failure is retried later, ever more slowly, and ends visible."""
+        run, run_id = action.info["run"], str(action.run_id)
         if run_id in self.archiving:            # a reconnect and a retry may both bring it here
             return
+        job, batch = self.store.job(action.job_id), self.store.batch(action.batch_id)
+        state = self.life.outcome(run)
+        record = {"namespace": batch.namespace, "batch": batch.name, "job": job.name, "node": link.name,
+                  "start": now_iso(run.get("start")), "end": now_iso(run.get("end") or time.time()),
+                  "exit_code": run.get("exit_code"), "attempts": job.attempts,
+                  "state": "ok" if state == "done" else state, "params": job.plan.params or {}}
         self.archiving.add(run_id)
         try:
             incoming, final = start_landing(self.config.archive, batch.namespace, batch.name, job.name)
             try:
-                if header.get("inline"):
-                    extract_tar(payload, incoming)
+                if action.info.get("inline"):
+                    extract_tar(action.info.get("payload") or b"", incoming)
                 else:
                     await link.fetch_results(run_id, incoming)
                 finish_landing(incoming, final, record)
             finally:
                 shutil.rmtree(incoming, ignore_errors=True)
         except ProtocolError as exc:
+            self.archiving.discard(run_id)
             log(f"node {link.name}: fetching the results of {run_id} broke off ({exc}); "
                 "they stay on the node until it is back")
-            asyncio_spawn(self.retry_archive_later(link, header))   # if only the transfer broke
-            return
+            if link.up:                          # only the transfer broke: try again later
+                tries = int(action.info.get("tries", 0)) + 1
+                await self.apply(self.life.landing_failed(link.name, job.id, run, str(exc), tries))
+            return                               # else its reconnection brings the run again
         except (OSError, Failed) as exc:
-            log(f"archive: cannot store {batch.key}/{job.name}: {exc}; will retry")
-            asyncio_spawn(self.retry_archive_later(link, header))
-            return
-        finally:
             self.archiving.discard(run_id)
-        if self.store.run_id_of(job.id) != run_id:
+            tries = int(action.info.get("tries", 0)) + 1
+            log(f"archive: cannot store {batch.key}/{job.name}: {one_line(str(exc))} (try {tries} of "
+                f"{LANDING_TRIES}); " + ("will retry" if tries < LANDING_TRIES else "giving up"))
+            await self.apply(self.life.landing_failed(link.name, job.id, run, one_line(str(exc)), tries))
             return
+        self.archiving.discard(run_id)
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction():          # flushed by self.acks before the node drops its copy
-            self.store.set_progress(job.id, header.get("progress"))
-            if state == "failed" and job.attempts <= job.retries and batch.state == "active":
-                self.store.requeue(job.id, count_attempt=True)
-                self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
-            else:
-                self.store.mark_ended(job.id, state, code)
-        for slot, holder in list(link.slots.items()):
-            if holder == run_id:
-                del link.slots[slot]
-        self.acks.add(link, run_id)
-        self.release_build_if_done(link, batch)
-        self.maybe_finish_batch(batch)
-        self.wake()         # the slot is free now; a spawned fetch ends long after its event's wake
+        await self.apply(self.life.landed(link.name, job.id, run, action.info.get("progress")))
 
-    # ISSUE-14 VACATE (maps onto the lifecycle's one requeue path): the node stopped a job
-    # paused longer than its owner policy allows; it runs again elsewhere, no retry used,
-    # and nothing of this attempt is archived.
-    async def on_vacated(self, link: NodeLink, batch: BatchRow, job: JobRow, run: Dict[str, Any]) -> None:
-        log(f"node {link.name}: {batch.key}/{job.name} vacated (run {run['run_id']}), queued again")
-        timeline_attempt(self, batch.id, job, link.name, run, "vacated")
-        if batch.state == "active":
-            self.store.requeue(job.id, count_attempt=False)
-            self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
-        else:
-            self.store.mark_ended(job.id, "killed", run.get("exit_code"))
-        for slot, holder in list(link.slots.items()):
-            if holder == run["run_id"]:
-                del link.slots[slot]
-        await link.tell({"op": "ack", "run_ids": [run["run_id"]]})
-        self.maybe_finish_batch(batch)
-        self.wake()
-
-    def forget_stale_workspace(self, link: NodeLink, run: Dict[str, Any]) -> None:
-        """A node that was given up on keeps the batch folder of its stale run: delete it unless
-        the node builds or runs that batch again meanwhile (nodes keep no job data)."""
-        batch = self.active_batch(run.get("namespace"), run.get("batch"))
-        if batch is not None and ((batch.id, link.name) in self.builds or
-                                  any(j.node == link.name for j in self.store.jobs(batch.id, "running"))):
-            return
-        asyncio_spawn(link.tell({"op": "cleanup", "namespace": run.get("namespace"), "batch": run.get("batch")}))
-
-    async def retry_archive_later(self, link: NodeLink, header: Dict[str, Any]) -> None:
+    async def land_later(self, link: NodeLink, action: Action) -> None:
         import asyncio
-        await asyncio.sleep(5.0)
+        await asyncio.sleep(action.info["delay"])
         if link.up:
-            await self.on_finished(link, dict(header, inline=False), b"")
-
-    def release_build_if_done(self, link: NodeLink, batch: BatchRow) -> None:
-        """Delete the node's build directory once it has nothing more to do for the batch."""
-        if self.queued.get(batch.id, 0) > 0 and batch.state == "active":
-            return
-        if any(j.node == link.name for j in self.store.jobs(batch.id, "running")):
-            return
-        if self.builds.get((batch.id, link.name)) == "ok":
-            self.set_build(batch.id, link.name, None)
-        asyncio_spawn(link.tell({"op": "cleanup", "namespace": batch.namespace, "batch": batch.name}))
-
-    def maybe_finish_batch(self, batch: BatchRow) -> None:
-        # An active batch with queued jobs is not finished: skip the count query, which
-        # scans the batch's jobs and would make each finish cost O(batch size).
-        if batch.state == "active" and self.queued.get(batch.id, 0) > 0:
-            return
-        counts = self.batch_counts(batch.id)
-        if counts.get("queued", 0) or counts.get("running", 0):
-            return
-        if batch.state == "active":
-            self.store.set_batch_state(batch.id, "done")
-            batch.state = "done"
-        self.batches.pop(batch.id, None)
-        shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
-        log(f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
-            f"{counts.get('killed', 0)} killed)")
-        for (batch_id, node) in [k for k in self.builds if k[0] == batch.id]:
-            self.set_build(batch_id, node, None)
-        self.on_batch_finished(batch, counts)
+            await self.land(link, Action("land", link.name, action.batch_id, action.job_id, action.run_id,
+                                         action.slot, info=dict(action.info, inline=False, payload=b"")))
 
     def on_batch_finished(self, batch: BatchRow, counts: Dict[str, int]) -> None:
         """Hook for notifications (Matrix)."""
@@ -6989,35 +7489,7 @@ class Head:
             notify_batch_finished(self, batch, counts)      # sends from a worker thread
 
     def batch_counts(self, batch_id: int) -> Dict[str, int]:
-        return {state: count for state, count in self.store.db.execute(
-            "SELECT state, COUNT(*) FROM jobs WHERE batch_id=? GROUP BY state", (batch_id,))}
-
-    async def reconcile(self, link: NodeLink, runs: List[Dict[str, Any]]) -> None:
-        """After (re)connecting: adopt runs we still expect, archive finished ones, stop stale ones."""
-        seen = set()
-        for run in runs:
-            run_id = run["run_id"]
-            seen.add(run_id)
-            job = self.store.job(int(run_id.split(".")[0]))
-            current = job is not None and job.run_id == run_id and job.state == "running" \
-                and job.node == link.name
-            if not current:
-                if run["state"] == "running":
-                    await link.tell({"op": "kill", "run_ids": [run_id], "grace": 0})
-                else:
-                    await link.tell({"op": "ack", "run_ids": [run_id]})
-                    self.forget_stale_workspace(link, run)
-                continue
-            link.slots[job.slot or 0] = run_id
-            if run["state"] == "finished":
-                asyncio_spawn(self.on_finished(link, {"event": "finished", "run": run, "inline": False}, b""))
-        for job in self.store.running_jobs():
-            if job.node == link.name and job.run_id not in seen:
-                log(f"node {link.name}: run {job.run_id} of job {job.name} is unknown there; requeueing")
-                self.store.requeue(job.id, count_attempt=False)
-                self.queued[job.batch_id] = self.queued.get(job.batch_id, 0) + 1
-                if link.slots.get(job.slot or 0) == job.run_id:
-                    del link.slots[job.slot or 0]
+        return self.store.batch_counts(batch_id)
 
     # the client API
     async def start_api(self):
@@ -7075,8 +7547,19 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
-        return self.batches.get(batch.id, batch)
+            raise UserError(f"no batch {ref!r} on this head; `distribute status --all` lists its batches")
+        return batch
+
+    def check_namespace(self, user: Dict[str, Any], namespace: str) -> None:
+        """A namespace belongs to whoever started its first batch, unless the head's admin
+        shares it (serve --shared-namespace)."""
+        if namespace in self.config.shared_namespaces or self.is_admin(user):
+            return
+        owner = self.store.namespace_owner(namespace)
+        if owner is not None and owner != user["name"]:
+            raise UserError(f"namespace {namespace} belongs to {owner} (who started its first batch): use your "
+                            f"own, e.g. namespace: {user['name']}, or ask the head's admin to share it "
+                            f"(serve --shared-namespace {namespace})")
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
         if user["name"] != batch.owner and not self.is_admin(user):
@@ -7102,6 +7585,7 @@ class Head:
                 raise UserError(f"a batch {existing.key} exists already: use --resume to run only the jobs "
                                 "that did not succeed, or --replace to start over")
             self.check_owner(user, existing, "replace" if header.get("replace") else "resume")
+        self.check_namespace(user, plan.namespace)
         # Everything checked: now the files (nothing changes until they are all here).
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
@@ -7110,8 +7594,7 @@ class Head:
                 await channel.send({"ok": True, "send": True})
                 await receive_tar(channel.reader, incoming)
             if existing is not None:
-                await self.kill_batch(existing)
-                self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
+                await self.apply(self.life.replace(existing.id))
                 if header.get("replace"):
                     shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
             todo = [(job, retries) for job, retries in jobs if job.name not in skip]
@@ -7122,12 +7605,8 @@ class Head:
             if os.path.lexists(incoming):       # the upload broke off or was refused: no trace left
                 remove_tree(incoming)
         batch = self.store.batch(batch_id)
-        self.batches[batch_id] = batch
-        self.queued[batch_id] = len(todo)
-        if not todo:
-            self.maybe_finish_batch(batch)
         log(f"batch {batch.key}: added by {user['name']}, {len(todo)} job(s)")
-        self.wake()
+        await self.apply(self.life.end_batch_if_done(batch_id) if not todo else [])
         await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
                             "capable": capable, "maybe": maybe, "not_connected": self.nodes_not_connected()})
 
@@ -7156,11 +7635,11 @@ class Head:
             running = []
             for slot, holder in sorted(link.slots.items()):
                 if holder.startswith("build:"):
-                    batch = self.batches.get(int(holder.split(":")[1]))
+                    batch = self.store.batch(int(holder.split(":")[1]))
                     running.append({"slot": slot, "build": batch.key if batch else None})
                     continue
-                job = self.store.job(int(holder.split(".")[0])) if holder else None
-                batch = self.batches.get(job.batch_id) if job else None
+                job = self.store.job(run_job_id(holder)) if holder else None
+                batch = self.store.batch(job.batch_id) if job else None
                 running.append({"slot": slot, "job": job.name if job else None,
                                 "batch": batch.key if batch else None, "run_id": holder})
             out.append({"name": link.name, "host": link.spec.host, "state": link.state, "error": link.error,
@@ -7174,7 +7653,16 @@ class Head:
                                     "reason": l.get("reason") or None,
                                     "since": now_iso(l.get("since")) if l.get("since") else None}
                                    for l in link.paused],
-                        "slots_now": link.capacity})
+                        "slots_now": link.capacity, "gave_up": self.gave_up_on(link.name)})
+        return out
+
+    def gave_up_on(self, node: str) -> List[Dict[str, Any]]:
+        """Active batches this node gave up on (build failed, or kept failing to start), and why."""
+        out = []
+        for build in self.store.builds(node=node):
+            batch = self.store.batch(build.batch_id)
+            if build.state == "failed" and batch is not None and batch.state == "active":
+                out.append({"batch": batch.key, "reason": build.reason})
         return out
 
     async def api_nodes(self, channel, user, header, payload):
@@ -7182,22 +7670,32 @@ class Head:
 
     async def api_status(self, channel, user, header, payload):
         batches = []
+        mine_only = header.get("all") is False          # the CLI's default; older clients get everything
+        hidden = 0
         for _, namespace, name, owner, state, created, finished, c in self.store.status_rows():
+            if mine_only and (owner != user["name"] or state != "active"):
+                hidden += 1
+                continue
             batches.append({"batch": f"{namespace}/{name}", "owner": owner, "state": state,
                             "created": now_iso(created), "finished": now_iso(finished) if finished else None,
                             "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
         running = []
         progress = await self.running_progress()
         for job in self.store.running_jobs():
-            batch = self.batches.get(job.batch_id)
+            batch = self.store.batch(job.batch_id)
+            if mine_only and batch is not None and batch.owner != user["name"]:
+                continue
+            link = self.links.get(job.node or "")
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
-                            "progress": progress.get(job.run_id or "", job.progress)})
+                            "progress": progress.get(job.run_id or "", job.progress),
+                            "paused": bool(link is not None and link.paused)})
         paused = [{"node": link.name, "since": min([l.get("since") or time.time() for l in link.paused]),
                    "why": [pause_label(l) + ("" if l.get("reason") else f" until {clock_time(l.get('until') or 0)}")
                            for l in link.paused]}
                   for link in self.links.values() if link.paused]      # issue 14: say why, since when
-        await channel.send({"ok": True, "batches": batches, "running": running, "paused_nodes": paused})
+        await channel.send({"ok": True, "batches": batches, "running": running, "hidden": hidden,
+                            "paused_nodes": paused})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -7226,37 +7724,22 @@ class Head:
         await channel.send({"ok": True, "batch": batch.key, "dropped": stopped[0], "stopped": stopped[1]})
 
     async def kill_batch(self, batch: BatchRow) -> Tuple[int, int]:
-        dropped = len(self.store.jobs(batch.id, "queued"))
-        self.store.db.execute("UPDATE jobs SET state='killed', ended=? WHERE batch_id=? AND state='queued'",
-                              (time.time(), batch.id))
-        self.queued[batch.id] = 0
-        running = self.store.jobs(batch.id, "running")
-        if batch.state == "active":
-            self.store.set_batch_state(batch.id, "killed")
-            batch.state = "killed"
-        for job in running:
-            link = self.links.get(job.node or "")
-            if link is not None:
-                await link.tell({"op": "kill", "run_ids": [job.run_id], "grace": self.config.kill_grace})
-        if not running:
-            self.maybe_finish_batch(batch)
-        return dropped, len(running)
+        dropped, stopped, actions = self.life.kill(batch.id)
+        await self.apply(actions)
+        return dropped, stopped
 
     async def api_retry(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
         self.check_owner(user, batch, "retry")
         states = ("failed",) if header.get("failed_only", True) else ("failed", "killed")
-        jobs = [j for s in states for j in self.store.jobs(batch.id, s)]
-        for job in jobs:
-            self.store.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, exit_code=NULL"
-                                  " WHERE id=?", (job.id,))
-        if jobs:
-            self.store.set_batch_state(batch.id, "active")
-            batch.state = "active"
-            self.batches[batch.id] = batch
-            self.queued[batch.id] = self.queued.get(batch.id, 0) + len(jobs)
-            self.wake()
-        await channel.send({"ok": True, "batch": batch.key, "requeued": len(jobs)})
+        if not (self.files / str(batch.id)).is_dir():
+            raise UserError(f"{batch.key}'s files are gone from the head: add it again (--resume runs only the "
+                            "jobs that did not succeed)")
+        count, actions = self.life.retry(batch.id, states)
+        if count:
+            log(f"batch {batch.key}: {count} job(s) queued again by {user['name']}")
+        await self.apply(actions)
+        await channel.send({"ok": True, "batch": batch.key, "requeued": count})
 
     def lookup_job_ref(self, ref: str) -> Tuple[BatchRow, Optional[JobRow]]:
         """BATCH, NAMESPACE/BATCH, BATCH/JOB or NAMESPACE/BATCH/JOB."""
@@ -7273,15 +7756,21 @@ class Head:
 
     async def api_why(self, channel, user, header, payload):
         batch, job = self.lookup_job_ref(header["ref"])
+        builds = {b.node: b for b in self.store.builds(batch.id)}
         view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1,
-                         [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"],
-                         [n for (b, n), s in self.builds.items() if b == batch.id and s == "failed"])
+                         [n for n, b in builds.items() if b.state == "ok"],
+                         [n for n, b in builds.items() if b.state == "failed"])
         reasons = {}
         for link in self.links.values():
             node = link.view()
             reason = why_not(node, view)
+            build = builds.get(link.name)
             if link.state == "refused":
                 reason = link.error
+            elif reason == "the batch's build failed there" and build is not None and build.reason:
+                reason = build.reason
+            elif reason is None and build is not None and build.retry_at and build.retry_at > time.time():
+                reason = f"{build.reason}; trying again at {clock_time(build.retry_at)}"
             elif reason == "busy":
                 reason = "busy with " + ", ".join(r.get("job") or f"build of {r.get('build')}"
                                                   for r in next(n for n in self.node_report()
@@ -7297,7 +7786,9 @@ class Head:
         if state not in ("queued", "active"):
             reasons = {}
         await channel.send({"ok": True, "batch": batch.key, "job": job.name if job else None, "state": state,
-                            "node": job.node if job else None, "reasons": reasons})
+                            "node": job.node if job else None, "reasons": reasons,
+                            "reason": job.reason if job else None,
+                            "exit_code": job.exit_code if job else None})
 
     async def api_logs(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
@@ -7308,9 +7799,13 @@ class Head:
         link = self.links.get(job.node or "")
         if job.state in ("queued", "running"):      # see README: who reads whose output
             self.check_owner(user, batch, "read the live output of")
+        outcome = {"exit_code": job.exit_code, "reason": job.reason, "job": f"{batch.key}/{job.name}"}
+        if job.state == "queued":               # a retried job's old output is not its output
+            await channel.send(dict(outcome, ok=True, state="queued", offset=0), b"")
+            return
         if job.state == "running" and link is not None and link.up:
             reply, data = await link.request({"op": "tail", "run_id": job.run_id, "offset": offset})
-            await channel.send({"ok": True, "state": "running", "offset": offset + len(data)}, data)
+            await channel.send(dict(outcome, ok=True, state="running", offset=offset + len(data)), data)
             return
         path = batch_archive(self.config.archive, batch.namespace, batch.name) / job.name / "stdout.txt"
         try:
@@ -7319,7 +7814,7 @@ class Head:
                 data = handle.read(16 * 1024 * 1024)
         except OSError:
             data = b""
-        await channel.send({"ok": True, "state": job.state, "offset": offset + len(data)}, data)
+        await channel.send(dict(outcome, ok=True, state=job.state, offset=offset + len(data)), data)
 
     async def api_pull(self, channel, user, header, payload):
         """The manifest of a batch's archive, filtered, and how many jobs are not finished."""
@@ -7382,8 +7877,6 @@ class Head:
                 os.rename(root, gone)
                 await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
             self.store.forget_batch(batch.namespace, batch.name)
-            self.batches.pop(batch.id, None)
-            self.queued.pop(batch.id, None)
             shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
             log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
         await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
@@ -7439,19 +7932,6 @@ def remove_unfinished_uploads(files: Path) -> None:
             remove_tree(path)
 
 
-_SPAWNED: set = set()
-
-
-def asyncio_spawn(coroutine) -> None:
-    """Run coroutine as a task held until it ends: the loop keeps tasks only weakly, and one
-    waiting on a plain Unix socket whose reading is paused (a fast bulk stream into a slower
-    disk) is referenced by nothing else, so it would be collected mid-transfer."""
-    import asyncio
-    task = asyncio.ensure_future(coroutine)
-    _SPAWNED.add(task)
-    task.add_done_callback(_SPAWNED.discard)
-
-
 def peer_user(sock) -> Dict[str, Any]:
     """The Unix user on the other end of the API socket (SO_PEERCRED): the batch owner."""
     import pwd
@@ -7475,7 +7955,7 @@ MAX_RETRIES = 1000
 _STR, _LIST, _DICT, _BOOL, _INT = str, list, dict, bool, int
 _OPT_STR = (str, type(None))
 REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (type, required)
-    "status": {}, "nodes": {},
+    "status": {"all": (_BOOL, False)}, "nodes": {},
     "kill": {"batch": (_STR, True)},
     "retry": {"batch": (_STR, True), "failed_only": (_BOOL, False)},
     "why": {"ref": (_STR, True)},
@@ -7956,7 +8436,8 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
                      f"{jobs['failed']} failed" + (f", {jobs['killed']} killed" if jobs["killed"] else ""))
         for job in running_by_batch.get(batch["batch"], []):
             progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
-            lines.append(f"    {job['job']} on {job['node']}{progress}")
+            paused = " (paused)" if job.get("paused") else ""
+            lines.append(f"    {job['job']} on {job['node']}{progress}{paused}")
     for node in reply.get("paused_nodes", []):
         lines.append(f"{node['node']} paused since {clock_time(node['since'])}: {'; '.join(node['why'])}")
     return lines or ["no batches"]
@@ -7999,6 +8480,8 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
                      + (f" (build {node['build']})" if node.get("build") else ""))
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
+        for given_up in node.get("gave_up") or []:
+            lines.append(f"{'':<12} gave up on {given_up['batch']}: {given_up['reason']}")
     return lines
 
 
@@ -8199,9 +8682,12 @@ def service_argv(nodes_file: Optional[str], state: Path, archive: Path, group: O
     if group:
         import grp
         try:
-            grp.getgrnam(group)
+            gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise UserError(f"--group {group}: no such group") from None
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise UserError(f"--group {group}: {current_user()} is not a member of it, so the head cannot give "
+                            f"it the socket; add the account to the group (then log in again) or drop --group")
         argv += ["--group", group]
     if matrix_config:
         if not os.path.isfile(matrix_config):
@@ -8753,7 +9239,7 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
                      "end": None if running else job.ended, "state": "ok" if job.state == "done" else job.state,
                      "exit_code": job.exit_code})
     builds = [{"node": s.node, "start": s.start, "end": s.end, "state": s.state} for s in recorded
-              if s.kind == "build" and (s.end is not None or head.builds.get((batch.id, s.node)) == "running")]
+              if s.kind == "build" and (s.end is not None or getattr(head.store.build(batch.id, s.node), "state", None) == "running")]
     used = {j["node"] for j in jobs} | {b["node"] for b in builds}
     ends = [t for t in [batch.finished] + [j["end"] for j in jobs] if t]
     first = min([batch.created] + [j["start"] for j in jobs] + [b["start"] for b in builds])
@@ -8953,7 +9439,7 @@ TEMPLATES: Dict[str, Dict[str, str]] = {
 # A python batch: build.py runs once per machine, then job files run one by one.
 meta:
   batch_name: my_first_batch      # unique within your namespace
-  namespace: my_name              # usually your user name or project
+  namespace: my_name              # your login (`template` writes it): namespaces belong to people
   capabilities: [python3]         # every one must be offered by a node
   matrix: ~                       # or "@you:example.org" for a message when done
 python:
@@ -9078,6 +9564,10 @@ def write_template(flavour: str, output: str) -> List[Path]:
     clashes = [str(p) for p in planned if p.exists()]
     if clashes:
         raise UserError(f"{clashes[0]} already exists; choose another place with -o")
+    login = current_user()
+    if name_problem(login) is None:         # the namespace is yours: your login, unless it is no valid name
+        planned[target] = re.sub(r"namespace: my_name( *)", lambda m: "namespace: " + login.ljust(
+            len("my_name") + len(m.group(1)) if m.group(1) else 0), planned[target])
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in planned.items():
         path.write_text(text)
@@ -9196,8 +9686,11 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--group", default=None, metavar="GROUP",
               help="Unix group whose members may use the head (the socket is mode 0660).")
+@click.option("--shared-namespace", "shared", multiple=True, metavar="NAMESPACE",
+              help="A namespace everyone may add batches to (repeatable); others belong to whoever started "
+                   "their first batch.")
 def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_idle, matrix_config,
-          group) -> None:
+          group, shared) -> None:
     """Run the head daemon."""
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
@@ -9207,13 +9700,17 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
-                        matrix_config=Path(matrix_config) if matrix_config else None, group=group)
+                        matrix_config=Path(matrix_config) if matrix_config else None, group=group,
+                        shared_namespaces=list(shared))
     if group:
         import grp
         try:
-            grp.getgrnam(group)
+            gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise UserError(f"--group {group}: no such group") from None
+        if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+            raise UserError(f"--group {group}: {current_user()} is not a member of it, so the head cannot give "
+                            f"it the socket; add the account to the group (then log in again) or drop --group")
     if config.pyz and not config.pyz.is_file():
         raise UserError(f"--pyz {pyz}: no such file")
     matrix = matrix_notifier(config)            # a bad --matrix-config exits 2 before serving
@@ -9270,17 +9767,22 @@ def where_it_runs(reply: Dict[str, Any]) -> str:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
 @click.option("--watch", is_flag=True, help="Refresh every 2 seconds until interrupted.")
+@click.option("--all", "everyone", is_flag=True, help="Everyone's batches, ended ones too (default: your active ones).")
 @click.pass_obj
-def status(obj, as_json, watch) -> None:
-    """Show batches: done, running, queued and failed jobs, where, progress."""
+def status(obj, as_json, watch, everyone) -> None:
+    """Show your active batches: done, running, queued and failed jobs, where, progress."""
     while True:
-        reply, _ = client_call(obj, {"op": "status"})
+        reply, _ = client_call(obj, {"op": "status", "all": everyone})
         if as_json:
             click.echo(json.dumps({"batches": reply["batches"], "running": reply["running"]}, indent=2))
         else:
             if watch:
                 click.clear()
-            click.echo("\n".join(format_status(reply)))
+            lines = format_status(reply)
+            if not reply["batches"] and reply.get("hidden"):
+                lines = [f"no active batches of yours; status --all shows everyone's and ended ones "
+                         f"({reply['hidden']})"]
+            click.echo("\n".join(lines))
         if not watch:
             return
         time.sleep(2)
@@ -9334,6 +9836,8 @@ def why(obj, ref) -> None:
     reply, _ = client_call(obj, {"op": "why", "ref": ref})
     target = f"{reply['batch']}/{reply['job']}" if reply.get("job") else reply["batch"]
     click.echo(f"{target}: {reply['state']}" + (f" on {reply['node']}" if reply.get("node") else ""))
+    if reply.get("reason"):
+        click.echo(f"  {reply['reason']}")
     for node, reason in reply["reasons"].items():
         click.echo(f"  {node}: {reason}")
 
@@ -9352,10 +9856,28 @@ def logs(obj, ref, follow) -> None:
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
         offset = reply["offset"]
-        if not follow or reply["state"] not in ("running", "queued"):
+        name = reply.get("job") or ref
+        if reply["state"] == "queued" and not follow:
+            click.echo(f"{name} is queued: no output yet")
             return
-        if not data:
-            time.sleep(0.5)
+        if reply["state"] in ("running", "queued") and follow:
+            if not data:
+                time.sleep(0.5)
+            continue
+        if follow and reply["state"] in ("done", "failed", "killed"):
+            click.echo(logs_outcome(name, reply), err=True)
+            if reply["state"] != "done":
+                raise SystemExit(EXIT_FAILED)
+        return
+
+
+def logs_outcome(name: str, reply: Dict[str, Any]) -> str:
+    """The last line of `logs -f`: how the job ended."""
+    if reply["state"] == "done":
+        return f"{name} finished (exit code 0)"
+    if reply["state"] == "failed" and reply.get("exit_code") is not None:
+        return f"{name} failed (exit code {reply['exit_code']})"
+    return f"{name} {reply['state']}" + (f": {reply['reason']}" if reply.get("reason") else "")
 
 
 @cli.command()

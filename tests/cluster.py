@@ -106,7 +106,7 @@ class HeadProcess:
         return result
 
     def status(self):
-        return json.loads(self.cli("status", "--json").stdout)
+        return json.loads(self.cli("status", "--all", "--json").stdout)
 
     def nodes(self):
         return json.loads(self.cli("nodes", "--json").stdout)["nodes"]

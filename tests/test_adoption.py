@@ -394,7 +394,7 @@ def test_report_draws_the_batch_timeline(short_tmp):
         gate.touch()
         finished = head.wait_batch("lab/timeline", timeout=120)
         assert finished["jobs"] == {"queued": 0, "running": 0, "done": 6, "failed": 2, "killed": 0}
-        status_line = head.cli("status").stdout.splitlines()[0]
+        status_line = head.cli("status", "--all").stdout.splitlines()[0]
         assert "lab/timeline" in status_line and "[" in status_line and "6 done" in status_line
         svg_path = short_tmp / "timeline.svg"
         out = head.cli("report", "timeline", "-o", svg_path)

@@ -120,7 +120,7 @@ def test_build_failing_on_one_node_completes_on_the_others(head, tmp_path):
     log = head.archive / "lab" / "partial" / "build" / "node3.txt"
     wait_until(log.exists, 30, "node3's build log")
     why = head.cli("why", "lab/partial").stdout
-    assert "node3: the batch's build failed there" in why
+    assert "node3: build failed on node3: exit code 3" in why       # the reason, not just the fact
     batch = head.wait_batch("lab/partial")
     assert batch["jobs"]["done"] == 8
     nodes_used = {json.loads((head.archive / "lab" / "partial" / f"job_{i}" / "job.json").read_text())["node"]
@@ -351,7 +351,8 @@ def test_spawned_tasks_are_held_until_they_end():
             future = asyncio.get_event_loop().create_future()
             box.append(weakref.ref(future))         # nothing but the task holds the future
             await future
-        distribute.asyncio_spawn(waits())
+        owner = distribute.TaskOwner()
+        owner.spawn(waits(), "waiting")
         await asyncio.sleep(0)
         gc.collect()
         future = box[0]()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import distribute  # noqa: E402
 from distribute import UserError, load_job_file, load_nodes_file  # noqa: E402
 
-COMPAT = ROOT.parent / "shared" / "compat"
+COMPAT = ROOT / "tests" / "fixtures" / "compat"
 
 
 def cli(*args, cwd=None, env=None):

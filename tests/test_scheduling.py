@@ -83,7 +83,7 @@ def test_store_round_trip_and_counts(tmp_path):
     plan = d.BatchPlan("ns", "b", "shell")
     jobs = [(d.JobPlan(f"j{i}", command="true"), 1) for i in range(3)]
     batch_id = store.add_batch("ns", "b", "alice", plan, ["python3"], None, jobs)
-    assert store.counts() == {batch_id: {"queued": 3}}
+    assert store.batch_counts(batch_id) == {"queued": 3}
     first = store.next_queued(batch_id)
     assert first.name == "j0" and first.retries == 1
     store.mark_started(first.id, f"{first.id}.1", "n1", 0)
@@ -92,7 +92,7 @@ def test_store_round_trip_and_counts(tmp_path):
     assert store.job(first.id).attempts == 0 and store.job(first.id).state == "queued"
     store.mark_started(first.id, f"{first.id}.1", "n1", 0)
     store.mark_ended(first.id, "done", 0)
-    assert store.counts()[batch_id] == {"queued": 2, "done": 1}
+    assert store.batch_counts(batch_id) == {"queued": 2, "done": 1}
     # a fresh connection sees the same (the head survives its restart from SQLite)
     again = d.Store(tmp_path / "db.sqlite")
     assert again.job(first.id).state == "done" and again.find_batch("ns", "b").owner == "alice"
