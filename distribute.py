@@ -219,11 +219,33 @@ class SlurmOptions:
 
 
 @dataclass
+class Resources:
+    """What a job asks of a node (SPEC §3 `resources:`); None: not asked."""
+    cpus: Optional[int] = None
+    memory: Optional[int] = None             # bytes
+    gpus: Optional[int] = None
+    time: Optional[int] = None               # seconds of wall-clock, paused time excluded
+
+    def merged(self, over: Optional["Resources"]) -> "Resources":
+        """These defaults with `over`'s own values on top."""
+        if over is None:
+            return Resources(self.cpus, self.memory, self.gpus, self.time)
+        return Resources(*(o if o is not None else d for d, o in
+                           zip(dataclasses.astuple(self), dataclasses.astuple(over))))
+
+    def given(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+
+@dataclass
 class Meta:
     batch_name: str
     namespace: str
     capabilities: List[str] = field(default_factory=list)
     matrix: Optional[str] = None
+    resources: Optional[Resources] = None    # the batch's default for its jobs
+    after: List[str] = field(default_factory=list)   # namespace/batch that must be done first
+    after_failed: str = "wait"               # or "start": what a failed dependency means
 
 
 @dataclass
@@ -235,6 +257,7 @@ class Job:
     retries: int = 0
     slurm: Optional[SlurmOptions] = None
     params: Optional[Dict[str, Any]] = None  # sweep parameters, kept in job.json
+    resources: Optional[Resources] = None    # the job's own, meta.resources merged in
 
 
 @dataclass
@@ -273,6 +296,11 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    slots_given: bool = False                # `slots` written: a cap for jobs with resources too
+    cpus: Optional[int] = None               # overrides of the probed capacity
+    memory: Optional[int] = None
+    gpus: Optional[int] = None
+    reserve: Optional[Resources] = None      # kept back for the workstation's owner
 
     @property
     def is_local(self) -> bool:
@@ -480,25 +508,105 @@ def _capabilities(y: Optional[_Y]) -> List[str]:
     return caps
 
 
+_SIZE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,3}))?\s*([KMGT]?)(i?B)?\Z", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'16G', '512M', '1.5T', '2GiB', '1048576' -> bytes (binary units, as Slurm's).  Garbage: UserError."""
+    match = _SIZE_RE.match(str(text).strip())
+    if not match:
+        raise UserError(f"size {text!r} is not like 16G, 512M or 1.5T")
+    whole, fraction, unit, _ = match.groups()
+    value = int((int(whole) + float("0." + (fraction or "0"))) * _SIZE_UNITS[unit.upper()])
+    if value <= 0:
+        raise UserError(f"size {text!r} must be more than zero")
+    return value
+
+
+def format_size(size: float) -> str:
+    """Bytes as the shortest of 17.2G, 512M, 3K (what `memory:` accepts, one decimal at most)."""
+    for unit in ("T", "G", "M", "K"):
+        scale = _SIZE_UNITS[unit]
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f}{unit}" if abs(value - round(value)) < 0.05 else f"{value:.1f}{unit}"
+    return f"{int(size)}"
+
+
+def _resources(y: Optional[_Y], least_cpus: int = 1) -> Optional[Resources]:
+    """`resources: {cpus, memory, gpus, time}` (each optional)."""
+    if y is None or y.is_null():
+        return None
+    keys = y.mapping(("cpus", "memory", "gpus", "time"))
+    out = Resources()
+    if "cpus" in keys and not keys["cpus"].is_null():
+        out.cpus = keys["cpus"].integer(minimum=least_cpus)
+    if "gpus" in keys and not keys["gpus"].is_null():
+        out.gpus = keys["gpus"].integer(minimum=0)
+    for key in ("cpus", "gpus"):
+        if getattr(out, key) is not None and getattr(out, key) > 1 << 20:
+            raise keys[key].fail("is more than any machine has")
+    if "memory" in keys and not keys["memory"].is_null():
+        try:
+            out.memory = parse_size(keys["memory"].text())
+        except UserError as exc:
+            raise keys["memory"].fail(str(exc)) from None
+    if "time" in keys and not keys["time"].is_null():
+        try:
+            out.time = parse_duration(keys["time"].text())
+        except UserError as exc:
+            raise keys["time"].fail(str(exc)) from None
+    return out
+
+
+def _after(y: Optional[_Y], namespace: str) -> List[str]:
+    """`after: [namespace/batch, batch, …]` -> ['namespace/batch', …] (a bare name: this namespace)."""
+    if y is None:
+        return []
+    out: List[str] = []
+    for item in y.sequence(allow_null=True):
+        ref = item.text()
+        parts = ref.split("/")
+        if len(parts) == 1:
+            parts = [namespace] + parts
+        if len(parts) != 2 or any(name_problem(p) for p in parts):
+            raise item.fail(f"{ref!r} is not a batch: write namespace/batch or batch")
+        key = "/".join(parts)
+        if key not in out:
+            out.append(key)
+    return out
+
+
 def _meta(y: _Y) -> Meta:
-    keys = y.mapping(("batch_name", "namespace", "capabilities", "matrix"),
+    keys = y.mapping(("batch_name", "namespace", "capabilities", "matrix", "resources", "after",
+                      "after_failed"),
                      required=("batch_name", "namespace"))
     matrix = keys["matrix"].optional_text() if "matrix" in keys else None
     if matrix is not None and not re.match(r"@[^:\s]+:[^\s]+\Z", matrix):
         raise keys["matrix"].fail(f"{matrix!r} is not a Matrix user id like @alice:example.org")
-    return Meta(batch_name=keys["batch_name"].name(), namespace=keys["namespace"].name(),
-                capabilities=_capabilities(keys.get("capabilities")), matrix=matrix)
+    meta = Meta(batch_name=keys["batch_name"].name(), namespace=keys["namespace"].name(),
+                capabilities=_capabilities(keys.get("capabilities")), matrix=matrix,
+                resources=_resources(keys.get("resources")))
+    meta.after = _after(keys.get("after"), meta.namespace)
+    if f"{meta.namespace}/{meta.batch_name}" in meta.after:
+        raise keys["after"].fail("a batch cannot wait for itself")
+    if "after_failed" in keys:
+        meta.after_failed = keys["after_failed"].text()
+        if meta.after_failed not in ("wait", "start"):
+            raise keys["after_failed"].fail(f"{meta.after_failed!r} is not 'wait' or 'start'")
+    return meta
 
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
               "shell": ("build", "required_files")}
-_JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
-             "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params")}
+_JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params", "resources"),
+             "apptainer": ("name", "required_files", "retries", "slurm", "params", "resources"),
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params", "resources")}
 
 
-def _job(y: _Y, flavour: str, base: Path) -> Job:
+def _job(y: _Y, flavour: str, base: Path, defaults: Optional[Resources] = None) -> Job:
     required = ("name", "file") if flavour == "python" else ("name", "command") if flavour == "shell" else ("name",)
     keys = y.mapping(_JOB_KEYS[flavour], required=required)
     job = Job(name=keys["name"].name(), required_files=_file_list(keys.get("required_files"), base))
@@ -510,6 +618,9 @@ def _job(y: _Y, flavour: str, base: Path) -> Job:
     if "retries" in keys:
         job.retries = keys["retries"].integer(minimum=0)
     job.slurm = _slurm_options(keys.get("slurm"))
+    own = _resources(keys.get("resources"))
+    if own is not None or defaults is not None:
+        job.resources = (defaults or Resources()).merged(own)
     if "params" in keys and not keys["params"].is_null():
         params_y = keys["params"]
         if params_y.kind != "a mapping":
@@ -560,7 +671,7 @@ def load_job_file(path: str) -> JobFile:
         raise section["jobs"].fail("the job list is empty")
     seen: Dict[str, int] = {}
     for item in job_nodes:
-        job = _job(item, flavour, base)
+        job = _job(item, flavour, base, batch.meta.resources)
         name_y = item.mapping(_JOB_KEYS[flavour])["name"]
         if job.name in seen:
             raise name_y.fail(f"job name {job.name!r} is used twice (first at line {seen[job.name]})")
@@ -583,7 +694,7 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir"),
+                             "pause_dir", "cpus", "memory", "gpus", "reserve"),
                             required=("name", "host"))
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
                         capabilities=_capabilities(keys.get("capabilities")))
@@ -599,6 +710,8 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
                 raise keys["port"].fail("must be at most 65535")
         if "slots" in keys:
             node.slots = keys["slots"].integer(minimum=1)
+            node.slots_given = True
+        _node_capacity(node, keys)
         if "workdir" in keys:
             node.workdir = keys["workdir"].text()
             if not node.workdir.startswith("/"):
@@ -616,6 +729,26 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
             raise keys["name"].fail(f"node name {node.name!r} is used twice")
         nodes.append(node)
     return nodes
+
+
+def _node_capacity(node: NodeSpec, keys: Dict[str, _Y]) -> None:
+    """A node's `cpus`, `memory`, `gpus` (overriding what is probed) and `reserve`."""
+    for key in ("cpus", "memory", "gpus"):
+        if key not in keys or keys[key].is_null():
+            continue
+        if key == "memory":
+            try:
+                node.memory = parse_size(keys[key].text())
+            except UserError as exc:
+                raise keys[key].fail(str(exc)) from None
+        else:
+            setattr(node, key, keys[key].integer(minimum=1 if key == "cpus" else 0))
+            if getattr(node, key) > 1 << 20:
+                raise keys[key].fail("is more than any machine has")
+    if "reserve" in keys and not keys["reserve"].is_null():
+        node.reserve = _resources(keys["reserve"], least_cpus=0)
+        if node.reserve is not None and node.reserve.time is not None:
+            raise keys["reserve"].fail("time: a node reserves cpus, memory and gpus only")
 
 
 def describe_batch(batch: JobFile) -> Tuple[int, int]:
@@ -1205,12 +1338,15 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    after: List[str] = field(default_factory=list)     # namespace/batch keys that must be done first
+    after_failed: str = "wait"
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts))
+                   [f.alias for f in batch.initial_files], list(batch.mounts),
+                   list(batch.meta.after), batch.meta.after_failed)
 
 
 @dataclass
@@ -1221,11 +1357,20 @@ class JobPlan:
     command: Optional[str] = None
     has_script: bool = False
     params: Optional[Dict[str, Any]] = None
+    cpus: int = 0           # resources: 0 cpus means none were asked (the job takes a slot)
+    memory: int = 0         # bytes, 0: no limit
+    gpus: int = 0
+    time: int = 0           # seconds, 0: no limit
 
     @classmethod
     def of(cls, job: Job) -> "JobPlan":
-        return cls(job.name, [f.alias for f in job.required_files], job.command, job.file is not None,
+        plan = cls(job.name, [f.alias for f in job.required_files], job.command, job.file is not None,
                    job.params)
+        if job.resources is not None and job.resources.given():
+            plan.cpus = job.resources.cpus or 1
+            plan.memory, plan.gpus, plan.time = (job.resources.memory or 0, job.resources.gpus or 0,
+                                                 job.resources.time or 0)
+        return plan
 
 
 class Workspace:
@@ -2370,6 +2515,28 @@ class _Transaction:
 # Scheduling: which batch a node with a free slot should take next.
 
 @dataclass
+class Amount:
+    """Cores, bytes of memory and GPUs: a node's capacity, a job's request, what is in use."""
+    cpus: int = 0
+    memory: int = 0
+    gpus: int = 0
+
+    def plus(self, other: "Amount") -> "Amount":
+        return Amount(self.cpus + other.cpus, self.memory + other.memory, self.gpus + other.gpus)
+
+    def minus(self, other: "Amount") -> "Amount":
+        return Amount(self.cpus - other.cpus, self.memory - other.memory, self.gpus - other.gpus)
+
+
+@dataclass
+class Allocation:
+    """What one running job holds on a node: its request, its GPU indices, when its time is up."""
+    request: Amount
+    gpus: List[int] = field(default_factory=list)
+    ends: Optional[float] = None        # start + time limit (None: no limit, end unknown)
+
+
+@dataclass
 class NodeView:
     name: str
     capabilities: List[str]
@@ -2377,6 +2544,16 @@ class NodeView:
     free_slots: int
     paused: bool = False
     reachable: bool = True
+    capacity: Optional[Amount] = None   # None: not known yet (never connected)
+    used: Amount = field(default_factory=Amount)
+    jobs: int = 0                       # jobs and builds running there
+    slots: int = 1
+    slots_cap: Optional[int] = None     # `slots` written in the nodes file: caps jobs with resources too
+    running: List[Allocation] = field(default_factory=list)
+
+    @property
+    def free(self) -> Amount:
+        return (self.capacity or Amount()).minus(self.used)
 
 
 @dataclass
@@ -2388,6 +2565,9 @@ class BatchView:
     queued: int
     built_on: List[str] = field(default_factory=list)     # nodes where the build succeeded
     failed_on: List[str] = field(default_factory=list)    # nodes where the build failed
+    request: Optional[Amount] = None    # the next queued job's resources (None: it asked none, takes a slot)
+    time: int = 0                       # the next queued job's time limit (0: none)
+    waiting: Optional[str] = None       # why it may not start yet (meta.after)
 
     @property
     def needs_gpu(self) -> bool:
@@ -2408,10 +2588,21 @@ def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
         return f"lacks {', '.join(missing)}"
     if node.name in batch.failed_on:
         return "the batch's build failed there"
+    if batch.waiting:
+        return batch.waiting
+    request = batch_request(node, batch)
+    if node.capacity is not None and request is not None:
+        short = shortfall(request, node.capacity)
+        if short:
+            return short
     if node.paused:
         return "paused"
-    if node.free_slots <= 0:
+    if batch.request is None and node.free_slots <= 0:
         return "busy"
+    if batch.request is not None and node.slots_cap is not None and node.jobs >= node.slots_cap:
+        return f"busy: {node.jobs} of {node.slots_cap} slots in use"
+    if node.capacity is not None and request is not None and not fits(request, node.free):
+        return in_use(request, node.used, node.capacity)
     return None
 
 
@@ -2432,6 +2623,161 @@ def pick_batch(node: NodeView, batches: List[BatchView], last_owner: Optional[st
     mine = [b for b in eligible if b.owner == owner]
     built = [b for b in mine if node.name in b.built_on]
     return min(built or mine, key=lambda b: (b.created, b.id))
+
+
+# Resources (SPEC §6 "Resources").  A node's capacity is what it has (probed, or written in
+# the nodes file) minus what it keeps for its owner (`reserve`).  A job with `resources`
+# asks for its cpus, memory and gpus; a job without asks for its slot's share of the node
+# (cpus // slots, gpus // slots), so with no resources anywhere `slots` work as before and
+# the two kinds share a node without oversubscribing it.  Jobs start only where their
+# request fits in what is free, so the running requests never exceed the capacity.
+
+def node_capacity(probed: Dict[str, Any], spec: NodeSpec) -> Amount:
+    """Probed cores, memory and GPUs, or the nodes file's overrides, minus its reserve."""
+    have = Amount(spec.cpus if spec.cpus is not None else int(probed.get("cpus") or 1),
+                  spec.memory if spec.memory is not None else int(probed.get("memory") or 0),
+                  spec.gpus if spec.gpus is not None else int(probed.get("gpus") or 0))
+    keep = spec.reserve or Resources()
+    return Amount(max(0, have.cpus - (keep.cpus or 0)), max(0, have.memory - (keep.memory or 0)),
+                  max(0, have.gpus - (keep.gpus or 0)))
+
+
+def job_request(plan: JobPlan) -> Optional[Amount]:
+    """What a job with resources asks for; None for a job without (it takes a slot)."""
+    return Amount(plan.cpus, plan.memory, plan.gpus) if plan.cpus else None
+
+
+def slot_share(capacity: Amount, slots: int) -> Amount:
+    """What a job without resources holds: its slot's share of the node."""
+    slots = max(1, slots)
+    return Amount(max(1, capacity.cpus // slots) if capacity.cpus else 0, 0, capacity.gpus // slots)
+
+
+def batch_request(node: NodeView, batch: BatchView) -> Optional[Amount]:
+    if batch.request is not None:
+        return batch.request
+    return slot_share(node.capacity, node.slots) if node.capacity is not None else None
+
+
+def fits(request: Amount, free: Amount) -> bool:
+    return request.cpus <= free.cpus and request.memory <= free.memory and request.gpus <= free.gpus
+
+
+def _amounts(amount: Amount) -> List[Tuple[str, int, str]]:
+    return [("cpus", amount.cpus, str(amount.cpus)), ("memory", amount.memory, format_size(amount.memory)),
+            ("gpus", amount.gpus, str(amount.gpus))]
+
+
+def shortfall(request: Amount, capacity: Amount) -> Optional[str]:
+    """'needs 32 cpus, has 16' for what the node can never give the job (None: it fits an empty node)."""
+    parts = [f"needs {text} {'memory' if key == 'memory' else key}, has {have_text}"
+             for (key, want, text), (_, have, have_text) in zip(_amounts(request), _amounts(capacity))
+             if want > have]
+    return "; ".join(parts) or None
+
+
+def in_use(request: Amount, used: Amount, capacity: Amount) -> str:
+    """'24 of 32 cpus in use' for each resource too short for `request` now."""
+    parts = []
+    for (key, want, _), (_, busy, busy_text), (_, have, have_text) in zip(
+            _amounts(request), _amounts(used), _amounts(capacity)):
+        if want > have - busy:
+            what = "memory" if key == "memory" else key
+            parts.append(f"{busy_text} of {have_text} {what} in use (needs {format_size(want) if key == 'memory' else want})")
+    return "; ".join(parts) or "busy"
+
+
+def assign_gpus(count: int, taken: Iterable[int], total: int) -> Optional[List[int]]:
+    """The lowest `count` GPU indices nobody holds (None: not enough free).  Never shared."""
+    held = set(taken)
+    free = [index for index in range(total) if index not in held]
+    return free[:count] if len(free) >= count else None
+
+
+def fit_problem(requests: Iterable[Tuple[str, Amount]], nodes: Dict[str, Optional[Amount]]) -> Optional[str]:
+    """None when each job fits some node's capacity (or a node's capacity is unknown yet);
+    else one line: the first job no node could ever fit, and the shortfall on each node."""
+    if not nodes or any(capacity is None for capacity in nodes.values()):
+        return None
+    seen = set()
+    for name, request in requests:
+        key = dataclasses.astuple(request)
+        if key in seen:
+            continue
+        seen.add(key)
+        if any(fits(request, capacity) for capacity in nodes.values()):
+            continue
+        return (f"job {name} fits no node: " +
+                "; ".join(f"{node} {shortfall(request, capacity)}" for node, capacity in nodes.items()))
+    return None
+
+
+def room_at(node: NodeView, request: Amount, now: float) -> Optional[float]:
+    """When enough running jobs will have ended, by their time limits, for `request` to fit
+    (now if it fits already; None when that depends on a job without a time limit)."""
+    free = node.free
+    if fits(request, free):
+        return now
+    for job in sorted(node.running, key=lambda a: float("inf") if a.ends is None else a.ends):
+        if job.ends is None:
+            return None
+        free = free.plus(job.request)
+        if fits(request, free):
+            return max(now, job.ends)
+    return None
+
+
+def pick_for_node(node: NodeView, batches: List[BatchView], last_owner: Optional[str],
+                  held: Optional[int] = None, held_elsewhere: Iterable[int] = (),
+                  now: Optional[float] = None) -> Tuple[Optional[BatchView], Optional[int]]:
+    """The batch `node` takes a job of now, and the batch it is held for (None: not held).
+
+    Anti-starvation (a reservation with backfill): when the batch whose turn it is on this
+    node (pick_batch's order, as if the node were empty) has a next job with resources that
+    fits the node but not what is free now, the node is held for it: it starts no other job
+    except one whose `time` limit ends before the running jobs, by their own time limits,
+    leave room for the held job (backfill).  A batch holds one node at a time; a hold ends
+    when its job starts there, or the batch has nothing queued or can no longer run there.
+    Jobs without resources never hold a node (slots behave as before)."""
+    now = time.time() if now is None else now
+    empty = dataclasses.replace(node, used=Amount(), jobs=0, free_slots=node.slots, running=[])
+    target = next((b for b in batches if b.id == held and b.queued > 0), None) if held is not None else None
+    if target is not None and why_not(empty, target) is not None:
+        target = None
+    if target is None:
+        turn = pick_batch(empty, batches, last_owner)
+        if turn is not None and turn.request is not None and why_not(node, turn) is not None \
+                and turn.id not in set(held_elsewhere):
+            target = turn
+    if target is None:
+        return pick_batch(node, batches, last_owner), None
+    if why_not(node, target) is None:
+        return target, None
+    until = room_at(node, target.request or Amount(), now)
+    backfill = [b for b in batches if b.id != target.id and b.request is not None and b.time
+                and until is not None and now + b.time <= until]
+    return pick_batch(node, backfill, last_owner), target.id
+
+
+def dependency_wait(after: List[str], ended: Dict[str, Tuple[str, Dict[str, int]]],
+                    after_failed: str = "wait") -> Optional[str]:
+    """Why a batch with `meta.after` must wait (None: it may start).  `ended` maps each
+    dependency still on the head to (batch state, {job state: count}); one no longer there
+    was forgotten, which only an ended batch can be.  Rule: a dependency must have ended;
+    one that ended with failed or killed jobs holds the batch back until they are retried
+    and succeed (or the batch says `after_failed: start`)."""
+    for key in after:
+        if key not in ended:
+            continue
+        state, counts = ended[key]
+        total = sum(counts.values())
+        if state == "active" or counts.get("queued", 0) or counts.get("running", 0):
+            return f"waits for {key} ({counts.get('done', 0)} of {total} jobs done)"
+        bad = counts.get("failed", 0) + counts.get("killed", 0)
+        if bad and after_failed != "start":
+            return (f"waits for {key}, which ended with {bad} failed or killed job(s): "
+                    f"`distribute retry {key}` until they succeed, or kill this batch")
+    return None
 
 
 def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
