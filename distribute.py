@@ -216,6 +216,8 @@ class SlurmOptions:
     account: Optional[str] = None
     mail_user: Optional[str] = None
     mail_type: Optional[str] = None
+    mem: Optional[str] = None                # from resources.memory (not a job-file key)
+    gres: Optional[str] = None               # from resources.gpus (not a job-file key)
 
 
 @dataclass
@@ -508,7 +510,7 @@ def _capabilities(y: Optional[_Y]) -> List[str]:
     return caps
 
 
-_SIZE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,3}))?\s*([KMGT]?)(i?B)?\Z", re.I)
+_SIZE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?\s*([KMGT]?)(i?B)?\Z", re.I)
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -518,10 +520,7 @@ def parse_size(text: str) -> int:
     if not match:
         raise UserError(f"size {text!r} is not like 16G, 512M or 1.5T")
     whole, fraction, unit, _ = match.groups()
-    value = int((int(whole) + float("0." + (fraction or "0"))) * _SIZE_UNITS[unit.upper()])
-    if value <= 0:
-        raise UserError(f"size {text!r} must be more than zero")
-    return value
+    return int((int(whole) + float("0." + (fraction or "0"))) * _SIZE_UNITS[unit.upper()])
 
 
 def format_size(size: float) -> str:
@@ -552,6 +551,8 @@ def _resources(y: Optional[_Y], least_cpus: int = 1) -> Optional[Resources]:
             out.memory = parse_size(keys["memory"].text())
         except UserError as exc:
             raise keys["memory"].fail(str(exc)) from None
+        if out.memory <= 0 and least_cpus:
+            raise keys["memory"].fail("must be more than zero")
     if "time" in keys and not keys["time"].is_null():
         try:
             out.time = parse_duration(keys["time"].text())
@@ -1821,11 +1822,38 @@ def check_slurm_options(batch: JobFile) -> None:
 
 
 def effective_slurm_options(batch: JobFile, job: Job) -> SlurmOptions:
-    """The batch's slurm options with the job's own (non-null) overrides on top."""
+    """The batch's slurm options with the job's own (non-null) overrides on top; the job's
+    resources fill in --cpus-per-task, --mem, --gres=gpu:N and --time where no slurm option
+    says otherwise (an explicit mem_per_cpu keeps --mem out: sbatch takes only one)."""
     merged = dataclasses.asdict(batch.slurm or SlurmOptions())
     overrides = dataclasses.asdict(job.slurm or SlurmOptions())
     merged.update({key: value for key, value in overrides.items() if value is not None})
+    wanted = job.resources or Resources()
+    if wanted.cpus and merged["cpus_per_task"] is None:
+        merged["cpus_per_task"] = wanted.cpus
+    if wanted.memory and merged["mem_per_cpu"] is None:
+        merged["mem"] = f"{-(-wanted.memory // (1 << 20))}M"
+    if wanted.gpus:
+        merged["gres"] = f"gpu:{wanted.gpus}"
+    if wanted.time and merged["time"] is None:
+        merged["time"] = slurm_time(wanted.time)
     return SlurmOptions(**merged)
+
+
+def slurm_time(seconds: int) -> str:
+    """Seconds as Slurm's D-HH:MM:SS (or HH:MM:SS under a day)."""
+    days, rest = divmod(int(seconds), 86400)
+    clock_text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock_text}" if days else clock_text
+
+
+def slurm_after_note(batch: JobFile) -> Optional[str]:
+    """One line on meta.after: Slurm cannot know another batch's job ids when this one is
+    written, so submit.sh takes them from AFTER (the other batch's submitted.txt)."""
+    if not batch.meta.after:
+        return None
+    return (f"meta.after ({', '.join(batch.meta.after)}) becomes a Slurm dependency only when you submit with "
+            "AFTER=\"$(cat OTHER/submitted.txt)\" sh submit.sh (OTHER: the folder that batch was submitted from)")
 
 
 def plan_slurm_arrays(batch: JobFile, max_array_size: int) -> List[SlurmArray]:
@@ -1852,7 +1880,8 @@ def sbatch_lines(options: SlurmOptions, default_name: str, default_output: str) 
              ("nodes", options.nodes), ("ntasks", options.ntasks), ("cpus-per-task", options.cpus_per_task),
              ("mem-per-cpu", options.mem_per_cpu), ("hint", options.hint), ("time", options.time),
              ("partition", options.partition), ("account", options.account),
-             ("mail-user", options.mail_user), ("mail-type", options.mail_type)]
+             ("mail-user", options.mail_user), ("mail-type", options.mail_type),
+             ("mem", options.mem), ("gres", options.gres)]
     return [f"#SBATCH --{flag}={value}" for flag, value in flags if value is not None]
 
 
@@ -2006,6 +2035,13 @@ if ! command -v sbatch > /dev/null 2>&1; then
 fi
 mkdir -p logs @DIRS@
 submitted=""
+# AFTER="id id ..." (another batch's submitted.txt): start only once those Slurm jobs succeeded.
+after=$(printf '%s' "${AFTER-}" | tr -s ' \n' '::' | sed 's/^://; s/:$//')
+case "$after" in
+    *[!0-9:_]*) echo "submit.sh: AFTER must be Slurm job ids, not $AFTER" >&2; exit 1 ;;
+esac
+first_after=""
+[ -z "$after" ] || first_after="--dependency=afterok:$after"
 # submit SCRIPT [SBATCH OPTIONS...]: sets $id, or stops with sbatch's reason.
 submit() {
     script=$1
@@ -2113,10 +2149,10 @@ def submit_script(batch: JobFile, arrays: List[SlurmArray], has_build: bool) -> 
     dirs += sorted({os.path.dirname(a.options.output) for a in arrays
                     if a.options.output and os.path.dirname(a.options.output)
                     and "%" not in os.path.dirname(a.options.output)})
-    after = ""
+    after = " $first_after"
     submits = []
     if has_build:
-        submits += ["submit build.sbatch", "build=$id"]
+        submits += ["submit build.sbatch $first_after", "build=$id"]
         after = ' --dependency="afterok:$build" --kill-on-invalid-dep=yes'
     submits += [f"submit {a.script}{after}" for a in arrays]
     return _fill(_SUBMIT_SH, label=f"{meta.namespace}/{meta.batch_name}", dirs=_shell_list(dirs),
@@ -2311,15 +2347,18 @@ class JobRow:
     exit_code: Optional[int]
     progress: Optional[float]
     slot: Optional[int]
+    reason: Optional[str] = None     # why it was stopped (a memory or time limit)
 
 
 # The schema has a version (SQLite's user_version).  Release 0.1.0 wrote no version
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
+    2: "ALTER TABLE jobs ADD COLUMN reason TEXT;"     # why a job was stopped (a limit)
+       "CREATE INDEX IF NOT EXISTS jobs_stopped ON jobs(batch_id) WHERE reason IS NOT NULL",
 }
 
 
@@ -2430,7 +2469,7 @@ class Store:
     # jobs
     def _job(self, row) -> JobRow:
         return JobRow(row[0], row[1], row[3], JobPlan(**json.loads(row[4])), row[5], row[6], row[7],
-                      row[8], row[9], row[10], row[11], row[12], row[13], row[14])
+                      row[8], row[9], row[10], row[11], row[12], row[13], row[14], row[15] if len(row) > 15 else None)
 
     def job(self, job_id: int) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -2470,7 +2509,7 @@ class Store:
 
     def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
         self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
-                        " exit_code=NULL, progress=NULL, attempts=attempts+1 WHERE id=?",
+                        " exit_code=NULL, progress=NULL, reason=NULL, attempts=attempts+1 WHERE id=?",
                         (run_id, node, slot, time.time(), job_id))
 
     def mark_ended(self, job_id: int, state: str, exit_code: Optional[int]) -> None:
@@ -2480,6 +2519,17 @@ class Store:
     def requeue(self, job_id: int, count_attempt: bool) -> None:
         self.db.execute("UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL,"
                         " attempts=attempts - ? WHERE id=?", (0 if count_attempt else 1, job_id))
+
+    def set_reason(self, job_id: int, reason: Optional[str]) -> None:
+        self.db.execute("UPDATE jobs SET reason=? WHERE id=?", (reason, job_id))
+
+    def reasons(self, batch_ids: Iterable[int]) -> List[Tuple[int, str, str]]:
+        """(batch id, job name, reason) of the jobs of these batches stopped for a reason."""
+        ids = list(batch_ids)
+        if not ids:
+            return []
+        return self.db.execute("SELECT batch_id, name, reason FROM jobs WHERE reason IS NOT NULL AND batch_id >= ?"
+                               " ORDER BY batch_id, idx", (min(ids),)).fetchall()
 
     def set_progress(self, job_id: int, progress: Optional[float]) -> None:
         self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
@@ -3710,6 +3760,72 @@ class RunRecord:
     end: Optional[float] = None
     exit_code: Optional[int] = None
     killed: bool = False
+    reason: Optional[str] = None     # why it was stopped (a limit: 'memory: 17.2G > 16G', 'time limit 2h')
+    gpus: Optional[List[int]] = None     # the GPU indices it was given
+
+
+# --- limits: a job past its memory or time is stopped -------------------------
+#
+# No root, no cgroups: the supervisor samples each limited job's process tree a few
+# times a second, adds up its resident memory, and counts its run time while the
+# machine is not paused.  A job over a limit is stopped like a `kill` and its run
+# record says why; the head archives it as killed, with that reason, and does not
+# retry it (the same job would hit the same limit again).
+
+@dataclass
+class LimitWatch:
+    """One job's limits and the run time it has used so far (paused time left out)."""
+    memory: int = 0          # bytes, 0: none
+    time: int = 0            # seconds, 0: none
+    used: float = 0.0
+    last: Optional[float] = None
+
+    def step(self, now: float, paused: bool, rss: int) -> Optional[str]:
+        """Account the time since the last step; the reason to stop the job, if any."""
+        if self.last is not None and not paused:
+            self.used += max(0.0, now - self.last)
+        self.last = now
+        if self.memory and rss > self.memory:
+            return f"memory: {format_size(rss)} > {format_size(self.memory)}"
+        if self.time and self.used >= self.time:
+            return f"time limit {format_duration(self.time)}"
+        return None
+
+
+def tree_rss(root: int, table: Optional[Dict[int, ProcInfo]] = None) -> int:
+    """Resident memory (bytes) of every process of the job under `root`."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    total = 0
+    for pid in job_processes([root], table):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                total += int(statm.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            with contextlib.suppress(Exception):
+                import psutil
+                total += psutil.Process(pid).memory_info().rss
+    return total
+
+
+async def watch_limits(limits: Dict[str, LimitWatch], roots: Callable[[], Dict[str, int]],
+                       paused: Callable[[], bool], stop: Callable[[str, str], None],
+                       interval: float = 0.25) -> None:
+    """Run forever in the supervisor: stop(run_id, reason) for each job over a limit.
+    roots() gives {run_id: root pid} of the running jobs that may still be stopped."""
+    import asyncio
+    while True:
+        await asyncio.sleep(interval)
+        live = roots()
+        watched = [(run_id, watch) for run_id, watch in limits.items() if run_id in live]
+        if not watched:
+            continue
+        table = process_table() if any(w.memory for _, w in watched) else None
+        now, frozen = time.time(), paused()
+        for run_id, watch in watched:
+            reason = watch.step(now, frozen, tree_rss(live[run_id], table) if watch.memory else 0)
+            if reason:
+                limits.pop(run_id, None)
+                stop(run_id, reason)
 
 
 class Supervisor:
@@ -3730,6 +3846,7 @@ class Supervisor:
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
         self.pause_locks: List[Any] = []
+        self.limits: Dict[str, LimitWatch] = {}    # run_id -> its memory and time limits
 
     # records on disk
     def run_dir(self, run_id: str) -> Path:
@@ -3772,11 +3889,16 @@ class Supervisor:
                                                  limit=2 ** 24)
         os.chmod(self.socket_path, 0o600)
         watcher = asyncio.ensure_future(self.watch_pauses())
+        limiter = asyncio.ensure_future(watch_limits(
+            self.limits, lambda: {key: proc.pid for key, proc in self.procs.items() if key not in self.dying},
+            self.is_paused, self.stop_for_limit))
         try:
             while not self.idle_long_enough():
                 await asyncio.sleep(1.0)
         finally:
             watcher.cancel()
+            limiter.cancel()
+            await asyncio.gather(watcher, limiter, return_exceptions=True)
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -3806,6 +3928,22 @@ class Supervisor:
             await watch_pauses(roots, changed)
         except (UserError, Failed) as exc:
             log(f"supervisor: pausing is unavailable here: {exc}")
+
+    def is_paused(self) -> bool:
+        """Whether the jobs here are frozen now (their run time does not count)."""
+        return bool(self.pause_locks)
+
+    def stop_for_limit(self, run_id: str, reason: str) -> None:
+        """A job went past its memory or time limit: stop it, and say why in its record."""
+        import asyncio
+        record, proc = self.live.get(run_id), self.procs.get(run_id)
+        log(f"supervisor: stopping run {run_id}: {reason}")
+        if record is not None:
+            record.killed, record.reason = True, reason
+            self.save_record(record)
+        if proc is not None:
+            self.dying.add(run_id)
+            asyncio.ensure_future(terminate_tree(proc, 2.0))
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
@@ -3938,10 +4076,15 @@ class Supervisor:
         await self.receive_files(channel, header, payload, ws.root)
         folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time())
+        record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time(),
+                           gpus=header.get("gpus"))
         self.save_record(record)
         cpus = int(header.get("cpus") or self.machine["cpus"])
         env = ws.job_env(plan, job, cpus, header.get("env") or {})
+        if job.cpus and "OMP_NUM_THREADS" not in os.environ:     # a job with resources: its cpus
+            env["OMP_NUM_THREADS"] = str(cpus)
+        if job.memory or job.time:
+            self.limits[run_id] = LimitWatch(job.memory, job.time)
         self.live[run_id] = record
         asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
         return {"ok": True}, b""
@@ -3953,6 +4096,10 @@ class Supervisor:
         code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
         record.state, record.end, record.exit_code = "finished", time.time(), code
         self.live.pop(record.run_id, None)
+        self.limits.pop(record.run_id, None)
+        if record.reason:
+            with open(folder / "stdout.txt", "ab") as out:
+                out.write(f"distribute: stopped: {record.reason}\n".encode())
         with contextlib.suppress(FileNotFoundError):
             os.rename(ws.save, folder / "save")
         (folder / "save").mkdir(exist_ok=True)
@@ -5027,6 +5174,8 @@ class Head:
         self._wake = None
         self.matrix = None
         self.timeline: List[TimelineSpan] = []      # attempts, builds, pauses, for `report`
+        self.holds: Dict[str, int] = {}             # node -> batch id it is held for (anti-starvation)
+        self.allocations: Dict[str, Allocation] = {}    # run id -> what it holds on its node
 
     # the main loop
     async def serve(self) -> None:
@@ -5093,17 +5242,16 @@ class Head:
 
     async def schedule(self) -> None:
         import asyncio
-        views = self.batch_views()
+        views = self.with_resources(self.batch_views())
         if not views:
             return
         progress = True
         while progress:
             progress = False
             for link in self.links.values():
-                slot = link.free_slot()
-                if not link.up or slot is None or link.paused:
+                if not link.up or link.paused:
                     continue
-                choice = pick_batch(link.view(), views, self.last_owner)
+                choice, slot = self.pick_with_resources(link, views)
                 if choice is None:
                     continue
                 progress = True
@@ -5112,6 +5260,7 @@ class Head:
                 if self.builds.get((batch.id, link.name)) == "ok":
                     job = self.claim_job(batch, link, slot)
                     choice.queued -= 1
+                    self.allocate(link, job, choice)
                     asyncio.ensure_future(self.start_job(link, batch, job, slot))
                 else:
                     link.slots[slot] = f"build:{batch.id}"
@@ -5143,6 +5292,94 @@ class Head:
     def cpus_per_slot(self, link: NodeLink) -> int:
         return max(1, int(link.info.get("cpus", 1)) // link.spec.slots)
 
+    # resources: a thin layer over the pure functions of section 7 (what each running job
+    # holds is kept by run id; a run id no longer in its node's slots has let go of it)
+    def resource_view(self, link: NodeLink) -> NodeView:
+        view = link.view()
+        if not link.info:
+            return view                             # never connected: capacity unknown
+        view.capacity = node_capacity(link.info, link.spec)
+        view.gpus = view.capacity.gpus
+        view.running = [self.allocations[r] for r in link.slots.values() if r in self.allocations]
+        for held in view.running:
+            view.used = view.used.plus(held.request)
+        view.jobs, view.slots = len(link.slots), link.spec.slots
+        view.slots_cap = link.spec.slots if link.spec.slots_given else None
+        return view
+
+    def with_resources(self, views: List[BatchView]) -> List[BatchView]:
+        """Batch views with their next job's request and their dependencies' verdict."""
+        live = {r for link in self.links.values() for r in link.slots.values()}
+        for run_id in [r for r in self.allocations if r not in live]:
+            del self.allocations[run_id]
+        for view in views:
+            following = self.store.next_queued(view.id)
+            if following is not None:
+                view.request, view.time = job_request(following.plan), following.plan.time
+            view.waiting = self.dependency_reason(self.batches[view.id])
+        return views
+
+    def dependency_reason(self, batch: BatchRow) -> Optional[str]:
+        if not batch.plan.after:
+            return None
+        ended: Dict[str, Tuple[str, Dict[str, int]]] = {}
+        for key in batch.plan.after:
+            namespace, _, name = key.partition("/")
+            other = self.store.find_batch(namespace, name)
+            if other is not None and other.id != batch.id:
+                ended[key] = (other.state, self.batch_counts(other.id))
+        return dependency_wait(batch.plan.after, ended, batch.plan.after_failed)
+
+    def pick_with_resources(self, link: NodeLink, views: List[BatchView]) -> Tuple[Optional[BatchView], Optional[int]]:
+        """The batch this node takes a job of now and the slot it goes in (holds kept up to date)."""
+        elsewhere = [b for n, b in self.holds.items() if n != link.name]
+        choice, hold = pick_for_node(self.resource_view(link), views, self.last_owner,
+                                     self.holds.get(link.name), elsewhere)
+        if hold is None:
+            self.holds.pop(link.name, None)
+        else:
+            self.holds[link.name] = hold
+        if choice is None:
+            return None, None
+        slot = link.free_slot() if choice.request is None else \
+            next(i for i in itertools.count() if i not in link.slots)
+        return (choice, slot) if slot is not None else (None, None)
+
+    def allocate(self, link: NodeLink, job: JobRow, choice: BatchView) -> None:
+        """Note what a job just claimed holds on the node, and what the batch's next job asks."""
+        view = self.resource_view(link)
+        capacity = view.capacity or Amount()
+        request = job_request(job.plan) or slot_share(capacity, link.spec.slots)
+        taken = [i for held in view.running for i in held.gpus]
+        gpus = assign_gpus(request.gpus, taken, capacity.gpus) or []
+        self.allocations[job.run_id or ""] = Allocation(request, gpus,
+                                                        time.time() + job.plan.time if job.plan.time else None)
+        following = self.store.next_queued(choice.id) if choice.queued > 0 else None
+        if following is not None:
+            choice.request, choice.time = job_request(following.plan), following.plan.time
+
+    def allocate_again(self, link: NodeLink, job: JobRow, run: Dict[str, Any]) -> None:
+        """A run adopted after a (re)connection holds what it was given (its GPUs from its record)."""
+        capacity = node_capacity(link.info, link.spec) if link.info else Amount()
+        request = job_request(job.plan) or slot_share(capacity, link.spec.slots)
+        start = run.get("start") or job.started or time.time()
+        self.allocations[run["run_id"]] = Allocation(request, [int(i) for i in run.get("gpus") or []],
+                                                     start + job.plan.time if job.plan.time else None)
+
+    def resource_header(self, link: NodeLink, job: JobRow, slot: int) -> Dict[str, Any]:
+        """cpus, environment and GPU indices for a job's start request."""
+        held = self.allocations.get(job.run_id or "")
+        gpus = held.gpus if held else []
+        if not job.plan.cpus:                       # no resources: as before, but its own GPUs
+            env = self.job_env(link, slot)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+            return {"cpus": self.cpus_per_slot(link), "env": env, "gpus": gpus}
+        env = {}
+        if gpus or int(link.info.get("gpus", 0)) or link.spec.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        return {"cpus": job.plan.cpus, "env": env, "gpus": gpus}
+
     async def start_build(self, link: NodeLink, batch: BatchRow, slot: int) -> None:
         entries = folder_entries(self.files / str(batch.id) / "shared")
         timeline_build_started(self, batch.id, link.name)
@@ -5158,9 +5395,9 @@ class Head:
     async def start_job(self, link: NodeLink, batch: BatchRow, job: JobRow, slot: int) -> None:
         entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
         try:
-            await link.send_files({"op": "start", "run_id": job.run_id, "slot": slot,
-                                   "plan": vars(batch.plan), "job": vars(job.plan),    # flat dataclasses
-                                   "cpus": self.cpus_per_slot(link), "env": self.job_env(link, slot)}, entries)
+            await link.send_files(dict({"op": "start", "run_id": job.run_id, "slot": slot,
+                                        "plan": vars(batch.plan), "job": vars(job.plan)},    # flat dataclasses
+                                       **self.resource_header(link, job, slot)), entries)
         except Failed as exc:
             log(f"node {link.name}: {batch.key}/{job.name} could not start: {exc}")
             current = self.store.job(job.id)
@@ -5241,6 +5478,8 @@ class Head:
                   "start": now_iso(run.get("start")), "end": now_iso(run.get("end") or time.time()),
                   "exit_code": code, "attempts": job.attempts, "state": "ok" if state == "done" else state,
                   "params": job.plan.params or {}}
+        if run.get("reason"):
+            record["reason"] = run["reason"]
         if run_id in self.archiving:            # a reconnect and a retry may both bring it here
             return
         self.archiving.add(run_id)
@@ -5275,6 +5514,8 @@ class Head:
                 self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
             else:
                 self.store.mark_ended(job.id, state, code)
+            if run.get("reason"):
+                self.store.set_reason(job.id, str(run["reason"]))
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
@@ -5353,6 +5594,7 @@ class Head:
                     self.forget_stale_workspace(link, run)
                 continue
             link.slots[job.slot or 0] = run_id
+            self.allocate_again(link, job, run)
             if run["state"] == "finished":
                 asyncio_spawn(self.on_finished(link, {"event": "finished", "run": run, "inline": False}, b""))
         for job in self.store.running_jobs():
@@ -5427,6 +5669,7 @@ class Head:
                 raise UserError(problem)
         capabilities = list(header.get("capabilities", []))
         capable = self.capable_nodes(capabilities)
+        self.check_resources(plan, jobs, capable)
         if header.get("show_caps") or header.get("dry"):
             await channel.send({"ok": True, "dry": True, "capable": capable, "nodes": self.node_report()})
             return
@@ -5471,6 +5714,29 @@ class Head:
         await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
                             "capable": capable})
 
+    def check_resources(self, plan: BatchPlan, jobs: List[Tuple[JobPlan, int]], capable: List[str]) -> None:
+        """Refuse resources that are not numbers, a batch no capable node could ever fit, and
+        a dependency that is not on this head."""
+        for job, _ in jobs:
+            for key in ("cpus", "memory", "gpus", "time"):
+                value = getattr(job, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise UserError(f"job {job.name}: resources.{key} must be a whole number, not {value!r}")
+        nodes = {name: node_capacity(self.links[name].info, self.links[name].spec) if self.links[name].info
+                 else None for name in capable}
+        problem = fit_problem(((job.name, request) for job, _ in jobs
+                               for request in [job_request(job)] if request is not None), nodes)
+        if problem:
+            raise UserError(problem)
+        if plan.after_failed not in ("wait", "start"):
+            raise UserError(f"meta.after_failed must be 'wait' or 'start', not {plan.after_failed!r}")
+        for key in plan.after:
+            namespace, _, name = str(key).partition("/")
+            if name_problem(namespace) or name_problem(name):
+                raise UserError(f"meta.after: {key!r} is not namespace/batch")
+            if self.store.find_batch(namespace, name) is None:
+                raise UserError(f"meta.after: no batch {key} on this head; add it first")
+
     def capable_nodes(self, capabilities: List[str]) -> List[str]:
         return [l.name for l in self.links.values()
                 if not missing_capabilities(capabilities, l.capabilities)]
@@ -5502,19 +5768,33 @@ class Head:
                         "capabilities": link.capabilities, "slots": link.spec.slots,
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
+                        **self.resource_report(link),
                         "paused": [{"user": l.get("user"), "until": now_iso(l.get("until"))}
                                    for l in link.paused]})
         return out
+
+    def resource_report(self, link: NodeLink) -> Dict[str, Any]:
+        """`nodes --json`: capacity (after the reserve) and what running jobs hold."""
+        view = self.resource_view(link)
+        if view.capacity is None:
+            return {"capacity": None, "used": None}
+        return {"capacity": dataclasses.asdict(view.capacity), "used": dataclasses.asdict(view.used),
+                "held_for": self.batches[self.holds[link.name]].key if self.holds.get(link.name) in self.batches
+                else None}
 
     async def api_nodes(self, channel, user, header, payload):
         await channel.send({"ok": True, "nodes": self.node_report()})
 
     async def api_status(self, channel, user, header, payload):
         batches = []
-        for _, namespace, name, owner, state, created, finished, c in self.store.status_rows():
+        rows = self.store.status_rows()
+        for _, namespace, name, owner, state, created, finished, c in rows:
             batches.append({"batch": f"{namespace}/{name}", "owner": owner, "state": state,
                             "created": now_iso(created), "finished": now_iso(finished) if finished else None,
                             "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
+        keys = {batch_id: f"{namespace}/{name}" for batch_id, namespace, name, *_ in rows}
+        stopped = [{"batch": keys[b], "job": name, "reason": reason}
+                   for b, name, reason in self.store.reasons(keys) if b in keys]
         running = []
         progress = await self.running_progress()
         for job in self.store.running_jobs():
@@ -5522,7 +5802,7 @@ class Head:
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
                             "progress": progress.get(job.run_id or "", job.progress)})
-        await channel.send({"ok": True, "batches": batches, "running": running})
+        await channel.send({"ok": True, "batches": batches, "running": running, "stopped": stopped})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -5601,10 +5881,17 @@ class Head:
         view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1,
                          [n for (b, n), s in self.builds.items() if b == batch.id and s == "ok"],
                          [n for (b, n), s in self.builds.items() if b == batch.id and s == "failed"])
+        waiting = job if job is not None and job.state == "queued" else self.store.next_queued(batch.id)
+        if waiting is not None:
+            view.request, view.time = job_request(waiting.plan), waiting.plan.time
+        view.waiting = self.dependency_reason(batch)
         reasons = {}
         for link in self.links.values():
-            node = link.view()
+            node = self.resource_view(link)
             reason = why_not(node, view)
+            held = self.holds.get(link.name)
+            if reason is None and held is not None and held != batch.id and held in self.batches:
+                reason = f"held for the next job of {self.batches[held].key}, which needs more room (large jobs go first)"
             if link.state == "refused":
                 reason = link.error
             elif reason == "busy":
@@ -5846,6 +6133,9 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
         for job in running_by_batch.get(batch["batch"], []):
             progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
             lines.append(f"    {job['job']} on {job['node']}{progress}")
+        for job in reply.get("stopped", []):
+            if job["batch"] == batch["batch"]:
+                lines.append(f"    {job['job']} stopped: {job['reason']}")
     return lines or ["no batches"]
 
 
@@ -5869,6 +6159,11 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
                      + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
                      + (f"; version {node['version']}" if node.get("version") else ""))
+        if node.get("capacity"):
+            have, used = node["capacity"], node["used"]
+            lines.append(f"{'':<12} in use: {used['cpus']}/{have['cpus']} cpus, {format_size(used['memory'])}/"
+                         f"{format_size(have['memory'])} memory, {used['gpus']}/{have['gpus']} gpus"
+                         + (f"; held for {node['held_for']}" if node.get("held_for") else ""))
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
     return lines
@@ -6148,16 +6443,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
 DEFAULT_MIN_FREE = "5G"
 MIN_NODE_PYTHON = (3, 8)
 
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'5G', '500M', '1.5T', '2048' (bytes) -> bytes; binary units."""
-    match = _SIZE_RE.match(text.strip())
-    if not match:
-        raise UserError(f"size {text!r} is not like 5G, 500M or 1T")
-    factor = 1024 ** " kmgt".index(match.group(2).lower() or " ")
-    return int(float(match.group(1)) * factor)
+# (sizes such as --min-free are read by parse_size, section 3)
 
 
 # One round trip per node; prints key=value lines.  $1 python, $2 workdir, $3 pause dir.
@@ -6419,6 +6705,7 @@ class TimelineSpan:
     attempt: int = 0
     exit_code: Optional[int] = None
     users: List[str] = field(default_factory=list)
+    reason: Optional[str] = None     # why a job was stopped (a limit)
 
 
 def timeline_add(head: "Head", span: TimelineSpan) -> None:
@@ -6450,7 +6737,7 @@ def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: D
     end = run.get("end") or time.time()
     timeline_add(head, TimelineSpan("job", node, run.get("start") or job.started or end, end,
                                     "ok" if state == "done" else state, batch_id, job.id, job.name,
-                                    job.attempts, run.get("exit_code")))
+                                    job.attempts, run.get("exit_code"), reason=run.get("reason")))
 
 
 def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> None:
@@ -6471,14 +6758,14 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     recorded = [s for s in head.timeline if s.batch_id == batch.id]
     seen = {(s.job_id, s.attempt) for s in recorded if s.kind == "job"}
     jobs = [{"job": s.job, "node": s.node, "attempt": s.attempt, "start": s.start, "end": s.end,
-             "state": s.state, "exit_code": s.exit_code} for s in recorded if s.kind == "job"]
+             "state": s.state, "exit_code": s.exit_code, "reason": s.reason} for s in recorded if s.kind == "job"]
     for job in head.store.jobs(batch.id):
         if job.node is None or job.started is None or job.state == "queued" or (job.id, job.attempts) in seen:
             continue                              # never started, or already recorded above
         running = job.state == "running"
         jobs.append({"job": job.name, "node": job.node, "attempt": job.attempts, "start": job.started,
                      "end": None if running else job.ended, "state": "ok" if job.state == "done" else job.state,
-                     "exit_code": job.exit_code})
+                     "exit_code": job.exit_code, "reason": job.reason})
     builds = [{"node": s.node, "start": s.start, "end": s.end, "state": s.state} for s in recorded
               if s.kind == "build" and (s.end is not None or head.builds.get((batch.id, s.node)) == "running")]
     used = {j["node"] for j in jobs} | {b["node"] for b in builds}
@@ -6556,6 +6843,7 @@ def span_title(span: Dict[str, Any], kind: str, now: float) -> str:
     when = f"{clock(span['start'])}–{clock(end) if span['end'] else 'now'}"
     if kind == "job":
         code = f", exit code {span['exit_code']}" if span.get("exit_code") is not None else ""
+        code += f" ({span['reason']})" if span.get("reason") else ""
         return f"{span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}{code}, {took}, {when}"
     if kind == "build":
         return f"build on {span['node']}: {span['state']}, {took}, {when}"
@@ -6876,6 +7164,8 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
     tasks = sum(len(a.jobs) for a in arrays)
     click.echo(f"wrote {outdir}: {batch.meta.namespace}/{batch.meta.batch_name}, {tasks} job"
                f"{'s' if tasks != 1 else ''} in {len(arrays)} job array{'s' if len(arrays) != 1 else ''}")
+    if slurm_after_note(batch):
+        click.echo(f"  note: {slurm_after_note(batch)}")
     for line in slurm_instructions(Path(outdir).resolve(), target):
         click.echo(f"  {line}")
 
@@ -7412,6 +7702,9 @@ def report(obj, batch, output) -> None:
         raise Failed(f"cannot write {target}: {exc.strerror}") from None
     click.echo(f"wrote {target}: {len(reply['jobs'])} job attempts, {len(reply['builds'])} builds and "
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
+    for span in reply["jobs"]:
+        if span.get("reason"):
+            click.echo(f"  {span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}: {span['reason']}")
 
 
 def _not_yet(name: str, help_text: str):
