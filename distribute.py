@@ -298,7 +298,7 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
-    slots_given: bool = False                # `slots` written: a cap for jobs with resources too
+    slots_given: bool = field(default=False, compare=False)   # `slots` written: caps jobs with resources too
     cpus: Optional[int] = None               # overrides of the probed capacity
     memory: Optional[int] = None
     gpus: Optional[int] = None
