@@ -2354,11 +2354,23 @@ class JobRow:
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
-    2: "ALTER TABLE jobs ADD COLUMN reason TEXT;"     # why a job was stopped (a limit)
-       "CREATE INDEX IF NOT EXISTS jobs_stopped ON jobs(batch_id) WHERE reason IS NOT NULL",
+    2: """
+CREATE TABLE spans (
+    id INTEGER PRIMARY KEY, kind TEXT NOT NULL, node TEXT NOT NULL, started REAL NOT NULL, ended REAL,
+    state TEXT NOT NULL, batch_id INTEGER, job_id INTEGER, job TEXT NOT NULL DEFAULT '',
+    attempt INTEGER NOT NULL DEFAULT 0, exit_code INTEGER, users TEXT NOT NULL DEFAULT '[]');
+CREATE INDEX spans_by_batch ON spans(batch_id, kind);
+CREATE INDEX spans_open ON spans(kind, node) WHERE ended IS NULL;
+""",                # every attempt, build and pause, for `report` after a restart too
+    3: """
+CREATE TABLE nodes (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen REAL NOT NULL);
+""",                # what each node reported when it was last up (capabilities, cores, version...)
+    4: "ALTER TABLE jobs ADD COLUMN reason TEXT;"     # why a job was stopped (a limit)
+       "CREATE INDEX IF NOT EXISTS jobs_stopped ON jobs(batch_id) WHERE reason IS NOT NULL;"
+       "ALTER TABLE spans ADD COLUMN reason TEXT",
 }
 
 
@@ -2381,6 +2393,24 @@ def migrate_store(db, path: Path) -> None:
         db.execute("COMMIT")
         if version:
             log(f"head: store {path} upgraded to version {step}")
+
+
+@dataclass
+class TimelineSpan:
+    """One job attempt, build or pause on one node, as `report` draws it."""
+    kind: str                        # "job", "build" or "pause"
+    node: str
+    start: float
+    end: Optional[float] = None      # None: still going
+    state: str = "running"           # job: ok/failed/killed/running; build: ok/failed/running; pause: paused
+    batch_id: Optional[int] = None   # None for pauses: they belong to the node
+    job_id: Optional[int] = None
+    job: str = ""
+    attempt: int = 0
+    exit_code: Optional[int] = None
+    users: List[str] = field(default_factory=list)
+    id: Optional[int] = None
+    reason: Optional[str] = None     # why a job was stopped (a memory or time limit)
 
 
 class Store:
@@ -2534,6 +2564,50 @@ class Store:
     def set_progress(self, job_id: int, progress: Optional[float]) -> None:
         self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
 
+    # timeline spans
+    def add_span(self, span: TimelineSpan) -> None:
+        span.id = self.db.execute(
+            "INSERT INTO spans (kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,"
+            " users, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (span.kind, span.node, span.start, span.end, span.state, span.batch_id, span.job_id, span.job,
+             span.attempt, span.exit_code, json.dumps(span.users), span.reason)).lastrowid
+
+    def update_span(self, span: TimelineSpan) -> None:
+        self.db.execute("UPDATE spans SET ended=?, state=?, users=? WHERE id=?",
+                        (span.end, span.state, json.dumps(span.users), span.id))
+
+    def _span(self, row) -> TimelineSpan:
+        (id_, kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code, users) = row[:12]
+        return TimelineSpan(kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,
+                            json.loads(users), id_, row[12] if len(row) > 12 else None)
+
+    def open_span(self, kind: str, node: str, batch_id: Optional[int]) -> Optional[TimelineSpan]:
+        row = self.db.execute("SELECT * FROM spans WHERE kind=? AND node=? AND batch_id IS ? AND ended IS NULL"
+                              " ORDER BY id DESC LIMIT 1", (kind, node, batch_id)).fetchone()
+        return self._span(row) if row else None
+
+    def batch_spans(self, batch_id: int) -> List[TimelineSpan]:
+        return [self._span(r) for r in self.db.execute("SELECT * FROM spans WHERE batch_id=? ORDER BY id",
+                                                       (batch_id,))]
+
+    def pause_spans(self, nodes: Iterable[str], first: float, last: float) -> List[TimelineSpan]:
+        """Pauses on these nodes that overlap [first, last] (open ones count as going on)."""
+        nodes = list(nodes)
+        if not nodes:
+            return []
+        marks = ",".join("?" * len(nodes))
+        rows = self.db.execute(f"SELECT * FROM spans WHERE kind='pause' AND node IN ({marks}) AND started <= ?"
+                               " AND (ended IS NULL OR ended >= ?) ORDER BY id", (*nodes, last, first))
+        return [self._span(r) for r in rows]
+
+    # what nodes reported
+    def remember_node(self, name: str, facts: Dict[str, Any]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO nodes (name, facts, seen) VALUES (?,?,?)",
+                        (name, json.dumps(facts), time.time()))
+
+    def known_nodes(self) -> Dict[str, Dict[str, Any]]:
+        return {name: json.loads(facts) for name, facts in self.db.execute("SELECT name, facts FROM nodes")}
+
     # builds
     def builds(self) -> Dict[Tuple[int, str], str]:
         return {(b, n): s for b, n, s in self.db.execute("SELECT batch_id, node, state FROM builds")}
@@ -2627,6 +2701,24 @@ class BatchView:
 def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
     offered = set(offered)
     return [cap for cap in needed if cap not in offered]
+
+
+def nodes_for_capabilities(needed: Iterable[str], offers: Dict[str, Tuple[List[str], bool]],
+                           probeable: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """Which nodes could run a batch needing `needed`.  `offers` maps each node to (what it
+    offers as far as the head knows: declared, plus probed now or when last up; whether it
+    has ever reported).  Returns (nodes known to offer everything, nodes never seen yet
+    whose probe could still add what they lack: only `probeable` capabilities can)."""
+    needed = list(needed)
+    probeable = set(probeable)
+    known, maybe = [], []
+    for name, (offered, seen) in offers.items():
+        missing = missing_capabilities(needed, offered)
+        if not missing:
+            known.append(name)
+        elif not seen and set(missing) <= probeable:
+            maybe.append(name)
+    return known, maybe
 
 
 def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
@@ -3730,6 +3822,7 @@ async def watch_pauses(job_roots: Callable[[], List[int]],
 
 PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gcc", "nvcc",
                 "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
+PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
 def probe_machine() -> Dict[str, Any]:
@@ -4494,7 +4587,8 @@ def widen_pipe(fd: int) -> None:
 # creates once and remembers (STATE/matrix-rooms.json, also listed in the bot's
 # m.direct so clients show it as a chat).  All network work runs on one worker
 # thread, one message at a time: a slow or dead homeserver never stalls the event
-# loop and never touches a batch; a failure is one line in the head's log.  The
+# loop and never touches a batch; a failure is one line in the head's log, and the
+# message waits in an outbox on disk to be tried again (after a restart too).  The
 # access token lives only in MatrixConfig and the Authorization header: it is
 # never logged, printed or put in a URL.
 # ---------------------------------------------------------------------------
@@ -4663,8 +4757,8 @@ class MatrixClient:
     def set_direct_rooms(self, rooms: Dict[str, List[str]]) -> None:
         self.call("PUT", f"/_matrix/client/v3/user/{_q(self.user_id())}/account_data/m.direct", rooms)
 
-    def send_text(self, room_id: str, body: str) -> str:
-        txn = f"distribute-{os.urandom(12).hex()}"          # fresh per message, kept across 429 retries
+    def send_text(self, room_id: str, body: str, txn: str = "") -> str:
+        txn = txn or f"distribute-{os.urandom(12).hex()}"   # one per message, kept across retries and restarts
         reply = self.call("PUT", f"/_matrix/client/v3/rooms/{_q(room_id)}/send/m.room.message/{txn}",
                           {"msgtype": "m.text", "body": body})
         return str(reply.get("event_id", ""))
@@ -4719,6 +4813,43 @@ class BatchNotice:
     archive: Path
     failed: List[Tuple[str, Optional[int]]]         # (job, exit code) of the first failed jobs
     failed_total: int
+    txn: str = ""                                   # the homeserver drops a repeated transaction id
+
+
+class MatrixOutbox:
+    """Messages not yet delivered: one JSON file each in STATE/matrix-outbox/, written
+    before the first try and deleted once the homeserver took the message.  A head
+    that stops (or dies) first sends them when it starts again, with the same
+    transaction id, which the homeserver deduplicates: each goes out once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def put(self, notice: BatchNotice) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        notice.txn = notice.txn or f"distribute-{os.urandom(12).hex()}"
+        path = self.folder / f"{notice.txn}.json"
+        data = dict(dataclasses.asdict(notice), archive=str(notice.archive))
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
+        return path
+
+    def load(self, path: Path) -> Optional[BatchNotice]:
+        try:
+            data = json.loads(path.read_text())
+            data["archive"] = Path(data["archive"])
+            data["failed"] = [tuple(f) for f in data["failed"]]
+            return BatchNotice(**data)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log(f"matrix: cannot read the pending message {path}: {exc}")
+            return None
+
+    def pending(self) -> List[Path]:
+        return sorted(self.folder.glob("distribute-*.json"), key=lambda p: p.stat().st_mtime) \
+            if self.folder.is_dir() else []
+
+    def sent(self, path: Path) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def job_error_lines(stdout: Path, count: int = MATRIX_LINES_PER_JOB) -> List[str]:
@@ -4756,17 +4887,22 @@ def matrix_message(notice: BatchNotice) -> str:
     return "\n".join(lines)
 
 
+MATRIX_RETRY_DELAYS = (60.0, 300.0, 900.0, 3600.0)     # then the message waits for the next start
+
+
 class MatrixNotifier:
     """Sends batch messages from one worker thread; `submit` returns at once.
 
     The thread is a daemon fed by a queue (not an executor, whose threads are joined
-    at exit): a head stopped while the homeserver hangs stops at once; messages not
-    yet sent are lost, the batches are not."""
+    at exit): a head stopped while the homeserver hangs stops at once.  Messages not
+    yet sent wait in the outbox; a failed one is tried again after 1, 5, 15 and 60
+    minutes, then at the head's next start."""
 
-    def __init__(self, config: MatrixConfig):
+    def __init__(self, config: MatrixConfig, outbox: MatrixOutbox):
         self.config = config
         self.client = MatrixClient(config.homeserver, config.access_token)
         self.rooms = MatrixRooms(config.room_store)
+        self.outbox = outbox
         self._queue = None
 
     def submit(self, task: Callable[..., Any], *args: Any) -> None:
@@ -4792,13 +4928,32 @@ class MatrixNotifier:
             log(f"matrix: cannot log in to {self.config.homeserver}: {exc}")
             return False
 
-    def deliver(self, notice: BatchNotice) -> bool:
+    def send_later(self, path: Path, tries: int = 0) -> None:
+        """Deliver the message kept at `path` (from the worker thread, now or after a delay)."""
+        if tries == 0:
+            self.submit(self.deliver, path, 0)
+            return
+        import threading
+        timer = threading.Timer(MATRIX_RETRY_DELAYS[tries - 1], self.submit, (self.deliver, path, tries))
+        timer.daemon = True
+        timer.start()
+
+    def deliver(self, path: Path, tries: int = 0) -> bool:
+        notice = self.outbox.load(path)
+        if notice is None:
+            return False
         try:
             room = self.direct_room(notice.user)
-            self.client.send_text(room, matrix_message(notice))
+            self.client.send_text(room, matrix_message(notice), notice.txn)
         except Exception as exc:        # whatever goes wrong, the batch is not affected
-            log(f"matrix: cannot notify {notice.user} about {notice.batch}: {exc}")
+            if tries < len(MATRIX_RETRY_DELAYS):
+                later = f"trying again in {format_duration(MATRIX_RETRY_DELAYS[tries])}"
+                self.send_later(path, tries + 1)
+            else:
+                later = f"it waits in {path} for the head's next start"
+            log(f"matrix: cannot notify {notice.user} about {notice.batch}: {exc}; {later}")
             return False
+        self.outbox.sent(path)
         log(f"matrix: told {notice.user} that {notice.batch} finished")
         return True
 
@@ -4831,8 +4986,11 @@ def matrix_notifier(config: HeadConfig) -> Optional[MatrixNotifier]:
     """serve: load --matrix-config before serving (a bad file exits 2) and check the login."""
     if config.matrix_config is None:
         return None
-    notifier = MatrixNotifier(load_matrix_config(config.matrix_config, config.state))
+    notifier = MatrixNotifier(load_matrix_config(config.matrix_config, config.state),
+                              MatrixOutbox(config.state / "matrix-outbox"))
     notifier.submit(notifier.check_login)
+    for path in notifier.outbox.pending():         # left by a head that stopped before sending them
+        notifier.send_later(path)
     return notifier
 
 
@@ -4849,7 +5007,12 @@ def notify_batch_finished(head: "Head", batch: BatchRow, counts: Dict[str, int])
     except Exception as exc:            # a message is never worth disturbing the batch's bookkeeping
         log(f"matrix: cannot prepare the message about {batch.key}: {exc}")
         return
-    head.matrix.submit(head.matrix.deliver, notice)
+    try:
+        path = head.matrix.outbox.put(notice)
+    except OSError as exc:
+        log(f"matrix: cannot keep the message about {batch.key} in {head.matrix.outbox.folder}: {exc}")
+        return
+    head.matrix.send_later(path)
 
 
 # ---------------------------------------------------------------------------
@@ -4958,6 +5121,9 @@ def hold_head_lock(state: Path, socket_path: Path) -> int:
     return fd
 
 
+NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version")   # kept per node
+
+
 class NodeLink:
     """The head's side of one node: connection, supervisor channel, slots, pause state."""
 
@@ -4973,6 +5139,7 @@ class NodeLink:
         self.down_since: Optional[float] = time.time()
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
+        self.last_known: Dict[str, Any] = {}         # what it reported when last up (kept in the store)
 
     @property
     def name(self) -> str:
@@ -4980,7 +5147,13 @@ class NodeLink:
 
     @property
     def capabilities(self) -> List[str]:
-        return sorted(set(self.spec.capabilities) | set(self.info.get("capabilities", [])))
+        """Declared plus probed: probed now, or when the node was last up (also before this head)."""
+        probed = self.info.get("capabilities") if self.info else self.last_known.get("capabilities", [])
+        return sorted(set(self.spec.capabilities) | set(probed or []))
+
+    @property
+    def ever_seen(self) -> bool:
+        return bool(self.info or self.last_known)
 
     @property
     def workdir(self) -> str:
@@ -5053,6 +5226,8 @@ class NodeLink:
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
         self.info, self.paused = hello, hello.get("paused", [])
+        self.last_known = {key: hello.get(key) for key in NODE_FACTS}
+        self.head.store.remember_node(self.name, self.last_known)
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.reconcile(self, hello.get("runs", []))
@@ -5165,6 +5340,9 @@ class Head:
         self.store = Store(config.state / "distribute.sqlite")
         self.files = config.state / "files"
         self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
+        for name, facts in self.store.known_nodes().items():
+            if name in self.links:
+                self.links[name].last_known = facts
         self.batches = {b.id: b for b in self.store.active_batches()}
         self.queued: Dict[int, int] = {b: c.get("queued", 0) for b, c in self.store.counts().items()}
         self.builds = self.store.builds()
@@ -5173,7 +5351,6 @@ class Head:
         self.program = program_bytes(config.pyz)
         self._wake = None
         self.matrix = None
-        self.timeline: List[TimelineSpan] = []      # attempts, builds, pauses, for `report`
         self.holds: Dict[str, int] = {}             # node -> batch id it is held for (anti-starvation)
         self.allocations: Dict[str, Allocation] = {}    # run id -> what it holds on its node
 
@@ -5668,12 +5845,13 @@ class Head:
             if problem:
                 raise UserError(problem)
         capabilities = list(header.get("capabilities", []))
-        capable = self.capable_nodes(capabilities)
+        capable, maybe = self.capable_nodes(capabilities)
         self.check_resources(plan, jobs, capable)
         if header.get("show_caps") or header.get("dry"):
-            await channel.send({"ok": True, "dry": True, "capable": capable, "nodes": self.node_report()})
+            await channel.send({"ok": True, "dry": True, "capable": capable, "maybe": maybe,
+                                "not_connected": self.nodes_not_connected(), "nodes": self.node_report()})
             return
-        if not capable:
+        if not capable and not maybe:
             raise UserError(self.no_node_message(capabilities))
         existing = self.store.find_batch(plan.namespace, plan.batch)
         skip: set = set()
@@ -5712,7 +5890,7 @@ class Head:
         log(f"batch {batch.key}: added by {user['name']}, {len(todo)} job(s)")
         self.wake()
         await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
-                            "capable": capable})
+                            "capable": capable, "maybe": maybe, "not_connected": self.nodes_not_connected()})
 
     def check_resources(self, plan: BatchPlan, jobs: List[Tuple[JobPlan, int]], capable: List[str]) -> None:
         """Refuse resources that are not numbers, a batch no capable node could ever fit, and
@@ -5722,8 +5900,9 @@ class Head:
                 value = getattr(job, key)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise UserError(f"job {job.name}: resources.{key} must be a whole number, not {value!r}")
-        nodes = {name: node_capacity(self.links[name].info, self.links[name].spec) if self.links[name].info
-                 else None for name in capable}
+        facts = {name: self.links[name].info or self.links[name].last_known for name in capable}
+        nodes = {name: node_capacity(facts[name], self.links[name].spec) if facts[name].get("cpus") else None
+                 for name in capable}
         problem = fit_problem(((job.name, request) for job, _ in jobs
                                for request in [job_request(job)] if request is not None), nodes)
         if problem:
@@ -5737,9 +5916,15 @@ class Head:
             if self.store.find_batch(namespace, name) is None:
                 raise UserError(f"meta.after: no batch {key} on this head; add it first")
 
-    def capable_nodes(self, capabilities: List[str]) -> List[str]:
-        return [l.name for l in self.links.values()
-                if not missing_capabilities(capabilities, l.capabilities)]
+    def capable_nodes(self, capabilities: List[str]) -> Tuple[List[str], List[str]]:
+        """(nodes that offer all of `capabilities`, nodes never seen that still might): a head
+        that just started decides on what its nodes offered when last up, not on who has
+        connected again yet."""
+        offers = {l.name: (l.capabilities, l.ever_seen) for l in self.links.values()}
+        return nodes_for_capabilities(capabilities, offers, PROBEABLE_CAPABILITIES)
+
+    def nodes_not_connected(self) -> List[str]:
+        return [l.name for l in self.links.values() if not l.up]
 
     def no_node_message(self, capabilities: List[str]) -> str:
         offered = set()
@@ -6685,40 +6870,16 @@ def completion_script(shell: str) -> str:
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
-# The head keeps, in memory, one span per job attempt, build and pause (the
-# database holds only each job's latest attempt).  After a head restart the
-# report falls back to that latest attempt; earlier builds and pauses are gone.
-
-TIMELINE_LIMIT = 200000
-
-
-@dataclass
-class TimelineSpan:
-    kind: str                        # "job", "build" or "pause"
-    node: str
-    start: float
-    end: Optional[float] = None      # None: still going
-    state: str = "running"           # job: ok/failed/killed/running; build: ok/failed/running; pause: paused
-    batch_id: Optional[int] = None   # None for pauses: they belong to the node
-    job_id: Optional[int] = None
-    job: str = ""
-    attempt: int = 0
-    exit_code: Optional[int] = None
-    users: List[str] = field(default_factory=list)
-    reason: Optional[str] = None     # why a job was stopped (a limit)
+# The store keeps one span per job attempt, build and pause (table `spans`), so a
+# report drawn after a head restart still shows every attempt.
 
 
 def timeline_add(head: "Head", span: TimelineSpan) -> None:
-    if len(head.timeline) >= TIMELINE_LIMIT:
-        del head.timeline[:TIMELINE_LIMIT // 10]
-    head.timeline.append(span)
+    head.store.add_span(span)
 
 
 def timeline_open_span(head: "Head", kind: str, node: str, batch_id: Optional[int] = None):
-    for span in reversed(head.timeline):
-        if span.kind == kind and span.node == node and span.batch_id == batch_id and span.end is None:
-            return span
-    return None
+    return head.store.open_span(kind, node, batch_id)
 
 
 def timeline_build_started(head: "Head", batch_id: int, node: str) -> None:
@@ -6729,6 +6890,7 @@ def timeline_build_ended(head: "Head", batch_id: int, node: str, ok: bool) -> No
     span = timeline_open_span(head, "build", node, batch_id)
     if span is not None:
         span.end, span.state = time.time(), "ok" if ok else "failed"
+        head.store.update_span(span)
 
 
 def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: Dict[str, Any],
@@ -6747,15 +6909,17 @@ def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> Non
     if locks and span is None:
         since = [lock.get("since") for lock in locks if lock.get("since")]
         timeline_add(head, TimelineSpan("pause", node, min(since + [time.time()]), state="paused", users=users))
-    elif locks:
+    elif locks and not set(users) <= set(span.users):
         span.users = sorted(set(span.users) | set(users))
-    elif span is not None:
+        head.store.update_span(span)
+    elif not locks and span is not None:
         span.end = time.time()
+        head.store.update_span(span)
 
 
 def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     """Every attempt, build and pause of a batch, times in seconds since the epoch."""
-    recorded = [s for s in head.timeline if s.batch_id == batch.id]
+    recorded = head.store.batch_spans(batch.id)
     seen = {(s.job_id, s.attempt) for s in recorded if s.kind == "job"}
     jobs = [{"job": s.job, "node": s.node, "attempt": s.attempt, "start": s.start, "end": s.end,
              "state": s.state, "exit_code": s.exit_code, "reason": s.reason} for s in recorded if s.kind == "job"]
@@ -6772,8 +6936,8 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     ends = [t for t in [batch.finished] + [j["end"] for j in jobs] if t]
     first = min([batch.created] + [j["start"] for j in jobs] + [b["start"] for b in builds])
     last = max(ends) if batch.state != "active" and ends else time.time()
-    pauses = [{"node": s.node, "start": s.start, "end": s.end, "users": s.users} for s in head.timeline
-              if s.kind == "pause" and s.node in used and s.start <= last and (s.end or time.time()) >= first]
+    pauses = [{"node": s.node, "start": s.start, "end": s.end, "users": s.users}
+              for s in head.store.pause_spans(sorted(used), first, last)]
     recorded_pauses = {p["node"] for p in pauses if p["end"] is None}
     for name in sorted(used - recorded_pauses):
         link = head.links.get(name)
@@ -7235,11 +7399,21 @@ def add(obj, file, dry, show_caps, resume, replace) -> None:
     if dry:
         count, size = describe_batch(batch)
         click.echo(f"{batch.meta.namespace}/{batch.meta.batch_name}: {len(batch.jobs)} jobs, {count} files, "
-                   f"{human_bytes(size)}; could run on: {', '.join(reply['capable']) or 'no node'}")
+                   f"{human_bytes(size)}; could run on: {where_it_runs(reply) or 'no node'}")
         return
     skipped = f" ({reply['skipped']} already done)" if reply.get("skipped") else ""
-    click.echo(f"added {reply['batch']}: {reply['jobs']} jobs queued{skipped}; "
-               f"can run on {', '.join(reply['capable'])}")
+    click.echo(f"added {reply['batch']}: {reply['jobs']} jobs queued{skipped}; can run on {where_it_runs(reply)}")
+
+
+def where_it_runs(reply: Dict[str, Any]) -> str:
+    """`add`'s answer in words: capable nodes, and those the head has not reached yet."""
+    parts = [", ".join(reply.get("capable") or [])] if reply.get("capable") else []
+    if reply.get("maybe"):
+        parts.append(f"{', '.join(reply['maybe'])} if its probe finds what the batch needs")
+    if reply.get("not_connected"):
+        parts.append(f"(not connected yet: {', '.join(reply['not_connected'])}; "
+                     "judged by what it offered when last up)")
+    return " ".join(parts)
 
 
 @cli.command()

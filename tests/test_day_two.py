@@ -96,3 +96,59 @@ def test_a_store_from_a_newer_release_is_refused_in_one_line(local_head):
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "newer release" in lines[0] and "999" in lines[0], result.stderr
+
+
+def test_report_after_a_restart_draws_every_attempt_and_build(local_head, tmp_path):
+    folder = tmp_path / "flaky"
+    folder.mkdir()
+    marker = tmp_path / "second-try"
+    (folder / "distribute-jobs.yaml").write_text(f"""\
+meta: {{batch_name: flaky, namespace: lab}}
+shell:
+  initialize:
+    build: "echo built"
+  jobs:
+    - {{name: steady, command: "true"}}
+    - {{name: flaky, retries: 2, command: "if [ -e {marker} ]; then exit 0; fi; touch {marker}; exit 5"}}
+""")
+    local_head.start()
+    local_head.cli("add", folder / "distribute-jobs.yaml")
+    assert local_head.wait_batch("lab/flaky")["jobs"]["done"] == 2
+    before = local_head.cli("report", "lab/flaky", "-o", tmp_path / "before.svg").stdout
+    assert before.startswith(f"wrote {tmp_path / 'before.svg'}: 3 job attempts, 1 builds")
+    local_head.stop()
+    local_head.start()
+    after = local_head.cli("report", "lab/flaky", "-o", tmp_path / "after.svg").stdout
+    assert after.startswith(f"wrote {tmp_path / 'after.svg'}: 3 job attempts, 1 builds"), after
+
+
+def python_batch(folder, name, capabilities):
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o755)
+    (folder / "distribute-jobs.yaml").write_text(f"""\
+meta: {{batch_name: {name}, namespace: lab, capabilities: [{', '.join(capabilities)}]}}
+shell:
+  jobs:
+    - {{name: one, command: "python3 -c 'print(6*7)' > distribute_save/answer.txt"}}
+""")
+    return folder / "distribute-jobs.yaml"
+
+
+def test_add_right_after_a_restart_decides_on_what_nodes_offered_when_last_up(head, ssh_nodes, tmp_path):
+    """The nodes are still (re)connecting when the first `add` comes: it is accepted on their
+    last-known capabilities, says who is not connected yet, and refuses only what nobody offers."""
+    head.wait_nodes_up(3)
+    head.stop()
+    for node in ssh_nodes:
+        node.cut()
+    head.start()
+    added = head.cli("add", python_batch(tmp_path / "py", "early", ["python3"]))
+    assert "can run on node1, node2, node3" in added.stdout, added.stdout
+    assert "not connected yet: node1, node2, node3" in added.stdout
+    refused = head.cli("add", python_batch(tmp_path / "fluent", "never", ["fluent_v9"]), check=False)
+    assert refused.returncode == 2 and "no node offers fluent_v9" in refused.stderr
+    for node in ssh_nodes:
+        node.heal()
+    done = head.wait_batch("lab/early", timeout=180)
+    assert done["jobs"]["done"] == 1, done
+    assert (head.archive / "lab" / "early" / "one" / "answer.txt").read_text() == "42\n"

@@ -286,3 +286,40 @@ def test_a_homeserver_that_never_answers_does_not_stall_the_head(tmp_path):
             stop(head)
     finally:
         silent.close()
+
+
+def test_a_message_not_yet_sent_survives_a_restart_and_goes_out_once(synapse, tmp_path):
+    """The homeserver is unreachable when the batch ends; the head is restarted with a working
+    one: the message kept in the outbox goes out, once, and a further restart sends nothing."""
+    user, bot = synapse.register(f"late{uuid.uuid4().hex[:6]}"), synapse.bot
+    config = write_config(tmp_path, f"homeserver: http://127.0.0.1:{closed_port()}\n"
+                                    f"access_token: {bot.access_token}\n")
+    namespace = f"mx{uuid.uuid4().hex[:6]}"
+    head = local_head(config)
+    try:
+        head.cli("add", job_file(tmp_path, namespace, "late", user.user_id, [("a", "true")]))
+        assert head.wait_batch(f"{namespace}/late", timeout=60)["state"] == "done"
+        wait_until(lambda: log_lines(head, "matrix: cannot notify"), 30, f"the failure\n{head.log.read_text()}")
+        assert "trying again in 1m" in log_lines(head, "matrix: cannot notify")[0]
+        outbox = head.state / "matrix-outbox"
+        assert len(list(outbox.glob("*.json"))) == 1
+        assert bot.access_token not in next(outbox.glob("*.json")).read_text()
+
+        head.stop()
+        write_config(tmp_path, f"homeserver: {synapse.url}\naccess_token: {bot.access_token}\n")
+        head.start()
+        wait_until(lambda: log_lines(head, f"told {user.user_id} that {namespace}/late"), 60,
+                   f"the message about {namespace}/late\n{head.log.read_text()}")
+        assert list(outbox.glob("*.json")) == []
+        head.stop()
+        head.start()                                    # nothing left to send
+        head.cli("status")
+        rooms = synapse.invited_rooms(user)
+        assert len(rooms) == 1, rooms
+        room = rooms[0]
+        synapse.join(user, room)
+        bodies = [m["content"]["body"] for m in synapse.messages(user, room)]
+        assert len([b for b in bodies if f"batch {namespace}/late finished" in b]) == 1
+        assert len(log_lines(head, f"told {user.user_id} that {namespace}/late")) == 1
+    finally:
+        stop(head)

@@ -98,6 +98,19 @@ def test_store_round_trip_and_counts(tmp_path):
     assert again.job(first.id).state == "done" and again.find_batch("ns", "b").owner == "alice"
 
 
+def test_nodes_for_capabilities_uses_last_known_offers_and_trusts_probes_only_for_unseen_nodes():
+    from distribute import nodes_for_capabilities
+    offers = {"seen_py": (["python3"], True), "seen_bare": ([], True),
+              "unseen": ([], False), "unseen_decl": (["fluent"], False)}
+    probeable = ("python3", "gpu")
+    assert nodes_for_capabilities(["python3"], offers, probeable) == (["seen_py"], ["unseen", "unseen_decl"])
+    # a capability no probe finds counts only where it is declared
+    assert nodes_for_capabilities(["fluent"], offers, probeable) == (["unseen_decl"], [])
+    assert nodes_for_capabilities(["fluent", "gpu"], offers, probeable) == ([], ["unseen_decl"])
+    assert nodes_for_capabilities(["matlab9"], offers, probeable) == ([], [])
+    assert nodes_for_capabilities([], offers, probeable) == (list(offers), [])
+
+
 # Resources (SPEC §6 "Resources"): capacity, packing, GPUs, anti-starvation, dependencies.
 
 G = 1 << 30
