@@ -1341,6 +1341,7 @@ class BatchPlan:
     mounts: List[str] = field(default_factory=list)
     after: List[str] = field(default_factory=list)     # namespace/batch keys that must be done first
     after_failed: str = "wait"
+    uses_resources: bool = False            # some job has resources (set by the head at `add`)
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
@@ -5489,11 +5490,14 @@ class Head:
         live = {r for link in self.links.values() for r in link.slots.values()}
         for run_id in [r for r in self.allocations if r not in live]:
             del self.allocations[run_id]
+        for name in [n for n in self.holds if not self.links[n].up or self.links[n].paused]:
+            del self.holds[name]                    # a node that cannot start anything holds nothing
         for view in views:
-            following = self.store.next_queued(view.id)
+            batch = self.batches[view.id]
+            following = self.store.next_queued(view.id) if batch.plan.uses_resources else None
             if following is not None:
                 view.request, view.time = job_request(following.plan), following.plan.time
-            view.waiting = self.dependency_reason(self.batches[view.id])
+            view.waiting = self.dependency_reason(batch)
         return views
 
     def dependency_reason(self, batch: BatchRow) -> Optional[str]:
@@ -5531,7 +5535,8 @@ class Head:
         gpus = assign_gpus(request.gpus, taken, capacity.gpus) or []
         self.allocations[job.run_id or ""] = Allocation(request, gpus,
                                                         time.time() + job.plan.time if job.plan.time else None)
-        following = self.store.next_queued(choice.id) if choice.queued > 0 else None
+        uses = self.batches[choice.id].plan.uses_resources
+        following = self.store.next_queued(choice.id) if choice.queued > 0 and uses else None
         if following is not None:
             choice.request, choice.time = job_request(following.plan), following.plan.time
 
@@ -5847,6 +5852,7 @@ class Head:
         capabilities = list(header.get("capabilities", []))
         capable, maybe = self.capable_nodes(capabilities)
         self.check_resources(plan, jobs, capable)
+        plan.uses_resources = any(job.cpus for job, _ in jobs)
         if header.get("show_caps") or header.get("dry"):
             await channel.send({"ok": True, "dry": True, "capable": capable, "maybe": maybe,
                                 "not_connected": self.nodes_not_connected(), "nodes": self.node_report()})

@@ -87,12 +87,12 @@ def test_packing_never_oversubscribes_and_gpus_are_never_shared(resource_head, t
     sizes = [("c1", "{cpus: 1}", 1, 0), ("c2", "{cpus: 2}", 2, 0), ("c3", "{cpus: 3}", 3, 0),
              ("g1", "{cpus: 1, gpus: 1}", 1, 1), ("g2", "{cpus: 1, gpus: 2}", 1, 2)]
     jobs, wanted = [], {}
-    for i in range(24):
+    for i in range(20):
         label, resources, cpus, gpus = sizes[i % len(sizes)]
-        jobs.append((f"{label}_{i}", RECORD.format(sleep=0.8), resources, 0))
+        jobs.append((f"{label}_{i}", RECORD.format(sleep=2), resources, 0))
         wanted[f"{label}_{i}"] = (cpus, gpus)
     head.cli("add", shell_batch(tmp_path / "mix", "mix", jobs))
-    assert head.wait_batch("lab/mix", timeout=180)["jobs"]["done"] == 24
+    assert head.wait_batch("lab/mix", timeout=180)["jobs"]["done"] == 20
     capacity = {"node1": 4, "node2": 2, "node3": 3}
     spans = {name: [] for name in capacity}
     for job, record in job_records(head, "lab/mix").items():
@@ -153,3 +153,32 @@ def test_limits_stop_jobs_with_a_reason_and_dependencies_wait(resource_head, tmp
     missing = head.cli("add", shell_batch(tmp_path / "orphan", "orphan", [("x", "true", None, 0)],
                                           ", after: [nosuch]"), check=False)
     assert missing.returncode == 2 and "meta.after: no batch lab/nosuch on this head" in missing.stderr
+
+
+# --- the limits watchdog on its own (node side, no head) -----------------------
+
+def test_time_limit_counts_only_unpaused_time_and_memory_names_both_sizes():
+    import distribute as d
+    watch = d.LimitWatch(memory=16 << 30, time=7200)
+    assert watch.step(0.0, False, 0) is None
+    assert watch.step(3000.0, True, 0) is None            # paused for 3000 s: not counted
+    assert watch.step(7000.0, False, 1 << 30) is None     # 4000 s counted
+    assert watch.step(10200.0, False, 0) == "time limit 2h"
+    assert d.LimitWatch(memory=16 << 30).step(1.0, False, int(17.2 * (1 << 30))) == "memory: 17.2G > 16G"
+
+
+def test_tree_rss_adds_up_a_jobs_processes():
+    import subprocess
+    import sys
+    import distribute as d
+    code = "import os, sys, time\nb = bytearray(64 << 20)\nb[::4096] = b'x' * len(b[::4096])\n" \
+           "print('ready', flush=True)\ntime.sleep(30)"
+    # a session leader (like a job) whose child holds 64 MiB
+    proc = subprocess.Popen(["/bin/sh", "-c", f"{sys.executable} -c \"{code}\"; true"], stdout=subprocess.PIPE,
+                            start_new_session=True, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert d.tree_rss(proc.pid) >= 64 << 20
+    finally:
+        d.signal_job_processes([proc.pid], 9)
+        proc.wait()
