@@ -837,6 +837,7 @@ class BatchJob:
     retries: int = 0
     params: Optional[Dict[str, Any]] = None
     slurm: Any = None                    # SlurmOptions, a dict of SLURM_KEYS, or None
+    resources: Optional[Dict[str, Any]] = None   # {cpus, memory, gpus, time}, as in a job file
 
 
 @dataclass
@@ -858,6 +859,8 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    resources: Optional[Dict[str, Any]] = None   # the jobs' default {cpus, memory, gpus, time}
+    after: List[str] = field(default_factory=list)   # batches that must be done first
 
     _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
 
@@ -880,7 +883,8 @@ class Batch:
         return f"batch {self.namespace}/{self.name}"
 
     def add_job(self, name: str, file: Any = None, command: Optional[str] = None, files: Any = None,
-                retries: int = 0, params: Optional[Dict[str, Any]] = None, slurm: Any = None) -> BatchJob:
+                retries: int = 0, params: Optional[Dict[str, Any]] = None, slurm: Any = None,
+                resources: Optional[Dict[str, Any]] = None) -> BatchJob:
         """Append a job; python jobs need `file`, shell jobs `command`, apptainer jobs neither."""
         _check_api_name(name, f"{self.label}: job name")
         where = f"{self.label}: job {name!r}"
@@ -896,8 +900,11 @@ class Batch:
             raise UserError(f"{where}: command= is only for shell batches")
         if params is not None and not isinstance(params, dict):
             raise UserError(f"{where}: params must be a dict, found {type(params).__name__}")
+        if resources is not None and not isinstance(resources, dict):
+            raise UserError(f"{where}: resources must be a dict like {{'cpus': 4, 'memory': '16G'}}")
         job = BatchJob(name, _as_file(file, f"{where}: file") if file is not None else None, command,
-                       _as_files(files, f"{where}: files"), retries, dict(params) if params else None, slurm)
+                       _as_files(files, f"{where}: files"), retries, dict(params) if params else None, slurm,
+                       dict(resources) if resources else None)
         self.jobs.append(job)
         return job
 
@@ -960,6 +967,10 @@ class Batch:
                                 "capabilities": list(self.capabilities)}
         if self.matrix is not None:
             meta["matrix"] = self.matrix
+        if self.resources:
+            meta["resources"] = dict(self.resources)
+        if self.after:
+            meta["after"] = list(self.after)
         document: Dict[str, Any] = {"meta": meta}
         if self.slurm is not None:
             document["slurm"] = _slurm_data(self.slurm, self.label)
@@ -993,6 +1004,8 @@ class Batch:
             entry["slurm"] = _slurm_data(job.slurm, f"{self.label}: job {job.name!r}")
         if job.params:
             entry["params"] = job.params
+        if job.resources:
+            entry["resources"] = dict(job.resources)
         return entry
 
 
