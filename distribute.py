@@ -2709,7 +2709,7 @@ class BatchView:
 
     @property
     def needs_gpu(self) -> bool:
-        return "gpu" in self.capabilities
+        return "gpu" in self.capabilities or (self.request is not None and self.request.gpus > 0)
 
 
 def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:

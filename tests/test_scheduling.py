@@ -256,3 +256,9 @@ def test_dependencies_wait_for_done_and_a_failed_dependency_blocks_with_a_reason
     waiting = rbatch(1, waiting="waits for ns/sweep (3 of 5 jobs done)")
     assert d.why_not(rnode(), waiting) == "waits for ns/sweep (3 of 5 jobs done)"
     assert d.pick_batch(rnode(), [waiting], None) is None
+
+
+def test_jobs_asking_for_gpus_go_first_on_a_gpu_node():
+    cpu_only, gpu_job = rbatch(1, cpus=1), rbatch(2, cpus=1, gpus=1)
+    gpu_job.created = 99.0
+    assert d.pick_batch(rnode(gpus=2), [cpu_only, gpu_job], None) is gpu_job
