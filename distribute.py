@@ -2805,8 +2805,8 @@ def job_request(plan: JobPlan) -> Optional[Amount]:
 
 def slot_share(capacity: Amount, slots: int) -> Amount:
     """What a job without resources holds: its slot's share of the node."""
-    slots = max(1, slots)
-    return Amount(max(1, capacity.cpus // slots) if capacity.cpus else 0, 0, capacity.gpus // slots)
+    slots = max(1, slots)     # (fewer cores than slots: a share of 0, so slots alone decide, as before)
+    return Amount(capacity.cpus // slots, 0, capacity.gpus // slots)
 
 
 def batch_request(node: NodeView, batch: BatchView) -> Optional[Amount]:

@@ -262,3 +262,15 @@ def test_jobs_asking_for_gpus_go_first_on_a_gpu_node():
     cpu_only, gpu_job = rbatch(1, cpus=1), rbatch(2, cpus=1, gpus=1)
     gpu_job.created = 99.0
     assert d.pick_batch(rnode(gpus=2), [cpu_only, gpu_job], None) is gpu_job
+
+
+def test_without_resources_slots_decide_exactly_as_before():
+    """Only jobs without resources on a node: its `slots` alone say how many run, whatever the cores."""
+    for cpus, slots in ((32, 4), (2, 4), (1, 1), (8, 3)):
+        node, legacy, started = rnode(cpus=cpus, slots=slots), batch(1, queued=100), 0
+        while d.why_not(node, legacy) is None:
+            share = d.slot_share(node.capacity, slots)
+            node.running.append(d.Allocation(share))
+            node.used, node.jobs, node.free_slots = node.used.plus(share), node.jobs + 1, node.free_slots - 1
+            started += 1
+        assert started == slots and d.why_not(node, legacy) == "busy"
