@@ -26,6 +26,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import io
 import itertools
@@ -36,6 +37,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -87,9 +89,11 @@ def one_line(text: str) -> str:
 
 
 def log(message: str) -> None:
-    """One timestamped line on stderr: the head's and the supervisor's log (never secrets)."""
-    sys.stderr.write(f"{now_iso()} {message}\n")
-    sys.stderr.flush()
+    """One timestamped line on stderr: the head's and the supervisor's log (never secrets).
+    A log on a full disk loses the line, never the process that wrote it."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"{now_iso()} {message}\n")
+        sys.stderr.flush()
 
 
 def import_asyncssh():
@@ -111,6 +115,7 @@ def import_asyncssh():
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 CAPABILITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")
+RESERVED_JOB_NAMES = ("build",)         # the archive's <batch>/build/ holds the build logs
 
 
 def name_problem(name: str) -> Optional[str]:
@@ -130,6 +135,14 @@ def alias_problem(alias: str) -> Optional[str]:
     if any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in alias) \
             or len(alias.encode("utf-8", "replace")) > 255:
         return f"{alias!r} is not a usable file name"
+    return None
+
+
+def reserved_job_name_problem(name: str) -> Optional[str]:
+    """Why `name` cannot be a job's name although it is a valid name (None when it can)."""
+    if name in RESERVED_JOB_NAMES:
+        return (f"job name {name!r} is reserved: the archive keeps the build logs in <batch>/{name}/; "
+                "rename the job")
     return None
 
 
@@ -674,6 +687,8 @@ def load_job_file(path: str) -> JobFile:
     for item in job_nodes:
         job = _job(item, flavour, base, batch.meta.resources)
         name_y = item.mapping(_JOB_KEYS[flavour])["name"]
+        if job.name in RESERVED_JOB_NAMES:
+            raise name_y.fail(reserved_job_name_problem(job.name))
         if job.name in seen:
             raise name_y.fail(f"job name {job.name!r} is used twice (first at line {seen[job.name]})")
         seen[job.name] = name_y.line
@@ -1433,8 +1448,8 @@ class Workspace:
     def reset_for_job(self, plan: BatchPlan) -> None:
         """input/ holds just the initial files, distribute_save/ and mounts are empty."""
         for folder in (self.input, self.save, self.root / "mounts"):
-            if folder.exists():
-                shutil.rmtree(folder)
+            if os.path.lexists(folder):
+                remove_tree(folder)
         self.input.mkdir()
         self.save.mkdir()
         for alias in plan.initial:
@@ -1508,7 +1523,163 @@ def read_progress(path: Path) -> Optional[float]:
 
 # The archive: <archive>/<namespace>/<batch>/<job>/ holds what the job saved,
 # stdout.txt and job.json.  A job's folder appears complete or not at all: it is
-# filled under a hidden name and renamed into place.
+# filled under a hidden name and renamed into place.  Build logs live beside the
+# jobs in <batch>/build/<node>.txt, which is why no job may be named `build`.
+#
+# Archive writes never follow a link a job could have left: every folder below
+# the archive's root is opened relative to its parent's descriptor with
+# O_NOFOLLOW, and every file is created under a fresh name (O_CREAT|O_EXCL|
+# O_NOFOLLOW) and renamed within its folder, which replaces a link instead of
+# writing through it.  The kernel enforces this; a checked path string could be
+# redirected between the check and the write.
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _CLOEXEC
+
+
+class UnsafeArchive(Failed):
+    """A tar stream tried to write outside its folder, or held a device or link out."""
+
+
+def _plain_part(part: str) -> str:
+    if part in ("", ".", "..") or "/" in part or "\0" in part:
+        raise UnsafeArchive(f"refused path part {part!r}")
+    return part
+
+
+def open_folder_at(dir_fd: int, name: str, create: bool = False) -> int:
+    """The folder `name` inside the folder dir_fd, opened without following a link
+    (made first when missing and `create`)."""
+    _plain_part(name)
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o755, dir_fd=dir_fd)
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafeArchive(f"{name!r} is a link or a file where a folder belongs") from None
+        raise
+
+
+@contextlib.contextmanager
+def folder_fd(root: PathLike, *parts: str, create: bool = True) -> Iterator[int]:
+    """A descriptor of root/parts.  `root` is taken as given (the admin chose it); each part
+    below it is opened with O_NOFOLLOW, and made when missing if `create`."""
+    if create:
+        os.makedirs(str(root), exist_ok=True)
+    fd = os.open(str(root), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        for part in parts:
+            child = open_folder_at(fd, part, create)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def temp_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def write_file_at(dir_fd: int, name: str, content: Union[bytes, Callable[[Any], None]], mode: int = 0o644) -> None:
+    """Make `name` in the folder dir_fd hold `content` (bytes, or a function writing to a binary
+    file): written under a fresh name and renamed over whatever stood there, never through it."""
+    _plain_part(name)
+    tmp = temp_name(name)
+    fd = os.open(tmp, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if callable(content):
+                content(out)
+            else:
+                out.write(content)
+        replace_at(dir_fd, tmp, name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+
+
+def replace_at(dir_fd: int, source: str, target: str, target_fd: Optional[int] = None) -> None:
+    """rename(2) within descriptors; a folder standing at the target is deleted first."""
+    target_fd = dir_fd if target_fd is None else target_fd
+    try:
+        os.replace(source, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        remove_at(target_fd, target)
+        os.replace(source, target, src_dir_fd=dir_fd, dst_dir_fd=target_fd)
+
+
+def read_file_at(dir_fd: int, name: str, limit: int = 1 << 20) -> Optional[bytes]:
+    """The first `limit` bytes of the regular file `name` in dir_fd (None if missing or a link)."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as handle:
+        if not stat_is_regular(os.fstat(fd).st_mode):
+            return None
+        return handle.read(limit)
+
+
+# Folders are walked and deleted without recursion and with a bounded number of open
+# descriptors, whatever their depth (a job can leave 10,000 nested folders): a folder
+# found deeper than this is first moved up to the top, then deleted from there.
+REMOVE_DEPTH = 64
+
+
+def remove_at(dir_fd: int, name: str) -> None:
+    """rm -rf `name` inside the folder dir_fd: never follows a link, never recurses."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            raise
+    pending = [name]
+    while pending:
+        top = pending.pop()
+        stack = [(dir_fd, top, open_folder_at(dir_fd, top))]
+        try:
+            while stack:
+                _, _, fd = stack[-1]
+                deeper = None
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        if entry.is_dir(follow_symlinks=False):
+                            deeper = entry.name
+                            break
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=fd)
+                if deeper is None:
+                    parent, folder, fd = stack.pop()
+                    os.close(fd)
+                    os.rmdir(folder, dir_fd=parent)
+                elif len(stack) >= REMOVE_DEPTH:
+                    moved = f".removing-{os.urandom(6).hex()}"
+                    os.rename(deeper, moved, src_dir_fd=fd, dst_dir_fd=dir_fd)
+                    pending.append(moved)
+                else:
+                    stack.append((fd, deeper, open_folder_at(fd, deeper)))
+        finally:
+            for _, _, fd in stack:
+                os.close(fd)
+
+
+def remove_tree(path: PathLike) -> None:
+    """rm -rf path (shutil.rmtree recurses: a deep enough tree raises RecursionError)."""
+    path = os.path.abspath(str(path))
+    with contextlib.suppress(FileNotFoundError):
+        with folder_fd(os.path.dirname(path), create=False) as fd:
+            remove_at(fd, os.path.basename(path))
+
 
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
     return inside(Path(archive), namespace, batch)
@@ -1521,40 +1692,83 @@ def land_job(archive: Path, namespace: str, batch: str, job: str, fill, record: 
         fill(incoming)
         return finish_landing(incoming, final, record)
     except BaseException:
-        shutil.rmtree(incoming, ignore_errors=True)
+        remove_tree(incoming)
         raise
 
 
 def start_landing(archive: Path, namespace: str, batch: str, job: str) -> Tuple[Path, Path]:
     """A hidden folder to fill with a job's results, and the name it will get."""
     parent = batch_archive(archive, namespace, batch)
-    parent.mkdir(parents=True, exist_ok=True)
-    final = inside(parent, job)
-    return Path(tempfile.mkdtemp(prefix=f".incoming-{job}-", dir=parent)), final
+    final = inside(parent, _plain_part(job))
+    with folder_fd(archive, namespace, batch) as fd:
+        while True:
+            incoming = f".incoming-{job}-{os.urandom(6).hex()}"
+            try:
+                os.mkdir(incoming, 0o755, dir_fd=fd)
+                return parent / incoming, final
+            except FileExistsError:
+                continue
 
 
 def finish_landing(incoming: Path, final: Path, record: Dict[str, Any]) -> Path:
-    """Add job.json and rename the filled folder into place (replacing an earlier one)."""
-    write_json(incoming / "job.json", record)
-    if landed_already(final, record):
-        shutil.rmtree(incoming, ignore_errors=True)
-        return final
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".replaced-{final.name}-", dir=final.parent))
-        os.rename(final, old / "old")
-        os.rename(incoming, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(incoming, final)
+    """Add job.json and rename the filled folder into place (replacing an earlier one).
+    Everything goes through the batch folder's descriptor: whatever links the job's files
+    hold, job.json is a new file and the renames move names, never link targets."""
+    with folder_fd(final.parent, create=False) as batch_fd:
+        with _fd_closing(open_folder_at(batch_fd, incoming.name)) as incoming_fd:
+            record = dict(record, **skipped_outputs(incoming_fd))
+            write_file_at(incoming_fd, "job.json", json_bytes(record))
+        if landed_already(final, record, batch_fd):
+            remove_at(batch_fd, incoming.name)
+            return final
+        try:
+            os.rename(incoming.name, final.name, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            old = f".replaced-{final.name}-{os.urandom(6).hex()}"
+            os.rename(final.name, old, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+            os.rename(incoming.name, final.name, src_dir_fd=batch_fd, dst_dir_fd=batch_fd)
+            remove_at(batch_fd, old)
     return final
 
 
-def landed_already(final: Path, record: Dict[str, Any]) -> bool:
+def skipped_outputs(folder_fd_: int) -> Dict[str, Any]:
+    """{"skipped": [...]} from the list the node sent along with a job's results (then removed),
+    or {} (see job_result_entries)."""
+    data = read_file_at(folder_fd_, SKIPPED_FILE)
+    if data is None:
+        return {}
+    remove_at(folder_fd_, SKIPPED_FILE)
+    try:
+        listed = json.loads(data)
+    except ValueError:
+        return {}
+    if not isinstance(listed, list):
+        return {}
+    kept = [{"path": str(e.get("path"))[:4096], "reason": str(e.get("reason"))[:200]}
+            for e in listed[:MAX_SKIPPED_LISTED + 1] if isinstance(e, dict)]
+    return {"skipped": kept} if kept else {}
+
+
+@contextlib.contextmanager
+def _fd_closing(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def landed_already(final: Path, record: Dict[str, Any], batch_fd: Optional[int] = None) -> bool:
     """Whether `final` holds this very attempt's results already: a head killed after landing
     them but before noting so gets them again after its restart, and must not archive twice."""
     try:
-        landed = json.loads((final / "job.json").read_text())
-    except (OSError, ValueError):
+        if batch_fd is None:
+            with folder_fd(final.parent, create=False) as fd:
+                return landed_already(final, record, fd)
+        with _fd_closing(open_folder_at(batch_fd, final.name)) as job_fd:
+            landed = json.loads(read_file_at(job_fd, "job.json") or b"null")
+    except (OSError, ValueError, UnsafeArchive):
         return False
     return isinstance(landed, dict) and record.get("start") is not None and \
         all(landed.get(key) == record.get(key) for key in ("node", "start", "attempts"))
@@ -1563,20 +1777,22 @@ def landed_already(final: Path, record: Dict[str, Any]) -> bool:
 def remove_unfinished_landings(archive: Path) -> None:
     """Hidden folders and files a killed head was still filling or swapping out: never
     visible as results, and their jobs are archived again from the nodes."""
-    for pattern in ("*/*/.incoming-*", "*/*/.replaced-*", "*/*/build/.*.tmp"):
+    for pattern in ("*/*/.incoming-*", "*/*/.replaced-*", "*/*/.removing-*", "*/*/build/.*.tmp"):
         for path in Path(archive).glob(pattern):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            with contextlib.suppress(OSError, UnsafeArchive):
+                remove_tree(path)
 
 
-def land_build_log(archive: Path, namespace: str, batch: str, node: str, source: Path) -> Path:
-    folder = batch_archive(archive, namespace, batch) / "build"
-    folder.mkdir(parents=True, exist_ok=True)
-    final = inside(folder, f"{node}.txt")
-    write_atomically(final, lambda tmp: shutil.copyfile(source, tmp))
+def land_build_log(archive: Path, namespace: str, batch: str, node: str, source: Union[Path, bytes]) -> Path:
+    """<batch>/build/<node>.txt: a file's copy, or the bytes given."""
+    final = inside(batch_archive(archive, namespace, batch) / "build", _plain_part(f"{node}.txt"))
+    data = source if isinstance(source, bytes) else None
+    with folder_fd(archive, namespace, batch, "build") as fd:
+        if data is not None:
+            write_file_at(fd, final.name, data)
+        else:
+            with open(source, "rb") as handle:
+                write_file_at(fd, final.name, lambda out: shutil.copyfileobj(handle, out, 1 << 20))
     return final
 
 
@@ -1589,6 +1805,10 @@ def write_atomically(final: Path, write) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def json_bytes(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -2682,6 +2902,7 @@ class NodeView:
     free_slots: int
     paused: bool = False
     reachable: bool = True
+    upgrading: bool = False          # its supervisor is another build: it finishes, then is replaced
     capacity: Optional[Amount] = None   # None: not known yet (never connected)
     used: Amount = field(default_factory=Amount)
     jobs: int = 0                       # jobs and builds running there
@@ -2753,6 +2974,8 @@ def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
             return short
     if node.paused:
         return "paused"
+    if node.upgrading:
+        return "its supervisor is being upgraded (after its running jobs end)"
     if batch.request is None and node.free_slots <= 0:
         return "busy"
     if batch.request is not None and node.slots_cap is not None and node.jobs >= node.slots_cap:
@@ -2961,13 +3184,34 @@ MAX_HEADER = 64 * 1024 * 1024
 INLINE_LIMIT = 1024 * 1024          # results up to this size ride along with the "finished" event
 PROTOCOL = 1
 
+# Every frame is bounded by what its op needs, checked on the 8-byte prefix and the op
+# (the header's first key, as Channel.send writes it) before another byte is read: a
+# peer declaring gigabytes is refused before anything is allocated.  A frame whose op
+# turns out to differ from the one it announced is held to the real op's bounds.
+SMALL_HEADER = 64 * 1024
+KiB, MiB = 1024, 1024 * 1024
+HEAD_FRAMES = {"add": (16 * MiB, 0), "pull_files": (16 * MiB, 0), "pull": (1 * MiB, 0)}
+SUPERVISOR_FRAMES = {"build": (4 * MiB, 16 * MiB), "start": (4 * MiB, 16 * MiB), "ack": (4 * MiB, 0),
+                     "kill": (4 * MiB, 0)}
+NODE_FRAMES = (MAX_HEADER, 64 * MiB)        # what a supervisor sends its head: events, replies
+_OP_RE = re.compile(rb'\A\{"op":"([A-Za-z_]{1,32})"')
+
+
+def frame_bounds(table: Dict[str, Tuple[int, int]]) -> Callable[[Optional[str]], Tuple[int, int]]:
+    """(largest header, largest payload) of a frame with op `op`, from `table` or small."""
+    return lambda op: table.get(op or "", (SMALL_HEADER, 0))
+
 
 class ProtocolError(Failed):
     """The other side spoke something that is not our protocol (or hung up)."""
 
 
-class UnsafeArchive(Failed):
-    """A tar stream tried to write outside its folder, or held a device or link out."""
+class BadFrame(ProtocolError):
+    """A frame that is not one: its header is no JSON object, or one nested past reading."""
+
+
+class FrameTooLarge(BadFrame):
+    """A frame declared more than its op may carry; nothing of it was read."""
 
 
 class Channel:
@@ -2979,6 +3223,8 @@ class Channel:
         self._lock = asyncio.Lock()
 
     async def send(self, header: Dict[str, Any], payload: bytes = b"") -> None:
+        if "op" in header:
+            header = dict({"op": header["op"]}, **header)       # first: receivers bound frames by it
         body = json.dumps(header, separators=(",", ":")).encode()
         async with self._lock:
             self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
@@ -2986,19 +3232,32 @@ class Channel:
                 self.writer.write(payload)
             await self.writer.drain()
 
-    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+    async def receive(self, bounds: Optional[Callable[[Optional[str]], Tuple[int, int]]] = None
+                      ) -> Tuple[Dict[str, Any], bytes]:
+        """The next frame; with `bounds` (see frame_bounds), one larger than its op may carry
+        raises FrameTooLarge before its body is read."""
         import asyncio
         try:
             prefix = await self.reader.readexactly(8)
             size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
-            if size > MAX_HEADER:
-                raise ProtocolError("frame header too large")
-            header = json.loads(await self.reader.readexactly(size))
+            start, op = b"", None
+            if bounds is not None:
+                start = await self.reader.readexactly(min(size, 64))
+                match = _OP_RE.match(start)
+                op = match.group(1).decode() if match else None
+            check_frame(op, size, payload_size, bounds)
+            header = json.loads(start + await self.reader.readexactly(size - len(start)))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            if bounds is not None and header.get("op") != op:
+                check_frame(header.get("op"), size, payload_size, bounds)
             payload = await self.reader.readexactly(payload_size) if payload_size else b""
         except (asyncio.IncompleteReadError, ConnectionError) as exc:
             raise ProtocolError("connection closed") from exc
+        except RecursionError:
+            raise BadFrame("the request nests deeper than JSON is read here") from None
         except ValueError as exc:
-            raise ProtocolError(f"bad frame: {exc}") from exc
+            raise BadFrame(f"bad frame: {one_line(str(exc))[:200]}") from None
         return header, payload
 
     async def request(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
@@ -3008,6 +3267,14 @@ class Channel:
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
+
+
+def check_frame(op: Any, size: int, payload_size: int, bounds) -> None:
+    most_header, most_payload = bounds(op if isinstance(op, str) else None) if bounds else (MAX_HEADER, 1 << 32)
+    if size > most_header or payload_size > most_payload:
+        what = f"a {op!r} request" if isinstance(op, str) else "a request"
+        raise FrameTooLarge(f"{what} of {human_bytes(size + payload_size)} is refused: at most "
+                            f"{human_bytes(most_header + most_payload)}")
 
 
 EMPTY_TAR = bytes(1024)      # the end marker alone: what a job without files sends
@@ -3091,58 +3358,113 @@ def extract_tar(source, dest: Path) -> int:
 
 
 def extract_members(stream, dest: Path) -> Tuple[int, int]:
-    """extract_tar's loop: (bytes written, offset where the archive says it ends)."""
+    """extract_tar's loop: (bytes written, offset where the archive says it ends).  Every
+    write goes through descriptors opened below dest with O_NOFOLLOW (section 5): a link
+    that arrived earlier in the stream, or stood in dest before, is never written through."""
     written = 0
-    real_dest = os.path.realpath(dest)
-    safe_folders: set = set()       # checked to lie inside dest, and made: one realpath per folder
-    # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
-    with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
-        for member in tar:
-            target = check_member(member, dest)
-            folder = os.path.dirname(target)
-            if folder not in safe_folders:
-                real_parent = os.path.realpath(folder)
-                if not (real_parent + os.sep).startswith(real_dest + os.sep) and real_parent != real_dest:
-                    raise UnsafeArchive(f"refused tar entry {member.name!r}: its folder leads outside")
-                os.makedirs(folder, exist_ok=True)
-                safe_folders.add(folder)
-            if member.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            if os.path.isdir(target) and not os.path.islink(target):
-                shutil.rmtree(target)
-                safe_folders.clear()
-            if member.issym():
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(target)
-                os.symlink(member.linkname, target)
-                safe_folders.clear()        # a link may now stand where a checked folder was
-                continue
-            written += land_member(tar, member, target)
-        return written, tar.offset
+    folders = FolderCache(dest)
+    try:
+        # 64 KiB reads instead of tarfile's 10 KiB records: big files come in a sixth of the calls
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=1 << 16) as tar:
+            for member in tar:
+                check_member(member, dest)
+                parts = [p for p in member.name.split("/") if p not in ("", ".")]
+                try:
+                    dir_fd = folders.get(parts[:-1])
+                    leaf = parts[-1]
+                    if member.isdir():
+                        folders.get(parts)
+                        continue
+                    if member.issym():
+                        folders.remove(dir_fd, leaf)
+                        os.symlink(member.linkname, leaf, dir_fd=dir_fd)
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_ISDIR(os.stat(leaf, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                            folders.remove(dir_fd, leaf)
+                    written += land_member(tar, member, dir_fd, leaf)
+                except UnsafeArchive as exc:
+                    raise UnsafeArchive(f"refused tar entry {member.name!r}: {exc}") from None
+            return written, tar.offset
+    finally:
+        folders.close()
+
+
+class FolderCache:
+    """Descriptors of the folders under dest an extraction writes into, each opened (and made
+    when missing) part by part with O_NOFOLLOW; a few hundred kept open at most."""
+
+    LIMIT = 256
+
+    def __init__(self, dest: Path):
+        self.root = os.open(str(dest), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+        self.fds: Dict[Tuple[str, ...], int] = {(): self.root}
+
+    def get(self, parts: List[str]) -> int:
+        key = tuple(parts)
+        fd = self.fds.get(key)
+        if fd is None:
+            parent = self.get(parts[:-1])
+            if len(self.fds) >= self.LIMIT:
+                self.clear(keep=key[:-1])
+                parent = self.fds[key[:-1]]
+            fd = self.fds[key] = open_folder_at(parent, parts[-1], create=True)
+        return fd
+
+    def remove(self, dir_fd: int, name: str) -> None:
+        """Delete what stands at name (a folder with everything in it); forget folders opened below."""
+        remove_at(dir_fd, name)
+        self.clear(keep=next(k for k, fd in self.fds.items() if fd == dir_fd))
+
+    def clear(self, keep: Tuple[str, ...] = ()) -> None:
+        """Close every descriptor but the root's and those of keep and its parents."""
+        for key in list(self.fds):
+            if key and key != keep[:len(key)]:
+                os.close(self.fds.pop(key))
+
+    def close(self) -> None:
+        self.clear()
+        os.close(self.root)
 
 
 PART_SUFFIX = ".distribute-part"
+ZERO_CHUNK = bytes(1 << 20)
 
 
-def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> int:
-    """Write one regular file under a temporary name, check its size, then rename it into place."""
-    part = target.with_name(f".{target.name}{PART_SUFFIX}")
+def all_zero(chunk: bytes) -> bool:
+    return chunk == ZERO_CHUNK if len(chunk) == len(ZERO_CHUNK) else chunk.count(0) == len(chunk)
+
+
+def land_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dir_fd: int, name: str) -> int:
+    """Write one regular file under a temporary name in the folder dir_fd (never through a link),
+    check its size, then rename it into place.  Runs of zeros become holes: a sparse file a job
+    left stays sparse instead of filling the disk."""
+    part = f".{name}{PART_SUFFIX}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part, dir_fd=dir_fd)          # a killed transfer's leftover (a link is removed, not followed)
     try:
-        with open(part, "wb") as out:
+        fd = os.open(part, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
             size = 0
             for chunk in member_chunks(tar, member):
-                out.write(chunk)
+                if all_zero(chunk):
+                    os.lseek(fd, len(chunk), os.SEEK_CUR)
+                else:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
                 size += len(chunk)
             if size != member.size:
                 raise Failed(f"{member.name}: received {size} of {member.size} bytes")
-            out.flush()                         # before utime: a later write would move the mtime
-            os.fchmod(out.fileno(), member.mode & 0o777)
-            os.utime(out.fileno(), (member.mtime, member.mtime))
-        os.replace(part, target)
+            os.ftruncate(fd, size)               # a file ending in a hole gets its length
+            os.fchmod(fd, member.mode & 0o777)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+        replace_at(dir_fd, part, name)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(part)
+            os.unlink(part, dir_fd=dir_fd)
         raise
     return member.size
 
@@ -3169,17 +3491,69 @@ PREFERRED_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha
 
 def folder_entries(folder: Path) -> List[Tuple[str, str]]:
     """(name in archive, path) for everything under folder, links kept as links."""
+    return walk_folder(folder)[0]
+
+
+RESULT_DEPTH = 128          # a job's folders nested deeper are left out of its results (and listed)
+
+
+def walk_folder(folder: PathLike, regular_only: bool = False, max_depth: Optional[int] = None
+                ) -> Tuple[List[Tuple[str, str]], List[Dict[str, str]]]:
+    """(name in archive, path) for everything under folder, each folder before what it holds,
+    without recursion (os.walk recurses: 10,000 nested folders raise RecursionError).  With
+    `regular_only`, only folders and regular files are taken; links, fifos, sockets, devices,
+    folders nested past `max_depth` and what cannot be read are returned as skipped
+    ({"path", "reason"}) instead."""
     entries: List[Tuple[str, str]] = []
-    for top, dirs, files in os.walk(folder):
-        rel_top = os.path.relpath(top, folder)
-        for name in sorted(dirs) + sorted(files):
-            entries.append((name if rel_top == "." else f"{rel_top}/{name}", os.path.join(top, name)))
-    return entries
+    skipped: List[Dict[str, str]] = []
+    stack = [("", os.fspath(folder), 0)]
+    while stack:
+        rel_top, top, depth = stack.pop()
+        try:
+            with os.scandir(top) as listing:
+                found = sorted(listing, key=lambda e: e.name)
+        except OSError as exc:
+            if rel_top:
+                skipped.append({"path": rel_top, "reason": f"cannot be read: {exc.strerror or exc}"})
+            continue
+        below = []
+        for entry in found:
+            rel = f"{rel_top}/{entry.name}" if rel_top else entry.name
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except OSError as exc:
+                skipped.append({"path": rel, "reason": f"cannot be read: {exc.strerror or exc}"})
+                continue
+            if stat.S_ISDIR(mode):
+                if max_depth is not None and depth >= max_depth:
+                    skipped.append({"path": rel, "reason": f"nested deeper than {max_depth} folders"})
+                    continue
+                entries.append((rel, entry.path))
+                below.append((rel, entry.path, depth + 1))
+            elif stat.S_ISREG(mode) or not regular_only:
+                entries.append((rel, entry.path))
+            else:
+                skipped.append({"path": rel, "reason": f"{special_kind(mode)}: only files and folders are kept"})
+        stack.extend(reversed(below))
+    return entries, skipped
+
+
+def special_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a fifo"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+TAR_ENTRY_OVERHEAD = 1536      # a member's header block, and a PAX header for a long name
 
 
 def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
+    """About the size of a tar of the entries (which decides whether it travels inline)."""
     total = 0
     for _, path in entries:
+        total += TAR_ENTRY_OVERHEAD
         with contextlib.suppress(OSError):
             info = os.lstat(path)
             total += info.st_size if stat_is_regular(info.st_mode) else 0
@@ -3214,6 +3588,22 @@ async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
         await producer
     if writer.can_write_eof():
         writer.write_eof()
+
+
+async def stream_and_reply(channel: Channel, entries: List[Tuple[str, str]]) -> Dict[str, Any]:
+    """Send a tar of the entries on channel while awaiting the receiver's reply: a receiver that
+    refuses before reading it all (no space, a refused entry) is heard, not taken for a broken pipe."""
+    import asyncio
+    sender = asyncio.ensure_future(send_tar_stream(channel.writer, entries))
+    reply: Dict[str, Any] = {}
+    try:
+        reply, _ = await channel.receive()
+    finally:
+        if not sender.done() and not reply.get("ok"):
+            sender.cancel()                 # refused or cut: nobody reads the rest
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await sender
+    return reply
 
 
 def extract_then_close(source, dest: Path) -> int:
@@ -3519,7 +3909,7 @@ def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
         lock = PauseLock(
             # Who paused is whoever owns the file: a lock cannot speak for someone else.
             user=_user_of_uid(info.st_uid),
-            until=min(float(data["until"]), info.st_mtime + MAX_PAUSE_SECONDS + _PAUSE_LOCK_SLACK),
+            until=min(float(data["until"]), lock_written_at(info) + MAX_PAUSE_SECONDS + _PAUSE_LOCK_SLACK),
             pid=int(data["pid"]), detached=bool(data["detached"]), since=float(data.get("since") or 0.0),
             pid_started=None if data.get("pid_started") is None else float(data["pid_started"]))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -3527,6 +3917,22 @@ def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
     finally:
         os.close(fd)
     return lock, info
+
+
+# When a lock was written, by clocks its owner cannot set: st_mtime is whatever `touch -d`
+# says, but the kernel stamps st_ctime itself on every change (a utime included), and
+# this process remembers (monotonic) when it first saw each version of each lock file.
+_LOCKS_FIRST_SEEN: Dict[Tuple[int, int, int], float] = {}
+
+
+def lock_written_at(info: os.stat_result) -> float:
+    """The earliest of the lock's inode change time and when this process first saw it."""
+    key = (info.st_dev, info.st_ino, info.st_ctime_ns)
+    first_seen = _LOCKS_FIRST_SEEN.setdefault(key, time.monotonic())
+    if len(_LOCKS_FIRST_SEEN) > 4096:              # locks come and go: forget old versions
+        _LOCKS_FIRST_SEEN.clear()
+        _LOCKS_FIRST_SEEN[key] = first_seen
+    return min(info.st_ctime, time.time() - (time.monotonic() - first_seen))
 
 
 def pauser_alive(lock: PauseLock, thorough: bool = True) -> bool:
@@ -3839,6 +4245,60 @@ PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gc
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
 
 
+def machine_identity() -> Dict[str, str]:
+    """Which machine this is: its machine id (systemd's; DISTRIBUTE_MACHINE_ID first, for
+    containers and test labs whose "machines" share one kernel), boot id and hostname."""
+    machine = os.environ.get("DISTRIBUTE_MACHINE_ID", "").strip()
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        if machine:
+            break
+        with contextlib.suppress(OSError):
+            machine = Path(path).read_text().strip()
+    boot = ""
+    with contextlib.suppress(OSError):
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    hostname = socket.gethostname()
+    return {"machine_id": machine or f"host:{hostname}", "boot_id": boot, "hostname": hostname}
+
+
+# A workdir belongs to one machine.  Its supervisor claims it in .distribute/machine.json
+# and refreshes the claim; another machine reaching the same folder (NFS home folders)
+# finds a fresh claim that is not its own and is refused.  A claim older than this is
+# a machine that stopped using the folder, and may be taken over.
+CLAIM_REFRESH = 30.0
+CLAIM_STALE = 120.0
+
+
+def workdir_claim(home: Path) -> Optional[Dict[str, Any]]:
+    """The machine that claims this workdir, with its claim's age; None if nobody (fresh)."""
+    path = home / "machine.json"
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        claim = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(claim, dict) or age > CLAIM_STALE:
+        return None
+    return claim
+
+
+def claim_workdir(home: Path, identity: Dict[str, str]) -> None:
+    write_atomically(home / "machine.json", lambda tmp: tmp.write_text(json.dumps(identity)))
+
+
+def foreign_claim_problem(workdir: Path, identity: Dict[str, str]) -> Optional[str]:
+    """Why this machine must not use `workdir`: another machine uses it right now."""
+    claim = workdir_claim(workdir / ".distribute")
+    if claim is None or claim.get("machine_id") == identity["machine_id"]:
+        return None
+    return shared_workdir_message(str(workdir), claim.get("hostname"))
+
+
+def shared_workdir_message(workdir: str, other_host: Any) -> str:
+    return (f"workdir {workdir} is in use by another machine, {other_host}: two machines share it "
+            "(a folder on NFS?); give each node a workdir on its own disk")
+
+
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
     caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
@@ -3850,8 +4310,8 @@ def probe_machine() -> Dict[str, Any]:
     if gpus:
         caps.append("gpu")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return {"capabilities": caps, "cpus": os.cpu_count() or 1, "memory": memory, "gpus": gpus,
-            "hostname": socket.gethostname(), "python": sys.version.split()[0], "version": __version__}
+    return dict(machine_identity(), capabilities=caps, cpus=os.cpu_count() or 1, memory=memory, gpus=gpus,
+                python=sys.version.split()[0], version=__version__)
 
 
 @dataclass
@@ -3952,8 +4412,10 @@ class Supervisor:
         self.builds: Dict[str, Any] = {}           # batch key -> task
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
+        self.build = program_bytes()[1]            # the head replaces a supervisor of another build
         self.pause_locks: List[Any] = []
         self.limits: Dict[str, LimitWatch] = {}    # run_id -> its memory and time limits
+        self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
     # records on disk
     def run_dir(self, run_id: str) -> Path:
@@ -3962,10 +4424,7 @@ class Supervisor:
         return self.runs_dir / run_id
 
     def save_record(self, record: RunRecord) -> None:
-        folder = self.run_dir(record.run_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(folder / "record.json",
-                         lambda tmp: tmp.write_text(json.dumps(dataclasses.asdict(record))))
+        save_run_record(self.run_dir(record.run_id), dataclasses.asdict(record))
 
     def load_record(self, run_id: str) -> Optional[RunRecord]:
         try:
@@ -3999,8 +4458,13 @@ class Supervisor:
         limiter = asyncio.ensure_future(watch_limits(
             self.limits, lambda: {key: proc.pid for key, proc in self.procs.items() if key not in self.dying},
             self.is_paused, self.stop_for_limit))
+        claimed = 0.0
         try:
             while not self.idle_long_enough():
+                if time.time() - claimed > CLAIM_REFRESH:
+                    with contextlib.suppress(OSError):         # a full disk must not stop the jobs
+                        claim_workdir(self.home, self.machine_identity())
+                    claimed = time.time()
                 await asyncio.sleep(1.0)
         finally:
             watcher.cancel()
@@ -4009,6 +4473,9 @@ class Supervisor:
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
+
+    def machine_identity(self) -> Dict[str, str]:
+        return {key: self.machine[key] for key in ("machine_id", "boot_id", "hostname")}
 
     def idle_long_enough(self) -> bool:
         if self.head is not None or self.procs or self.builds:
@@ -4066,7 +4533,7 @@ class Supervisor:
         channel = Channel(reader, writer)
         try:
             while True:
-                header, payload = await channel.receive()
+                header, payload = await channel.receive(frame_bounds(SUPERVISOR_FRAMES))
                 op = header.get("op")
                 handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
                 try:
@@ -4075,8 +4542,12 @@ class Supervisor:
                     reply = await handler(channel, header, payload)
                 except (Failed, UserError, OSError) as exc:     # a refusal or a full disk: say so, stay connected
                     reply = ({"ok": False, "error": str(exc)}, b"")
+                except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
+                    reply = ({"ok": False, "error": bad_request(op, exc)}, b"")
                 if reply is not None:
                     await channel.send(dict(reply[0], reply_to=header.get("id")), reply[1])
+                if header.get("stream"):
+                    break           # a channel carrying a tar until EOF serves that one request
         except ProtocolError:
             pass
         finally:
@@ -4092,9 +4563,10 @@ class Supervisor:
             if self.head is not None and self.head is not channel:
                 self.head.close()
             self.head = channel
+            self.node_name = str(header.get("node") or self.node_name)[:128]
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
-                    workspaces=self.workspaces(), protocol=PROTOCOL), b""
+                    workspaces=self.workspaces(), protocol=PROTOCOL, build=self.build, pid=os.getpid()), b""
 
     def workspaces(self) -> List[Dict[str, str]]:
         """The batch folders on this node that no build is filling right now (a slot shadow
@@ -4120,7 +4592,7 @@ class Supervisor:
                 pass
             return {"ok": True, "already": True}, b""
         if ws.root.exists():
-            shutil.rmtree(ws.root)
+            remove_tree(ws.root)        # any depth: a job may have left 10,000 nested folders
         ws.create()
         await self.receive_files(channel, header, payload, ws.root)
         key = f"{plan.namespace}/{plan.batch}"
@@ -4223,15 +4695,14 @@ class Supervisor:
         return dict(event, inline=False), b""
 
     def result_entries(self, run_id: str) -> List[Tuple[str, str]]:
-        folder = self.run_dir(run_id)
-        extra = [("stdout.txt", str(folder / "stdout.txt"))] if (folder / "stdout.txt").exists() else []
-        return folder_entries(folder / "save") + extra
+        return job_result_entries(self.run_dir(run_id))
 
     def result_tar(self, run_id: str) -> bytes:
         return tar_of(self.result_entries(run_id))
 
     async def receive_files(self, channel: Channel, header, payload: bytes, dest: Path) -> None:
         """Files come inline (small) or, on a channel of their own, as a tar until EOF."""
+        check_space(dest, header.get("size") if header.get("stream") else len(payload), self.node_name)
         if header.get("stream"):
             await receive_tar(channel.reader, dest)
         else:
@@ -4271,7 +4742,8 @@ class Supervisor:
         """The head is done with a batch on this node: delete its build directory."""
         ws = self.workspace(header["namespace"], header["batch"])
         for folder in [ws.root] + list(ws.root.parent.glob(glob_escape(ws.root.name) + ".slot*")):
-            shutil.rmtree(folder, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_tree(folder)
         with contextlib.suppress(OSError):
             ws.root.parent.rmdir()
         return None
@@ -4297,6 +4769,80 @@ class Supervisor:
         return {"ok": True, "progress": out}, b""
 
 
+# What a job left in distribute_save/ travels as regular files and folders only: a link
+# (which could point anywhere), a fifo (which blocks its reader) or a device is left out,
+# as are folders nested past RESULT_DEPTH, and the archive's job.json lists each with
+# its reason.  The list rides along in the results as SKIPPED_FILE.
+SKIPPED_FILE = ".distribute-skipped.json"
+MAX_SKIPPED_LISTED = 1000
+
+
+def job_result_entries(run_folder: Path) -> List[Tuple[str, str]]:
+    """The tar entries of a finished run: its saved files, stdout.txt and the list of what was left out."""
+    entries, skipped = walk_folder(run_folder / "save", regular_only=True, max_depth=RESULT_DEPTH)
+    entries = [e for e in entries if e[0] != SKIPPED_FILE]
+    if (run_folder / "stdout.txt").exists():
+        entries.append(("stdout.txt", str(run_folder / "stdout.txt")))
+    if skipped:
+        listed = skipped[:MAX_SKIPPED_LISTED]
+        if len(skipped) > len(listed):
+            listed.append({"path": "...", "reason": f"{len(skipped) - len(listed)} more left out"})
+        try:
+            with folder_fd(run_folder, create=False) as fd:
+                write_file_at(fd, SKIPPED_FILE, json.dumps(listed).encode())
+            entries.append((SKIPPED_FILE, str(run_folder / SKIPPED_FILE)))
+        except OSError as exc:          # a full disk: the results still go, without the list
+            log(f"supervisor: cannot list what {run_folder.name} left out: {exc.strerror or exc}")
+    return entries
+
+
+# A full disk on a node: a job that writes past the free space still ends as finished.  Its
+# record.json is written padded to RECORD_RESERVE bytes, so that when a later version cannot
+# get a new file (ENOSPC) it overwrites the reserved blocks in place.  Files for a build or a
+# job are refused up front, with the space needed and free, when they cannot fit.
+RECORD_RESERVE = 4096
+SPACE_MARGIN = 1 << 20
+
+
+def save_run_record(folder: Path, data: Dict[str, Any]) -> None:
+    text = json.dumps(data).encode()
+    padded = text.ljust(RECORD_RESERVE) if len(text) < RECORD_RESERVE else text
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomically(folder / "record.json", lambda tmp: tmp.write_bytes(padded))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT) or len(padded) > RECORD_RESERVE:
+            raise
+        fd = os.open(folder / "record.json", os.O_WRONLY | os.O_NOFOLLOW | _CLOEXEC)
+        try:
+            if os.fstat(fd).st_size != RECORD_RESERVE:
+                raise
+            os.pwrite(fd, padded, 0)
+        finally:
+            os.close(fd)
+        log(f"supervisor: disk full: record of run {data.get('run_id')} overwritten in its reserved place")
+
+
+def check_space(dest: Path, size: Any, node: str) -> None:
+    """Refuse files that cannot fit in dest's file system, before receiving them."""
+    if not isinstance(size, int) or size <= 0:
+        return
+    try:
+        free = shutil.disk_usage(str(dest)).free
+    except OSError:
+        return
+    if size + SPACE_MARGIN > free:
+        raise Failed(f"no space on {node}: need {human_bytes(size)}, have {human_bytes(free)} "
+                     f"free in {dest.parent}")
+
+
+def bad_request(op: Any, exc: BaseException) -> str:
+    """One line (logged, and the reply's error) for a request whose fields a handler choked on."""
+    text = f"bad {one_line(repr(op))[:40]} request: {type(exc).__name__}: {one_line(str(exc))[:200]}"
+    log(f"supervisor: {text}")
+    return text
+
+
 def remove_run_folder(folder: Path) -> None:
     """Delete an archived run's folder: a handful of unlinks for the usual record.json,
     stdout.txt and empty save/ (once per job, so cheaper than rmtree); rmtree otherwise."""
@@ -4308,7 +4854,8 @@ def remove_run_folder(folder: Path) -> None:
             os.rmdir(folder / "save")
         os.rmdir(folder)
     except OSError:
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(folder)         # any depth: a job may leave 10,000 nested folders
 
 
 def glob_escape(name: str) -> str:
@@ -4343,9 +4890,16 @@ def supervisor_socket(workdir: str) -> str:
 
 
 def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[str],
-                              pause_folder: Optional[str] = None) -> str:
-    """Start a supervisor for workdir unless one answers already; return when it listens."""
+                              pause_folder: Optional[str] = None, replace: bool = False) -> str:
+    """Start a supervisor for workdir unless one answers already (with `replace`, stop that
+    one first: the head upgrades it); return when it listens.  Refuses a workdir that
+    another machine uses."""
     sock_path = supervisor_socket(str(workdir))
+    problem = foreign_claim_problem(Path(workdir), machine_identity())
+    if problem:
+        raise Failed(problem)
+    if replace:
+        stop_supervisor(sock_path)
     if socket_answers(sock_path):
         return "running"
     home = Path(workdir) / ".distribute"
@@ -4362,6 +4916,36 @@ def start_supervisor_detached(workdir: Path, idle_timeout: float, argv0: List[st
             return "started"
         time.sleep(0.02)
     raise Failed(f"the supervisor did not start; see {home / 'supervisor.log'}")
+
+
+def stop_supervisor(sock_path: str, grace: float = 10.0) -> bool:
+    """Stop the supervisor listening on sock_path (found by the socket's peer credentials,
+    so any release's supervisor is found); its jobs, in sessions of their own, go on."""
+    import struct
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(sock_path)
+        creds = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    pid = struct.unpack("3i", creds)[0]
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if b"supervise" not in cmdline or pid == os.getpid():
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    while pid_alive(pid) and time.time() < deadline:
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return True
 
 
 def socket_answers(path) -> bool:
@@ -5135,7 +5719,22 @@ def hold_head_lock(state: Path, socket_path: Path) -> int:
     return fd
 
 
-NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version")   # kept per node
+NODE_FACTS = ("capabilities", "cpus", "memory", "gpus", "hostname", "python", "version", "machine_id",
+              "build")   # kept per node
+
+
+class NodeRefused(Failed):
+    """A node the head must not use until the admin changes something (said in the message)."""
+
+
+def parse_json_line(out: bytes) -> Dict[str, Any]:
+    """The last line of a command's output, as JSON; {} if it is not."""
+    lines = out.decode("utf-8", "replace").strip().splitlines()
+    try:
+        value = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 class NodeLink:
@@ -5154,6 +5753,8 @@ class NodeLink:
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
         self.last_known: Dict[str, Any] = {}         # what it reported when last up (kept in the store)
+        self.conflict: Optional[str] = None          # why it is refused: its machine is listed twice
+        self.replace_supervisor = False              # next connection replaces an outdated supervisor
 
     @property
     def name(self) -> str:
@@ -5187,7 +5788,24 @@ class NodeLink:
 
     def view(self) -> NodeView:
         return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
-                        self.spec.slots - len(self.slots), bool(self.paused), self.up)
+                        self.spec.slots - len(self.slots), bool(self.paused), self.up, self.outdated)
+
+    @property
+    def expected_build(self) -> str:
+        """The build this node's supervisor should run: what the head copies there (a local
+        node runs the head's own program)."""
+        return self.head.local_build if self.spec.is_local else self.head.program[1]
+
+    @property
+    def outdated(self) -> bool:
+        return self.up and self.info.get("build") != self.expected_build
+
+    def refuse(self, reason: str) -> None:
+        """Stop using this node (another entry reaches its machine): its loop reconnects and
+        is refused with `reason` until the nodes file changes."""
+        self.conflict = reason
+        if self.channel is not None:
+            self.channel.close()
 
     async def run_forever(self) -> None:
         import asyncio
@@ -5200,7 +5818,7 @@ class NodeLink:
                 raise
             except Exception as exc:                     # any failure: node is down, retry
                 self.error = self.transport.describe_error(exc)
-                refused = "host key" in self.error
+                refused = "host key" in self.error or isinstance(exc, NodeRefused)
                 self.state = "refused" if refused else "down"
                 log(f"node {self.name}: {self.error}")
             self.mark_down()
@@ -5226,22 +5844,36 @@ class NodeLink:
         await self.transport.connect()
         argv0 = await self.install_program()
         pause = ["--pause-dir", self.spec.pause_dir] if self.spec.pause_dir else []
+        replace = ["--replace"] if self.replace_supervisor else []
         code, out, err = await self.transport.run(
             argv0 + ["node", "start", "--workdir", self.workdir, "--idle-timeout",
-                     str(self.head.config.supervisor_idle)] + pause)
+                     str(self.head.config.supervisor_idle)] + pause + replace)
         if code != 0:
             text = (err or out).decode("utf-8", "replace").strip().splitlines()
-            raise Failed(f"cannot start the supervisor: {text[-1] if text else f'exit code {code}'}")
+            reason = text[-1] if text else f"exit code {code}"
+            if "in use by another machine" in reason:
+                raise NodeRefused(reason.replace("distribute: ", "", 1))
+            raise Failed(f"cannot start the supervisor: {reason}")
+        self.replace_supervisor = False
+        started = parse_json_line(out)
         if isinstance(self.transport, SshTransport):
             self.transport.remote_pyz = argv0[1]
         reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
         self.channel = Channel(reader, writer)
-        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0})
+        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name})
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
-        self.info, self.paused = hello, hello.get("paused", [])
+        if started.get("machine_id") and hello.get("machine_id") != started["machine_id"]:
+            raise NodeRefused(shared_workdir_message(self.workdir, hello.get("hostname")))
         self.last_known = {key: hello.get(key) for key in NODE_FACTS}
         self.head.store.remember_node(self.name, self.last_known)
+        self.conflict = self.head.machine_conflict(self)
+        if self.conflict:
+            raise NodeRefused(self.conflict)
+        self.info, self.paused = hello, hello.get("paused", [])
+        if hello.get("build") != self.expected_build:
+            log(f"node {self.name}: its supervisor runs build {hello.get('build') or 'of release ' + str(hello.get('version'))}"
+                f", this head {self.expected_build}: no new work there; it is replaced once its running jobs end")
         self.state, self.error, self.down_since = "up", None, None
         log(f"node {self.name}: up ({', '.join(self.capabilities) or 'no capabilities'})")
         await self.head.reconcile(self, hello.get("runs", []))
@@ -5269,7 +5901,7 @@ class NodeLink:
 
     async def read_events(self) -> None:
         while True:
-            header, payload = await self.channel.receive()
+            header, payload = await self.channel.receive(lambda op: NODE_FRAMES)
             if "event" in header:
                 await self.head.on_event(self, header, payload)
                 continue
@@ -5306,9 +5938,8 @@ class NodeLink:
         with self.transfer_breaks_off():
             channel = await self.open_data_channel()
             try:
-                await channel.send(dict(header, stream=True))
-                await send_tar_stream(channel.writer, entries)
-                reply, _ = await channel.receive()
+                await channel.send(dict(header, stream=True, size=entries_size(entries)))
+                reply = await stream_and_reply(channel, entries)
             finally:
                 channel.close()
         if not reply.get("ok", True):
@@ -5353,6 +5984,7 @@ class Head:
         remove_unfinished_landings(config.archive)
         self.store = Store(config.state / "distribute.sqlite")
         self.files = config.state / "files"
+        remove_unfinished_uploads(self.files)
         self.links = {spec.name: NodeLink(spec, self) for spec in config.nodes}
         for name, facts in self.store.known_nodes().items():
             if name in self.links:
@@ -5363,6 +5995,7 @@ class Head:
         self.last_owner: Optional[str] = None
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
+        self._local_build: Optional[str] = None
         self._wake = None
         self.matrix = None
         self.holds: Dict[str, int] = {}             # node -> batch id it is held for (anti-starvation)
@@ -5398,11 +6031,51 @@ class Head:
         if self._wake is not None:
             self._wake.set()
 
+    @property
+    def local_build(self) -> str:
+        """The build of this head's own program, which local nodes run."""
+        if self._local_build is None:
+            self._local_build = self.program[1] if not self.config.pyz else program_bytes()[1]
+        return self._local_build
+
+    def machine_conflict(self, link: NodeLink) -> Optional[str]:
+        """Two entries of the nodes file reaching one machine: the one listed first keeps it, a
+        later one is refused (several `host: local` entries are a way to try a lab on one
+        machine, and are allowed)."""
+        machine = link.last_known.get("machine_id")
+        if not machine:
+            return None
+        for other in self.links.values():
+            if other is link:
+                break
+            if other.last_known.get("machine_id") == machine and not (other.spec.is_local and link.spec.is_local):
+                return (f"{link.name} reaches the same machine as {other.name} ({link.last_known.get('hostname')}, "
+                        f"machine id {str(machine)[:12]}): list each machine once in the nodes file")
+        later = list(self.links.values())
+        for other in later[later.index(link) + 1:]:
+            if other.up and other.last_known.get("machine_id") == machine \
+                    and not (other.spec.is_local and link.spec.is_local):
+                other.refuse(f"{other.name} reaches the same machine as {link.name}: list each machine once")
+        return None
+
+    def replace_outdated_supervisors(self) -> None:
+        """An outdated supervisor (another build) gets no new work; once it runs no job and no
+        build, reconnecting replaces it with this head's build."""
+        busy = {job.node for job in self.store.running_jobs()}
+        building = {node for (_, node), state in self.builds.items() if state == "running"}
+        for link in self.links.values():
+            if link.outdated and not link.replace_supervisor and link.name not in busy | building:
+                log(f"node {link.name}: replacing its supervisor with build {link.expected_build}")
+                link.replace_supervisor = True
+                if link.channel is not None:
+                    link.channel.close()
+
     async def watch_lost_nodes(self) -> None:
         """Requeue the jobs of a node that has been away longer than the node timeout."""
         import asyncio
         while True:
             await asyncio.sleep(1.0)
+            self.replace_outdated_supervisors()
             for link in self.links.values():
                 if link.up or link.down_since is None:
                     continue
@@ -5636,9 +6309,7 @@ class Head:
             self.fail_if_unbuildable(batch)
 
     def archive_build_log(self, batch: BatchRow, node: str, data: bytes) -> None:
-        folder = batch_archive(self.config.archive, batch.namespace, batch.name) / "build"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomically(inside(folder, f"{node}.txt"), lambda tmp: tmp.write_bytes(data))
+        land_build_log(self.config.archive, batch.namespace, batch.name, node, bytes(data))
 
     def fail_if_unbuildable(self, batch: BatchRow) -> None:
         """When every node that could run the batch failed its build, its jobs cannot run."""
@@ -5821,17 +6492,29 @@ class Head:
         channel = Channel(reader, writer)
         user = peer_user(writer.get_extra_info("socket"))
         try:
-            header, payload = await channel.receive()
+            try:
+                header, payload = await channel.receive(frame_bounds(HEAD_FRAMES))
+            except BadFrame as exc:
+                await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
+                return
             op = header.get("op")
-            handler = getattr(self, f"api_{op}", None) if isinstance(op, str) else None
+            handler = getattr(self, f"api_{op}", None) if isinstance(op, str) and op in REQUEST_FIELDS else None
             try:
                 if handler is None:
-                    raise UserError(f"unknown request {op!r}")
+                    raise UserError(f"unknown request {one_line(repr(op))[:80]}")
+                problem = request_problem(header)
+                if problem:
+                    raise UserError(f"bad {op} request: {problem}")
                 await handler(channel, user, header, payload)
             except UserError as exc:
                 await channel.send({"ok": False, "error": str(exc), "code": EXIT_USAGE})
             except Failed as exc:
                 await channel.send({"ok": False, "error": str(exc), "code": EXIT_FAILED})
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                # a request the checks above let through and a handler choked on: one line, never a traceback
+                log(f"head: {op} request from {user['name']} failed: {type(exc).__name__}: {one_line(str(exc))[:200]}")
+                await channel.send({"ok": False, "error": f"the head could not handle this {op} request "
+                                    f"({type(exc).__name__}); see its log", "code": EXIT_FAILED})
         except ProtocolError:
             pass
         finally:
@@ -5852,19 +6535,9 @@ class Head:
             raise UserError(f"{user['name']} may not {what} {batch.key}: it belongs to {batch.owner}")
 
     async def api_add(self, channel: Channel, user: Dict[str, Any], header: Dict[str, Any], payload: bytes):
-        plan = BatchPlan(**header["plan"])
-        for name in (plan.namespace, plan.batch):
-            problem = name_problem(name)
-            if problem:
-                raise UserError(problem)
-        jobs = [(JobPlan(**j["plan"]), int(j.get("retries", 0))) for j in header["jobs"]]
-        for job, _ in jobs:
-            problem = name_problem(job.name)
-            if problem:
-                raise UserError(problem)
-        capabilities = list(header.get("capabilities", []))
+        plan, jobs, capabilities = check_add_request(header)
         capable, maybe = self.capable_nodes(capabilities)
-        self.check_resources(plan, jobs, capable)
+        self.check_resources(plan, jobs, capable + maybe)
         plan.uses_resources = any(job.cpus for job, _ in jobs)
         if header.get("show_caps") or header.get("dry"):
             await channel.send({"ok": True, "dry": True, "capable": capable, "maybe": maybe,
@@ -5889,18 +6562,18 @@ class Head:
         try:
             await channel.send({"ok": True, "send": True})
             await receive_tar(channel.reader, incoming)
-        except BaseException:
-            shutil.rmtree(incoming, ignore_errors=True)
-            raise
-        if existing is not None:
-            await self.kill_batch(existing)
-            self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
-            if header.get("replace"):
-                shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
-        todo = [(job, retries) for job, retries in jobs if job.name not in skip]
-        batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
-                                        header.get("matrix"), todo)
-        os.rename(incoming, self.files / str(batch_id))
+            if existing is not None:
+                await self.kill_batch(existing)
+                self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
+                if header.get("replace"):
+                    shutil.rmtree(batch_archive(self.config.archive, plan.namespace, plan.batch), ignore_errors=True)
+            todo = [(job, retries) for job, retries in jobs if job.name not in skip]
+            batch_id = self.store.add_batch(plan.namespace, plan.batch, user["name"], plan, capabilities,
+                                            header.get("matrix"), todo)
+            os.rename(incoming, self.files / str(batch_id))
+        finally:
+            if os.path.lexists(incoming):       # the upload broke off or was refused: no trace left
+                remove_tree(incoming)
         batch = self.store.batch(batch_id)
         self.batches[batch_id] = batch
         self.queued[batch_id] = len(todo)
@@ -5969,6 +6642,8 @@ class Head:
                                 "batch": batch.key if batch else None, "run_id": holder})
             out.append({"name": link.name, "host": link.spec.host, "state": link.state, "error": link.error,
                         "reachable": link.up, "version": link.info.get("version"),
+                        "build": link.info.get("build"), "upgrading": link.outdated,
+                        "machine": link.info.get("hostname"),
                         "capabilities": link.capabilities, "slots": link.spec.slots,
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
@@ -6113,6 +6788,7 @@ class Head:
 
     async def api_logs(self, channel, user, header, payload):
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "read the output of")         # see README: who reads what
         job = self.store.job_by_name(batch.id, header["job"])
         if job is None:
             raise UserError(f"no job {header['job']!r} in {batch.key}")
@@ -6134,6 +6810,7 @@ class Head:
     async def api_pull(self, channel, user, header, payload):
         """The manifest of a batch's archive, filtered, and how many jobs are not finished."""
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "pull")
         selection = PullSelection.of(header)
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         # a big archive takes seconds to list: not on the loop that serves everyone else
@@ -6148,6 +6825,7 @@ class Head:
         already has are only named in the header ("same")."""
         import asyncio
         batch = self.lookup_batch(header["batch"])
+        self.check_owner(user, batch, "pull")
         root = batch_archive(self.config.archive, batch.namespace, batch.name)
         loop = asyncio.get_event_loop()
         paths = [str(p) for p in header.get("paths", [])]
@@ -6172,6 +6850,13 @@ class Head:
             channel.writer.write_eof()
 
 
+def remove_unfinished_uploads(files: Path) -> None:
+    """The `.incoming-*` folders of uploads a killed head was receiving: never a batch's files."""
+    for path in Path(files).glob(".incoming-*"):
+        with contextlib.suppress(OSError, UnsafeArchive):
+            remove_tree(path)
+
+
 def asyncio_spawn(coroutine) -> None:
     import asyncio
     asyncio.ensure_future(coroutine)
@@ -6188,6 +6873,183 @@ def peer_user(sock) -> Dict[str, Any]:
     except KeyError:
         name = str(uid)
     return {"uid": uid, "name": name}
+
+
+# --- what a client may ask ---------------------------------------------------
+# The head checks every field of a request itself: a raw socket client skips the
+# job-file loader, so nothing it sends may fail later inside the head or on a node
+# (a path out of input/, params nested deeper than JSON encoders go, a bad type).
+
+PARAMS_DEPTH = 32
+MAX_RETRIES = 1000
+_STR, _LIST, _DICT, _BOOL, _INT = str, list, dict, bool, int
+_OPT_STR = (str, type(None))
+REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (type, required)
+    "status": {}, "nodes": {},
+    "kill": {"batch": (_STR, True)},
+    "retry": {"batch": (_STR, True), "failed_only": (_BOOL, False)},
+    "why": {"ref": (_STR, True)},
+    "logs": {"batch": (_STR, True), "job": (_STR, True), "offset": (_INT, False)},
+    "report": {"batch": (_STR, True)},
+    "pull": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
+    "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
+    "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
+            "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+}
+_LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "text", bool: "true/false", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _type_problem(key: str, value: Any, kind: Any) -> Optional[str]:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        return f"{key} must be {_kind(kinds[0]())}, not {_kind(value)}"
+    if not isinstance(value, kinds):
+        return f"{key} must be {_kind(kinds[0]())}, not {_kind(value)}"
+    return None
+
+
+def request_problem(header: Dict[str, Any]) -> Optional[str]:
+    """Why a client's request (its header) is malformed, None when every field has its type."""
+    for key, (kind, required) in REQUEST_FIELDS[header["op"]].items():
+        if key not in header:
+            if required:
+                return f"{key} is missing"
+            continue
+        problem = _type_problem(key, header[key], kind)
+        if problem:
+            return problem
+        if key in _LIST_ITEMS and any(not isinstance(item, str) for item in header[key]):
+            return f"every entry of {key} must be text"
+        if key == "hashes" and any(not isinstance(v, str) for v in header[key].values()):
+            return "every hash must be text"
+        if key == "offset" and header[key] < 0:
+            return "offset must not be negative"
+    return None
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply lists and mappings nest in value (without recursion: any depth is measured)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _fields(what: str, value: Any, cls) -> Dict[str, Any]:
+    """value as keyword arguments of the dataclass cls: a mapping with only cls's fields."""
+    if not isinstance(value, dict):
+        raise UserError(f"{what} must be a mapping, not {_kind(value)}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise UserError(f"{what}: unknown key {one_line(repr(unknown[0]))[:80]} (known: {', '.join(known)})")
+    return value
+
+
+def _check(what: str, value: Any, kind: Any) -> Any:
+    problem = _type_problem(what, value, kind)
+    if problem:
+        raise UserError(problem)
+    return value
+
+
+def _check_alias(what: str, alias: Any) -> None:
+    _check(what, alias, str)
+    problem = alias_problem(alias)
+    if problem:
+        raise UserError(f"{what}: {problem}")
+
+
+def mount_problem(mount: str) -> Optional[str]:
+    if not mount.startswith("/") or ":" in mount or "," in mount or ".." in mount.split("/"):
+        return f"{mount!r} must be an absolute container path without ':', ',' or '..'"
+    return None
+
+
+def check_batch_plan(value: Any) -> BatchPlan:
+    data = _fields("plan", value, BatchPlan)
+    for key in ("namespace", "batch", "flavour"):
+        if key not in data:
+            raise UserError(f"plan: {key} is missing")
+    plan = BatchPlan(**data)
+    for key in ("namespace", "batch"):
+        problem = name_problem(_check(f"plan.{key}", getattr(plan, key), str))
+        if problem:
+            raise UserError(f"plan.{key}: {problem}")
+    if plan.flavour not in FLAVOURS:
+        raise UserError(f"plan.flavour must be one of {', '.join(FLAVOURS)}")
+    if plan.build_alias is not None:
+        _check_alias("plan.build_alias", plan.build_alias)
+    _check("plan.build_command", plan.build_command, _OPT_STR)
+    for alias in _check("plan.initial", plan.initial, list):
+        _check_alias("plan.initial", alias)
+    for mount in _check("plan.mounts", plan.mounts, list):
+        problem = mount_problem(_check("plan.mounts", mount, str))
+        if problem:
+            raise UserError(f"plan.mounts: {problem}")
+    for key in _check("plan.after", plan.after, list):
+        _check("plan.after", key, str)
+    _check("plan.after_failed", plan.after_failed, str)
+    return plan
+
+
+def check_job_plan(index: int, value: Any) -> Tuple[JobPlan, int]:
+    where = f"jobs[{index}]"
+    entry = _check(where, value, dict)
+    unknown = [k for k in entry if k not in ("plan", "retries")]
+    if unknown:
+        raise UserError(f"{where}: unknown key {one_line(repr(unknown[0]))[:80]} (known: plan, retries)")
+    data = _fields(f"{where}.plan", entry.get("plan"), JobPlan)
+    if "name" not in data:
+        raise UserError(f"{where}.plan: name is missing")
+    job = JobPlan(**data)
+    problem = name_problem(_check(f"{where}.name", job.name, str)) or reserved_job_name_problem(job.name)
+    if problem:
+        raise UserError(f"{where}.name: {problem}")
+    where = f"job {job.name}"
+    for alias in _check(f"{where}: files", job.files, list):
+        _check_alias(f"{where}: files", alias)
+    _check(f"{where}: command", job.command, _OPT_STR)
+    _check(f"{where}: has_script", job.has_script, bool)
+    _check(f"{where}: params", job.params, (dict, type(None)))
+    if job.params is not None and nesting_depth(job.params) > PARAMS_DEPTH:
+        raise UserError(f"{where}: params nest deeper than {PARAMS_DEPTH} levels")
+    for key in ("cpus", "memory", "gpus", "time"):
+        if _check(f"{where}: resources.{key}", getattr(job, key), int) < 0:
+            raise UserError(f"{where}: resources.{key} must not be negative")
+    retries = _check(f"{where}: retries", entry.get("retries", 0), int)
+    if not 0 <= retries <= MAX_RETRIES:
+        raise UserError(f"{where}: retries must be between 0 and {MAX_RETRIES}")
+    return job, retries
+
+
+def check_add_request(header: Dict[str, Any]) -> Tuple[BatchPlan, List[Tuple[JobPlan, int]], List[str]]:
+    """An `add` request's plan, jobs and capabilities, every field checked (UserError if not)."""
+    plan = check_batch_plan(header.get("plan"))
+    if not header["jobs"]:
+        raise UserError("the batch has no jobs")
+    jobs = [check_job_plan(i, j) for i, j in enumerate(header["jobs"])]
+    names: set = set()
+    for job, _ in jobs:
+        if job.name in names:
+            raise UserError(f"job name {job.name!r} is used twice")
+        names.add(job.name)
+    capabilities = list(header.get("capabilities", []))
+    for capability in capabilities:
+        if not CAPABILITY_RE.match(capability):
+            raise UserError(f"capability {one_line(repr(capability))[:80]} is not a valid name")
+    matrix = header.get("matrix")
+    if matrix is not None and not re.match(r"@[^:\s]+:[^\s]+\Z", matrix):
+        raise UserError(f"{one_line(repr(matrix))[:80]} is not a Matrix user id like @alice:example.org")
+    return plan, jobs, capabilities
 
 
 # ---------------------------------------------------------------------------
@@ -6258,7 +7120,8 @@ class HeadClient:
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
         try:
-            reply, data = await channel.request(header, payload)
+            with self.head_may_go_away():
+                reply, data = await channel.request(header, payload)
         finally:
             channel.close()
         if not reply.get("ok"):
@@ -6271,15 +7134,33 @@ class HeadClient:
         """A request the head first accepts, then the files as one tar stream, then the answer."""
         channel = await self.open()
         try:
-            reply, _ = await channel.request(header)
-            if reply.get("ok") and reply.get("send"):
-                await send_tar_stream(channel.writer, entries)
-                reply, _ = await channel.receive()
+            with self.head_may_go_away():
+                reply, _ = await channel.request(header)
+                if reply.get("ok") and reply.get("send"):
+                    await send_tar_stream(channel.writer, entries)
+                    reply, _ = await channel.receive()
         finally:
             channel.close()
         if not reply.get("ok"):
             raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(reply.get("error") or "refused")
         return reply
+
+    @contextlib.contextmanager
+    def head_may_go_away(self) -> Iterator[None]:
+        """The head stopping (killed, restarted, its machine gone) in the middle of a request
+        is one line, exit 1: a half-sent request is never kept by the head."""
+        errors: Tuple[type, ...] = (ConnectionError, EOFError, ProtocolError)
+        if self.conn is not None:
+            errors += (import_asyncssh().Error,)
+        try:
+            yield
+        except errors as exc:
+            if isinstance(exc, BadFrame):
+                raise
+            where = "local" if self.head in (None, "", "local") else self.head
+            raise Failed(f"the head ({where}) went away in the middle of this request "
+                         f"({one_line(str(exc)) or type(exc).__name__}); nothing half-sent is kept: "
+                         "try again once it is back (distribute status tells)") from None
 
     async def close(self) -> None:
         if self.conn is not None:
@@ -6350,19 +7231,30 @@ def status_bar(jobs: Dict[str, int], total: int, width: int = 20) -> str:
     return "[" + (cells + "." * width)[:width] + "]"
 
 
+def local_date_time(iso: Optional[str]) -> str:
+    """'2026-11-30 14:05' in this machine's time zone, from the head's ISO time."""
+    try:
+        moment = datetime.datetime.fromisoformat(str(iso))
+    except ValueError:
+        return str(iso)
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(moment.timestamp()))
+
+
 def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
     lines = []
     for node in nodes:
-        state = node["state"]
+        state = "upgrading" if node.get("upgrading") else node["state"]
         if node["paused"]:
-            state = "paused by " + ", ".join(f"{p['user']} until {p['until'][11:19]}" for p in node["paused"])
+            state = "paused by " + ", ".join(f"{p['user']} until {local_date_time(p['until'])}"
+                                             for p in node["paused"])
         busy = ", ".join(r.get("job") and f"{r['batch']}/{r['job']}" or f"build {r.get('build')}"
                          for r in node["running"]) or "idle"
         lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{node['slots']} slots  {busy}")
         lines.append(f"{'':<12} capabilities: {', '.join(node['capabilities']) or '-'}"
                      + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
-                     + (f"; version {node['version']}" if node.get("version") else ""))
+                     + (f"; version {node['version']}" if node.get("version") else "")
+                     + (f" (build {node['build']})" if node.get("build") else ""))
         if node.get("capacity"):
             have, used = node["capacity"], node["used"]
             lines.append(f"{'':<12} in use: {used['cpus']}/{have['cpus']} cpus, {format_size(used['memory'])}/"
@@ -6673,6 +7565,12 @@ else echo "workdir=cannot-create"; fi
 d=$wd
 while [ ! -d "$d" ]; do d=$(dirname "$d"); done
 df -Pk "$d" 2>/dev/null | awk 'NR==2 {print "free-kib=" $4}'
+mid=$DISTRIBUTE_MACHINE_ID
+[ -n "$mid" ] || mid=$(cat /etc/machine-id 2>/dev/null || cat /var/lib/dbus/machine-id 2>/dev/null)
+echo "machine-id=$mid"
+echo "hostname=$(uname -n)"
+c="$wd/.distribute/machine.json"
+if [ -f "$c" ]; then echo "claim=$(tr -d '\n' < "$c")"; echo "claim-age=$(( $(date +%s) - $(stat -c %Y "$c") ))"; fi
 '''
 
 
@@ -6683,6 +7581,8 @@ class NodeCheck:
     problems: List[str] = field(default_factory=list)
     python: Optional[str] = None
     free: Optional[int] = None
+    machine: Optional[str] = None
+    hostname: Optional[str] = None
 
     @property
     def ok(self) -> bool:
@@ -6750,6 +7650,15 @@ def judge_node_facts(check: NodeCheck, facts: Dict[str, str], spec: NodeSpec, wo
         if mode & 0o1002 != 0o1002:
             check.problems.append(f"pause dir {pause_folder} has mode {mode:04o}: workstation users cannot "
                                   f"pause (fix: chmod 1777 {pause_folder})")
+    check.machine = facts.get("machine-id") or None
+    check.hostname = facts.get("hostname")
+    try:
+        claim = json.loads(facts["claim"]) if int(facts.get("claim-age", CLAIM_STALE + 1)) <= CLAIM_STALE else {}
+    except (KeyError, ValueError):
+        claim = {}
+    if isinstance(claim, dict) and claim.get("machine_id") and check.machine \
+            and claim["machine_id"] != check.machine:
+        check.problems.append(shared_workdir_message(workdir, claim.get("hostname")))
     if "free-kib" in facts:
         check.free = int(facts["free-kib"]) * 1024
         if check.free < min_free:
@@ -6790,7 +7699,23 @@ def check_nodes(nodes_file: str, min_free: str, timeout: float = 15.0) -> List[N
 
     async def all_nodes() -> List[NodeCheck]:
         return list(await asyncio.gather(*(check_node(spec, limit, timeout) for spec in nodes)))
-    return asyncio.run(all_nodes())
+    checks = asyncio.run(all_nodes())
+    flag_machines_listed_twice(checks, nodes)
+    return checks
+
+
+def flag_machines_listed_twice(checks: List[NodeCheck], nodes: List[NodeSpec]) -> None:
+    """Entries reaching one machine (other than `host: local` ones): the first one listed is
+    kept, the later ones are problems, as the head decides (said once their own problems,
+    which an admin fixes first, are gone)."""
+    first: Dict[str, str] = {}
+    for check, spec in zip(checks, nodes):
+        if not check.machine or spec.is_local:
+            continue
+        if check.machine in first and check.ok:
+            check.problems.append(f"reaches the same machine as {first[check.machine]} ({check.hostname}): "
+                                  "list each machine once in the nodes file")
+        first.setdefault(check.machine, check.name)
 
 
 def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
@@ -7645,10 +8570,12 @@ def node_group() -> None:
 @click.option("--idle-timeout", default=600.0)
 @click.option("--pause-dir", default=None, help="Where pause locks live (default $DISTRIBUTE_PAUSE_DIR or "
               f"{DEFAULT_PAUSE_DIR}).")
-def node_start(workdir, idle_timeout, pause_dir) -> None:
-    """Start the supervisor for WORKDIR unless it runs already; print its socket."""
-    start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir)
-    click.echo(supervisor_socket(workdir))
+@click.option("--replace", is_flag=True, help="Stop a running supervisor first (the head upgrades it).")
+def node_start(workdir, idle_timeout, pause_dir, replace) -> None:
+    """Start the supervisor for WORKDIR unless it runs already; print its socket and this
+    machine's identity (one JSON line)."""
+    state = start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir, replace)
+    click.echo(json.dumps(dict(machine_identity(), socket=supervisor_socket(workdir), state=state)))
 
 
 @node_group.command("supervise")

@@ -262,6 +262,7 @@ PermitUserRC no
 PrintMotd no
 PrintLastLog no
 UseDNS no
+SetEnv DISTRIBUTE_MACHINE_ID={machine_id}
 """
 
 
@@ -277,9 +278,14 @@ class Sshd:
     pytest's 0700 tmp_path) because sshd reads authorized_keys as the user.
     """
 
-    def __init__(self, name: str, host_key: Optional[Path] = None, host: Optional[str] = None):
+    def __init__(self, name: str, host_key: Optional[Path] = None, host: Optional[str] = None,
+                 machine_id: Optional[str] = None):
         ensure_users()
         self.name = name
+        # Every sshd stands for a machine of its own: sessions see their own machine id
+        # (distribute reads DISTRIBUTE_MACHINE_ID before /etc/machine-id).  Give two Sshd the
+        # same machine_id to have two "addresses of one machine".
+        self.machine_id = machine_id or f"sshd-{name}-{os.urandom(6).hex()}"
         self._own_address = host is None
         self.host = host or _pick_address()
         self.port = 0
@@ -403,7 +409,8 @@ class Sshd:
 
     def _launch(self) -> "Sshd":
         ensure_privsep_dir()
-        self.config.write_text(SSHD_CONFIG.format(host=self.host, port=self.port, dir=self.dir))
+        self.config.write_text(SSHD_CONFIG.format(host=self.host, port=self.port, dir=self.dir,
+                                                   machine_id=self.machine_id))
         t0 = time.monotonic()
         log_offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:

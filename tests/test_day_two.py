@@ -152,3 +152,139 @@ def test_add_right_after_a_restart_decides_on_what_nodes_offered_when_last_up(he
     done = head.wait_batch("lab/early", timeout=180)
     assert done["jobs"]["done"] == 1, done
     assert (head.archive / "lab" / "early" / "one" / "answer.txt").read_text() == "42\n"
+
+
+# --- which machine is which ---------------------------------------------------------
+
+from cluster import node_workdirs, nodes_yaml  # noqa: E402
+
+
+def shell_batch(folder, name, count, command="echo $DISTRIBUTE_JOB > distribute_save/who.txt"):
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o755)
+    jobs = "\n".join(f"    - {{name: j{i}, command: {json.dumps(command)}}}" for i in range(count))
+    (folder / "distribute-jobs.yaml").write_text(f"meta: {{batch_name: {name}, namespace: lab}}\nshell:\n  jobs:\n{jobs}\n")
+    return folder / "distribute-jobs.yaml"
+
+
+@pytest.fixture
+def lab_head(ssh_nodes, pyz):
+    """start(workdirs) -> a head over ssh_nodes with those workdirs; stopped afterwards."""
+    heads = []
+
+    def start(workdirs, nodes=None, pyz_path=pyz):
+        text = nodes_yaml(nodes or list(ssh_nodes), workdirs)
+        head = HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz_path, extra=["--kill-grace", "2"])
+        heads.append(head)
+        return head.start()
+    yield start
+    for head in heads:
+        head.stop()
+        shutil.rmtree(head.dir, ignore_errors=True)
+
+
+def test_two_machines_sharing_one_workdir_are_told_apart(lab_head, ssh_nodes, tmp_path):
+    """node1 and node2 get the same workdir path (a folder on NFS, seen by both machines): one
+    of them uses it, the other is refused with a line saying what is shared and what to do;
+    node3 and the one that kept the folder run the batch."""
+    dirs = node_workdirs(ssh_nodes)
+    dirs["node2"] = dirs["node1"]
+    head = lab_head(dirs)
+
+    def settled():
+        nodes = {n["name"]: n for n in head.nodes()}
+        refused = [n for n in ("node1", "node2") if nodes[n]["state"] == "refused"]
+        up = [n for n in ("node1", "node2", "node3") if nodes[n]["reachable"]]
+        return (refused, up, nodes) if len(refused) == 1 and len(up) == 2 else None
+    refused, up, nodes = wait_until(settled, 60, "one of node1/node2 refused, the others up")
+    error = nodes[refused[0]]["error"]
+    assert f"workdir {dirs['node1']} is in use by another machine" in error and "own disk" in error
+    plain = head.cli("nodes").stdout
+    assert "in use by another machine" in plain
+    assert "in use by another machine" in head.log.read_text()
+    head.cli("add", shell_batch(tmp_path / "b", "shared", 6))
+    done = head.wait_batch("lab/shared", timeout=120)
+    assert done["jobs"]["done"] == 6
+    records = [json.loads(p.read_text()) for p in (head.archive / "lab" / "shared").glob("*/job.json")]
+    assert {r["node"] for r in records} <= set(up) and refused[0] not in {r["node"] for r in records}
+    check = subprocess.run(DISTRIBUTE + ["nodes", "--check", "--nodes", str(head.nodes_file)],
+                           capture_output=True, text=True, env=ssh_nodes.head_home.env(), timeout=120)
+    assert check.returncode == 1
+    flagged = [line for line in check.stdout.splitlines() if "in use by another machine" in line]
+    assert len(flagged) == 1 and flagged[0].split(":")[0] in ("node1", "node2"), check.stdout
+
+
+def test_two_entries_reaching_one_machine_keep_the_first(lab_head, ssh_nodes, ssh_keys, tmp_path):
+    """node1b is node1's machine under another address: the later entry is refused, saying so."""
+    import sshd
+    other = sshd.Sshd("node1b", host_key=ssh_keys.get("host-node1b"), machine_id=ssh_nodes["node1"].machine_id)
+    try:
+        other.start()
+        ssh_nodes.head_home.add_host("node1b", other, sshd.NODE_USER)
+        nodes = [ssh_nodes["node1"], other, ssh_nodes["node2"]]
+        dirs = node_workdirs(nodes)
+        head = lab_head(dirs, nodes=nodes)
+
+        def refused():
+            found = {n["name"]: n for n in head.nodes()}
+            return found if found["node1b"]["state"] == "refused" and found["node1"]["reachable"] \
+                and found["node2"]["reachable"] else None
+        found = wait_until(refused, 60, "node1b refused")
+        assert "node1b reaches the same machine as node1" in found["node1b"]["error"]
+        assert "list each machine once" in found["node1b"]["error"]
+        check = subprocess.run(DISTRIBUTE + ["nodes", "--check", "--nodes", str(head.nodes_file)],
+                               capture_output=True, text=True, env=ssh_nodes.head_home.env(), timeout=120)
+        lines = check.stdout.splitlines()
+        assert check.returncode == 1 and any(l.startswith("node1b:") and "same machine as node1" in l for l in lines)
+        assert any(l.startswith("node1: ok") for l in lines), check.stdout
+    finally:
+        other.stop()
+
+
+def pyz_of_another_build(pyz, folder):
+    """The same program as another build (a different archive comment: another hash)."""
+    import zipfile
+    other = Path(folder) / "distribute-b.pyz"
+    shutil.copy(pyz, other)
+    with zipfile.ZipFile(other, "a") as archive:
+        archive.comment = b"build B"
+    return other
+
+
+def test_a_head_upgrade_replaces_every_supervisor_after_its_running_jobs(lab_head, ssh_nodes, pyz, public_tmp):
+    """Jobs run under build A; the head restarts on build B: the running jobs end and are archived
+    once, the queued ones start only under B, and every node reports B."""
+    import hashlib
+    build = {name: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]
+             for name, p in (("A", pyz), ("B", pyz_of_another_build(pyz, public_tmp)))}
+    dirs = node_workdirs(ssh_nodes)
+    head = lab_head(dirs)
+    head.wait_nodes_up(3)
+    assert {n["build"] for n in head.nodes()} == {build["A"]}
+    gate = public_tmp / "gate"
+    os.chmod(public_tmp, 0o777)          # the jobs (as dnode) leave a mark there
+    command = (f"while [ ! -e {gate} ]; do sleep 0.05; done; tr '\\0' ' ' < /proc/$PPID/cmdline > distribute_save/parent.txt;"
+               f" echo x >> {public_tmp}/starts-$DISTRIBUTE_JOB")
+    head.cli("add", shell_batch(public_tmp / "b", "upgrade", 9, command))
+    wait_until(lambda: len(head.status()["running"]) == 3, 60, "three jobs running")
+    head.stop()
+    head.pyz = public_tmp / "distribute-b.pyz"
+    head.start()
+    wait_until(lambda: all(n["reachable"] for n in head.nodes()), 60, "nodes reconnected")
+    nodes = head.nodes()
+    assert all(n["upgrading"] and n["build"] == build["A"] for n in nodes), nodes
+    assert len(head.status()["running"]) == 3             # the old supervisors take no new job
+    assert "upgrading" in head.cli("nodes").stdout
+    gate.touch()
+    done = head.wait_batch("lab/upgrade", timeout=180)
+    assert done["jobs"]["done"] == 9, done
+    wait_until(lambda: {n["build"] for n in head.nodes()} == {build["B"]}, 60, "build B on every node")
+    archive = head.archive / "lab" / "upgrade"
+    parents = {p.parent.name: p.read_text() for p in archive.glob("*/parent.txt")}
+    assert len(parents) == 9
+    under_a = [job for job, text in parents.items() if f"distribute-{build['A']}.pyz" in text]
+    under_b = [job for job, text in parents.items() if f"distribute-{build['B']}.pyz" in text]
+    assert len(under_a) == 3 and len(under_b) == 6, parents
+    for job in parents:
+        assert (public_tmp / f"starts-{job}").read_text() == "x\n"              # each ran once
+        assert json.loads((archive / job / "job.json").read_text())["attempts"] == 1

@@ -162,6 +162,33 @@ def test_one_user_cannot_kill_replace_resume_or_retry_anothers_batch(head, as_us
     assert head.wait_batch("lab/mine")["jobs"]["failed"] == 1
 
 
+@pytest.mark.nodes(extra=["--group", "distribute", "--kill-grace", "2"])
+def test_only_the_owner_and_the_admin_read_a_batchs_output(head, as_user, shared_dir):
+    """`logs` (live or archived) and `pull` of another user's batch are refused (issue 18, item 5)."""
+    release = shared_dir / "release"
+    alice_file = write_job_file(shared_dir / "alice", f"""\
+        meta: {{batch_name: secret, namespace: lab}}
+        shell:
+          jobs:
+            - {{name: talk, command: 'echo the password is swordfish; while [ ! -e {release} ]; do sleep 0.05; done'}}
+        """)
+    head.wait_nodes_up(1)
+    assert as_user("dalice", head, "add", alice_file).returncode == 0
+    wait_until(lambda: head.batch("lab/secret")["jobs"]["running"] == 1, 30, "alice's job to run")
+    wait_until(lambda: "swordfish" in as_user("dalice", head, "logs", "lab/secret/talk").stdout, 30,
+               "the owner to read her running job's output")
+    refused = "dbob may not read the output of lab/secret: it belongs to dalice"
+    one_line_error(as_user("dbob", head, "logs", "lab/secret/talk"), 2, refused)
+    release.touch()
+    head.wait_batch("lab/secret")
+    one_line_error(as_user("dbob", head, "logs", "lab/secret/talk"), 2, refused)
+    one_line_error(as_user("dbob", head, "pull", "--batch", "lab/secret", "--dry"), 2,
+                   "dbob may not pull lab/secret: it belongs to dalice")
+    assert "swordfish" in as_user("dalice", head, "logs", "lab/secret/talk").stdout
+    assert as_user("dalice", head, "pull", "--batch", "lab/secret", "--dry").returncode == 0
+    assert "swordfish" in head.cli("logs", "lab/secret/talk").stdout            # the admin (root)
+
+
 # --- names never reach a shell ------------------------------------------------------------
 
 def test_job_named_to_inject_a_command_is_refused_at_load(head, tmp_path):
