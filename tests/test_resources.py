@@ -139,6 +139,9 @@ def test_limits_stop_jobs_with_a_reason_and_dependencies_wait(resource_head, tmp
     assert "reason" not in records["fine"]
     status = head.cli("status").stdout
     assert "hog stopped: memory: " in status and "slow stopped: time limit 2s" in status
+    report = head.cli("report", "lab/limits", "-o", tmp_path / "limits.svg").stdout
+    assert "slow (attempt 1) on" in report and ": killed: time limit 2s" in report
+    assert "(memory: " in (tmp_path / "limits.svg").read_text()           # the bar's title says why
     head.wait_batch("lab/after")
     then = float((head.archive / "lab/after/then/rec.txt").read_text().split()[0])
     ends = [json.loads((head.archive / "lab/limits" / j / "job.json").read_text())["end"] for j in records]
