@@ -185,3 +185,25 @@ def test_tree_rss_adds_up_a_jobs_processes():
     finally:
         d.signal_job_processes([proc.pid], 9)
         proc.wait()
+
+
+def test_gpus_held_by_running_jobs_survive_a_head_kill9(resource_head, tmp_path):
+    """After kill -9 and a restart the head re-adopts running jobs with the GPU indices they were
+    given (from the node's run records), so a new job never gets the same ones."""
+    head = resource_head
+    head.wait_nodes_up(3)
+    jobs = [(f"g{i}", RECORD.format(sleep=6), "{cpus: 1, gpus: 2}", 0) for i in range(4)]
+    head.cli("add", shell_batch(tmp_path / "gpu", "gpu", jobs))
+    wait_until(lambda: len([r for r in head.status()["running"] if r["batch"] == "lab/gpu"]) == 2, 60,
+               "two GPU jobs running")
+    head.kill9()
+    head.start()
+    assert head.wait_batch("lab/gpu", timeout=120)["jobs"]["done"] == 4
+    runs = []
+    for job in job_records(head, "lab/gpu"):
+        start, end, _, visible, _ = (head.archive / "lab/gpu" / job / "rec.txt").read_text().split()
+        runs.append((float(start), float(end), set(visible[2:].split(","))))
+    for start, _, _ in runs:
+        now = [r for r in runs if r[0] <= start < r[1]]
+        held = [g for r in now for g in r[2]]
+        assert len(held) == len(set(held)) and len(now) <= 2, now
