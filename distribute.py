@@ -25,23 +25,13 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import datetime
 import errno
-import hashlib
 import io
 import itertools
-import json
 import os
 import re
-import shlex
-import shutil
-import signal
-import socket
 import stat
-import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +44,31 @@ except ImportError:
     pass
 
 import click
+
+
+class LazyModule:
+    """A standard module imported on first use, so each command loads only what it touches
+    (`python3 -X importtime distribute.pyz --help` shows what a start costs)."""
+
+    def __init__(self, name: str):
+        self.__name = name
+
+    def __getattr__(self, attr: str):
+        module = __import__(self.__name)
+        globals()[self.__name] = module         # later uses skip this proxy
+        return getattr(module, attr)
+
+
+datetime = LazyModule("datetime")
+hashlib = LazyModule("hashlib")
+json = LazyModule("json")
+shlex = LazyModule("shlex")
+shutil = LazyModule("shutil")
+signal = LazyModule("signal")
+socket = LazyModule("socket")
+subprocess = LazyModule("subprocess")
+tarfile = LazyModule("tarfile")
+tempfile = LazyModule("tempfile")
 
 __version__ = "0.1.0"
 
@@ -203,7 +218,8 @@ def human_bytes(size: float) -> str:
 # "file:line: key: what is wrong" and stops before anything is sent anywhere.
 # ---------------------------------------------------------------------------
 
-FLAVOURS = ("python", "apptainer", "shell")
+FLAVOURS = ("python", "apptainer", "shell", "docker", "podman")
+CONTAINER_ENGINES = ("docker", "podman")     # flavours named after the engine that runs them
 SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per_cpu", "hint",
               "time", "partition", "account", "mail_user", "mail_type")
 
@@ -287,6 +303,7 @@ class JobFile:
     initial_files: List[FileSpec] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)   # apptainer required_mounts
     slurm: Optional[SlurmOptions] = None
+    image: Optional[str] = None              # docker/podman: the image to run (build: its archive, if any)
 
     def shared_files(self) -> List[FileSpec]:
         """Files every job of the batch needs: sent to a node once."""
@@ -311,6 +328,8 @@ class NodeSpec:
     workdir: str = DEFAULT_NODE_WORKDIR
     python: str = "python3"
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
+    ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
+    owner: Optional["OwnerPolicy"] = None     # when the workstation's people come first (issue 14)
     slots_given: bool = field(default=False, compare=False)   # `slots` written: caps jobs with resources too
     cpus: Optional[int] = None               # overrides of the probed capacity
     memory: Optional[int] = None
@@ -320,6 +339,118 @@ class NodeSpec:
     @property
     def is_local(self) -> bool:
         return self.host == "local"
+
+
+# The `owner:` block of a node: when the supervisor pauses by itself for the people
+# at the workstation.  All of it optional; without the block nothing is automatic.
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+@dataclass
+class DeskHours:
+    """Fewer slots on these weekdays (0 = Monday) between start and end (minutes after midnight)."""
+    days: List[int]
+    start: int
+    end: int
+    slots: int
+
+
+@dataclass
+class OwnerPolicy:
+    busy_cpu: Optional[float] = None      # percent of one core used by the owners' processes ...
+    busy_for: float = 10.0                # ... for this long: pause
+    console_idle: Optional[float] = None  # a terminal of theirs with input this recently: pause
+    console_ssh: bool = False             # and a terminal opened through sshd counts too
+    quiet: float = 60.0                   # resume after this long without either
+    users: Optional[List[str]] = None     # whose activity counts (None: every uid >= 1000 but ours)
+    desk_hours: List[DeskHours] = field(default_factory=list)
+    vacate_after: Optional[float] = None  # a job paused this long is stopped and run elsewhere
+    vacate_gpu_at_once: bool = False      # a job holding a GPU is, at once
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "OwnerPolicy":
+        """From the wire (the head's hello); unknown keys are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        policy = cls(**{k: v for k, v in data.items() if k in known})
+        policy.desk_hours = [DeskHours(**d) for d in data.get("desk_hours") or []]
+        return policy
+
+
+def _owner_duration(y: "_Y") -> float:
+    text = y.text()
+    try:
+        return float(parse_duration(text))
+    except UserError as exc:
+        raise y.fail(str(exc)) from None
+
+
+def _owner_days(y: "_Y") -> List[int]:
+    """'mon-fri', 'sat,sun' or a list of day names."""
+    parts = [p.text() for p in y.sequence()] if y.kind == "a list" else y.text().split(",")
+    days: List[int] = []
+    for part in (p.strip().lower() for p in parts):
+        first, _, last = part.partition("-")
+        if first[:3] not in _DAYS or (last and last[:3] not in _DAYS):
+            raise y.fail(f"{part!r} is not a day or a range of days like mon-fri")
+        a, b = _DAYS.index(first[:3]), _DAYS.index((last or first)[:3])
+        days += [(a + i) % 7 for i in range((b - a) % 7 + 1)]
+    return sorted(set(days))
+
+
+def _owner_hours(y: "_Y") -> Tuple[int, int]:
+    """'09:00-18:00' or '9-18' -> minutes after midnight (end may be 24:00)."""
+    match = re.match(r"\s*(\d{1,2})(?::(\d\d))?\s*-\s*(\d{1,2})(?::(\d\d))?\s*\Z", y.text())
+    if not match:
+        raise y.fail(f"{y.text()!r} is not an hour range like 09:00-18:00")
+    start = int(match.group(1)) * 60 + int(match.group(2) or 0)
+    end = int(match.group(3)) * 60 + int(match.group(4) or 0)
+    if not 0 <= start < end <= 24 * 60:
+        raise y.fail(f"{y.text()!r}: the range must lie within 00:00-24:00 and end after it starts")
+    return start, end
+
+
+def _owner_policy(y: "_Y") -> OwnerPolicy:
+    keys = y.mapping(("busy", "console", "quiet", "users", "desk_hours", "vacate"))
+    policy = OwnerPolicy()
+    if "busy" in keys:
+        busy = keys["busy"].mapping(("cpu", "for"), required=("cpu",))
+        cpu = busy["cpu"].text().strip().rstrip("%")
+        try:
+            policy.busy_cpu = float(cpu)
+        except ValueError:
+            raise busy["cpu"].fail(f"{cpu!r} is not a percentage like 50%") from None
+        if not 0 < policy.busy_cpu < 10000:
+            raise busy["cpu"].fail("must be a percentage of one core above 0 (200% is two cores)")
+        if "for" in busy:
+            policy.busy_for = _owner_duration(busy["for"])
+    if "console" in keys:
+        console = keys["console"].mapping(("idle", "ssh"))
+        policy.console_idle = _owner_duration(console["idle"]) if "idle" in console else 300.0
+        if "ssh" in console:
+            if not console["ssh"].node.tag.endswith(":bool"):
+                raise console["ssh"].fail(f"expected true or false, found {console['ssh'].kind}")
+            policy.console_ssh = console["ssh"].node.value.lower() in ("true", "yes", "on", "y")
+    if "quiet" in keys:
+        policy.quiet = _owner_duration(keys["quiet"])
+    if "users" in keys:
+        policy.users = [item.text() for item in keys["users"].sequence()]
+        for item, user in zip(keys["users"].sequence(), policy.users):
+            if not re.match(r"[A-Za-z_][A-Za-z0-9_.-]*\$?\Z", user):
+                raise item.fail(f"{user!r} is not a user name")
+    for item in keys["desk_hours"].sequence() if "desk_hours" in keys else []:
+        desk = item.mapping(("days", "hours", "slots"), required=("hours", "slots"))
+        start, end = _owner_hours(desk["hours"])
+        days = _owner_days(desk["days"]) if "days" in desk else list(range(7))
+        policy.desk_hours.append(DeskHours(days, start, end, desk["slots"].integer(minimum=0)))
+    if "vacate" in keys:
+        vacate = keys["vacate"].mapping(("after", "gpu_at_once"))
+        if "after" in vacate:
+            policy.vacate_after = _owner_duration(vacate["after"])
+        if "gpu_at_once" in vacate:
+            if not vacate["gpu_at_once"].node.tag.endswith(":bool"):
+                raise vacate["gpu_at_once"].fail(f"expected true or false, found {vacate['gpu_at_once'].kind}")
+            policy.vacate_gpu_at_once = vacate["gpu_at_once"].node.value.lower() in ("true", "yes", "on", "y")
+    return policy
 
 
 class _Y:
@@ -422,6 +553,20 @@ class _Y:
             raise self.fail(f"cannot be read as plain data: {problem}") from None
 
 
+def yaml_tab_problem(text: str, mark) -> Optional[str]:
+    """A YAML error caused by a tab in the indentation, said so (PyYAML only says
+    "found character that cannot start any token"): "LINE: tab character: ..." to put
+    after the file's name."""
+    lines = text.splitlines()
+    if mark is None or mark.line >= len(lines):
+        return None
+    line = lines[mark.line]
+    if "\t" not in line[:mark.column + 1]:
+        return None
+    return (f"{mark.line + 1}: tab character: YAML indents with spaces; replace the tab at column "
+            f"{line.index(chr(9)) + 1} with spaces")
+
+
 def read_yaml(path: str) -> _Y:
     """Parse a YAML file into a located node tree; every failure is a one-line UserError."""
     import yaml
@@ -446,6 +591,9 @@ def read_yaml(path: str) -> _Y:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{path}:{mark.line + 1}" if mark else path
+        tab = yaml_tab_problem(text, mark)
+        if tab:
+            raise UserError(f"{path}:{tab}") from None
         raise UserError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -614,10 +762,14 @@ def _meta(y: _Y) -> Meta:
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
               "apptainer": ("sif", "required_files", "required_mounts"),
-              "shell": ("build", "required_files")}
+              "shell": ("build", "required_files"),
+              "docker": ("image", "required_files", "required_mounts"),
+              "podman": ("image", "required_files", "required_mounts")}
 _JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params", "resources"),
              "apptainer": ("name", "required_files", "retries", "slurm", "params", "resources"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params", "resources")}
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params", "resources"),
+             "docker": ("name", "required_files", "retries", "slurm", "params", "resources"),
+             "podman": ("name", "required_files", "retries", "slurm", "params", "resources")}
 
 
 def _job(y: _Y, flavour: str, base: Path, defaults: Optional[Resources] = None) -> Job:
@@ -651,6 +803,61 @@ def _mount(y: _Y) -> str:
     return mount
 
 
+# docker/podman images: a registry reference, or an image archive (`docker save`, also
+# gzipped) that travels with the batch and is `load`ed on each node.  The reference
+# an archive loads as comes from its manifest.json, read here on the submitting machine.
+IMAGE_REF_RE = re.compile(r"[a-z0-9][a-z0-9._-]*(?::[0-9]{1,5})?(?:/[a-z0-9][a-z0-9._-]*)*"
+                          r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?\Z")
+IMAGE_ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".tar.bz2")
+
+
+def image_problem(image: str) -> Optional[str]:
+    """Why `image` cannot be given to `docker run` (None when it is a reference or an image id)."""
+    if IMAGE_REF_RE.match(image) or re.match(r"sha256:[0-9a-f]{64}\Z", image):
+        return None
+    return f"{one_line(repr(image))[:200]} is not an image reference (like docker.io/you/solver:1.0)"
+
+
+def _container_image(y: _Y, base: Path) -> Tuple[Optional[FileSpec], str]:
+    """(the archive to send or None, the image reference to run)."""
+    import yaml
+    if isinstance(y.node, yaml.ScalarNode):
+        text = y.text()
+        local = (base / text) if not os.path.isabs(text) else Path(text)
+        if not text.lower().endswith(IMAGE_ARCHIVE_SUFFIXES) and not local.is_file():
+            if not IMAGE_REF_RE.match(text):
+                raise y.fail(f"{text!r} is neither an image reference (like docker.io/you/solver:1.0) "
+                             "nor an image archive file")
+            return None, text
+    spec = _file_spec(y, base)
+    return spec, image_archive_reference(spec.path, y)
+
+
+def image_archive_reference(path: str, y: _Y) -> str:
+    """The name an image archive loads as: its first tag, else its image id (sha256:...)."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if member.isfile() and member.name in ("manifest.json", "./manifest.json"):
+                    manifest = json.load(tar.extractfile(member))
+                    break
+            else:
+                manifest = None
+    except (OSError, tarfile.TarError, EOFError, ValueError) as exc:
+        raise y.fail(f"{path} is not an image archive ({one_line(str(exc)) or type(exc).__name__}); "
+                     "make one with `docker save -o FILE.tar IMAGE`") from None
+    if not isinstance(manifest, list) or not manifest or not isinstance(manifest[0], dict):
+        raise y.fail(f"{path} has no docker manifest.json; make the archive with `docker save -o FILE.tar IMAGE` "
+                     "(or `podman save`)")
+    tags = manifest[0].get("RepoTags") or []
+    config = str(manifest[0].get("Config", ""))
+    digest = re.sub(r"\.json\Z", "", config.rpartition("/")[2])
+    reference = tags[0] if tags and isinstance(tags[0], str) else f"sha256:{digest}"
+    if image_problem(reference):
+        raise y.fail(f"{path}: its manifest names the image {reference!r}, which is not a usable reference")
+    return reference
+
+
 def load_job_file(path: str) -> JobFile:
     """Read and check a distribute-jobs.yaml; raises UserError naming file, line and key."""
     root = read_yaml(path)
@@ -677,6 +884,16 @@ def load_job_file(path: str) -> JobFile:
         batch.build = _file_spec(init["sif"], base)
         batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
             if "required_mounts" in init else []
+    elif flavour in CONTAINER_ENGINES:
+        if "image" not in init or init["image"].is_null():
+            raise (section.get("initialize") or keys[flavour]).fail(
+                "missing required key 'image' (a registry reference like docker.io/you/solver:1.0, "
+                "or an image archive file made by `docker save`)")
+        batch.build, batch.image = _container_image(init["image"], base)
+        batch.mounts = [_mount(m) for m in init["required_mounts"].sequence(allow_null=True)] \
+            if "required_mounts" in init else []
+        if flavour not in batch.meta.capabilities:      # only nodes where the engine answers
+            batch.meta.capabilities.append(flavour)
     elif "build" in init:
         batch.build_command = init["build"].optional_text()
     batch.initial_files = _file_list(init.get("required_files"), base)
@@ -701,6 +918,38 @@ def load_job_file(path: str) -> JobFile:
     return batch
 
 
+# The original distribute's nodes files: `ip` for the host, a name optional, and the
+# TCP ports its own protocol needed.  SSH needs none of them: they are accepted and
+# ignored (`serve` and `nodes --check` say so once).
+ORIGINAL_PORT_KEYS = ("transport_port", "keepalive_port", "cancel_port")
+ORIGINAL_NODE_KEYS = ("ip",) + ORIGINAL_PORT_KEYS
+
+
+def _original_node_keys(item: _Y, keys: Dict[str, _Y]) -> Dict[str, _Y]:
+    """`ip` becomes `host` (and the name, when none is given); port keys must be port numbers."""
+    if "ip" in keys:
+        if "host" in keys:
+            raise keys["ip"].fail("give either host or ip (the original's name for it), not both")
+        keys["host"] = keys.pop("ip")
+        keys.setdefault("name", keys["host"])
+    for key in ("name", "host"):
+        if key not in keys or keys[key].is_null():
+            raise item.fail(f"missing required key {key!r}")
+    for key in ORIGINAL_PORT_KEYS:
+        if key in keys and not keys[key].is_null() and keys[key].integer(minimum=1) > 65535:
+            raise keys[key].fail("must be at most 65535")
+    return keys
+
+
+def original_ports_note(nodes: List[NodeSpec]) -> Optional[str]:
+    """One note line when the nodes file carries the original's port keys, else None."""
+    keys = sorted({key for node in nodes for key in node.ignored}, key=ORIGINAL_PORT_KEYS.index)
+    if not keys:
+        return None
+    return (f"note: {', '.join(keys)} in the nodes file are ignored: the head reaches every node over "
+            "SSH (port 22, or the node's `port:`), so no other port needs to be open")
+
+
 def load_nodes_file(path: str) -> List[NodeSpec]:
     """Read and check a distribute-nodes.yaml."""
     root = read_yaml(path)
@@ -710,10 +959,11 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir", "cpus", "memory", "gpus", "reserve"),
-                            required=("name", "host"))
+                             "pause_dir", "owner", "cpus", "memory", "gpus", "reserve") + ORIGINAL_NODE_KEYS)
+        keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
-                        capabilities=_capabilities(keys.get("capabilities")))
+                        capabilities=_capabilities(keys.get("capabilities")),
+                        ignored=[k for k in ORIGINAL_PORT_KEYS if k in keys])
         if not re.match(r"[A-Za-z0-9_.:\[\]-]+\Z", node.host) or node.host.startswith("-"):
             raise keys["host"].fail(f"{node.host!r} is not a host name")
         if "user" in keys and not keys["user"].is_null():
@@ -741,6 +991,8 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
             node.pause_dir = keys["pause_dir"].text()
             if not node.pause_dir.startswith("/"):
                 raise keys["pause_dir"].fail("must be an absolute path")
+        if "owner" in keys and not keys["owner"].is_null():
+            node.owner = _owner_policy(keys["owner"])
         if any(n.name == node.name for n in nodes):
             raise keys["name"].fail(f"node name {node.name!r} is used twice")
         nodes.append(node)
@@ -860,7 +1112,8 @@ class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
     `build` is the python flavour's build file, `build_command` the shell one's,
-    `sif` the apptainer image; paths may be str, Path or File (with an alias).
+    `sif` the apptainer image, `image` the docker/podman one (a registry reference,
+    or File(archive)); paths may be str, Path or File (with an alias).
     """
     namespace: str
     name: str
@@ -874,10 +1127,12 @@ class Batch:
     mounts: List[str] = field(default_factory=list)
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
+    image: Any = None
     resources: Optional[Dict[str, Any]] = None   # the jobs' default {cpus, memory, gpus, time}
     after: List[str] = field(default_factory=list)   # batches that must be done first
 
-    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"), ("mounts", "apptainer"))
+    _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
+                 ("mounts", "apptainer docker podman"), ("image", "docker podman"))
 
     def __post_init__(self) -> None:
         if self.flavour not in FLAVOURS:
@@ -885,8 +1140,8 @@ class Batch:
         for what, value in (("namespace", self.namespace), ("name", self.name)):
             _check_api_name(value, f"Batch {what}")
         for attr, owner in self._ONLY_FOR:
-            if getattr(self, attr) and self.flavour != owner:
-                raise UserError(f"{self.label}: {attr}= is only for {owner} batches")
+            if getattr(self, attr) and self.flavour not in owner.split():
+                raise UserError(f"{self.label}: {attr}= is only for {owner.replace(' ', '/')} batches")
         self.build = _as_file(self.build, f"{self.label}: build") if self.build is not None else None
         self.sif = _as_file(self.sif, f"{self.label}: sif") if self.sif is not None else None
         self.initial_files = _as_files(self.initial_files, f"{self.label}: initial_files")
@@ -963,7 +1218,9 @@ class Batch:
                     build_command=loaded.build_command,
                     sif=_file_of(loaded.build) if apptainer and loaded.build else None,
                     initial_files=[_file_of(spec) for spec in loaded.initial_files],
-                    mounts=list(loaded.mounts), slurm=loaded.slurm)
+                    mounts=list(loaded.mounts), slurm=loaded.slurm,
+                    image=(_file_of(loaded.build) if loaded.build else loaded.image)
+                    if loaded.flavour in CONTAINER_ENGINES else None)
         for job in loaded.jobs:
             batch.add_job(job.name, file=File(job.file.path) if job.file else None, command=job.command,
                           files=[_file_of(spec) for spec in job.required_files], retries=job.retries,
@@ -996,6 +1253,8 @@ class Batch:
             init["build"] = self.build_command
         if self.sif is not None:
             init["sif"] = _file_entry(self.sif, folder)
+        if self.image is not None:
+            init["image"] = _file_entry(self.image, folder) if isinstance(self.image, File) else str(self.image)
         if self.initial_files:
             init["required_files"] = [_file_entry(f, folder) for f in self.initial_files]
         if self.mounts:
@@ -1367,6 +1626,7 @@ class BatchPlan:
     build_command: Optional[str] = None
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
+    image: Optional[str] = None             # docker/podman: the reference to run
     after: List[str] = field(default_factory=list)     # namespace/batch keys that must be done first
     after_failed: str = "wait"
     uses_resources: bool = False            # some job has resources (set by the head at `add`)
@@ -1375,8 +1635,8 @@ class BatchPlan:
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts),
-                   list(batch.meta.after), batch.meta.after_failed)
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image,
+                   after=list(batch.meta.after), after_failed=batch.meta.after_failed)
 
 
 @dataclass
@@ -1473,6 +1733,10 @@ class Workspace:
             return [python, plan.build_alias or "build.py"]
         if plan.flavour == "shell" and plan.build_command:
             return ["/bin/sh", "-c", plan.build_command]
+        if plan.flavour in CONTAINER_ENGINES:     # fetch the image once per node and batch
+            if plan.build_alias:
+                return [plan.flavour, "load", "--input", plan.build_alias]
+            return [plan.flavour, "pull", plan.image or ""]
         return None     # apptainer: the image is the build
 
     def job_argv(self, plan: BatchPlan, job: JobPlan, python: str, cpus: int) -> List[str]:
@@ -1480,6 +1744,8 @@ class Workspace:
             return [python, "job.py"]
         if plan.flavour == "shell":
             return ["/bin/sh", "-c", job.command or ""]
+        if plan.flavour in CONTAINER_ENGINES:
+            return container_argv(self, plan, cpus)
         return apptainer_argv(self, plan, cpus)
 
     def job_env(self, plan: BatchPlan, job: JobPlan, cpus: int, extra: Optional[Dict[str, str]] = None
@@ -1499,6 +1765,32 @@ def apptainer_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
     binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
     return ["apptainer", "run", "--app", "distribute", "--bind", ",".join(binds),
             str(ws.root / (plan.build_alias or "image.sif")), str(cpus)]
+
+
+CONTAINER_ENV = ("DISTRIBUTE_JOB", "DISTRIBUTE_BATCH", "DISTRIBUTE_NAMESPACE", "DISTRIBUTE_CPUS")
+
+
+def container_user_args(engine: str, uid: int, gid: int) -> List[str]:
+    """Run as the node account, so what the job writes is its files, not root's.  Rootless
+    podman maps that account to itself with keep-id (rootful podman cannot)."""
+    if engine == "podman" and uid != 0:
+        return ["--userns=keep-id", "--user", f"{uid}:{gid}"]
+    return ["--user", f"{uid}:{gid}"]
+
+
+def container_argv(ws: Workspace, plan: BatchPlan, cpus: int) -> List[str]:
+    """`docker run` (or podman) for one job: distribute_save and input bound as apptainer's
+    are, the job's DISTRIBUTE_* variables passed in, the container removed when it ends."""
+    # --init: the engine's tiny init is PID 1 and passes a kill's SIGTERM on to the job (a job
+    # that is PID 1 itself would ignore it, and outlive `kill` once the client is SIGKILLed)
+    argv = [plan.flavour, "run", "--rm", "--init"] + container_user_args(plan.flavour, os.getuid(), os.getgid())
+    for name in CONTAINER_ENV:
+        argv += ["--env", name]
+    binds = [f"{ws.save}:/distribute_save:rw", f"{ws.input}:/input:rw"]
+    binds += [f"{ws.root / 'mounts' / str(i)}:{mount}:rw" for i, mount in enumerate(plan.mounts)]
+    for bind in binds:
+        argv += ["--volume", bind]
+    return argv + [plan.image or "", str(cpus)]
 
 
 def read_progress(path: Path) -> Optional[float]:
@@ -1679,6 +1971,31 @@ def remove_tree(path: PathLike) -> None:
     with contextlib.suppress(FileNotFoundError):
         with folder_fd(os.path.dirname(path), create=False) as fd:
             remove_at(fd, os.path.basename(path))
+
+
+_LIBC = []
+
+
+def sync_file_system(path: PathLike) -> None:
+    """Put everything written on the file system holding `path` on stable storage (Linux
+    syncfs(2): one call for all the files and folders of many landed results; os.sync()
+    where it is missing)."""
+    if not _LIBC:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        _LIBC.append(getattr(libc, "syncfs", None))
+    syncfs = _LIBC[0]
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(str(path), os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    try:
+        if syncfs(fd) != 0:
+            import ctypes
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), str(path))
+    finally:
+        os.close(fd)
 
 
 def batch_archive(archive: Path, namespace: str, batch: str) -> Path:
@@ -2330,6 +2647,8 @@ def slurm_job_command(batch: JobFile) -> str:
     for index, mount in enumerate(batch.mounts):
         binds += f',$task/mounts/{index}:"{shlex.quote(mount)}":rw'
     binds += '"'
+    if batch.flavour in CONTAINER_ENGINES:      # clusters have apptainer, which runs registry images
+        return f'apptainer run --bind {binds} {shlex.quote("docker://" + (batch.image or ""))} "$cpus"'
     sif = shlex.quote(batch.build.alias if batch.build else "image.sif")
     return f'apptainer run --app distribute --bind {binds} "$task/"{sif} "$cpus"'
 
@@ -2349,7 +2668,7 @@ def run_task_script(batch: JobFile) -> str:
     if batch.flavour == "python":
         prepare += '    cp "$base/jobs/$job/job.py" "$task/job.py"\n'
     check = ""
-    if batch.flavour == "apptainer":
+    if batch.flavour in ("apptainer",) + CONTAINER_ENGINES:
         check = ('case $task in *[,:]*)\n'
                  '    echo "distribute: $task contains \',\' or \':\', which apptainer --bind cannot take" >&2\n'
                  '    exit 1 ;;\nesac\n')
@@ -2481,6 +2800,11 @@ def write_slurm_folder(batch: JobFile, outdir: Path, target: ClusterTarget, max_
                        throttle: Optional[int], save_dir: str) -> List[SlurmArray]:
     """Write the whole folder, or nothing: it is assembled beside outdir and renamed into place."""
     check_slurm_options(batch)
+    if batch.flavour in CONTAINER_ENGINES and batch.build is not None:
+        raise UserError(f"{batch.path}: slurm cannot run the image archive {batch.build.alias}: Slurm clusters "
+                        f"run containers with apptainer, which takes registry images; push the image and give "
+                        f"initialize.image as a reference, or build a .sif from it (`apptainer build image.sif "
+                        f"docker-archive:{batch.build.alias}`) and use an apptainer: section")
     if throttle is not None and throttle < 1:
         raise UserError(f"--throttle must be at least 1, not {throttle}")
     arrays = plan_slurm_arrays(batch, max_array_size)
@@ -2650,12 +2974,12 @@ class TimelineSpan:
 class Store:
     """The head's database.  One connection, used from the event loop only.
 
-    WAL with synchronous=NORMAL, and FULL for durable transactions.  NORMAL may lose the
-    last commits in a power cut (never corrupt the store): a lost claim only means a
-    job is queued again, and the node's stale copy is stopped when it reconnects.  The
-    commit that notes a result as archived is durable (fsynced, about 1 ms) before the
-    node is told to delete its copy, so a result both sides consider archived is on
-    disk on the head."""
+    WAL with synchronous=NORMAL.  NORMAL may lose the last commits in a power cut (never
+    corrupt the store): a lost claim only means a job is queued again, and the node's
+    stale copy is stopped when it reconnects.  Before a node is told to delete a result,
+    DurableAcks flushes the store's file system with the archive's, so a result both
+    sides consider archived is on disk on the head.  `transaction(durable=True)` makes
+    one commit FULL (fsynced) by itself."""
 
     def __init__(self, path: Path):
         import sqlite3
@@ -2851,6 +3175,25 @@ class Store:
             self.db.execute("DELETE FROM builds WHERE batch_id=? AND node=?", (batch_id, node))
         else:
             self.db.execute("INSERT OR REPLACE INTO builds VALUES (?,?,?)", (batch_id, node, state))
+
+    # forget and du
+    def forget_batch(self, namespace: str, name: str) -> int:
+        """Delete every record of NAMESPACE/NAME (replaced runs of it too); returns how many jobs."""
+        with self.transaction():
+            ids = [r[0] for r in self.db.execute("SELECT id FROM batches WHERE namespace=? AND name=?",
+                                                 (namespace, name))]
+            jobs = 0
+            for batch_id in ids:
+                jobs += self.db.execute("DELETE FROM jobs WHERE batch_id=?", (batch_id,)).rowcount
+                self.db.execute("DELETE FROM builds WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM spans WHERE batch_id=?", (batch_id,))
+                self.db.execute("DELETE FROM batches WHERE id=?", (batch_id,))
+        return jobs
+
+    def batch_owners(self) -> Dict[Tuple[str, str], Tuple[str, str]]:
+        """{(namespace, name): (owner, state)} of every batch that was not replaced."""
+        return {(ns, name): (owner, state) for ns, name, owner, state in self.db.execute(
+            "SELECT namespace, name, owner, state FROM batches WHERE state != 'replaced' ORDER BY id")}
 
 
 class _Transaction:
@@ -3569,16 +3912,74 @@ def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
                     tar.add(path, arcname=name, recursive=False)
 
 
+async def in_own_thread(function, *args: Any) -> Any:
+    """Run a blocking function in a thread of its own and await its result.  Transfers use
+    this rather than the loop's shared pool: a tar thread waits for data that only the event
+    loop hands it, so a pool filled with such threads (six slow uploads) would wait forever."""
+    import asyncio
+    import threading
+    loop = asyncio.get_event_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: Optional[BaseException]) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def work() -> None:
+        try:
+            result = function(*args)
+        except BaseException as exc:          # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+    threading.Thread(target=work, name=getattr(function, "__name__", "transfer"), daemon=True).start()
+    return await future
+
+
+async def fd_ready(fd: int, writable: bool) -> None:
+    """Wait until a non-blocking pipe end can be read (or written) without blocking."""
+    import asyncio
+    loop = asyncio.get_event_loop()
+    ready = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else (loop.add_reader, loop.remove_reader)
+    add(fd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        remove(fd)
+
+
+async def read_pipe(fd: int, size: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, size)
+        except BlockingIOError:
+            await fd_ready(fd, writable=False)
+
+
+async def write_pipe(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            await fd_ready(fd, writable=True)
+
+
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
     Large files never sit in memory: a thread writes the tar into a pipe."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
-    producer = loop.run_in_executor(None, write_entries_to_fd, write_fd, entries)
+    os.set_blocking(read_fd, False)
+    producer = asyncio.ensure_future(in_own_thread(write_entries_to_fd, write_fd, entries))
     try:
         while True:
-            chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
+            chunk = await read_pipe(read_fd, 1 << 20)
             if not chunk:
                 break
             writer.write(chunk)
@@ -3618,10 +4019,10 @@ def extract_then_close(source, dest: Path) -> int:
 async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
     """Extract the tar that arrives on reader until EOF into dest, in a thread, safely."""
     import asyncio
-    loop = asyncio.get_event_loop()
     read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=1 << 20)
-    extractor = loop.run_in_executor(None, extract_then_close, source, dest)
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -3629,9 +4030,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None) -> int:
                 break
             if on_bytes is not None:
                 on_bytes(len(chunk))
-            view = memoryview(chunk)
-            while view:
-                view = view[await loop.run_in_executor(None, os.write, write_fd, view):]
+            await write_pipe(write_fd, chunk)
     finally:
         os.close(write_fd)
         try:
@@ -3666,6 +4065,8 @@ class LocalTransport:
     async def open_socket(self, path: str):
         import asyncio
         return await asyncio.open_unix_connection(path, limit=2 ** 24)
+
+    open_bulk_socket = open_socket
 
     async def close(self) -> None:
         return None
@@ -3718,8 +4119,47 @@ class SshTransport:
         return [self.node.python, self.remote_pyz, "node", "attach", "--socket", path]
 
     remote_pyz = ""
+    bulk: Any = None        # the OpenSshForward bulk transfers take, False when they stay on asyncssh
+
+    async def open_bulk_socket(self, path: str):
+        """A stream for one bulk transfer (results, uploads): through OpenSSH's `ssh` where it is
+        installed, so the decryption runs in its process, not in the head's; else open_socket."""
+        import asyncio
+        if self.bulk is None:
+            self.bulk = False
+            program, forward = openssh_program(), None
+            try:
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
+            except Failed as exc:
+                log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
+            if forward and forward.usable and await self.bulk_works(forward):
+                self.bulk = forward
+        if self.bulk and self.bulk.remote == path:
+            try:
+                return await self.bulk.open()
+            except (Failed, OSError) as exc:
+                log(f"node {self.node.name}: a bulk transfer goes over asyncssh ({one_line(str(exc))})")
+        return await self.open_socket(path)
+
+    async def bulk_works(self, forward) -> bool:
+        """Whether the forward reaches the supervisor (sshd may forbid stream-local forwarding)."""
+        import asyncio
+        try:
+            channel = Channel(*await forward.open())
+            try:
+                reply, _ = await asyncio.wait_for(channel.request({"op": "hello", "id": 0}), 30)
+            finally:
+                channel.close()
+            return bool(reply.get("ok"))
+        except (Failed, OSError, asyncio.TimeoutError) as exc:
+            log(f"node {self.node.name}: bulk transfers stay on asyncssh ({one_line(str(exc) or type(exc).__name__)})")
+            return False
 
     async def close(self) -> None:
+        if self.bulk:
+            import asyncio
+            await asyncio.get_event_loop().run_in_executor(None, self.bulk.stop)
+            self.bulk = None
         if self.conn is not None:
             self.conn.close()
             with contextlib.suppress(Exception):
@@ -3750,6 +4190,188 @@ async def enable_server_nodelay(conn) -> None:
 
 def transport_for(node: NodeSpec):
     return LocalTransport(node) if node.is_local else SshTransport(node)
+
+
+# OpenSSH's `ssh`, where it is installed, carries the client's streams: its crypto is C in a
+# process of its own (asyncssh's is Python in ours, about 4.5 s of CPU per GiB), and one master
+# connection kept for a while (ControlPersist) makes every later command skip the handshake.
+# asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
+
+SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
+
+
+def openssh_program() -> Optional[str]:
+    """The `ssh` to carry streams with, or None for asyncssh."""
+    if os.environ.get("DISTRIBUTE_SSH", "").strip().lower() == "asyncssh":
+        return None
+    return shutil.which("ssh")
+
+
+def ssh_config_file() -> Optional[str]:
+    """$HOME/.ssh/config when HOME is not the passwd entry's home.  asyncssh (and so our
+    fallback) reads ~/.ssh from $HOME, OpenSSH from the passwd entry; this keeps both alike."""
+    import pwd
+    home = os.path.expanduser("~")
+    try:
+        passwd_home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        passwd_home = ""
+    config = os.path.join(home, ".ssh", "config")
+    if os.path.realpath(home) == os.path.realpath(passwd_home) or not os.path.isfile(config):
+        return None
+    return config
+
+
+def private_runtime_dir() -> Path:
+    """A folder only this user can enter, for SSH control and forwarded sockets:
+    $XDG_RUNTIME_DIR/distribute-ssh, else ~/.cache/distribute-ssh."""
+    import stat
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    base = Path(runtime) if runtime and os.path.isdir(runtime) else Path(os.path.expanduser("~"), ".cache")
+    folder = base / "distribute-ssh"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise Failed(f"cannot make {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise Failed(f"{folder} must be a folder of yours that only you can open "
+                     f"(remove it, or chmod 700 it)")
+    return folder
+
+
+def openssh_failure(host: str, text: str) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    joined = " ".join(lines)
+    if "Host key verification failed" in joined or "host key is known" in joined \
+            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+        return (f"host key of {host} not verified: it is unknown or has changed; check your "
+                f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
+    if "Permission denied" in joined:
+        return f"SSH login to {host} refused: {lines[-1]}"
+    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+
+
+def unix_connect(path: str):
+    """A blocking stream socket connected to the Unix socket at path."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def request_on_socket(sock, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    """One request and its reply over a blocking socket, in Channel's frames (a command that
+    asks one thing needs no event loop: importing asyncio alone costs more than the answer)."""
+    body = json.dumps(header, separators=(",", ":")).encode()
+    reader = sock.makefile("rb", buffering=1 << 16)
+
+    def exactly(size: int) -> bytes:
+        try:
+            data = reader.read(size) if size else b""
+        except ConnectionError:
+            data = b""
+        if len(data) != size:
+            raise ProtocolError("connection closed")
+        return data
+    try:
+        sock.sendall(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload)
+    except ConnectionError:
+        raise ProtocolError("connection closed") from None
+    prefix = exactly(8)
+    size, payload_size = int.from_bytes(prefix[:4], "big"), int.from_bytes(prefix[4:], "big")
+    if size > MAX_HEADER:
+        raise ProtocolError("frame header too large")
+    try:
+        reply = json.loads(exactly(size))
+    except ValueError as exc:
+        raise ProtocolError(f"bad frame: {exc}") from None
+    return reply, exactly(payload_size)
+
+
+class OpenSshForward:
+    """A Unix socket here leading to a Unix socket on another machine, through one OpenSSH
+    master connection (ControlMaster) that stays up SSH_PERSIST_SECONDS after its last use.
+
+    Host keys are checked by ssh against the user's known_hosts (BatchMode: an unknown key
+    is refused, never asked about or accepted).  The control and forwarded sockets live in
+    private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
+
+    def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
+                 persist: int = SSH_PERSIST_SECONDS):
+        self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.config = ssh_config_file()
+        key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
+        folder = private_runtime_dir()
+        self.control, self.local, self.log_path, self.lock_path = (
+            folder / f"{key}.{suffix}" for suffix in ("ctl", "sock", "log", "lock"))
+
+    @property
+    def usable(self) -> bool:
+        """Unix socket paths are limited to 108 bytes: a very long HOME cannot host ours."""
+        return len(str(self.control)) < 100
+
+    def master_argv(self) -> List[str]:
+        argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
+                 "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
+                 "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
+                 "-L", f"{self.local}:{self.remote}", "-N", "-f"]
+        argv += (["-l", self.user] if self.user else []) + (["-p", str(self.port)] if self.port else [])
+        return argv + ["--", self.host]
+
+    async def open(self):
+        """(reader, writer) on the remote socket, starting the master when none answers."""
+        import asyncio
+        with contextlib.suppress(OSError):
+            return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+        await asyncio.get_event_loop().run_in_executor(None, self.start_unless_up)
+        return await asyncio.open_unix_connection(str(self.local), limit=2 ** 24)
+
+    def connect(self):
+        """A blocking socket on the remote socket (what a one-request command needs: no asyncio)."""
+        try:
+            return unix_connect(str(self.local))
+        except OSError:
+            self.start_unless_up()
+            return unix_connect(str(self.local))
+
+    def start_unless_up(self) -> None:
+        """Start the master, unless another command did while we waited for the lock."""
+        import fcntl
+        lock = os.open(str(self.lock_path), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError):
+                unix_connect(str(self.local)).close()
+                return
+            self.start()
+        finally:
+            os.close(lock)
+
+    def start(self) -> None:
+        for leftover in (self.control, self.local):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
+            try:
+                code = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=err, timeout=120).returncode
+            except subprocess.TimeoutExpired:
+                raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
+        if code != 0 or not self.local.exists():
+            text = self.log_path.read_text(errors="replace")
+            raise Failed(one_line(openssh_failure(self.host, text)))
+
+    def stop(self) -> None:
+        """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
+        if self.control.exists():
+            subprocess.run([self.ssh, "-o", f"ControlPath={self.control}", "-O", "exit", "--", self.host],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # ---------------------------------------------------------------------------
@@ -3786,11 +4408,18 @@ class PauseLock:
     detached: bool
     since: float = 0.0        # when the lock was written
     pid_started: Optional[float] = None  # pid's start time, so a reused pid is not taken for it
+    reason: str = ""          # set only for the supervisor's own pauses (owner policy), never read from a file
+
+
+# Beside the distribute.pyz a head installed (<workdir>/bin/), the node's pause folder as the
+# nodes file sets it, so that `pause` run from that pyz locks where the supervisor watches.
+PAUSE_DIR_NOTE = "pause-dir"
 
 
 def pause_dir() -> Path:
-    """The lock folder ($DISTRIBUTE_PAUSE_DIR or /var/tmp/distribute), created sticky and world-writable."""
-    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or DEFAULT_PAUSE_DIR)
+    """The lock folder ($DISTRIBUTE_PAUSE_DIR, else the one the head noted beside the running
+    pyz, else /var/tmp/distribute), created sticky and world-writable."""
+    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or noted_pause_dir() or DEFAULT_PAUSE_DIR)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(folder)
@@ -3802,6 +4431,34 @@ def pause_dir() -> Path:
         raise Failed(f"cannot create the pause folder {folder}: {exc.strerror}") from None
     check_pause_dir(folder)
     return folder
+
+
+def noted_pause_dir() -> Optional[str]:
+    """The pause folder noted beside the running distribute.pyz, if any (and sound)."""
+    pyz = running_pyz()
+    if not pyz:
+        return None
+    try:
+        text = (Path(pyz).parent / PAUSE_DIR_NOTE).read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.startswith("/") and "\n" not in text else None
+
+
+def note_pause_dir(folder: str) -> None:
+    """`node start`: note the supervisor's pause folder beside the pyz it runs from."""
+    pyz = running_pyz()
+    if pyz:
+        note = Path(pyz).parent / PAUSE_DIR_NOTE
+        with contextlib.suppress(OSError):    # a read-only bin folder: `pause` falls back to the default
+            if not note.exists() or note.read_text().strip() != folder:
+                write_atomically(note, lambda tmp: (tmp.write_text(folder + "\n"), os.chmod(tmp, 0o644)))
+
+
+def resume_command() -> str:
+    """How this workstation's users run `resume` (a node may have nothing but the pyz)."""
+    pyz = running_pyz()
+    return f"python3 {shlex.quote(pyz)} resume" if pyz else "distribute resume"
 
 
 def check_pause_dir(folder: Path) -> None:
@@ -3839,7 +4496,18 @@ def pause_lock_path(folder: Path, user: str) -> Path:
 
 
 def process_start_time(pid: int) -> Optional[float]:
-    """When pid started (epoch seconds), or None when it cannot be seen."""
+    """When pid started (epoch seconds), or None when it cannot be seen.  From /proc where
+    there is one (as psutil computes it, without importing psutil: `pause` starts faster)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            data = stat_file.read()
+        with open("/proc/uptime", "rb") as uptime_file:     # not /proc/stat's btime: slow to read
+            boot = int(time.time() - float(uptime_file.read().split()[0]))   # whole seconds, as btime
+        return boot + int(data[data.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
     import psutil
     try:
         return psutil.Process(pid).create_time()
@@ -4035,6 +4703,9 @@ class ProcInfo:
     sid: int
     start: int       # start time in clock ticks (or any value that changes when a pid is reused)
     state: str       # 'R', 'S', 'T' (stopped), 'Z' ...
+    ticks: int = 0   # CPU time used so far (user + system, clock ticks), for the owner policy
+    tty: int = 0     # controlling terminal (device number), 0 for none
+    comm: str = ""
 
 
 def process_table() -> Dict[int, ProcInfo]:
@@ -4051,9 +4722,11 @@ def process_table() -> Dict[int, ProcInfo]:
         except OSError:
             continue  # it just ended
         # comm (field 2) may hold spaces and parentheses: split after its last ')'.
-        rest = data[data.rindex(b")") + 2:].split()
+        cut = data.rindex(b")")
+        rest = data[cut + 2:].split()
         table[int(name)] = ProcInfo(int(name), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[19]),
-                                    rest[0].decode())
+                                    rest[0].decode(), int(rest[11]) + int(rest[12]), int(rest[4]),
+                                    data[data.index(b"(") + 1:cut].decode("utf-8", "replace"))
     return table
 
 
@@ -4167,6 +4840,8 @@ class PauseWatch:
     stopped_roots: set = field(default_factory=set)
     last_sweep: float = 0.0
     settled: bool = False  # False until the first tick: a restarted supervisor thaws leftovers
+    in_force: List[Tuple[str, float, str]] = field(default_factory=list)   # at the last tick
+    all_pauses: List[PauseLock] = field(default_factory=list)   # locks and owner pauses at the last tick
 
     def poll(self, now: float) -> List[PauseLock]:
         """The pauses in force; costs one stat() per tick unless something changed."""
@@ -4184,11 +4859,14 @@ class PauseWatch:
             self.next_expiry = min((lock.until for lock in self.pauses), default=float("inf"))
         return self.pauses
 
-    def step(self, roots: Iterable[int], now: Optional[float] = None) -> bool:
-        """One tick: stop or continue jobs as the pauses say.  True when the pauses changed."""
+    def step(self, roots: Iterable[int], now: Optional[float] = None, extra: Iterable[PauseLock] = ()) -> bool:
+        """One tick: stop or continue jobs as the pauses (and `extra`, the supervisor's own
+        pauses for the workstation's owner) say.  True when the pauses changed."""
         now = time.time() if now is None else now
-        before = [(lock.user, lock.until) for lock in self.pauses]
-        pauses = self.poll(now)
+        before = self.in_force
+        pauses = self.poll(now) + list(extra)
+        self.in_force = [(lock.user, lock.until, lock.reason) for lock in pauses]
+        self.all_pauses = pauses
         roots = set(_job_roots(roots))
         if pauses:
             # Every tick: jobs started meanwhile.  Every second: all of them again, for
@@ -4203,7 +4881,7 @@ class PauseWatch:
         elif self.stopped_roots or self.stopped or not self.settled:
             self.release(roots)
         self.settled = True
-        return before != [(lock.user, lock.until) for lock in pauses]
+        return before != self.in_force
 
     def release(self, roots: Iterable[int] = ()) -> None:
         """Continue everything we stopped (also on shutdown: never leave jobs stopped)."""
@@ -4213,21 +4891,219 @@ class PauseWatch:
 
 async def watch_pauses(job_roots: Callable[[], List[int]],
                        on_change: Optional[Callable[[List[PauseLock]], None]] = None,
-                       interval: float = 0.05, folder: Optional[Path] = None) -> None:
+                       interval: float = 0.05, folder: Optional[Path] = None,
+                       extra: Callable[[], List[PauseLock]] = list) -> None:
     """Run forever in the supervisor's event loop: stop every job while any pause is in force.
 
     job_roots() gives the root pids of the running jobs (each a session leader);
+    extra() the supervisor's own pauses (owner policy), which stop jobs exactly as locks do;
     on_change(pauses) is called whenever who pauses or until when changes.
     Cancelling the task continues whatever it stopped."""
     import asyncio
     watch = PauseWatch(pause_dir() if folder is None else folder)
     try:
         while True:
-            if watch.step(job_roots()) and on_change is not None:
-                on_change(list(watch.pauses))
+            if watch.step(job_roots(), extra=extra()) and on_change is not None:
+                on_change(list(watch.all_pauses))
             await asyncio.sleep(interval)
     finally:
         watch.release(job_roots())
+
+
+# --- the owner policy: pausing by itself for the people at the workstation ----
+#
+# Decided on the node, once a second, so it works while the head is away.  Two
+# signals, both readable without root: CPU used by the owners' processes that are
+# not distribute's (a job's whole tree never counts, however it forks), and a
+# terminal of theirs with recent input (the tty's access time, which is what `w`
+# shows as idle; a terminal opened through sshd counts only when the policy says
+# so).  The decision itself is a pure function of the policy, the last state and
+# one sample, so it is tested without processes.
+
+_OWNER_TICK = 1.0
+
+
+def desk_slots(policy: OwnerPolicy, moment: datetime.datetime) -> Optional[int]:
+    """The node's slots at this local time: the fewest of the desk-hour ranges it falls in, None outside."""
+    minute = moment.hour * 60 + moment.minute
+    found = [d.slots for d in policy.desk_hours if moment.weekday() in d.days and d.start <= minute < d.end]
+    return min(found) if found else None
+
+
+@dataclass
+class OwnerSample:
+    """What the owners did since the last sample."""
+    cpu: float = 0.0                 # percent of one core, all counted processes together
+    top_user: str = ""               # who used most of it
+    top_cpu: float = 0.0
+    console: Optional[str] = None    # 'alice on pts/3 (ssh)' when a terminal of theirs is active
+    top_process: str = ""            # 'make (pid 1234)': the busiest counted process, for the log
+
+
+@dataclass
+class OwnerState:
+    busy_since: Optional[float] = None   # start of the current run of samples over the CPU limit
+    reason: str = ""                     # while the policy pauses the node: why ...
+    who: str = ""                        # ... because of whom ...
+    since: float = 0.0                   # ... and since when
+    quiet_since: Optional[float] = None  # while paused: since when nothing counted
+
+
+def owner_decide(policy: OwnerPolicy, state: OwnerState, sample: OwnerSample, now: float) -> OwnerState:
+    """One step of the policy: pause after busy_for seconds of load or at console input, resume
+    after `quiet` seconds with neither."""
+    busy = policy.busy_cpu is not None and sample.cpu > policy.busy_cpu
+    busy_since = (now if state.busy_since is None else state.busy_since) if busy else None
+    console = sample.console if policy.console_idle is not None else None
+    if not state.reason:
+        if console:
+            return OwnerState(busy_since, f"console active: {console}", console.split(" ")[0], now)
+        if busy and now - busy_since >= policy.busy_for:
+            return OwnerState(busy_since, f"owner busy: {sample.top_cpu:.0f}% CPU by {sample.top_user}",
+                              sample.top_user, now)
+        return OwnerState(busy_since)
+    if busy or console:
+        return dataclasses.replace(state, busy_since=busy_since, quiet_since=None)
+    quiet_since = now if state.quiet_since is None else state.quiet_since
+    if now - quiet_since >= policy.quiet:
+        return OwnerState()
+    return dataclasses.replace(state, busy_since=None, quiet_since=quiet_since)
+
+
+def describe_owner_policy(policy: OwnerPolicy) -> str:
+    """One line for logs: 'busy > 50% CPU for 30s, console idle < 5m, resume after 1m quiet, ...'."""
+    parts = []
+    if policy.busy_cpu is not None:
+        parts.append(f"busy > {policy.busy_cpu:g}% CPU for {format_duration(policy.busy_for)}")
+    if policy.console_idle is not None:
+        parts.append(f"console input within {format_duration(policy.console_idle)}"
+                     + (" (ssh logins too)" if policy.console_ssh else ""))
+    if parts:
+        parts.append(f"resume after {format_duration(policy.quiet)} quiet")
+    if policy.users is not None:
+        parts.append(f"users {', '.join(policy.users) or 'none'}")
+    for desk in policy.desk_hours:
+        parts.append(f"{desk.slots} slots on {','.join(_DAYS[d] for d in desk.days)} "
+                     f"{desk.start // 60:02d}:{desk.start % 60:02d}-{desk.end // 60:02d}:{desk.end % 60:02d}")
+    if policy.vacate_after is not None:
+        parts.append(f"vacate after {format_duration(policy.vacate_after)}")
+    if policy.vacate_gpu_at_once:
+        parts.append("vacate GPU jobs at once")
+    return ", ".join(parts) or "empty"
+
+
+def owner_vacates(policy: Optional[OwnerPolicy], paused_since: Optional[float], holds_gpu: bool,
+                  now: float) -> bool:
+    """Whether a running job of a node paused since `paused_since` must make room (run elsewhere)."""
+    if policy is None or paused_since is None:
+        return False
+    if holds_gpu and policy.vacate_gpu_at_once:
+        return True
+    return policy.vacate_after is not None and now - paused_since >= policy.vacate_after
+
+
+def _proc_uid(pid: int) -> Optional[int]:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+class OwnerProbe:
+    """Measures the owners' activity between two calls of sample() (Linux /proc and /dev)."""
+
+    def __init__(self, policy: OwnerPolicy):
+        import pwd
+        self.policy = policy
+        self.own_uid = os.getuid()
+        self.allowed: Optional[set] = None
+        if policy.users is not None:
+            self.allowed = set()
+            for name in policy.users:
+                with contextlib.suppress(KeyError):
+                    self.allowed.add(pwd.getpwnam(name).pw_uid)
+        self.last: Dict[int, Tuple[int, int]] = {}     # pid -> (start, ticks) at the last sample
+        self.last_time: Optional[float] = None
+        self.jobs_own: Dict[int, int] = {}             # pid -> start of every process seen in a job
+
+    def counts(self, uid: int) -> bool:
+        """Whose processes and terminals count: the policy's users, else every person's
+        account (uid >= 1000, not nobody) but the one running the jobs."""
+        if self.allowed is not None:
+            return uid in self.allowed
+        return uid >= 1000 and uid != self.own_uid and uid != 65534
+
+    def sample(self, job_roots: Iterable[int], now: float) -> OwnerSample:
+        table = process_table()
+        # A job's process stays the job's after its root ended (a job's leftovers, or one that
+        # exited between samples), and so do the processes it starts.
+        ours = set(job_processes(job_roots, table)) | {
+            pid for pid, start in self.jobs_own.items() if pid in table and table[pid].start == start}
+        children: Dict[int, List[int]] = {}
+        for proc in table.values():
+            children.setdefault(proc.ppid, []).append(proc.pid)
+        pending = list(ours)
+        while pending:
+            for child in children.get(pending.pop(), ()):
+                if child not in ours:
+                    ours.add(child)
+                    pending.append(child)
+        self.jobs_own = {pid: table[pid].start for pid in ours}
+        ours.add(os.getpid())
+        used: Dict[int, int] = {}
+        busiest = (0, 0)
+        current: Dict[int, Tuple[int, int]] = {}
+        for pid, proc in table.items():
+            current[pid] = (proc.start, proc.ticks)
+            if pid in ours or pid == 2 or proc.ppid == 2 or self.last_time is None:
+                continue           # our jobs, kernel threads, or no earlier sample to compare with
+            before = self.last.get(pid)
+            delta = proc.ticks - before[1] if before is not None and before[0] == proc.start else proc.ticks
+            if delta <= 0:
+                continue
+            uid = _proc_uid(pid)
+            if uid is not None and self.counts(uid):
+                used[uid] = used.get(uid, 0) + delta
+                busiest = max(busiest, (delta, pid))
+        elapsed = None if self.last_time is None else max(now - self.last_time, 1e-3)
+        self.last, self.last_time = current, now
+        sample = OwnerSample(console=self.console(table, now) if self.policy.console_idle is not None else None)
+        if elapsed is not None and used:
+            scale = 100.0 / (os.sysconf("SC_CLK_TCK") * elapsed)
+            top = max(used, key=used.get)
+            sample.cpu = sum(used.values()) * scale
+            sample.top_user, sample.top_cpu = _user_of_uid(top), used[top] * scale
+            sample.top_process = f"{table[busiest[1]].comm} (pid {busiest[1]}, ppid {table[busiest[1]].ppid})"
+        return sample
+
+    def console(self, table: Dict[int, ProcInfo], now: float) -> Optional[str]:
+        """'alice on tty2' or 'alice on pts/3 (ssh)': a counted person's terminal with input
+        within the policy's idle time and a process on it."""
+        import glob
+        for path in sorted(glob.glob("/dev/tty[0-9]*") + glob.glob("/dev/pts/[0-9]*")):
+            try:
+                info = os.stat(path)
+            except OSError:
+                continue
+            if not self.counts(info.st_uid) or now - info.st_atime > (self.policy.console_idle or 0):
+                continue
+            holders = [proc for proc in table.values() if proc.tty == info.st_rdev]
+            if not holders:
+                continue
+            remote = any(_under_sshd(proc, table) for proc in holders)
+            if remote and not self.policy.console_ssh:
+                continue
+            return f"{_user_of_uid(info.st_uid)} on {path[5:]}" + (" (ssh)" if remote else "")
+        return None
+
+
+def _under_sshd(proc: ProcInfo, table: Dict[int, ProcInfo]) -> bool:
+    seen = 0
+    while proc is not None and seen < 64:
+        if proc.comm.startswith("sshd"):
+            return True
+        proc, seen = table.get(proc.ppid), seen + 1
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -4243,6 +5119,18 @@ async def watch_pauses(job_roots: Callable[[], List[int]],
 PROBED_TOOLS = ("apptainer", "singularity", "python3", "gfortran", "mpirun", "gcc", "nvcc",
                 "openfoam", "simpleFoam", "matlab", "julia", "R", "docker")
 PROBEABLE_CAPABILITIES = PROBED_TOOLS + ("gpu", "podman")      # what a node's probe may find
+
+
+def engine_answers(engine: str, timeout: float = 5.0) -> bool:
+    """Whether a container engine works here, not just lies on PATH: `docker version` needs
+    the daemon and the right to use it; `podman version` a usable user setup."""
+    if not shutil.which(engine):
+        return False
+    try:
+        return subprocess.run([engine, "version"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=timeout).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def machine_identity() -> Dict[str, str]:
@@ -4301,7 +5189,8 @@ def shared_workdir_message(workdir: str, other_host: Any) -> str:
 
 def probe_machine() -> Dict[str, Any]:
     """Capabilities found on PATH, cores, memory and GPUs of this machine."""
-    caps = [tool for tool in PROBED_TOOLS if shutil.which(tool)]
+    caps = [tool for tool in PROBED_TOOLS if tool not in CONTAINER_ENGINES and shutil.which(tool)]
+    caps += [engine for engine in CONTAINER_ENGINES if engine_answers(engine)]
     gpus = 0
     if shutil.which("nvidia-smi"):
         with contextlib.suppress(Exception):
@@ -4327,6 +5216,7 @@ class RunRecord:
     end: Optional[float] = None
     exit_code: Optional[int] = None
     killed: bool = False
+    vacated: bool = False            # stopped to make room for the workstation's owner: run it elsewhere
     reason: Optional[str] = None     # why it was stopped (a limit: 'memory: 17.2G > 16G', 'time limit 2h')
     gpus: Optional[List[int]] = None     # the GPU indices it was given
 
@@ -4414,6 +5304,11 @@ class Supervisor:
         self.machine = probe_machine()
         self.build = program_bytes()[1]            # the head replaces a supervisor of another build
         self.pause_locks: List[Any] = []
+        self.paused_since: Optional[float] = None  # when the first of the pauses in force began
+        self.policy: Optional[OwnerPolicy] = None  # the owner policy the head sent (issue 14)
+        self.owner = OwnerState()
+        self.owner_slots: Optional[int] = None     # desk hours: the slots the head may use now
+        self.gpu_runs: set = set()                 # run_ids of jobs holding a GPU
         self.limits: Dict[str, LimitWatch] = {}    # run_id -> its memory and time limits
         self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
@@ -4455,6 +5350,7 @@ class Supervisor:
                                                  limit=2 ** 24)
         os.chmod(self.socket_path, 0o600)
         watcher = asyncio.ensure_future(self.watch_pauses())
+        owner = asyncio.ensure_future(self.watch_owner())
         limiter = asyncio.ensure_future(watch_limits(
             self.limits, lambda: {key: proc.pid for key, proc in self.procs.items() if key not in self.dying},
             self.is_paused, self.stop_for_limit))
@@ -4466,7 +5362,11 @@ class Supervisor:
                         claim_workdir(self.home, self.machine_identity())
                     claimed = time.time()
                 await asyncio.sleep(1.0)
+                if owner.done():            # a bug in the owner policy must not end the supervisor
+                    log(f"supervisor: the owner policy failed ({owner.exception()!r}); restarting it")
+                    owner = asyncio.ensure_future(self.watch_owner())
         finally:
+            owner.cancel()
             watcher.cancel()
             limiter.cancel()
             await asyncio.gather(watcher, limiter, return_exceptions=True)
@@ -4496,10 +5396,18 @@ class Supervisor:
             return [proc.pid for key, proc in self.procs.items() if key not in self.dying]
 
         def changed(locks) -> None:
+            if not locks:
+                self.paused_since = None
+            elif not self.pause_locks:
+                self.paused_since = time.time()
             self.pause_locks = list(locks)
             self.notify({"event": "paused", "locks": [dataclasses.asdict(l) for l in locks]})
+
+        def owner_pause() -> List[PauseLock]:
+            state = self.owner
+            return [PauseLock(state.who, 0.0, 0, True, state.since, reason=state.reason)] if state.reason else []
         try:
-            await watch_pauses(roots, changed)
+            await watch_pauses(roots, changed, extra=owner_pause)
         except (UserError, Failed) as exc:
             log(f"supervisor: pausing is unavailable here: {exc}")
 
@@ -4518,6 +5426,46 @@ class Supervisor:
         if proc is not None:
             self.dying.add(run_id)
             asyncio.ensure_future(terminate_tree(proc, 2.0))
+
+    async def watch_owner(self) -> None:
+        """Apply the owner policy once a second: pause for the owner (the pause watcher does the
+        stopping), tell the head the desk-hour slots, vacate jobs paused too long."""
+        import asyncio
+        probe: Optional[OwnerProbe] = None
+        reported: Any = None
+        while True:
+            now, policy = time.time(), self.policy
+            if policy is None:
+                probe, self.owner, self.owner_slots = None, OwnerState(), None
+            else:
+                if probe is None or probe.policy is not policy:
+                    probe = OwnerProbe(policy)
+                if policy.busy_cpu is not None or policy.console_idle is not None:
+                    roots = [proc.pid for proc in self.procs.values()]
+                    before = self.owner.reason
+                    sample = probe.sample(roots, now)
+                    self.owner = owner_decide(policy, self.owner, sample, now)
+                    if self.owner.reason != before:
+                        busiest = f"; busiest: {sample.top_process}" if sample.top_process else ""
+                        log(f"supervisor: {self.owner.reason or 'the owner is quiet again'}{busiest}")
+                self.owner_slots = desk_slots(policy, datetime.datetime.fromtimestamp(now))
+                for run_id, record in list(self.live.items()):
+                    if run_id in self.procs and run_id not in self.dying and owner_vacates(
+                            policy, self.paused_since, run_id in self.gpu_runs, now):
+                        self.vacate(run_id, record)
+            if self.owner_slots != reported:
+                reported = self.owner_slots
+                self.notify({"event": "owner", "slots": self.owner_slots})
+            await asyncio.sleep(_OWNER_TICK)
+
+    def vacate(self, run_id: str, record: RunRecord) -> None:
+        """Stop a paused job for good so that the head runs it elsewhere (no retry used)."""
+        log(f"supervisor: vacating run {run_id} ({record.namespace}/{record.batch}/{record.job}), "
+            f"paused since {clock_time(self.paused_since or time.time())}")
+        record.vacated = True
+        self.save_record(record)
+        self.dying.add(run_id)
+        signal_job_processes([self.procs[run_id].pid], signal.SIGKILL)
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
@@ -4563,10 +5511,16 @@ class Supervisor:
             if self.head is not None and self.head is not channel:
                 self.head.close()
             self.head = channel
+            if "policy" in header:           # the nodes file's owner policy travels with the hello
+                policy = header["policy"]
+                self.policy = OwnerPolicy.from_dict(policy) if isinstance(policy, dict) else None
+                if self.policy is not None:
+                    log(f"supervisor: owner policy {describe_owner_policy(self.policy)}")
             self.node_name = str(header.get("node") or self.node_name)[:128]
         runs = [dataclasses.asdict(r) for r in self.all_records()]
         return dict(self.machine, ok=True, runs=runs, paused=[dataclasses.asdict(l) for l in self.pause_locks],
-                    workspaces=self.workspaces(), protocol=PROTOCOL, build=self.build, pid=os.getpid()), b""
+                    owner_slots=self.owner_slots, workspaces=self.workspaces(), protocol=PROTOCOL,
+                    build=self.build, pid=os.getpid()), b""
 
     def workspaces(self) -> List[Dict[str, str]]:
         """The batch folders on this node that no build is filling right now (a slot shadow
@@ -4665,6 +5619,8 @@ class Supervisor:
         if job.memory or job.time:
             self.limits[run_id] = LimitWatch(job.memory, job.time)
         self.live[run_id] = record
+        if env.get("CUDA_VISIBLE_DEVICES"):
+            self.gpu_runs.add(run_id)
         asyncio.ensure_future(self.run_job(ws, plan, job, record, env, cpus))
         return {"ok": True}, b""
 
@@ -4675,6 +5631,7 @@ class Supervisor:
         code = await self.spawn_and_wait(argv, ws.root, env, folder / "stdout.txt", record.run_id, record)
         record.state, record.end, record.exit_code = "finished", time.time(), code
         self.live.pop(record.run_id, None)
+        self.gpu_runs.discard(record.run_id)
         self.limits.pop(record.run_id, None)
         if record.reason:
             with open(folder / "stdout.txt", "ab") as out:
@@ -5749,6 +6706,7 @@ class NodeLink:
         self.channel: Optional[Channel] = None
         self.slots: Dict[int, str] = {}              # slot -> run id, or "build:<batch id>"
         self.paused: List[Dict[str, Any]] = []
+        self.owner_slots: Optional[int] = None        # desk hours: fewer slots right now (the node says)
         self.down_since: Optional[float] = time.time()
         self.pending: Dict[int, Any] = {}
         self.next_id = 0
@@ -5780,7 +6738,14 @@ class NodeLink:
     def up(self) -> bool:
         return self.state == "up"
 
+    @property
+    def capacity(self) -> int:
+        """The slots the head may fill now: fewer during the node's desk hours."""
+        return self.spec.slots if self.owner_slots is None else max(0, min(self.spec.slots, self.owner_slots))
+
     def free_slot(self) -> Optional[int]:
+        if len(self.slots) >= self.capacity:
+            return None
         for slot in range(self.spec.slots):
             if slot not in self.slots:
                 return slot
@@ -5788,7 +6753,7 @@ class NodeLink:
 
     def view(self) -> NodeView:
         return NodeView(self.name, self.capabilities, int(self.info.get("gpus", 0)),
-                        self.spec.slots - len(self.slots), bool(self.paused), self.up, self.outdated)
+                        max(0, self.capacity - len(self.slots)), bool(self.paused), self.up, self.outdated)
 
     @property
     def expected_build(self) -> str:
@@ -5860,11 +6825,14 @@ class NodeLink:
             self.transport.remote_pyz = argv0[1]
         reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
         self.channel = Channel(reader, writer)
-        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name})
+        policy = dataclasses.asdict(self.spec.owner) if self.spec.owner else None
+        hello, _ = await self.channel.request({"op": "hello", "head": True, "id": 0, "node": self.name,
+                                              "policy": policy})
         if not hello.get("ok"):
             raise Failed(f"supervisor refused: {hello.get('error')}")
         if started.get("machine_id") and hello.get("machine_id") != started["machine_id"]:
             raise NodeRefused(shared_workdir_message(self.workdir, hello.get("hostname")))
+        self.owner_slots = hello.get("owner_slots")
         self.last_known = {key: hello.get(key) for key in NODE_FACTS}
         self.head.store.remember_node(self.name, self.last_known)
         self.conflict = self.head.machine_conflict(self)
@@ -5926,7 +6894,7 @@ class NodeLink:
         """A channel of its own to the supervisor, for one bulk transfer."""
         if not self.up:
             raise ProtocolError(f"node {self.name} is not connected")
-        reader, writer = await self.transport.open_socket(supervisor_socket(self.workdir))
+        reader, writer = await self.transport.open_bulk_socket(supervisor_socket(self.workdir))
         return Channel(reader, writer)
 
     async def send_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]) -> Dict[str, Any]:
@@ -5974,6 +6942,83 @@ class NodeLink:
                 await self.channel.send(header)
 
 
+class TransferGate:
+    """Bounds the uploads and pulls a head serves at once: `total` in all and `each` per user;
+    more wait their turn (queued, never refused), and a user's waiting ones hold no place of
+    another's.  (Result fetches are bounded by the nodes' slots.)"""
+
+    def __init__(self, total: int = 64, each: int = 16):
+        self.limits = (total, each)
+        self.total = None
+        self.users: Dict[str, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, user: str):
+        import asyncio
+        if self.total is None:
+            self.total = asyncio.Semaphore(self.limits[0])
+        mine = self.users.setdefault(user, asyncio.Semaphore(self.limits[1]))
+        async with mine:
+            async with self.total:
+                yield
+
+
+class DurableAcks:
+    """A node deletes its copy of a result when the head acknowledges it, so the head first puts
+    the archived files and the store's record of them on stable storage.  Results landed
+    within a few milliseconds of each other share one flush (syncfs of the archive's and the
+    state folder's file systems, in a thread of its own): one flush per job would cost the
+    event loop several milliseconds each.  A failing flush sends nothing and is tried again;
+    the results wait on their nodes meanwhile."""
+
+    def __init__(self, folders: List[Path], flush=sync_file_system):
+        seen, self.folders = set(), []
+        for folder in folders:                      # one flush per file system
+            device = os.stat(folder).st_dev
+            if device not in seen:
+                seen.add(device)
+                self.folders.append(folder)
+        self.flush = flush
+        self.pending: Dict[Any, List[str]] = {}     # link -> run ids landed, not yet acknowledged
+        self._ready = None
+
+    def add(self, link: Any, run_id: str) -> None:
+        import asyncio
+        self.pending.setdefault(link, []).append(run_id)
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        self._ready.set()
+
+    def flush_all(self) -> None:
+        for folder in self.folders:
+            self.flush(folder)
+
+    async def run(self) -> None:
+        """The head's task: flush, then acknowledge everything landed before the flush."""
+        import asyncio
+        backoff = 0.5
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            batch, self.pending = self.pending, {}
+            try:
+                await in_own_thread(self.flush_all)
+            except OSError as exc:
+                log(f"archive: cannot flush to disk ({exc}); results stay on their nodes, trying again "
+                    f"in {backoff:.0f}s")
+                for link, run_ids in batch.items():
+                    self.pending.setdefault(link, [])[:0] = run_ids
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                self._ready.set()
+                continue
+            backoff = 0.5
+            for link, run_ids in batch.items():
+                await link.tell({"op": "ack", "run_ids": run_ids})
+
+
 class Head:
     """The scheduler, archivist and API server; see the section comment."""
 
@@ -5996,6 +7041,8 @@ class Head:
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
         self.program = program_bytes(config.pyz)
         self._local_build: Optional[str] = None
+        self.acks = DurableAcks([config.archive, config.state])
+        self.transfers = TransferGate()
         self._wake = None
         self.matrix = None
         self.holds: Dict[str, int] = {}             # node -> batch id it is held for (anti-starvation)
@@ -6015,6 +7062,7 @@ class Head:
         server = await self.start_api()
         tasks = [asyncio.ensure_future(link.run_forever()) for link in self.links.values()]
         tasks.append(asyncio.ensure_future(self.watch_lost_nodes()))
+        tasks.append(asyncio.ensure_future(self.acks.run()))
         log(f"head: serving on {self.config.socket_path}, {len(self.links)} node(s), "
             f"archive {self.config.archive}")
         try:
@@ -6168,7 +7216,8 @@ class Head:
         for held in view.running:
             view.used = view.used.plus(held.request)
         view.jobs, view.slots = len(link.slots), link.spec.slots
-        view.slots_cap = link.spec.slots if link.spec.slots_given else None
+        caps = [c for c in (link.spec.slots if link.spec.slots_given else None, link.owner_slots) if c is not None]
+        view.slots_cap = min(caps) if caps else None    # written slots, and fewer in the owner's desk hours
         return view
 
     def with_resources(self, views: List[BatchView]) -> List[BatchView]:
@@ -6289,7 +7338,10 @@ class Head:
         elif kind == "paused":
             timeline_pauses(self, link.name, header.get("locks", []))
             link.paused = header.get("locks", [])
-            log(f"node {link.name}: {'paused by ' + ', '.join(l['user'] for l in link.paused) if link.paused else 'resumed'}")
+            log(f"node {link.name}: {'paused by ' + ', '.join(l.get('reason') or l['user'] for l in link.paused) if link.paused else 'resumed'}")
+        elif kind == "owner":                     # desk hours began or ended there
+            link.owner_slots = header.get("slots")
+            log(f"node {link.name}: {link.capacity} of {link.spec.slots} slots now (desk hours)")
         self.wake()
 
     def on_built(self, link: NodeLink, header: Dict[str, Any], payload: bytes) -> None:
@@ -6337,6 +7389,9 @@ class Head:
             self.forget_stale_workspace(link, run)
             return
         batch = self.batches.get(job.batch_id) or self.store.batch(job.batch_id)
+        if run.get("vacated") and not run.get("killed"):
+            await self.on_vacated(link, batch, job, run)
+            return
         killed = bool(run.get("killed"))
         code = run.get("exit_code")
         state = "killed" if killed else "done" if code == 0 else "failed"
@@ -6373,7 +7428,7 @@ class Head:
         if self.store.run_id_of(job.id) != run_id:
             return
         timeline_attempt(self, batch.id, job, link.name, run, state)
-        with self.store.transaction(durable=True):     # on disk before the node drops its copy
+        with self.store.transaction():          # flushed by self.acks before the node drops its copy
             self.store.set_progress(job.id, header.get("progress"))
             if state == "failed" and job.attempts <= job.retries and batch.state == "active":
                 self.store.requeue(job.id, count_attempt=True)
@@ -6385,10 +7440,28 @@ class Head:
         for slot, holder in list(link.slots.items()):
             if holder == run_id:
                 del link.slots[slot]
-        await link.tell({"op": "ack", "run_ids": [run_id]})
+        self.acks.add(link, run_id)
         self.release_build_if_done(link, batch)
         self.maybe_finish_batch(batch)
         self.wake()         # the slot is free now; a spawned fetch ends long after its event's wake
+
+    # ISSUE-14 VACATE (maps onto the lifecycle's one requeue path): the node stopped a job
+    # paused longer than its owner policy allows; it runs again elsewhere, no retry used,
+    # and nothing of this attempt is archived.
+    async def on_vacated(self, link: NodeLink, batch: BatchRow, job: JobRow, run: Dict[str, Any]) -> None:
+        log(f"node {link.name}: {batch.key}/{job.name} vacated (run {run['run_id']}), queued again")
+        timeline_attempt(self, batch.id, job, link.name, run, "vacated")
+        if batch.state == "active":
+            self.store.requeue(job.id, count_attempt=False)
+            self.queued[batch.id] = self.queued.get(batch.id, 0) + 1
+        else:
+            self.store.mark_ended(job.id, "killed", run.get("exit_code"))
+        for slot, holder in list(link.slots.items()):
+            if holder == run["run_id"]:
+                del link.slots[slot]
+        await link.tell({"op": "ack", "run_ids": [run["run_id"]]})
+        self.maybe_finish_batch(batch)
+        self.wake()
 
     def forget_stale_workspace(self, link: NodeLink, run: Dict[str, Any]) -> None:
         """A node that was given up on keeps the batch folder of its stale run: delete it unless
@@ -6527,7 +7600,7 @@ class Head:
         namespace, _, name = ref.rpartition("/")
         batch = self.store.find_batch(namespace or None, name)
         if batch is None:
-            raise UserError(f"no batch {ref!r} on this head")
+            raise UserError(f"no batch {ref!r} on this head; `distribute status` lists its batches")
         return self.batches.get(batch.id, batch)
 
     def check_owner(self, user: Dict[str, Any], batch: BatchRow, what: str) -> None:
@@ -6560,8 +7633,9 @@ class Head:
         self.files.mkdir(parents=True, exist_ok=True)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.files))
         try:
-            await channel.send({"ok": True, "send": True})
-            await receive_tar(channel.reader, incoming)
+            async with self.transfers.slot(user["name"]):
+                await channel.send({"ok": True, "send": True})
+                await receive_tar(channel.reader, incoming)
             if existing is not None:
                 await self.kill_batch(existing)
                 self.store.db.execute("UPDATE batches SET state='replaced' WHERE id=?", (existing.id,))
@@ -6648,8 +7722,11 @@ class Head:
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
                         **self.resource_report(link),
-                        "paused": [{"user": l.get("user"), "until": now_iso(l.get("until"))}
-                                   for l in link.paused]})
+                        "paused": [{"user": l.get("user"), "until": now_iso(l.get("until")) if l.get("until") else None,
+                                    "reason": l.get("reason") or None,
+                                    "since": now_iso(l.get("since")) if l.get("since") else None}
+                                   for l in link.paused],
+                        "slots_now": link.capacity})
         return out
 
     def resource_report(self, link: NodeLink) -> Dict[str, Any]:
@@ -6681,7 +7758,12 @@ class Head:
             running.append({"batch": batch.key if batch else None, "job": job.name, "node": job.node,
                             "started": now_iso(job.started) if job.started else None,
                             "progress": progress.get(job.run_id or "", job.progress)})
-        await channel.send({"ok": True, "batches": batches, "running": running, "stopped": stopped})
+        paused = [{"node": link.name, "since": min([l.get("since") or time.time() for l in link.paused]),
+                   "why": [pause_label(l) + ("" if l.get("reason") else f" until {clock_time(l.get('until') or 0)}")
+                           for l in link.paused]}
+                  for link in self.links.values() if link.paused]      # issue 14: say why, since when
+        await channel.send({"ok": True, "batches": batches, "running": running, "paused_nodes": paused,
+                            "stopped": stopped})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -6833,21 +7915,91 @@ class Head:
             check_archive_rel(rel)                      # a UserError before anything is sent
         # hashing may read gigabytes: not on the loop that serves everyone else
         wanted, same = await loop.run_in_executor(None, split_known_files, root, paths, header.get("hashes") or {})
-        await channel.send({"ok": True, "same": same, "stream": True})
-        read_fd, write_fd = os.pipe()
-        producer = loop.run_in_executor(None, write_tar_to_fd, write_fd, root, wanted)
-        try:
-            while True:
-                chunk = await loop.run_in_executor(None, os.read, read_fd, 1 << 20)
-                if not chunk:
-                    break
-                channel.writer.write(chunk)
-                await channel.writer.drain()
-        finally:
-            os.close(read_fd)
-            await producer
+        async with self.transfers.slot(user["name"]):
+            await channel.send({"ok": True, "same": same, "stream": True})
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(read_fd, False)
+            producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, wanted))
+            try:
+                while True:
+                    chunk = await read_pipe(read_fd, 1 << 20)
+                    if not chunk:
+                        break
+                    channel.writer.write(chunk)
+                    await channel.writer.drain()
+            finally:
+                os.close(read_fd)
+                await producer
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
+
+    async def api_forget(self, channel, user, header, payload):
+        """Delete an ended batch's archive folder and records (owner or admin); `dry` only
+        checks and says what would go."""
+        import asyncio
+        batch = self.lookup_batch(str(header.get("batch", "")))
+        self.check_owner(user, batch, "forget")
+        counts = self.batch_counts(batch.id)
+        if batch.state == "active" or counts.get("queued") or counts.get("running"):
+            raise UserError(f"{batch.key} is still active ({counts.get('queued', 0)} queued, "
+                            f"{counts.get('running', 0)} running): wait for it to end, or "
+                            f"`distribute kill {batch.key}` first")
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files, size = await asyncio.get_event_loop().run_in_executor(None, folder_usage, root)
+        if not header.get("dry"):
+            if root.exists():
+                gone = root.with_name(f".forgotten-{batch.name}-{os.getpid()}")   # vanishes at once
+                os.rename(root, gone)
+                await asyncio.get_event_loop().run_in_executor(None, shutil.rmtree, gone, True)
+            self.store.forget_batch(batch.namespace, batch.name)
+            self.batches.pop(batch.id, None)
+            self.queued.pop(batch.id, None)
+            shutil.rmtree(self.files / str(batch.id), ignore_errors=True)
+            log(f"batch {batch.key}: forgotten by {user['name']} ({files} files, {human_bytes(size)})")
+        await channel.send({"ok": True, "batch": batch.key, "files": files, "bytes": size,
+                            "jobs": sum(counts.values()), "dry": bool(header.get("dry"))})
+
+    async def api_du(self, channel, user, header, payload):
+        """Space the archive takes, per namespace and batch."""
+        import asyncio
+        usage = await asyncio.get_event_loop().run_in_executor(None, archive_usage, self.config.archive)
+        owners = self.store.batch_owners()
+        for namespace in usage:
+            for entry in namespace["batches"]:
+                owner, state = owners.get((namespace["namespace"], entry["batch"].split("/", 1)[1]),
+                                          (None, "unknown"))
+                entry.update(owner=owner, state=state)
+        await channel.send({"ok": True, "archive": str(self.config.archive), "namespaces": usage,
+                            "bytes": sum(n["bytes"] for n in usage)})
+
+
+def folder_usage(root: Path) -> Tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed; (0, 0) when it does not exist."""
+    files = size = 0
+    for top, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                size += os.lstat(os.path.join(top, name)).st_size
+                files += 1
+    return files, size
+
+
+def archive_usage(archive: Path) -> List[Dict[str, Any]]:
+    """[{namespace, bytes, files, batches: [{batch, bytes, files}]}], biggest first."""
+    out = []
+    for ns_dir in sorted(Path(archive).iterdir()) if Path(archive).is_dir() else []:
+        if not ns_dir.is_dir() or ns_dir.is_symlink() or ns_dir.name.startswith("."):
+            continue
+        batches = []
+        for batch_dir in sorted(ns_dir.iterdir()):
+            if batch_dir.is_dir() and not batch_dir.is_symlink() and not batch_dir.name.startswith("."):
+                files, size = folder_usage(batch_dir)
+                batches.append({"batch": f"{ns_dir.name}/{batch_dir.name}", "bytes": size, "files": files})
+        batches.sort(key=lambda b: -b["bytes"])
+        out.append({"namespace": ns_dir.name, "bytes": sum(b["bytes"] for b in batches),
+                    "files": sum(b["files"] for b in batches), "batches": batches})
+    out.sort(key=lambda n: -n["bytes"])
+    return out
 
 
 def remove_unfinished_uploads(files: Path) -> None:
@@ -6895,6 +8047,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
+    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 
@@ -6995,6 +8148,11 @@ def check_batch_plan(value: Any) -> BatchPlan:
         problem = mount_problem(_check("plan.mounts", mount, str))
         if problem:
             raise UserError(f"plan.mounts: {problem}")
+    if plan.flavour in CONTAINER_ENGINES or plan.image is not None:     # an engine's argument: never an option
+        problem = image_problem(_check("plan.image", plan.image, str)) if plan.flavour in CONTAINER_ENGINES \
+            else "only docker and podman batches have one"
+        if problem:
+            raise UserError(f"plan.image: {problem}")
     for key in _check("plan.after", plan.after, list):
         _check("plan.after", key, str)
     _check("plan.after_failed", plan.after_failed, str)
@@ -7068,11 +8226,56 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
     return match.group(1), match.group(2).strip("[]"), int(match.group(3)) if match.group(3) else None
 
 
+def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
+    """Why the SSH connection to the head failed, and what to do, in the user's terms."""
+    import asyncio
+    import errno
+    asyncssh = import_asyncssh()
+    login = f"{user + '@' if user else ''}{host}"
+    where = f"{host}:{port or 22}"
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
+        return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
+                f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
+                f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
+                f"or add it with `{keyscan}`")
+    if isinstance(exc, asyncssh.PermissionDenied):
+        return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
+                f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
+    if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
+                "the head's sshd uses another)")
+    if isinstance(exc, socket.gaierror):
+        return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return f"the head {where} did not answer: is the machine up and on this network?"
+    return SshTransport(NodeSpec("head", host)).describe_error(exc)
+
+
+def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
+    """The head's machine answered, but nothing serves the API socket there."""
+    if "prohibited" in reason.lower():
+        return (f"the SSH server on {head} does not forward to the head's socket ({reason}): its admin "
+                "must allow it (AllowStreamLocalForwarding yes in sshd_config)")
+    where = f"{path} on {head}" if head else path
+    return (f"no head is running at {where}: is `distribute serve` running? If it is, the socket is "
+            "elsewhere (give --socket STATE/head.sock) or your account may not use it (the head's admin "
+            "adds you to its --group)")
+
+
 class HeadClient:
-    """One connection to the head's API; each request opens its own channel on it."""
+    """One connection to the head's API; each request opens its own channel on it: a
+    Unix socket forwarded by OpenSSH's `ssh` (kept for a while, see OpenSshForward), else
+    asyncssh's stream-local forwarding."""
+
+    origin: Optional[str] = None      # where the head came from when not --head: named in errors
 
     def __init__(self, head: Optional[str], socket_path: Optional[str]):
         self.head, self.socket_path, self.conn = head, socket_path, None
+        self.forward: Any = None            # an OpenSshForward, False when asyncssh carries it
+
+    def unreachable(self, message: str) -> Failed:
+        return Failed(message + (f"; {self.origin}" if self.origin else ""))
 
     def local_socket(self) -> str:
         if self.socket_path:
@@ -7089,13 +8292,12 @@ class HeadClient:
             path = self.local_socket()
             try:
                 reader, writer = await asyncio.open_unix_connection(path, limit=2 ** 24)
-            except FileNotFoundError:
-                raise Failed(f"no head listens on {path}") from None
-            except PermissionError:
-                raise Failed(f"{path}: permission denied (ask the admin to add you to the head's group)") from None
-            except ConnectionRefusedError:
-                raise Failed(f"no head listens on {path} (stale socket)") from None
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
+        if self.openssh_forward():
+            reader, writer = await self.forward.open()
+            return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
             user, host, port = parse_head(self.head)
@@ -7109,13 +8311,28 @@ class HeadClient:
                                                    compression_algs=None, **options)
                 await enable_server_nodelay(self.conn)
             except (OSError, asyncssh.Error) as exc:
-                raise Failed(SshTransport(NodeSpec("head", host)).describe_error(exc)) from None
+                raise self.unreachable(head_connect_problem(exc, user, host, port)) from None
         path = self.socket_path or REMOTE_SOCKET
         try:
             reader, writer = await self.conn.open_unix_connection(path)
         except asyncssh.ChannelOpenError as exc:
-            raise Failed(f"cannot reach the head's socket {path} on {self.head}: {exc.reason}") from None
+            raise self.unreachable(head_socket_problem(path, self.head, exc.reason)) from None
         return Channel(reader, writer)
+
+    def openssh_forward(self) -> Optional[OpenSshForward]:
+        """The OpenSshForward to the head, or None when asyncssh must carry the connection."""
+        if self.forward is None:
+            program = openssh_program()
+            if program:
+                user, host, port = parse_head(self.head)
+                forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+            self.forward = forward if program and forward.usable else False
+        return self.forward or None
+
+    def closed_socket_message(self) -> str:
+        """What to say when SSH reached the head's machine but nothing answered on the socket."""
+        message = head_socket_problem(self.socket_path or REMOTE_SOCKET, self.head)
+        return message + (f"; {self.origin}" if self.origin else "")
 
     async def call(self, header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
         channel = await self.open()
@@ -7124,10 +8341,30 @@ class HeadClient:
                 reply, data = await channel.request(header, payload)
         finally:
             channel.close()
-        if not reply.get("ok"):
-            message = reply.get("error") or "the head refused"
-            raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
-        return reply, data
+        return checked_reply(reply), data
+
+    def call_blocking(self, header: Dict[str, Any], payload: bytes = b"") -> Optional[Tuple[Dict[str, Any], bytes]]:
+        """call() without an event loop, for a head on this machine or behind an OpenSshForward;
+        None when only asyncssh can reach the head."""
+        forwarded = self.head not in (None, "", "local")
+        if not forwarded:
+            path = self.local_socket()
+            try:
+                sock = unix_connect(path)
+            except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+                raise self.unreachable(local_socket_failure(path, exc)) from None
+        elif self.openssh_forward():
+            sock = self.forward.connect()
+        else:
+            return None
+        with sock:
+            try:
+                reply, data = request_on_socket(sock, header, payload)
+            except ProtocolError as exc:
+                if forwarded and str(exc) == "connection closed":       # ssh never reached the far socket
+                    raise Failed(self.closed_socket_message()) from None
+                raise
+        return checked_reply(reply), data
 
     async def call_with_files(self, header: Dict[str, Any], entries: List[Tuple[str, str]]
                               ) -> Dict[str, Any]:
@@ -7167,12 +8404,47 @@ class HeadClient:
             self.conn.close()
 
 
+def local_socket_failure(path: str, exc: OSError) -> str:
+    """Why the head's socket on this machine did not answer, and what to do."""
+    if isinstance(exc, PermissionError):
+        return f"{path}: permission denied (ask the admin to add you to the head's group)"
+    return head_socket_problem(path, None)
+
+
+def checked_reply(reply: Dict[str, Any]) -> Dict[str, Any]:
+    """The head's reply, or its refusal raised (exit 2 for bad input, else 1)."""
+    if not reply.get("ok"):
+        message = reply.get("error") or "the head refused"
+        raise (UserError if reply.get("code") == EXIT_USAGE else Failed)(message)
+    return reply
+
+
+class ForwardedChannel(Channel):
+    """A channel through an OpenSshForward: ssh accepts it here before reaching the far socket,
+    so a first reply that never comes means the far socket could not be reached."""
+
+    def __init__(self, reader, writer, unreachable: str):
+        super().__init__(reader, writer)
+        self.unreachable, self.answered = unreachable, False
+
+    async def receive(self) -> Tuple[Dict[str, Any], bytes]:
+        try:
+            result = await super().receive()
+        except ProtocolError:
+            if self.answered:
+                raise
+            raise Failed(self.unreachable) from None
+        self.answered = True
+        return result
+
+
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
     """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
 
     async def go():
         client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+        client.origin = ctx_obj.get("origin")
         try:
             return await work(client)
         finally:
@@ -7181,6 +8453,9 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
+    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    if answer is not None:
+        return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
 
 
@@ -7221,6 +8496,8 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
         for job in reply.get("stopped", []):
             if job["batch"] == batch["batch"]:
                 lines.append(f"    {job['job']} stopped: {job['reason']}")
+    for node in reply.get("paused_nodes", []):
+        lines.append(f"{node['node']} paused since {clock_time(node['since'])}: {'; '.join(node['why'])}")
     return lines or ["no batches"]
 
 
@@ -7245,11 +8522,15 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
     for node in nodes:
         state = "upgrading" if node.get("upgrading") else node["state"]
         if node["paused"]:
-            state = "paused by " + ", ".join(f"{p['user']} until {local_date_time(p['until'])}"
-                                             for p in node["paused"])
+            state = "paused by " + ", ".join(
+                f"{p['user']} until {local_date_time(p['until'])}" if not p.get("reason")
+                else f"the owner ({p['reason']}, since {local_date_time(p['since'])})"
+                for p in node["paused"])
         busy = ", ".join(r.get("job") and f"{r['batch']}/{r['job']}" or f"build {r.get('build')}"
                          for r in node["running"]) or "idle"
-        lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{node['slots']} slots  {busy}")
+        slots = node["slots"] if node.get("slots_now", node["slots"]) == node["slots"] else \
+            f"{node['slots_now']} (desk hours; {node['slots']})"
+        lines.append(f"{node['name']:<12} {state:<12} {len(node['running'])}/{slots} slots  {busy}")
         lines.append(f"{'':<12} capabilities: {', '.join(node['capabilities']) or '-'}"
                      + (f"; {node['cpus']} cpus" if node.get("cpus") else "")
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
@@ -7506,10 +8787,57 @@ def enable_commands(system: bool, written: Path) -> List[str]:
                    f"loginctl enable-linger {current_user()}   # keeps it running when you log out"]
 
 
+def serves_as(user: str, python: str, program: str) -> bool:
+    """Whether `user` can run the head as `python program` (3.10+, the program readable and
+    its imports there): tried for real, as that user, with the environment systemd gives."""
+    import pwd
+    account = pwd.getpwnam(user)
+    env = {"PATH": "/usr/bin:/bin", "HOME": account.pw_dir, "USER": user, "LOGNAME": user}
+    try:
+        for argv in ([python, "-c", "import sys; sys.exit(sys.version_info < (3, 10))"], [python, program, "--version"]):
+            if subprocess.run(argv, user=account.pw_uid, group=account.pw_gid, extra_groups=[], cwd="/", env=env,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=120).returncode != 0:
+                return False
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+def service_python(user: str, python: str, program: str) -> Tuple[str, Optional[str]]:
+    """The python3 for ExecStart that `user` can run (root's pyenv python is not one), and a
+    note when it is not the one running now; none at all: a UserError saying what to do."""
+    candidates = [python] + [p for p in ("/usr/bin/python3", "/usr/local/bin/python3")
+                             if p != python and os.path.isfile(p)]
+    for candidate in candidates:
+        if serves_as(user, candidate, program):
+            note = None if candidate == python else (f"note: ExecStart uses {candidate}: {user} cannot run the head "
+                                                     f"with {python}")
+            return candidate, note
+    raise UserError(f"{user} cannot run the head with {' or '.join(candidates)} and {program} (a python3 of 3.10 "
+                    f"or newer that {user} may execute, and the program readable by {user}, are needed): put "
+                    f"distribute.pyz where {user} can read it and run `sudo /usr/bin/python3 distribute.pyz "
+                    "service install ...`")
+
+
+def group_member_problem(user: str, group: str) -> Optional[str]:
+    """The head gives its socket to --group: its account must be a member to do so."""
+    import grp
+    import pwd
+    try:
+        entry, account = grp.getgrnam(group), pwd.getpwnam(user)
+    except KeyError:
+        return None                 # service_argv names a missing group
+    if account.pw_gid == entry.gr_gid or user in entry.gr_mem or user == "root":
+        return None
+    return (f"the head's account {user} must be in --group {group} (it hands its socket to that group): "
+            f"`sudo usermod -aG {group} {user}`, then run this again")
+
+
 def install_service(user: Optional[str], nodes_file: Optional[str], state: Optional[str],
                     archive: Optional[str], group: Optional[str], matrix_config: Optional[str],
-                    output: Optional[str], system: bool) -> Tuple[Path, List[str]]:
-    """Write the unit file; return where, and the commands to enable it."""
+                    output: Optional[str], system: bool) -> Tuple[Path, List[str], List[str]]:
+    """Write the unit file; return where, the commands to enable it, and notes."""
     owner = service_user(user) if system else current_user()
     if system:
         state_dir = Path(state).resolve() if state else Path(SYSTEM_STATE_DIR)
@@ -7518,8 +8846,16 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
         state_dir = Path(state).resolve() if state else default_state_dir().resolve()
         default_output = user_unit_path()
     archive_dir = Path(archive).resolve() if archive else state_dir / "archive"
-    unit = ServiceUnit(service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), system,
-                       owner if system else None,
+    argv, notes = service_argv(nodes_file, state_dir, archive_dir, group, matrix_config), []
+    if group and group_member_problem(owner, group):
+        raise UserError(group_member_problem(owner, group))
+    if system and os.geteuid() == 0 and owner != "root":
+        argv[0], note = service_python(owner, argv[0], argv[1])
+        notes += [note] if note else []
+    if system and not group:
+        notes.append(f"note: only {owner} and root may use this head; to let the lab in, install again with "
+                     f"--group GROUP ({owner} and the lab's accounts in it)")
+    unit = ServiceUnit(argv, system, owner if system else None,
                        state_directory=system and state_dir == Path(SYSTEM_STATE_DIR))
     target = Path(output).resolve() if output else default_output
     try:
@@ -7531,7 +8867,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
     except PermissionError as exc:
         raise Failed(f"cannot write {exc.filename or target}: permission denied; run this as root "
                      "(sudo), or write the unit elsewhere with --output FILE") from None
-    return target, enable_commands(system, target)
+    return target, enable_commands(system, target), notes
 
 
 # --- `nodes --check`: what each node still needs, before the head reaches it --
@@ -7723,6 +9059,9 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
     path = nodes_file or NODES_FILE
     if not os.path.exists(path):
         raise UserError(f"no nodes file {path}: give --nodes FILE")
+    note = original_ports_note(load_nodes_file(path))
+    if note:
+        click.echo(note)
     checks = check_nodes(path, min_free)
     for check in checks:
         click.echo(check.line())
@@ -7736,7 +9075,7 @@ def print_node_checks(nodes_file: Optional[str], min_free: str) -> None:
 CONFIG_KEYS = ("head", "socket")
 # Commands that never talk to a head: a broken config file must not stop them
 # (above all `config`, which repairs it).
-COMMANDS_WITHOUT_HEAD = ("config", "completion", "node", "pause", "resume", "serve", "service", "run",
+COMMANDS_WITHOUT_HEAD = ("config", "completion", "install", "node", "pause", "resume", "serve", "service", "run",
                          "template", "check", "slurm", "demo")
 
 
@@ -7760,6 +9099,8 @@ def read_client_config() -> Dict[str, str]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
+        if yaml_tab_problem(text, mark):
+            raise UserError(f"{path}:{yaml_tab_problem(text, mark)}") from None
         raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}); "
                         "rewrite it with `distribute config --head ...`") from None
     data = {} if data is None else data
@@ -7801,6 +9142,15 @@ def resolve_head(head: Optional[str], socket_path: Optional[str],
     return stored["head"], socket_path or stored.get("socket")
 
 
+def head_origin(head: Optional[str], given: Optional[str], from_environment: bool) -> Optional[str]:
+    """Where the head a command talks to came from, when the command line did not name it."""
+    if given is None and head is not None:
+        return f"the head {head} comes from {config_path()} (`distribute config --head` changes it)"
+    if from_environment and head is not None:
+        return f"the head {head} comes from $DISTRIBUTE_HEAD"
+    return None
+
+
 COMPLETION_SHELLS = ("bash", "zsh", "fish")
 
 
@@ -7811,6 +9161,64 @@ def completion_script(shell: str) -> str:
     if completer is None:
         raise UserError(f"no completion for {shell!r}: use one of {', '.join(COMPLETION_SHELLS)}")
     return completer(cli, {}, "distribute", "_DISTRIBUTE_COMPLETE").source()
+
+
+# --- `install`: a `distribute` command (and completion) on this machine ---------
+# The pyz is copied to PREFIX/lib/distribute/ and PREFIX/bin/distribute runs it with
+# the python3 that ran `install`; completion goes where the user's shell finds it by
+# itself (zsh needs one fpath line, which is printed).  Running it again replaces the
+# same files: a way to upgrade too.
+
+WRAPPER = """#!/bin/sh
+# Written by `distribute install`; run it again to upgrade.
+exec {python} {program} "$@"
+"""
+
+
+def completion_target(shell: str, home: Path) -> Path:
+    data = Path(os.environ.get("XDG_DATA_HOME") or home / ".local" / "share")
+    config = Path(os.environ.get("XDG_CONFIG_HOME") or home / ".config")
+    return {"bash": data / "bash-completion" / "completions" / "distribute",
+            "zsh": data / "zsh" / "site-functions" / "_distribute",
+            "fish": config / "fish" / "completions" / "distribute.fish"}[shell]
+
+
+def install_command(prefix: Path, shell: Optional[str]) -> List[str]:
+    """Install the command and the completion; return what to tell the user."""
+    prefix = prefix.expanduser().resolve()
+    home = Path.home()
+    shell = shell or os.path.basename(os.environ.get("SHELL", "")) or "bash"
+    if shell not in COMPLETION_SHELLS:
+        raise UserError(f"no completion for the shell {shell!r}: give --shell {'|'.join(COMPLETION_SHELLS)}")
+    pyz = running_pyz()
+    if pyz:
+        program = prefix / "lib" / "distribute" / "distribute.pyz"
+        if os.path.abspath(pyz) != str(program):
+            program.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(program, lambda tmp: shutil.copyfile(pyz, tmp))
+    else:
+        program = Path(os.path.abspath(__file__))     # from a source tree: run it where it is
+    command = prefix / "bin" / "distribute"
+    command.parent.mkdir(parents=True, exist_ok=True)
+    text = WRAPPER.format(python=shlex.quote(sys.executable), program=shlex.quote(str(program)))
+    write_atomically(command, lambda tmp: (tmp.write_text(text), tmp.chmod(0o755)))
+    completion = completion_target(shell, home)
+    completion.parent.mkdir(parents=True, exist_ok=True)
+    script = completion_script(shell)
+    write_atomically(completion, lambda tmp: tmp.write_text(script))
+    lines = [f"installed {command} (runs {program} with {sys.executable})",
+             f"{shell} completion: {completion}"]
+    if shell == "zsh":
+        lines.append(f"zsh: put `fpath+=({completion.parent})` before `compinit` in ~/.zshrc once")
+    on_path = [os.path.realpath(p) for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    if os.path.realpath(command.parent) not in on_path:
+        rc = {"bash": "~/.bashrc", "zsh": "~/.zshrc", "fish": None}[shell]
+        lines.append(f"{command.parent} is not on your PATH: "
+                     + (f"fish_add_path {command.parent}" if rc is None else
+                        f"echo 'export PATH=\"{command.parent}:$PATH\"' >> {rc}") + ", then open a new shell")
+    else:
+        lines.append("open a new shell, then: distribute --help")
+    return lines
 
 
 # --- `report`: what happened to a batch, as a timeline ------------------------
@@ -7846,10 +9254,15 @@ def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: D
                                     job.attempts, run.get("exit_code"), reason=run.get("reason")))
 
 
+def pause_label(lock: Dict[str, Any]) -> str:
+    """Who paused, for the timeline: a user, or 'the owner (owner busy: 73% CPU by bob)'."""
+    return f"the owner ({lock['reason']})" if lock.get("reason") else str(lock.get("user"))
+
+
 def timeline_pauses(head: "Head", node: str, locks: List[Dict[str, Any]]) -> None:
     """A node's pause locks changed: open a span when the first appears, close it with the last."""
     span = timeline_open_span(head, "pause", node)
-    users = sorted({str(lock.get("user")) for lock in locks})
+    users = sorted({pause_label(lock) for lock in locks})
     if locks and span is None:
         since = [lock.get("since") for lock in locks if lock.get("since")]
         timeline_add(head, TimelineSpan("pause", node, min(since + [time.time()]), state="paused", users=users))
@@ -7888,7 +9301,7 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
         if link is not None and link.paused:      # paused since before this head saw it
             since = [l.get("since") for l in link.paused if l.get("since")]
             pauses.append({"node": name, "start": min(since + [time.time()]), "end": None,
-                           "users": sorted({str(l.get("user")) for l in link.paused})})
+                           "users": sorted({pause_label(l) for l in link.paused})})
     jobs.sort(key=lambda j: (j["start"], j["job"]))
     return {"ok": True, "batch": batch.key, "owner": batch.owner, "state": batch.state,
             "created": batch.created, "finished": batch.finished, "now": time.time(),
@@ -8158,6 +9571,34 @@ apptainer:
         "params_2.txt": "2\n",
     },
 }
+for _engine in CONTAINER_ENGINES:
+    TEMPLATES[_engine] = {
+        JOBS_FILE: f"""\
+# A {_engine} batch: every job runs, as the node's account, with the container removed afterwards:
+#   {_engine} run --rm --init --user UID:GID --volume <save>:/distribute_save:rw --volume <input>:/input:rw IMAGE <cpus>
+# The image's entrypoint gets <cpus> as its argument; what it writes to /distribute_save is archived.
+meta:
+  batch_name: my_{_engine}_batch
+  namespace: my_name
+  capabilities: [{_engine}]       # nodes where `{_engine} version` works
+{_engine}:
+  initialize:
+    image: docker.io/your_name/solver:latest   # a registry reference, or an archive: solver.tar (`{_engine} save`)
+    required_files:
+      - path: shared_input.txt
+    required_mounts: []           # e.g. [/scratch]: a fresh host folder bound there per job
+  jobs:
+    - name: job_1
+      required_files:
+        - {{path: params_1.txt, alias: params.txt}}
+    - name: job_2
+      required_files:
+        - {{path: params_2.txt, alias: params.txt}}
+""",
+        "shared_input.txt": "shared by every job\n",
+        "params_1.txt": "1\n",
+        "params_2.txt": "2\n",
+    }
 
 
 def write_template(flavour: str, output: str) -> List[Path]:
@@ -8197,8 +9638,10 @@ def find_job_file(path: Optional[str]) -> str:
 @click.pass_context
 def cli(ctx: click.Context, head: Optional[str], socket_path: Optional[str]) -> None:
     """Run batches of simulations on your lab's workstations, over SSH."""
+    given = head
     head, socket_path = resolve_head(head, socket_path, ctx.invoked_subcommand)   # else the config file
-    ctx.obj = {"head": head, "socket": socket_path}
+    ctx.obj = {"head": head, "socket": socket_path, "origin": head_origin(
+        head, given, ctx.get_parameter_source("head") == click.core.ParameterSource.ENVIRONMENT)}
 
 
 @cli.command()
@@ -8297,6 +9740,8 @@ def serve(nodes_file, archive, state, pyz, node_timeout, kill_grace, supervisor_
     import asyncio
     state_dir = (Path(state) if state else default_state_dir()).resolve()
     nodes = load_nodes_file(nodes_file) if nodes_file else [NodeSpec("local", "local")]
+    if original_ports_note(nodes):
+        log(original_ports_note(nodes))
     config = HeadConfig(state=state_dir, archive=Path(archive).resolve() if archive else state_dir / "archive",
                         nodes=nodes, pyz=Path(pyz) if pyz else None, node_timeout=node_timeout,
                         kill_grace=kill_grace, supervisor_idle=supervisor_idle,
@@ -8472,6 +9917,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
 
     async def go():
         client = HeadClient(obj.get("head"), obj.get("socket"))
+        client.origin = obj.get("origin")
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)
@@ -8574,6 +10020,7 @@ def node_group() -> None:
 def node_start(workdir, idle_timeout, pause_dir, replace) -> None:
     """Start the supervisor for WORKDIR unless it runs already; print its socket and this
     machine's identity (one JSON line)."""
+    note_pause_dir(pause_dir or os.environ.get("DISTRIBUTE_PAUSE_DIR") or DEFAULT_PAUSE_DIR)
     state = start_supervisor_detached(Path(workdir), idle_timeout, program_argv(), pause_dir, replace)
     click.echo(json.dumps(dict(machine_identity(), socket=supervisor_socket(workdir), state=state)))
 
@@ -8673,7 +10120,7 @@ def pause(duration: str, detach: bool) -> None:
     if detach:
         lock = write_pause_lock(folder, time.time() + seconds, detached=True)
         click.echo(f"paused this machine's jobs until {clock_time(lock.until)} ({format_duration(seconds)}); "
-                   "`distribute resume` ends it earlier")
+                   f"`{resume_command()}` ends it earlier")
         return
     tty = sys.stdout.isatty()
     with signals_end_pause():
@@ -8738,7 +10185,8 @@ def service_group() -> None:
               help=f"Queue database and socket [default: {SYSTEM_STATE_DIR}; for --user-unit "
                    "~/.local/state/distribute].")
 @click.option("--archive", default=None, metavar="DIR", help="Where results are kept [default: STATE/archive].")
-@click.option("--group", default=None, metavar="GROUP", help="Unix group whose members may use the head.")
+@click.option("--group", default=None, metavar="GROUP",
+              help="Unix group whose members may use the head (the head's account must be in it too).")
 @click.option("--matrix-config", default=None, metavar="FILE", help="Matrix homeserver and token (YAML).")
 @click.option("--output", default=None, metavar="PATH",
               help=f"Where the unit goes [default: {SYSTEM_UNIT_DIR}/distribute.service, for --user-unit "
@@ -8749,10 +10197,13 @@ def service_install(user, nodes_file, state, archive, group, matrix_config, outp
     """Write a systemd unit that runs `distribute serve`, and say how to enable it."""
     if user and not system:
         raise UserError("--user names the account of a system unit; a --user-unit runs as you")
-    target, commands = install_service(user, nodes_file, state, archive, group, matrix_config, output, system)
+    target, commands, notes = install_service(user, nodes_file, state, archive, group, matrix_config, output,
+                                              system)
     click.echo(f"wrote {target}; to start the head now and at every boot:")
     for line in commands:
         click.echo(f"  {line}")
+    for line in notes:
+        click.echo(line, err=True)
 
 
 @cli.command(name="config")
@@ -8791,6 +10242,21 @@ def config_command(head, socket_path, unset, show) -> None:
         click.echo(f"  (DISTRIBUTE_HEAD={os.environ['DISTRIBUTE_HEAD']} overrides the stored head)")
 
 
+@cli.command(name="install")
+@click.option("--prefix", default="~/.local", show_default=True, metavar="DIR",
+              help="The command goes to DIR/bin, the program to DIR/lib/distribute.")
+@click.option("--shell", type=click.Choice(COMPLETION_SHELLS), default=None,
+              help="Whose completion to install [default: from $SHELL].")
+def install(prefix, shell) -> None:
+    """Put a `distribute` command (and shell completion) on this machine; again to upgrade."""
+    try:
+        lines = install_command(Path(prefix), shell)
+    except PermissionError as exc:
+        raise Failed(f"cannot write {exc.filename}: permission denied; choose a --prefix of yours") from None
+    for line in lines:
+        click.echo(line)
+
+
 @cli.command(name="completion")
 @click.argument("shell", type=click.Choice(COMPLETION_SHELLS))
 def completion_command(shell) -> None:
@@ -8827,6 +10293,46 @@ def report(obj, batch, output) -> None:
             click.echo(f"  {span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}: {span['reason']}")
 
 
+# `forget` and `du`: the archive does not only grow.
+
+@cli.command()
+@click.argument("batch", metavar="BATCH")
+@click.option("--yes", is_flag=True, help="Do not ask; delete at once.")
+@click.pass_obj
+def forget(obj, batch, yes) -> None:
+    """Delete an ended batch's archived results and its record on the head (owner or admin)."""
+    ask = {"op": "forget", "batch": batch, "dry": True}
+    if not yes:
+        found, _ = client_call(obj, ask)
+        prompt = (f"forget {found['batch']}: delete its {found['jobs']} jobs' records and its archive "
+                  f"({found['files']} files, {human_bytes(found['bytes'])}) on the head?")
+        try:
+            confirmed = click.confirm(prompt, default=False, err=True)
+        except click.exceptions.Abort:
+            confirmed = False
+        if not confirmed:
+            raise UserError(f"not confirmed: {found['batch']} is kept (`forget --yes` deletes without asking)")
+    reply, _ = client_call(obj, dict(ask, dry=False))
+    click.echo(f"forgot {reply['batch']}: {reply['files']} files, {human_bytes(reply['bytes'])} freed")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (documented in the README).")
+@click.pass_obj
+def du(obj, as_json) -> None:
+    """Show the space the head's archive takes, per namespace and batch."""
+    reply, _ = client_call(obj, {"op": "du"})
+    if as_json:
+        click.echo(json.dumps({k: reply[k] for k in ("archive", "bytes", "namespaces")}, indent=2))
+        return
+    for namespace in reply["namespaces"]:
+        click.echo(f"{human_bytes(namespace['bytes']):>10}  {namespace['namespace']}/")
+        for entry in namespace["batches"]:
+            who = ", ".join(x for x in (entry.get("owner"), entry.get("state")) if x)
+            click.echo(f"{human_bytes(entry['bytes']):>10}    {entry['batch']}  ({entry['files']} files; {who})")
+    click.echo(f"{human_bytes(reply['bytes']):>10}  in total, in {reply['archive']}")
+
+
 def _not_yet(name: str, help_text: str):
     @click.pass_context
     def command(ctx, **_):
@@ -8847,10 +10353,130 @@ for _name, _help in (("serve", "Run the head daemon."), ("add", "Submit a batch 
         _not_yet(_name, _help)
 
 
+# The original distribute's spellings: the ones with a meaning here are rewritten to
+# ours (with one note line, so people learn the new names); the others get one line
+# naming what to use instead.
+
+_ORIGINAL_RENAMED = {"server-status": "status", "node-status": "nodes"}
+_ORIGINAL_GONE = {
+    "server": "the head is `distribute serve --nodes distribute-nodes.yaml --archive DIR` here "
+              "(the original's --save-path is --archive; --temp-dir and --port are not needed)",
+    "client": "nodes run no `distribute client` here: list the machine in the head's nodes file and the "
+              "head starts what it needs over SSH (README: Coming from the original)",
+}
+_GLOBAL_OPTIONS = ("--head", "--socket")
+
+
+def original_spelling(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """(our argv, notes) for a command line in the original's spelling: `server-status`,
+    `node-status [--nodes-file F]`, `--ip HOST [--port N]`, `pull ... include -i RE` /
+    `exclude -e RE`.  A command that has no counterpart here is a UserError naming ours."""
+    argv = list(argv)
+    index = 0                                   # the command: the first word after global options
+    while index < len(argv) and argv[index].startswith("-"):
+        index += 2 if argv[index] in _GLOBAL_OPTIONS else 1
+    if index >= len(argv):
+        return argv, []
+    command, rest, notes = argv[index], argv[index + 1:], []
+    if command in _ORIGINAL_GONE:
+        raise UserError(f"`{command}` is the original distribute's: {_ORIGINAL_GONE[command]}")
+    if command == "help":                       # the original's `help [COMMAND]`
+        return argv[:index] + rest[:1] + ["--help"], []
+    if command in _ORIGINAL_RENAMED:
+        notes.append(f"`{command}` is `distribute {_ORIGINAL_RENAMED[command]}` here")
+        if command == "node-status":
+            rest = _rename_option(rest, ("--nodes-file",), "--nodes")
+            if "--nodes" in rest or any(a.startswith("--nodes=") for a in rest):
+                rest = ["--check"] + rest
+        command = _ORIGINAL_RENAMED[command]
+    head: List[str] = []
+    if any(a == "--ip" or a.startswith("--ip=") for a in rest):
+        kept: List[str] = []
+        words = iter(rest)
+        for word in words:
+            if word == "--ip":
+                head = ["--head", next(words, "")]
+            elif word.startswith("--ip="):
+                head = ["--head", word[5:]]
+            elif word in ("-p", "--port"):      # the original's TCP port: SSH needs none
+                next(words, None)
+            elif not word.startswith("--port="):
+                kept.append(word)
+        rest = kept
+        notes.append(f"`--ip {head[1]}` is `--head {head[1]}` here (reached over SSH)")
+    if command == "pause" and rest and not rest[0].startswith("-"):
+        rest = ["--duration"] + rest
+        notes.append(f"`pause {rest[1]}` is `pause --duration {rest[1]}` here")
+    original_slurm = {"--cluster-username": "--cluster-user", "--cluster-address": "--cluster-host",
+                      "--cluster-upload-destination": "--cluster-dir"}
+    if command == "slurm" and any(a.partition("=")[0] in original_slurm for a in rest):
+        for old, new in original_slurm.items():
+            rest = _rename_option(rest, (old,), new)
+        words, positional, kept = iter(rest), [], []
+        for word in words:                      # the original took OUTDIR first, then the job file
+            if word.startswith("--cluster-") and "=" not in word:
+                kept += [word, next(words, "")]
+            elif word.startswith("-"):
+                kept.append(word)
+            else:
+                positional.append(word)
+        rest = kept + positional[::-1]
+        notes.append("the original's `slurm OUTDIR [FILE] --cluster-username/--cluster-address/"
+                     "--cluster-upload-destination` is `slurm [FILE] OUTDIR --cluster-user/--cluster-host/"
+                     "--cluster-dir` here")
+    if command == "pull" and ("include" in rest or "exclude" in rest):
+        rest = [word for word in rest if word not in ("include", "exclude")]
+        rest = _rename_option(rest, ("-i", "--include"), "--filter")
+        rest = _rename_option(rest, ("-e",), "--exclude")
+        notes.append("`pull include -i RE` / `exclude -e RE` are `pull --filter RE` / `--exclude RE` here")
+    return argv[:index] + head + [command] + rest, notes
+
+
+def _rename_option(words: List[str], old: Tuple[str, ...], new: str) -> List[str]:
+    out = []
+    for word in words:
+        name, eq, value = word.partition("=")
+        out.append(new + eq + value if name in old else word)
+    return out
+
+
+def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
+    """`pause` and `resume` with their plain options, run without click's parsing: what the
+    person at a workstation types when they need it now.  Anything else (--help, a typo,
+    global options) returns None and goes through click, with its help and errors."""
+    if not args or args[0] not in ("pause", "resume"):
+        return None
+    rest = args[1:]
+    if args[0] == "resume":
+        return (lambda: resume.callback(everyone=bool(rest))) if rest in ([], ["--all"]) else None
+    duration, detach, index = _PAUSE_DEFAULT_DURATION, False, 0
+    while index < len(rest):
+        arg = rest[index]
+        if arg == "--detach":
+            detach = True
+        elif arg == "--duration" and index + 1 < len(rest) and not rest[index + 1].startswith("-"):
+            duration, index = rest[index + 1], index + 1
+        elif arg.startswith("--duration=") and len(arg) > len("--duration="):
+            duration = arg.partition("=")[2]
+        else:
+            return None
+        index += 1
+    return lambda: pause.callback(duration=duration, detach=detach)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: one-line errors, exit 2 for bad input and 1 for failures."""
     try:
-        code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        fast = node_fast_path(argv)
+        if fast is not None:
+            fast()
+            code = 0
+        else:
+            argv, notes = original_spelling(argv)
+            if notes:
+                click.echo(f"distribute: note: {'; '.join(notes)}", err=True)
+            code = cli.main(args=argv, prog_name="distribute", standalone_mode=False)
     except click.ClickException as exc:
         exc.show()
         code = exc.exit_code

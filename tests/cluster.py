@@ -28,9 +28,10 @@ def wait_until(condition, timeout, what):
         time.sleep(0.05)
 
 
-def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode", pause_dirs=None):
-    """A distribute-nodes.yaml for sshd nodes reached through the head home's aliases."""
-    caps, slots, pause_dirs = caps or {}, slots or {}, pause_dirs or {}
+def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode", pause_dirs=None, extra=None):
+    """A distribute-nodes.yaml for sshd nodes reached through the head home's aliases;
+    extra: {node name: YAML text of more keys, e.g. an owner: block, indented as a node key}."""
+    caps, slots, pause_dirs, extra = caps or {}, slots or {}, pause_dirs or {}, extra or {}
     lines = ["nodes:"]
     for node in nodes:
         lines += [f"  - name: {node.name}", f"    host: {node.name}", f"    user: {user}",
@@ -39,6 +40,8 @@ def nodes_yaml(nodes, workdirs, caps=None, slots=None, user="dnode", pause_dirs=
                   f"    capabilities: [{', '.join(caps.get(node.name, []))}]"]
         if node.name in pause_dirs:
             lines.append(f"    pause_dir: {pause_dirs[node.name]}")
+        if node.name in extra:
+            lines += ["    " + line for line in extra[node.name].strip("\n").splitlines()]
     return "\n".join(lines) + "\n"
 
 
@@ -126,6 +129,17 @@ class HeadProcess:
             return wait_until(finished, timeout, f"batch {key} to finish")
         except AssertionError:
             raise AssertionError(f"batch {key} did not finish: {self.batch(key)}\n{self.log.read_text()[-4000:]}")
+
+
+def pyz_of_another_build(pyz, folder):
+    """The same program as another build (another archive comment, so another hash), as a
+    head upgrade brings: `distribute-next.pyz` in folder."""
+    import zipfile
+    other = Path(folder) / "distribute-next.pyz"
+    shutil.copy(pyz, other)
+    with zipfile.ZipFile(other, "a") as archive:
+        archive.comment = b"the next build"
+    return other
 
 
 def node_workdirs(ssh_nodes):

@@ -120,7 +120,8 @@ def public_tmp():
 
 # --- a head over the sshd nodes ----------------------------------------------
 # `head`: `distribute serve` (a real subprocess) with node1..node3 as its nodes.
-# Mark a test with @pytest.mark.nodes(caps={...}, slots={...}, extra=[...]) to shape them.
+# Mark a test with @pytest.mark.nodes(caps={...}, slots={...}, extra=[...], node_yaml={...}) to shape them
+# (node_yaml: more keys per node, as YAML text, e.g. an owner: block).
 
 from cluster import HeadProcess as _HeadProcess, node_workdirs as _node_workdirs, nodes_yaml as _nodes_yaml  # noqa: E402
 
@@ -136,7 +137,7 @@ def head(ssh_nodes, pyz, request):
         folder.mkdir()
         os.chmod(folder, 0o1777)
     text = _nodes_yaml(list(ssh_nodes), workdirs, caps=options.get("caps"), slots=options.get("slots"),
-                       pause_dirs=pause_dirs)
+                       pause_dirs=pause_dirs, extra=options.get("node_yaml"))
     process = _HeadProcess(None, text, ssh_nodes.head_home.env(), pyz=pyz,
                            extra=options.get("extra", ["--kill-grace", "2"]))
     process.workdirs = workdirs

@@ -268,3 +268,38 @@ def test_leftover_batch_folders_are_deleted_when_the_head_reconnects(head):
     head.start()
     head.wait_nodes_up(3)
     wait_until(lambda: not ghost.exists(), 20, "the leftover batch folder to be deleted")
+
+
+def test_big_uploads_and_results_travel_through_openssh(head, head_home, tmp_path):
+    """Past 1 MiB, inputs and results go on data channels: carried by OpenSSH's `ssh` (one
+    master per node, kept in the head account's private folder), landing whole."""
+    import hashlib
+    import stat
+    folder = tmp_path / "big"
+    folder.mkdir()
+    data = os.urandom(3 << 20)
+    (folder / "input.bin").write_bytes(data)
+    (folder / "distribute-jobs.yaml").write_text(textwrap.dedent("""\
+        meta: {batch_name: big, namespace: lab}
+        shell:
+          jobs:
+        """) + "".join(f"    - {{name: j{i}, command: 'head -c 4000000 /dev/urandom > distribute_save/r.bin; "
+                       f"sha256sum input/in.bin > distribute_save/in.sha', "
+                       f"required_files: [{{path: input.bin, alias: in.bin}}]}}\n" for i in range(6)))
+    head.wait_nodes_up(3)
+    head.cli("add", folder / "distribute-jobs.yaml")
+    assert head.wait_batch("lab/big")["jobs"]["done"] == 6
+    used = set()
+    for i in range(6):
+        job = head.archive / "lab" / "big" / f"j{i}"
+        assert (job / "r.bin").stat().st_size == 4_000_000
+        assert (job / "in.sha").read_text().split()[0] == hashlib.sha256(data).hexdigest()
+        used.add(json.loads((job / "job.json").read_text())["node"])
+    forwards = Path(head_home.path) / ".cache" / "distribute-ssh"
+    assert stat.S_IMODE(forwards.lstat().st_mode) == 0o700
+    controls = sorted(forwards.glob("*.ctl"))
+    assert len(controls) == len(used), (controls, used)
+    for control in controls:
+        check = subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "check", "node"],
+                               capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0 and "Master running" in check.stderr, check.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import DISTRIBUTE, HeadProcess, wait_until
+from cluster import DISTRIBUTE, HeadProcess, pyz_of_another_build, wait_until
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -241,22 +241,12 @@ def test_two_entries_reaching_one_machine_keep_the_first(lab_head, ssh_nodes, ss
         other.stop()
 
 
-def pyz_of_another_build(pyz, folder):
-    """The same program as another build (a different archive comment: another hash)."""
-    import zipfile
-    other = Path(folder) / "distribute-b.pyz"
-    shutil.copy(pyz, other)
-    with zipfile.ZipFile(other, "a") as archive:
-        archive.comment = b"build B"
-    return other
-
-
 def test_a_head_upgrade_replaces_every_supervisor_after_its_running_jobs(lab_head, ssh_nodes, pyz, public_tmp):
     """Jobs run under build A; the head restarts on build B: the running jobs end and are archived
     once, the queued ones start only under B, and every node reports B."""
     import hashlib
-    build = {name: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16]
-             for name, p in (("A", pyz), ("B", pyz_of_another_build(pyz, public_tmp)))}
+    pyz_b = pyz_of_another_build(pyz, public_tmp)
+    build = {name: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for name, p in (("A", pyz), ("B", pyz_b))}
     dirs = node_workdirs(ssh_nodes)
     head = lab_head(dirs)
     head.wait_nodes_up(3)
@@ -268,7 +258,7 @@ def test_a_head_upgrade_replaces_every_supervisor_after_its_running_jobs(lab_hea
     head.cli("add", shell_batch(public_tmp / "b", "upgrade", 9, command))
     wait_until(lambda: len(head.status()["running"]) == 3, 60, "three jobs running")
     head.stop()
-    head.pyz = public_tmp / "distribute-b.pyz"
+    head.pyz = pyz_b
     head.start()
     wait_until(lambda: all(n["reachable"] for n in head.nodes()), 60, "nodes reconnected")
     nodes = head.nodes()
@@ -288,3 +278,177 @@ def test_a_head_upgrade_replaces_every_supervisor_after_its_running_jobs(lab_hea
     for job in parents:
         assert (public_tmp / f"starts-{job}").read_text() == "x\n"              # each ran once
         assert json.loads((archive / job / "job.json").read_text())["attempts"] == 1
+
+
+# --- many clients at once --------------------------------------------------------------
+
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import distribute  # noqa: E402
+
+
+def frame(header, payload=b""):
+    body = json.dumps(header).encode()
+    return len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body + payload
+
+
+def status_round_trip(sock_path):
+    """Seconds for one raw `status` request on the head's socket, answered."""
+    import socket as socket_module
+    started = time.monotonic()
+    with socket_module.socket(socket_module.AF_UNIX) as conn:
+        conn.settimeout(30)
+        conn.connect(str(sock_path))
+        conn.sendall(frame({"op": "status"}))
+        prefix = b""
+        while len(prefix) < 8:
+            chunk = conn.recv(8 - len(prefix))
+            assert chunk, "the head closed the connection"
+            prefix += chunk
+    return time.monotonic() - started
+
+
+class StatusProbe(threading.Thread):
+    """Asks `status` over and over until stopped; keeps the slowest answer."""
+
+    def __init__(self, sock_path):
+        super().__init__(daemon=True)
+        self.sock_path, self.slowest, self.count = sock_path, 0.0, 0
+        self.done = threading.Event()
+
+    def run(self):
+        while not self.done.is_set():
+            self.slowest = max(self.slowest, status_round_trip(self.sock_path))
+            self.count += 1
+
+    def stop(self):
+        self.done.set()
+        self.join(60)
+        return self
+
+
+async def stalled_upload(sock_path, name):
+    """An `add` whose tar data stops after one header (a laptop on a dying link)."""
+    reader, writer = await asyncio.open_unix_connection(str(sock_path))
+    plan = dataclasses.asdict(distribute.BatchPlan("stall", name, "shell"))
+    job = {"name": "a", "files": [], "command": "true", "has_script": False, "params": None}
+    writer.write(frame({"op": "add", "plan": plan, "jobs": [{"plan": job, "retries": 0}], "capabilities": []}))
+    channel = distribute.Channel(reader, writer)
+    reply, _ = await asyncio.wait_for(channel.receive(), 60)
+    assert reply.get("send"), reply
+    header = distribute.ustar_header("input/big.bin", 1 << 20, 0, 0o644)
+    writer.write(header + b"x" * 100)
+    await writer.drain()
+    return writer
+
+
+def test_stalled_uploads_never_block_another_add_or_status(local_head, tmp_path):
+    local_head.start()
+    local_head.wait_nodes_up(1)
+    loop = asyncio.new_event_loop()
+    try:
+        async def stall_ten():
+            return await asyncio.gather(*(stalled_upload(local_head.socket, f"s{i}") for i in range(10)))
+        writers = loop.run_until_complete(stall_ten())
+        assert status_round_trip(local_head.socket) < 0.5
+        folder = tmp_path / "eleventh"
+        folder.mkdir()
+        (folder / "data.txt").write_text("payload\n")
+        (folder / "distribute-jobs.yaml").write_text(
+            "meta: {batch_name: eleventh, namespace: lab}\nshell:\n  initialize:\n    required_files: [data.txt]\n"
+            "  jobs:\n    - {name: a, command: 'cat input/data.txt > distribute_save/copy.txt'}\n")
+        local_head.cli("add", folder / "distribute-jobs.yaml")
+        local_head.wait_batch("lab/eleventh", timeout=120)
+        assert (local_head.archive / "lab" / "eleventh" / "a" / "copy.txt").read_text() == "payload\n"
+        async def hang_up():
+            for writer in writers:
+                writer.close()
+            await asyncio.gather(*(writer.wait_closed() for writer in writers), return_exceptions=True)
+        loop.run_until_complete(hang_up())
+    finally:
+        loop.close()
+    wait_until(lambda: not list((local_head.state / "files").glob(".incoming-*")), 30,
+               "the stalled uploads' folders removed once their clients hung up")
+
+
+def as_lab_member(user):
+    """Popen arguments that run a command as `user` with the lab's group, as a login would."""
+    return {"user": user, "group": user, "extra_groups": ["distribute"]}
+
+
+def test_thirty_adds_from_three_users_while_status_keeps_answering(public_tmp, pyz):
+    program = public_tmp / "distribute.pyz"          # what lab members run (the head's python is root's)
+    shutil.copy(pyz, program)
+    os.chmod(program, 0o644)
+    head = HeadProcess(None, None, dict(os.environ), extra=["--group", "distribute"])
+    try:
+        head.start()
+        head.wait_nodes_up(1)
+        clients = []
+        probe = StatusProbe(head.socket)
+        probe.start()
+        for user in ("root", "dalice", "dbob"):
+            namespace = "lab" if user == "root" else user
+            for i in range(10):
+                folder = public_tmp / f"{user}-{i}"
+                folder.mkdir()
+                (folder / "in.txt").write_text(f"{user} {i}\n")
+                (folder / "distribute-jobs.yaml").write_text(
+                    f"meta: {{batch_name: b{i}, namespace: {namespace}}}\nshell:\n  initialize:\n"
+                    "    required_files: [in.txt]\n  jobs:\n    - {name: a, command: 'cat input/in.txt > distribute_save/o.txt'}\n")
+                os.chmod(folder, 0o755)
+                argv = ["/usr/bin/python3", str(program), "--head", "local", "--socket", str(head.socket), "add",
+                        str(folder / "distribute-jobs.yaml")]
+                home = "/root" if user == "root" else f"/home/{user}"
+                clients.append(subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                                cwd="/", **({} if user == "root" else as_lab_member(user)),
+                                                env={"HOME": home, "PATH": "/usr/bin:/bin"}))
+        outcomes = [(c.wait(300), c.stderr.read()) for c in clients]
+        probe.stop()
+        assert all(code == 0 for code, _ in outcomes), [o for o in outcomes if o[0]]
+        keys = [f"{ns}/b{i}" for ns in ("lab", "dalice", "dbob") for i in range(10)]
+        for key in keys:
+            assert head.wait_batch(key, timeout=300)["jobs"]["done"] == 1
+        print(f"\nstatus answered {probe.count} times while 30 adds ran; slowest {probe.slowest:.3f}s")
+        assert probe.count > 0 and probe.slowest < 0.5
+    finally:
+        head.stop()
+        shutil.rmtree(head.dir, ignore_errors=True)
+
+
+# --- durability ---------------------------------------------------------------------------
+
+class RecordingLink:
+    def __init__(self, events):
+        self.events = events
+
+    async def tell(self, header):
+        self.events.append(("ack", tuple(header["run_ids"])))
+
+
+def test_results_are_acknowledged_only_after_they_are_on_stable_storage(tmp_path):
+    """The node deletes a result when acknowledged: the flush of the archive and the store comes
+    first (one for the results landed together), and a failing flush acknowledges nothing."""
+    events, failures = [], [OSError(5, "Input/output error")]
+
+    def flush(folder):
+        if failures:
+            raise failures.pop()
+        events.append(("flush", folder))
+    acks = distribute.DurableAcks([tmp_path], flush=flush)
+    distribute.sync_file_system(tmp_path)              # the real one works here
+
+    async def scenario():
+        worker = asyncio.ensure_future(acks.run())
+        link = RecordingLink(events)
+        acks.add(link, "1.1")
+        acks.add(link, "2.1")
+        deadline = time.monotonic() + 20
+        while not any(kind == "ack" for kind, _ in events) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        worker.cancel()
+    asyncio.run(scenario())
+    assert events == [("flush", tmp_path), ("ack", ("1.1", "2.1"))]

@@ -515,3 +515,108 @@ def test_fast_tar_header_is_the_one_tarfile_writes(name, size, mtime, mode):
     member.size, member.mtime, member.mode = size, mtime, mode
     assert distribute.ustar_header(name, size, mtime, mode) == member.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     assert distribute.ustar_header("y" * 101, 1, 1, 0o644) is None and distribute.ustar_header("é", 1, 1, 0o644) is None
+
+
+# --- the client's SSH: OpenSSH's `ssh` kept for a while, asyncssh without it (issue 16) ---
+
+def forward_dir(home_path):
+    return Path(home_path) / ".cache" / "distribute-ssh"
+
+
+def master_pid(env):
+    """The pid of the OpenSSH master this client home keeps, from `ssh -O check`."""
+    controls = list(forward_dir(env["HOME"]).glob("*.ctl"))
+    assert len(controls) == 1, controls
+    check = subprocess.run(["ssh", "-o", f"ControlPath={controls[0]}", "-O", "check", "head"],
+                           env=env, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stderr
+    return int(check.stderr.split("pid=")[1].split(")")[0])
+
+
+def test_client_commands_share_one_private_openssh_connection(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    write_file(root / "job" / "data.bin", os.urandom(3 << 20))
+    assert lab.pull_json(key, tmp_path / "save")["transferred"] > 3 << 20
+    assert tree(tmp_path / "save" / key) == tree(root)
+    first = master_pid(lab.client_env)
+    assert json.loads(lab.remote("status", "--json").stdout)["batches"]
+    assert master_pid(lab.client_env) == first                  # no second login: the same master
+    folder = forward_dir(lab.client_env["HOME"])
+    assert stat.S_IMODE(folder.lstat().st_mode) == 0o700
+    sockets = [p for p in folder.iterdir() if stat.S_ISSOCK(p.lstat().st_mode)]
+    assert len(sockets) == 2                                   # the control socket, the forwarded one
+    for path in sockets:
+        assert stat.S_IMODE(path.lstat().st_mode) & 0o077 == 0, path
+
+    # the master gone (idle timeout, reboot): the next command starts a new one
+    os.kill(first, signal.SIGTERM)
+    wait_until(lambda: not psutil_alive(first), 30, "the old master to exit")
+    assert json.loads(lab.remote("status", "--json").stdout)["batches"]
+    assert master_pid(lab.client_env) != first
+
+
+def psutil_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().split(") ")[1][0] != "Z"
+
+
+def no_ssh_path(tmp_path):
+    """A PATH without `ssh` (the client needs nothing else from PATH)."""
+    folder = tmp_path / "bin-without-ssh"
+    folder.mkdir(exist_ok=True)
+    return str(folder)
+
+
+@pytest.mark.parametrize("carrier", ["openssh", "asyncssh"])
+def test_unknown_host_key_is_refused_with_one_line(lab, tmp_path, carrier):
+    with sshd_lib.SshClientHome("stranger") as stranger:
+        stranger.add_host("head", lab.sshd, "dalice")
+        stranger.known_hosts.write_text("")                   # never saw the head's key
+        env = stranger.env(**({"PATH": no_ssh_path(tmp_path)} if carrier == "asyncssh" else {}))
+        result = subprocess.run(lab.remote_argv("status"), env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        assert result.stderr.startswith("distribute: host key of head not verified") and "known_hosts" in result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert not list(forward_dir(stranger.path).glob("*.ctl"))     # no connection kept
+
+
+def test_without_ssh_on_path_asyncssh_carries_pull_and_status(lab, tmp_path):
+    key, root = known_batch(lab, tmp_path)
+    write_file(root / "job" / "data.bin", os.urandom(2 << 20))
+    with sshd_lib.SshClientHome("laptop") as laptop:
+        laptop.add_host("head", lab.sshd, "dalice")
+        env = laptop.env(PATH=no_ssh_path(tmp_path))
+        pulled = subprocess.run(lab.remote_argv("pull", "--batch", key, "--save-dir", tmp_path / "save", "--json"),
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert pulled.returncode == 0, pulled.stderr
+        assert tree(tmp_path / "save" / key) == tree(root)
+        status = subprocess.run(lab.remote_argv("status", "--json"), env=env, capture_output=True, text=True, timeout=60)
+        assert key in status.stdout
+        assert not forward_dir(laptop.path).exists()            # ssh never ran
+
+
+def test_unreachable_head_socket_over_openssh_is_one_clear_line(lab):
+    result = subprocess.run(DISTRIBUTE + ["--head", "head", "--socket", "/nonexistent/head.sock", "status"],
+                            env=lab.client_env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.startswith("distribute: no head is running at /nonexistent/head.sock on head: "
+                                    "is `distribute serve` running?")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_commands_started_together_share_one_new_master(lab):
+    with sshd_lib.SshClientHome("eager") as eager:
+        eager.add_host("head", lab.sshd, "dalice")
+        env = eager.env()
+        clients = [subprocess.Popen(lab.remote_argv("status", "--json"), env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outputs = [client.communicate(timeout=120) for client in clients]
+        assert [client.returncode for client in clients] == [0] * 4, outputs
+        assert all("batches" in json.loads(out) for out, _ in outputs)
+        pid = master_pid(env)                                   # exactly one control socket, one master
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not psutil_alive(pid), 30, "the master to exit")

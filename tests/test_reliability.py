@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster import HeadProcess, node_workdirs, nodes_yaml, wait_until
+from cluster import HeadProcess, node_workdirs, nodes_yaml, pyz_of_another_build, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1024 * 1024
@@ -469,7 +469,8 @@ def cut_for_a_while(head, node, seconds):
 
 @pytest.mark.slow
 @pytest.mark.nodes(slots={"node1": 2, "node2": 2, "node3": 2}, extra=["--node-timeout", "3", "--kill-grace", "1"])
-def test_soak_2000_jobs_through_node_cuts_and_a_head_crash(head, ssh_nodes, tmp_path, counters, watch_archive):
+def test_soak_2000_jobs_through_node_cuts_a_head_crash_and_an_upgrade(head, ssh_nodes, tmp_path, counters,
+                                                                       watch_archive):
     started = time.monotonic()
     ran = counters / "ran.log"
     commands = {f"s{i:04d}": f'echo "$DISTRIBUTE_JOB $PWD" >> {ran}; echo "$DISTRIBUTE_JOB" > distribute_save/n.txt'
@@ -492,7 +493,13 @@ def test_soak_2000_jobs_through_node_cuts_and_a_head_crash(head, ssh_nodes, tmp_
     rss["after restart"] = rss_mib(head)
     at(SOAK_JOBS * 3 // 5)
     cut_for_a_while(head, ssh_nodes["node3"], 4.5)
+    at(SOAK_JOBS * 4 // 5)
+    head.stop()                                    # upgraded: restarted on another build
+    head.pyz = pyz_of_another_build(head.pyz, tmp_path)
+    head.start()
     batch = head.wait_batch("rel/soak", timeout=240)
+    new_build = hashlib.sha256(head.pyz.read_bytes()).hexdigest()[:16]
+    wait_until(lambda: {n["build"] for n in head.nodes()} == {new_build}, 60, "every node on the new build")
     rss["end"] = rss_mib(head)
     elapsed = time.monotonic() - started
     print(f"\nsoak: {SOAK_JOBS} jobs in {elapsed:.0f}s; head RSS (MiB): "

@@ -3,16 +3,20 @@
 Not collected by pytest (run it by hand):
 
     python3 tests/benchmarks/bench_pause.py [--rounds 30] [--jobs 2] [--interval 0.05]
+                                            [--pyz distribute.pyz] [--compare OLD.py]
 
 It starts --jobs job trees (a shell that starts a child that starts a grandchild
 in a session of its own, all burning CPU), runs `watch_pauses` in a thread with
 its own event loop as the node supervisor does, and then, each round, runs the
 real CLI:
-  - `distribute.py pause --duration 10m`, timing from its first line of output
-    to the moment every job process is in state T;
+  - `distribute.py pause --duration 10m`, timing from the command's own start
+    (and from its first line of output) to the moment every job process is in state T;
   - `distribute.py resume`, timing from its exit to the moment no job process is
     stopped (negative: the jobs ran again before `resume` had finished printing).
-It prints the median and 95th percentile of each, then one JSON line.
+It prints the median and 95th percentile of each, then one JSON line.  In the same
+rounds it measures the floor, `python3 -I -c pass` plus one watcher tick, and, with
+--compare, the same pause through another distribute.py (e.g. `git show
+main:distribute.py > /tmp/old.py`), so the ratio is of figures taken side by side.
 """
 
 import argparse
@@ -102,6 +106,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--interval", type=float, default=0.05, help="the watcher's tick (s)")
+    parser.add_argument("--pyz", default=None, help="run `pause` from this distribute.pyz, as on a node")
+    parser.add_argument("--compare", default=None, help="another distribute.py (or .pyz) to time alike")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-pause-"))
@@ -114,22 +120,33 @@ def main():
     time.sleep(0.3)  # let every job start its child and grandchild (no event to wait for)
     pids = [pid for root in roots for pid in tree_pids(root)]
     stop_watcher = run_watcher(locks, roots, args.interval)
-    command = [sys.executable, str(ROOT / "distribute.py")]
-    to_stopped, to_running = [], []
+    command = [sys.executable, str(args.pyz or ROOT / "distribute.py")]
+    variants = {"this": command}
+    if args.compare:
+        variants["compare"] = [sys.executable, str(args.compare)]
+    to_stopped, to_running, from_start, floor = [], [], {name: [] for name in variants}, []
     try:
         for _ in range(args.rounds):
-            pause = subprocess.Popen(command + ["pause", "--duration", "10m"], env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            pause.stdout.readline()
-            printed = time.monotonic()
-            stopped = wait_until(lambda: all(s == "T" for s in states(pids)))
-            to_stopped.append(stopped - printed)
+            started = time.monotonic()
+            subprocess.run([sys.executable, "-I", "-c", "pass"], check=True)
+            floor.append(time.monotonic() - started + args.interval)
+            for name, argv in variants.items():
+                started = time.monotonic()
+                pause = subprocess.Popen(argv + ["pause", "--duration", "10m"], env=env,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                pause.stdout.readline()
+                printed = time.monotonic()
+                stopped = wait_until(lambda: all(s == "T" for s in states(pids)))
+                from_start[name].append(stopped - started)
+                if name == "this":
+                    to_stopped.append(stopped - printed)
 
-            subprocess.run(command + ["resume"], env=env, check=True, capture_output=True)
-            returned = time.monotonic()
-            running = wait_until(lambda: all(s != "T" for s in states(pids)))
-            to_running.append(running - returned)
-            pause.communicate(timeout=10)
+                subprocess.run(argv + ["resume"], env=env, check=True, capture_output=True)
+                returned = time.monotonic()
+                running = wait_until(lambda: all(s != "T" for s in states(pids)))
+                if name == "this":
+                    to_running.append(running - returned)
+                pause.communicate(timeout=10)
     finally:
         stop_watcher()
         for root in roots:
@@ -140,14 +157,26 @@ def main():
             except ProcessLookupError:
                 pass
 
+    def figures(values):
+        return {"median": statistics.median(values), "p95": percentile(values, 0.95), "max": max(values)}
+
     result = {
         "rounds": args.rounds, "jobs": args.jobs, "processes": len(pids), "interval_s": args.interval,
+        "command": " ".join(command[1:]),
+        "start_to_all_stopped_s": {name: figures(values) for name, values in from_start.items()},
+        "floor_s": figures(floor),
         "pause_to_all_stopped_s": {"median": statistics.median(to_stopped), "p95": percentile(to_stopped, 0.95),
                                    "max": max(to_stopped)},
         "resume_to_all_running_s": {"median": statistics.median(to_running), "p95": percentile(to_running, 0.95),
                                     "max": max(to_running)},
     }
     print(f"{len(pids)} job processes in {args.jobs} jobs, {args.rounds} rounds, watcher tick {args.interval}s")
+    floor_p95 = result["floor_s"]["p95"]
+    for name, numbers in result["start_to_all_stopped_s"].items():
+        print(f"  pause (its start) -> all stopped [{name}]: median {numbers['median'] * 1000:.1f} ms, "
+              f"p95 {numbers['p95'] * 1000:.1f} ms ({numbers['p95'] / floor_p95:.2f}x the floor's p95)")
+    print(f"  floor (python3 -I -c pass + one tick): median {result['floor_s']['median'] * 1000:.1f} ms, "
+          f"p95 {floor_p95 * 1000:.1f} ms")
     for key, label in (("pause_to_all_stopped_s", "pause (first line) -> all stopped"),
                        ("resume_to_all_running_s", "resume (returned)  -> all running")):
         numbers = result[key]

@@ -12,7 +12,10 @@ writes into that batch's archive folder
   - small/: --small files of 4 KiB in 100 folders,
   - big/:   one file of --big-mib MiB,
 and, for each tree, runs alternating rounds of
-  - ours:  `distribute --head head --socket S pull --batch B --filter ^small/`,
+  - ours:  `distribute --head head --socket S pull --batch B --filter ^small/` (the client
+           as installed: the module from its .pyc), three ways: over the SSH connection an
+           earlier command left (OpenSSH's ssh, ControlPersist), after closing it (so the run
+           logs in, like rsync and scp), and with DISTRIBUTE_SSH=asyncssh,
   - rsync: `rsync -a -e 'ssh -F config' head:ARCHIVE/small/ DEST/`,
   - scp:   `scp -F config -r head:ARCHIVE/small DEST/`,
 each into a new empty destination (checked afterwards: same file count and bytes),
@@ -39,6 +42,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 import sshd as sshd_lib  # noqa: E402
 
 from cluster import DISTRIBUTE, socket_answers, wait_until  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchcommon import INSTALLED, compile_module  # noqa: E402
 
 
 class Head:
@@ -110,12 +116,14 @@ def tree_size(folder: Path):
     return count, size
 
 
-def timed(argv, env, dest: Path, tree: Path, expect, keep: bool):
+def timed(argv, env, dest: Path, tree: Path, expect, keep: bool, before=None):
     """Run argv into dest (new and empty); check what landed; seconds taken.  With keep, dest
     stays until the caller deletes it: removing 10,000 files leaves the file system slower
     for a while (even after sync), which would fall on whoever runs next."""
     dest.mkdir(parents=True)
     os.sync()                   # the previous run's dirty pages do not compete with this one
+    if before is not None:
+        before()
     start = time.perf_counter()
     result = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -129,15 +137,30 @@ def timed(argv, env, dest: Path, tree: Path, expect, keep: bool):
     return elapsed
 
 
+TOOLS = ("distribute", "distribute-cold", "distribute-asyncssh", "rsync", "scp")
+
+
 def tool_commands(tree: str, dest: Path, archive: Path, head, home):
-    """{tool: (argv, where its files land)} pulling archive/tree into dest."""
+    """{tool: (argv, where its files land, environment, what to do untimed before)} pulling
+    archive/tree into dest.  distribute: the client as installed, over the SSH connection it
+    keeps (made by an earlier command); -cold: that connection closed first, so the run pays
+    a login like rsync and scp do; -asyncssh: DISTRIBUTE_SSH=asyncssh (no ssh used)."""
+    ours = INSTALLED + ["--head", "head", "--socket", str(head.socket), "pull", "--batch", "lab/bench",
+                        "--filter", f"^{tree}/", "--save-dir", str(dest)]
+    env = home.env()
     return {
-        "distribute": (DISTRIBUTE + ["--head", "head", "--socket", str(head.socket), "pull",
-                                     "--batch", "lab/bench", "--filter", f"^{tree}/", "--save-dir", str(dest)],
-                       dest / "lab" / "bench" / tree),
-        "rsync": (["rsync", "-a", "-e", f"ssh -F {home.config}", f"head:{archive / tree}/", f"{dest}/"], dest),
-        "scp": (["scp", "-F", str(home.config), "-r", f"head:{archive / tree}", f"{dest}/"], dest / tree),
+        "distribute": (ours, dest / "lab" / "bench" / tree, env, None),
+        "distribute-cold": (ours, dest / "lab" / "bench" / tree, env, lambda: close_kept_connection(home)),
+        "distribute-asyncssh": (ours, dest / "lab" / "bench" / tree, dict(env, DISTRIBUTE_SSH="asyncssh"), None),
+        "rsync": (["rsync", "-a", "-e", f"ssh -F {home.config}", f"head:{archive / tree}/", f"{dest}/"], dest, env, None),
+        "scp": (["scp", "-F", str(home.config), "-r", f"head:{archive / tree}", f"{dest}/"], dest / tree, env, None),
     }
+
+
+def close_kept_connection(home) -> None:
+    for control in (home.path / ".cache" / "distribute-ssh").glob("*.ctl"):
+        subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", "head"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def main() -> None:
@@ -150,6 +173,7 @@ def main() -> None:
 
     sshd_lib.ensure_users()
     sshd_lib.ensure_privsep_dir()
+    compile_module()
     base = Path(tempfile.mkdtemp(prefix="bench-pull-", dir=args.dir or "/var/tmp"))
     os.chmod(base, 0o755)
     keys = sshd_lib.KeyStore(base / "keys")
@@ -163,18 +187,20 @@ def main() -> None:
         archive = head.run_batch(base / "batch")
         print(f"writing {args.small} x 4 KiB and {args.big_mib} MiB into {archive} ...", flush=True)
         write_trees(archive, args.small, args.big_mib)
+        subprocess.run(INSTALLED + ["--head", "head", "--socket", str(head.socket), "status"], env=env, check=True,
+                       stdout=subprocess.DEVNULL)          # the kept connection, as after any earlier command
         out = base / "out"
         results = {}
         for tree in ("small", "big"):
             expect = tree_size(archive / tree)
             keep = tree == "small"          # many files: delete them only after all rounds
-            times = {name: [] for name in ("distribute", "rsync", "scp")}
+            times = {name: [] for name in TOOLS}
             for round_ in range(args.rounds):
                 order = list(times) if round_ % 2 == 0 else list(reversed(list(times)))
                 for name in order:
                     dest = out / tree / f"{name}-{round_}"
-                    argv, landed = tool_commands(tree, dest, archive, head, home)[name]
-                    times[name].append(timed(argv, env, dest, landed, expect, keep))
+                    argv, landed, tool_env, before = tool_commands(tree, dest, archive, head, home)[name]
+                    times[name].append(timed(argv, tool_env, dest, landed, expect, keep, before))
                     print(f"  {tree:5} round {round_ + 1}: {name:10} {times[name][-1]:7.2f} s", flush=True)
             shutil.rmtree(out / tree)
             os.sync()
@@ -182,13 +208,16 @@ def main() -> None:
             results[tree] = {"files": expect[0], "bytes": expect[1], "times": times, "median": medians,
                              "mib_per_s": {n: expect[1] / (1 << 20) / t for n, t in medians.items()},
                              "speedup_vs_scp": medians["scp"] / medians["distribute"],
-                             "speedup_vs_rsync": medians["rsync"] / medians["distribute"]}
+                             "speedup_vs_rsync": medians["rsync"] / medians["distribute"],
+                             "cold_vs_scp": medians["scp"] / medians["distribute-cold"],
+                             "cold_vs_rsync": medians["rsync"] / medians["distribute-cold"]}
         print()
         for tree, r in results.items():
             print(f"{tree}: {r['files']} files, {r['bytes'] / (1 << 20):.0f} MiB")
             for name, t in r["median"].items():
                 print(f"  {name:10} median {t:7.2f} s  {r['mib_per_s'][name]:8.1f} MiB/s")
-            print(f"  distribute is {r['speedup_vs_scp']:.2f}x scp -r, {r['speedup_vs_rsync']:.2f}x rsync -a")
+            print(f"  distribute is {r['speedup_vs_scp']:.2f}x scp -r, {r['speedup_vs_rsync']:.2f}x rsync -a "
+                  f"(connection kept); {r['cold_vs_scp']:.2f}x / {r['cold_vs_rsync']:.2f}x with a new login")
         print(json.dumps({"bench": "pull", "rounds": args.rounds, "cpus": os.cpu_count(),
                           "loadavg_at_end": os.getloadavg(), "results": results}))
     finally:

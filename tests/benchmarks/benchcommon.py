@@ -28,6 +28,16 @@ from cluster import DISTRIBUTE, HeadProcess, node_workdirs, nodes_yaml, wait_unt
 
 RESULTS = HERE / "results.jsonl"
 
+# The client as `pip install` runs it: the module imported from its .pyc (call compile_module()
+# first: PYTHONDONTWRITEBYTECODE may be set, and DISTRIBUTE compiles 7,000 lines at every start).
+INSTALLED = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); sys.argv[0] = 'distribute'; "
+                                   "import distribute; distribute.main()"]
+
+
+def compile_module() -> None:
+    import py_compile
+    py_compile.compile(str(ROOT / "distribute.py"), doraise=True)
+
 
 def machine() -> dict:
     """What the numbers were measured on."""
