@@ -4240,17 +4240,35 @@ def private_runtime_dir() -> Path:
     return folder
 
 
-def openssh_failure(host: str, text: str) -> str:
-    """One line for an `ssh` that could not connect, from what it wrote on stderr."""
+def openssh_problem(text: str) -> Tuple[str, str]:
+    """(kind, last line) of what an `ssh` that could not connect wrote on stderr; kinds as
+    in head_problem: host-key, denied, refused, no-such-host, timeout, other."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     joined = " ".join(lines)
-    if "Host key verification failed" in joined or "host key is known" in joined \
-            or "HOST IDENTIFICATION HAS CHANGED" in joined:
+    last = lines[-1] if lines else "no reason given"
+    for kind, marks in (("host-key", ("Host key verification failed", "host key is known",
+                                      "HOST IDENTIFICATION HAS CHANGED")),
+                        ("denied", ("Permission denied",)), ("refused", ("Connection refused",)),
+                        ("no-such-host", ("Could not resolve hostname", "Name or service not known")),
+                        ("timeout", ("timed out",))):
+        if any(mark in joined for mark in marks):
+            return kind, last
+    return "other", last
+
+
+def openssh_failure(host: str, text: str, user: Optional[str] = None, port: Optional[int] = None,
+                    head: bool = False) -> str:
+    """One line for an `ssh` that could not connect, from what it wrote on stderr: in a lab
+    member's terms when it was the way to the head, in the admin's when to a node."""
+    kind, last = openssh_problem(text)
+    if head:
+        return head_problem(kind, user, host, port, f"ssh to {host} failed: {last}")
+    if kind == "host-key":
         return (f"host key of {host} not verified: it is unknown or has changed; check your "
                 f"known_hosts (run `ssh {host}` once and compare the fingerprint)")
-    if "Permission denied" in joined:
-        return f"SSH login to {host} refused: {lines[-1]}"
-    return f"ssh to {host} failed: {lines[-1] if lines else 'no reason given'}"
+    if kind == "denied":
+        return f"SSH login to {host} refused: {last}"
+    return f"ssh to {host} failed: {last}"
 
 
 def unix_connect(path: str):
@@ -4304,6 +4322,7 @@ class OpenSshForward:
     def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
                  persist: int = SSH_PERSIST_SECONDS):
         self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.to_head = False            # a lab member's way to the head (errors in their terms), not a node's
         self.config = ssh_config_file()
         key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
         folder = private_runtime_dir()
@@ -4365,7 +4384,7 @@ class OpenSshForward:
                 raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
         if code != 0 or not self.local.exists():
             text = self.log_path.read_text(errors="replace")
-            raise Failed(one_line(openssh_failure(self.host, text)))
+            raise Failed(one_line(openssh_failure(self.host, text, self.user, self.port, self.to_head)))
 
     def stop(self) -> None:
         """Ask the master to exit now (the head does when it stops; clients let it idle out)."""
@@ -7859,6 +7878,10 @@ class Head:
                 reason = "busy with " + ", ".join(r.get("job") or f"build of {r.get('build')}"
                                                   for r in next(n for n in self.node_report()
                                                                 if n["name"] == link.name)["running"])
+                if link.capacity < link.spec.slots:
+                    reason += f" (desk hours: {link.capacity} of {link.spec.slots} slots)"
+            elif reason == "paused":
+                reason = "paused by " + ", ".join(pause_label(l) for l in link.paused)
             elif reason == "unreachable" and link.error:
                 reason = f"unreachable: {link.error}"
             reasons[link.name] = reason or "can run it: it will when its turn comes"
@@ -8227,29 +8250,46 @@ def parse_head(text: str) -> Tuple[Optional[str], str, Optional[int]]:
 
 
 def head_connect_problem(exc: BaseException, user: Optional[str], host: str, port: Optional[int]) -> str:
-    """Why the SSH connection to the head failed, and what to do, in the user's terms."""
+    """Why asyncssh's connection to the head failed, and what to do, in the user's terms."""
     import asyncio
     import errno
     asyncssh = import_asyncssh()
+    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+        kind = "host-key"
+    elif isinstance(exc, asyncssh.PermissionDenied):
+        kind = "denied"
+    elif isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+        kind = "refused"
+    elif isinstance(exc, socket.gaierror):
+        kind = "no-such-host"
+    elif isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        kind = "timeout"
+    else:
+        kind = "other"
+    return head_problem(kind, user, host, port, SshTransport(NodeSpec("head", host)).describe_error(exc))
+
+
+def head_problem(kind: str, user: Optional[str], host: str, port: Optional[int], other: str) -> str:
+    """What a lab member reads when SSH to the head fails (whichever SSH carried it)."""
     login = f"{user + '@' if user else ''}{host}"
     where = f"{host}:{port or 22}"
-    if isinstance(exc, asyncssh.HostKeyNotVerifiable):
+    if kind == "host-key":
         keyscan = f"ssh-keyscan {f'-p {port} ' if port else ''}{host} >> ~/.ssh/known_hosts"
         return (f"the head {host}'s SSH host key is unknown to this machine (or has changed): it is not in "
                 f"{Path.home() / '.ssh' / 'known_hosts'}; connect once with `ssh {f'-p {port} ' if port else ''}"
                 f"{login}` and accept the key after comparing its fingerprint with the head's admin, "
                 f"or add it with `{keyscan}`")
-    if isinstance(exc, asyncssh.PermissionDenied):
+    if kind == "denied":
         return (f"the head {host} refused your SSH login as {user or current_user()}: add your public key to "
                 f"that account's ~/.ssh/authorized_keys there (`ssh-copy-id {login}`)")
-    if isinstance(exc, OSError) and (exc.errno == errno.ECONNREFUSED or f"[Errno {errno.ECONNREFUSED}]" in str(exc)):
+    if kind == "refused":
         return (f"nothing listens on {where}: check the host and port of --head (the port is SSH's: 22 unless "
                 "the head's sshd uses another)")
-    if isinstance(exc, socket.gaierror):
+    if kind == "no-such-host":
         return f"cannot find the head {host}: no such host name (check --head, or your ~/.ssh/config)"
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+    if kind == "timeout":
         return f"the head {where} did not answer: is the machine up and on this network?"
-    return SshTransport(NodeSpec("head", host)).describe_error(exc)
+    return other
 
 
 def head_socket_problem(path: str, head: Optional[str], reason: str = "") -> str:
@@ -8296,7 +8336,10 @@ class HeadClient:
                 raise self.unreachable(local_socket_failure(path, exc)) from None
             return Channel(reader, writer)
         if self.openssh_forward():
-            reader, writer = await self.forward.open()
+            try:
+                reader, writer = await self.forward.open()
+            except Failed as exc:
+                raise self.unreachable(str(exc)) from None
             return ForwardedChannel(reader, writer, self.closed_socket_message())
         asyncssh = import_asyncssh()
         if self.conn is None:
@@ -8326,6 +8369,7 @@ class HeadClient:
             if program:
                 user, host, port = parse_head(self.head)
                 forward = OpenSshForward(program, host, user, port, self.socket_path or REMOTE_SOCKET)
+                forward.to_head = True
             self.forward = forward if program and forward.usable else False
         return self.forward or None
 
@@ -8354,7 +8398,10 @@ class HeadClient:
             except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
                 raise self.unreachable(local_socket_failure(path, exc)) from None
         elif self.openssh_forward():
-            sock = self.forward.connect()
+            try:
+                sock = self.forward.connect()
+            except Failed as exc:
+                raise self.unreachable(str(exc)) from None
         else:
             return None
         with sock:
@@ -8438,13 +8485,19 @@ class ForwardedChannel(Channel):
         return result
 
 
+def head_client(ctx_obj: Dict[str, Any]) -> HeadClient:
+    """A client for the head the command line (or config, or environment) names."""
+    client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
+    client.origin = ctx_obj.get("origin")
+    return client
+
+
 def run_client(ctx_obj: Dict[str, Any], work) -> Any:
     """Run `work(client)` against the head the command line names, then disconnect."""
     import asyncio
 
     async def go():
-        client = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket"))
-        client.origin = ctx_obj.get("origin")
+        client = head_client(ctx_obj)
         try:
             return await work(client)
         finally:
@@ -8453,7 +8506,7 @@ def run_client(ctx_obj: Dict[str, Any], work) -> Any:
 
 
 def client_call(ctx_obj: Dict[str, Any], header: Dict[str, Any], payload: bytes = b"") -> Tuple[Dict[str, Any], bytes]:
-    answer = HeadClient(ctx_obj.get("head"), ctx_obj.get("socket")).call_blocking(header, payload)
+    answer = head_client(ctx_obj).call_blocking(header, payload)
     if answer is not None:
         return answer
     return run_client(ctx_obj, lambda client: client.call(header, payload))
@@ -9916,8 +9969,7 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
         batch_ref = f"{meta.namespace}/{meta.batch_name}"
 
     async def go():
-        client = HeadClient(obj.get("head"), obj.get("socket"))
-        client.origin = obj.get("origin")
+        client = head_client(obj)
         try:
             return await pull_batch(client, batch_ref, selection, Path(save_dir), dry,
                                     sys.stderr.isatty() and not as_json)

@@ -546,7 +546,7 @@ def test_head_over_ssh_messages(head_sshd, alice_home, tmp_path):
     result = laptop(alice_home, tmp_path, "--head", "head", "status")
     assert result.returncode == 1
     line = one_line(result.stderr)
-    assert "the head head's SSH host key is unknown to this machine" in line
+    assert line.startswith("distribute: the head head's SSH host key is unknown to this machine (or has changed)")
     assert f"it is not in {alice_home.path}/.ssh/known_hosts" in line
     assert "connect once with `ssh head`" in line and "`ssh-keyscan head >> ~/.ssh/known_hosts`" in line
 
@@ -751,3 +751,26 @@ def test_the_head_refuses_a_raw_image_that_would_be_an_engine_option(local_head)
         reply = asyncio.run(ask(header))
         assert reply.get("ok") is False and expected in reply["error"], (header, reply)
     assert not any(b["batch"] == "evil/raw" for b in local_head.status()["batches"])
+
+
+def test_head_messages_when_asyncssh_carries_the_client(head_sshd, alice_home, tmp_path):
+    """Without `ssh` on PATH the client connects with asyncssh: the same messages."""
+    no_ssh = tmp_path / "bin-without-ssh"
+    no_ssh.mkdir()
+    env = alice_home.env(XDG_CONFIG_HOME=str(tmp_path / "xdg"), PATH=str(no_ssh))
+    env.pop("DISTRIBUTE_HEAD", None)
+
+    def laptop_without_ssh(*args):
+        return subprocess.run(DISTRIBUTE + [str(a) for a in args], env=env, capture_output=True, text=True,
+                              timeout=60)
+    result = laptop_without_ssh("--head", f"{head_sshd.host}:1", "status")
+    assert one_line(result.stderr).startswith(f"distribute: nothing listens on {head_sshd.host}:1: check the host "
+                                              "and port of --head")
+    result = laptop_without_ssh("--head", "head", "--socket", "/tmp/nowhere/head.sock", "status")
+    assert "no head is running at /tmp/nowhere/head.sock on head: is `distribute serve` running?" in \
+        one_line(result.stderr)
+    alice_home.known_hosts.write_text("")
+    result = laptop_without_ssh("--head", "head", "status")
+    line = one_line(result.stderr)
+    assert line.startswith("distribute: the head head's SSH host key is unknown to this machine (or has changed)")
+    assert f"{alice_home.path}/.ssh/known_hosts" in line and "ssh-keyscan" in line

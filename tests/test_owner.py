@@ -153,6 +153,37 @@ def test_vacate_after_its_time_and_gpu_jobs_at_once():
 OWNER = "downer"
 
 
+def test_the_supervisor_vacates_a_gpu_job_at_once_and_keeps_the_others(tmp_path):
+    """One tick of the supervisor's owner loop on a paused node: the job holding a GPU is
+    killed and recorded as vacated (the head then queues it elsewhere); the other waits."""
+    import asyncio
+    supervisor = distribute.Supervisor(tmp_path / "work")
+    supervisor.policy = OwnerPolicy(vacate_after=3600, vacate_gpu_at_once=True)
+    supervisor.paused_since = time.time()
+    jobs = {}
+    for run_id, gpu in (("1.1", True), ("2.1", False)):
+        proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        record = distribute.RunRecord(run_id, "lab", "b", f"job{run_id[0]}", pid=proc.pid, start=time.time())
+        supervisor.save_record(record)
+        supervisor.live[run_id], supervisor.procs[run_id] = record, proc
+        if gpu:
+            supervisor.gpu_runs.add(run_id)
+        jobs[run_id] = proc
+
+    async def one_tick():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(supervisor.watch_owner(), 0.5)
+    try:
+        asyncio.run(one_tick())
+        assert jobs["1.1"].wait(timeout=10) == -signal.SIGKILL
+        assert supervisor.load_record("1.1").vacated and "1.1" in supervisor.dying
+        assert jobs["2.1"].poll() is None and not supervisor.load_record("2.1").vacated
+    finally:
+        for proc in jobs.values():
+            proc.kill()
+            proc.wait()
+
+
 # --- the probe, on real processes of real accounts -----------------------------------------------
 
 def as_user(name):

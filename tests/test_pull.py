@@ -73,14 +73,15 @@ _counter = iter(range(10 ** 6))
 
 
 def known_batch(lab, tmp_path, jobs=1):
-    """A finished batch of trivial jobs: the head knows it, so it serves whatever is in its archive folder."""
+    """A finished batch of trivial jobs, added by dalice (only a batch's owner and the admin may pull it):
+    the head knows it, so it serves whatever is in its archive folder."""
     name = f"crafted{next(_counter)}"
     folder = tmp_path / name
     folder.mkdir()
     (folder / "distribute-jobs.yaml").write_text(
         f"meta: {{batch_name: {name}, namespace: lab}}\nshell:\n  jobs:\n"
         + "".join(f"    - {{name: seed_{i}, command: 'true'}}\n" for i in range(jobs)))
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     lab.wait_batch(f"lab/{name}")
     return f"lab/{name}", lab.archive / "lab" / name
 
@@ -136,7 +137,7 @@ def sweep(lab, tmp_path_factory):
         (folder / f"job_{x}.py").write_text(SAVER.format(x=x))
         lines += [f"    - name: job_{x}", f"      file: job_{x}.py", f"      params: {{x: {x}}}"]
     (folder / "distribute-jobs.yaml").write_text("\n".join(lines) + "\n")
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     batch = lab.wait_batch("lab/sweep")
     assert batch["jobs"]["done"] == 4, batch
     return lab.archive / "lab" / "sweep"
@@ -305,7 +306,7 @@ def test_pull_while_the_batch_runs_says_how_many_are_unfinished(lab, tmp_path):
             - {name: slow_1, command: 'sleep 120'}
             - {name: slow_2, command: 'sleep 120'}
         """))
-    lab.local("add", folder / "distribute-jobs.yaml")
+    lab.remote("add", folder / "distribute-jobs.yaml")
     try:
         out = lab.archive / "lab" / "running" / "quick" / "out.txt"
         wait_until(lambda: out.exists(), 60, "the quick job's result")
@@ -579,7 +580,8 @@ def test_unknown_host_key_is_refused_with_one_line(lab, tmp_path, carrier):
         env = stranger.env(**({"PATH": no_ssh_path(tmp_path)} if carrier == "asyncssh" else {}))
         result = subprocess.run(lab.remote_argv("status"), env=env, capture_output=True, text=True, timeout=120)
         assert result.returncode == 1
-        assert result.stderr.startswith("distribute: host key of head not verified") and "known_hosts" in result.stderr
+        assert result.stderr.startswith("distribute: the head head's SSH host key is unknown to this machine")
+        assert f"{stranger.path}/.ssh/known_hosts" in result.stderr and "ssh-keyscan" in result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
         assert not list(forward_dir(stranger.path).glob("*.ctl"))     # no connection kept
 
