@@ -245,6 +245,27 @@ class SlurmOptions:
     account: Optional[str] = None
     mail_user: Optional[str] = None
     mail_type: Optional[str] = None
+    mem: Optional[str] = None                # from resources.memory (not a job-file key)
+    gres: Optional[str] = None               # from resources.gpus (not a job-file key)
+
+
+@dataclass
+class Resources:
+    """What a job asks of a node (SPEC §3 `resources:`); None: not asked."""
+    cpus: Optional[int] = None
+    memory: Optional[int] = None             # bytes
+    gpus: Optional[int] = None
+    time: Optional[int] = None               # seconds of wall-clock, paused time excluded
+
+    def merged(self, over: Optional["Resources"]) -> "Resources":
+        """These defaults with `over`'s own values on top."""
+        if over is None:
+            return Resources(self.cpus, self.memory, self.gpus, self.time)
+        return Resources(*(o if o is not None else d for d, o in
+                           zip(dataclasses.astuple(self), dataclasses.astuple(over))))
+
+    def given(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
 
 
 @dataclass
@@ -253,6 +274,9 @@ class Meta:
     namespace: str
     capabilities: List[str] = field(default_factory=list)
     matrix: Optional[str] = None
+    resources: Optional[Resources] = None    # the batch's default for its jobs
+    after: List[str] = field(default_factory=list)   # namespace/batch that must be done first
+    after_failed: str = "wait"               # or "start": what a failed dependency means
 
 
 @dataclass
@@ -264,6 +288,7 @@ class Job:
     retries: int = 0
     slurm: Optional[SlurmOptions] = None
     params: Optional[Dict[str, Any]] = None  # sweep parameters, kept in job.json
+    resources: Optional[Resources] = None    # the job's own, meta.resources merged in
 
 
 @dataclass
@@ -305,6 +330,11 @@ class NodeSpec:
     pause_dir: Optional[str] = None          # where `distribute pause` locks live there
     ignored: List[str] = field(default_factory=list)    # the original's port keys, accepted and unused
     owner: Optional["OwnerPolicy"] = None     # when the workstation's people come first (issue 14)
+    slots_given: bool = field(default=False, compare=False)   # `slots` written: caps jobs with resources too
+    cpus: Optional[int] = None               # overrides of the probed capacity
+    memory: Optional[int] = None
+    gpus: Optional[int] = None
+    reserve: Optional[Resources] = None      # kept back for the workstation's owner
 
     @property
     def is_local(self) -> bool:
@@ -641,14 +671,93 @@ def _capabilities(y: Optional[_Y]) -> List[str]:
     return caps
 
 
+_SIZE_RE = re.compile(r"([0-9]{1,15})(?:\.([0-9]{1,9}))?\s*([KMGT]?)(i?B)?\Z", re.I)
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'16G', '512M', '1.5T', '2GiB', '1048576' -> bytes (binary units, as Slurm's).  Garbage: UserError."""
+    match = _SIZE_RE.match(str(text).strip())
+    if not match:
+        raise UserError(f"size {text!r} is not like 16G, 512M or 1.5T")
+    whole, fraction, unit, _ = match.groups()
+    return int((int(whole) + float("0." + (fraction or "0"))) * _SIZE_UNITS[unit.upper()])
+
+
+def format_size(size: float) -> str:
+    """Bytes as the shortest of 17.2G, 512M, 3K (what `memory:` accepts, one decimal at most)."""
+    for unit in ("T", "G", "M", "K"):
+        scale = _SIZE_UNITS[unit]
+        if size >= scale:
+            value = size / scale
+            return f"{value:.0f}{unit}" if abs(value - round(value)) < 0.05 else f"{value:.1f}{unit}"
+    return f"{int(size)}"
+
+
+def _resources(y: Optional[_Y], least_cpus: int = 1) -> Optional[Resources]:
+    """`resources: {cpus, memory, gpus, time}` (each optional)."""
+    if y is None or y.is_null():
+        return None
+    keys = y.mapping(("cpus", "memory", "gpus", "time"))
+    out = Resources()
+    if "cpus" in keys and not keys["cpus"].is_null():
+        out.cpus = keys["cpus"].integer(minimum=least_cpus)
+    if "gpus" in keys and not keys["gpus"].is_null():
+        out.gpus = keys["gpus"].integer(minimum=0)
+    for key in ("cpus", "gpus"):
+        if getattr(out, key) is not None and getattr(out, key) > 1 << 20:
+            raise keys[key].fail("is more than any machine has")
+    if "memory" in keys and not keys["memory"].is_null():
+        try:
+            out.memory = parse_size(keys["memory"].text())
+        except UserError as exc:
+            raise keys["memory"].fail(str(exc)) from None
+        if out.memory <= 0 and least_cpus:
+            raise keys["memory"].fail("must be more than zero")
+    if "time" in keys and not keys["time"].is_null():
+        try:
+            out.time = parse_duration(keys["time"].text())
+        except UserError as exc:
+            raise keys["time"].fail(str(exc)) from None
+    return out
+
+
+def _after(y: Optional[_Y], namespace: str) -> List[str]:
+    """`after: [namespace/batch, batch, …]` -> ['namespace/batch', …] (a bare name: this namespace)."""
+    if y is None:
+        return []
+    out: List[str] = []
+    for item in y.sequence(allow_null=True):
+        ref = item.text()
+        parts = ref.split("/")
+        if len(parts) == 1:
+            parts = [namespace] + parts
+        if len(parts) != 2 or any(name_problem(p) for p in parts):
+            raise item.fail(f"{ref!r} is not a batch: write namespace/batch or batch")
+        key = "/".join(parts)
+        if key not in out:
+            out.append(key)
+    return out
+
+
 def _meta(y: _Y) -> Meta:
-    keys = y.mapping(("batch_name", "namespace", "capabilities", "matrix"),
+    keys = y.mapping(("batch_name", "namespace", "capabilities", "matrix", "resources", "after",
+                      "after_failed"),
                      required=("batch_name", "namespace"))
     matrix = keys["matrix"].optional_text() if "matrix" in keys else None
     if matrix is not None and not re.match(r"@[^:\s]+:[^\s]+\Z", matrix):
         raise keys["matrix"].fail(f"{matrix!r} is not a Matrix user id like @alice:example.org")
-    return Meta(batch_name=keys["batch_name"].name(), namespace=keys["namespace"].name(),
-                capabilities=_capabilities(keys.get("capabilities")), matrix=matrix)
+    meta = Meta(batch_name=keys["batch_name"].name(), namespace=keys["namespace"].name(),
+                capabilities=_capabilities(keys.get("capabilities")), matrix=matrix,
+                resources=_resources(keys.get("resources")))
+    meta.after = _after(keys.get("after"), meta.namespace)
+    if f"{meta.namespace}/{meta.batch_name}" in meta.after:
+        raise keys["after"].fail("a batch cannot wait for itself")
+    if "after_failed" in keys:
+        meta.after_failed = keys["after_failed"].text()
+        if meta.after_failed not in ("wait", "start"):
+            raise keys["after_failed"].fail(f"{meta.after_failed!r} is not 'wait' or 'start'")
+    return meta
 
 
 _INIT_KEYS = {"python": ("build_file", "required_files"),
@@ -656,14 +765,14 @@ _INIT_KEYS = {"python": ("build_file", "required_files"),
               "shell": ("build", "required_files"),
               "docker": ("image", "required_files", "required_mounts"),
               "podman": ("image", "required_files", "required_mounts")}
-_JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params"),
-             "apptainer": ("name", "required_files", "retries", "slurm", "params"),
-             "shell": ("name", "command", "required_files", "retries", "slurm", "params"),
-             "docker": ("name", "required_files", "retries", "slurm", "params"),
-             "podman": ("name", "required_files", "retries", "slurm", "params")}
+_JOB_KEYS = {"python": ("name", "file", "required_files", "retries", "slurm", "params", "resources"),
+             "apptainer": ("name", "required_files", "retries", "slurm", "params", "resources"),
+             "shell": ("name", "command", "required_files", "retries", "slurm", "params", "resources"),
+             "docker": ("name", "required_files", "retries", "slurm", "params", "resources"),
+             "podman": ("name", "required_files", "retries", "slurm", "params", "resources")}
 
 
-def _job(y: _Y, flavour: str, base: Path) -> Job:
+def _job(y: _Y, flavour: str, base: Path, defaults: Optional[Resources] = None) -> Job:
     required = ("name", "file") if flavour == "python" else ("name", "command") if flavour == "shell" else ("name",)
     keys = y.mapping(_JOB_KEYS[flavour], required=required)
     job = Job(name=keys["name"].name(), required_files=_file_list(keys.get("required_files"), base))
@@ -675,6 +784,9 @@ def _job(y: _Y, flavour: str, base: Path) -> Job:
     if "retries" in keys:
         job.retries = keys["retries"].integer(minimum=0)
     job.slurm = _slurm_options(keys.get("slurm"))
+    own = _resources(keys.get("resources"))
+    if own is not None or defaults is not None:
+        job.resources = (defaults or Resources()).merged(own)
     if "params" in keys and not keys["params"].is_null():
         params_y = keys["params"]
         if params_y.kind != "a mapping":
@@ -790,7 +902,7 @@ def load_job_file(path: str) -> JobFile:
         raise section["jobs"].fail("the job list is empty")
     seen: Dict[str, int] = {}
     for item in job_nodes:
-        job = _job(item, flavour, base)
+        job = _job(item, flavour, base, batch.meta.resources)
         name_y = item.mapping(_JOB_KEYS[flavour])["name"]
         if job.name in RESERVED_JOB_NAMES:
             raise name_y.fail(reserved_job_name_problem(job.name))
@@ -847,7 +959,7 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
     nodes: List[NodeSpec] = []
     for item in items:
         keys = item.mapping(("name", "host", "user", "port", "capabilities", "slots", "workdir", "python",
-                             "pause_dir", "owner") + ORIGINAL_NODE_KEYS)
+                             "pause_dir", "owner", "cpus", "memory", "gpus", "reserve") + ORIGINAL_NODE_KEYS)
         keys = _original_node_keys(item, keys)
         node = NodeSpec(name=keys["name"].name(), host=keys["host"].text(),
                         capabilities=_capabilities(keys.get("capabilities")),
@@ -864,6 +976,8 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
                 raise keys["port"].fail("must be at most 65535")
         if "slots" in keys:
             node.slots = keys["slots"].integer(minimum=1)
+            node.slots_given = True
+        _node_capacity(node, keys)
         if "workdir" in keys:
             node.workdir = keys["workdir"].text()
             if not node.workdir.startswith("/"):
@@ -883,6 +997,26 @@ def load_nodes_file(path: str) -> List[NodeSpec]:
             raise keys["name"].fail(f"node name {node.name!r} is used twice")
         nodes.append(node)
     return nodes
+
+
+def _node_capacity(node: NodeSpec, keys: Dict[str, _Y]) -> None:
+    """A node's `cpus`, `memory`, `gpus` (overriding what is probed) and `reserve`."""
+    for key in ("cpus", "memory", "gpus"):
+        if key not in keys or keys[key].is_null():
+            continue
+        if key == "memory":
+            try:
+                node.memory = parse_size(keys[key].text())
+            except UserError as exc:
+                raise keys[key].fail(str(exc)) from None
+        else:
+            setattr(node, key, keys[key].integer(minimum=1 if key == "cpus" else 0))
+            if getattr(node, key) > 1 << 20:
+                raise keys[key].fail("is more than any machine has")
+    if "reserve" in keys and not keys["reserve"].is_null():
+        node.reserve = _resources(keys["reserve"], least_cpus=0)
+        if node.reserve is not None and node.reserve.time is not None:
+            raise keys["reserve"].fail("time: a node reserves cpus, memory and gpus only")
 
 
 def describe_batch(batch: JobFile) -> Tuple[int, int]:
@@ -970,6 +1104,7 @@ class BatchJob:
     retries: int = 0
     params: Optional[Dict[str, Any]] = None
     slurm: Any = None                    # SlurmOptions, a dict of SLURM_KEYS, or None
+    resources: Optional[Dict[str, Any]] = None   # {cpus, memory, gpus, time}, as in a job file
 
 
 @dataclass
@@ -993,6 +1128,8 @@ class Batch:
     slurm: Any = None
     jobs: List[BatchJob] = field(default_factory=list)
     image: Any = None
+    resources: Optional[Dict[str, Any]] = None   # the jobs' default {cpus, memory, gpus, time}
+    after: List[str] = field(default_factory=list)   # batches that must be done first
 
     _ONLY_FOR = (("build", "python"), ("build_command", "shell"), ("sif", "apptainer"),
                  ("mounts", "apptainer docker podman"), ("image", "docker podman"))
@@ -1016,7 +1153,8 @@ class Batch:
         return f"batch {self.namespace}/{self.name}"
 
     def add_job(self, name: str, file: Any = None, command: Optional[str] = None, files: Any = None,
-                retries: int = 0, params: Optional[Dict[str, Any]] = None, slurm: Any = None) -> BatchJob:
+                retries: int = 0, params: Optional[Dict[str, Any]] = None, slurm: Any = None,
+                resources: Optional[Dict[str, Any]] = None) -> BatchJob:
         """Append a job; python jobs need `file`, shell jobs `command`, apptainer jobs neither."""
         _check_api_name(name, f"{self.label}: job name")
         where = f"{self.label}: job {name!r}"
@@ -1032,8 +1170,11 @@ class Batch:
             raise UserError(f"{where}: command= is only for shell batches")
         if params is not None and not isinstance(params, dict):
             raise UserError(f"{where}: params must be a dict, found {type(params).__name__}")
+        if resources is not None and not isinstance(resources, dict):
+            raise UserError(f"{where}: resources must be a dict like {{'cpus': 4, 'memory': '16G'}}")
         job = BatchJob(name, _as_file(file, f"{where}: file") if file is not None else None, command,
-                       _as_files(files, f"{where}: files"), retries, dict(params) if params else None, slurm)
+                       _as_files(files, f"{where}: files"), retries, dict(params) if params else None, slurm,
+                       dict(resources) if resources else None)
         self.jobs.append(job)
         return job
 
@@ -1098,6 +1239,10 @@ class Batch:
                                 "capabilities": list(self.capabilities)}
         if self.matrix is not None:
             meta["matrix"] = self.matrix
+        if self.resources:
+            meta["resources"] = dict(self.resources)
+        if self.after:
+            meta["after"] = list(self.after)
         document: Dict[str, Any] = {"meta": meta}
         if self.slurm is not None:
             document["slurm"] = _slurm_data(self.slurm, self.label)
@@ -1133,6 +1278,8 @@ class Batch:
             entry["slurm"] = _slurm_data(job.slurm, f"{self.label}: job {job.name!r}")
         if job.params:
             entry["params"] = job.params
+        if job.resources:
+            entry["resources"] = dict(job.resources)
         return entry
 
 
@@ -1480,12 +1627,16 @@ class BatchPlan:
     initial: List[str] = field(default_factory=list)
     mounts: List[str] = field(default_factory=list)
     image: Optional[str] = None             # docker/podman: the reference to run
+    after: List[str] = field(default_factory=list)     # namespace/batch keys that must be done first
+    after_failed: str = "wait"
+    uses_resources: bool = False            # some job has resources (set by the head at `add`)
 
     @classmethod
     def of(cls, batch: JobFile) -> "BatchPlan":
         return cls(batch.meta.namespace, batch.meta.batch_name, batch.flavour,
                    batch.build.alias if batch.build else None, batch.build_command,
-                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image)
+                   [f.alias for f in batch.initial_files], list(batch.mounts), batch.image,
+                   after=list(batch.meta.after), after_failed=batch.meta.after_failed)
 
 
 @dataclass
@@ -1496,11 +1647,20 @@ class JobPlan:
     command: Optional[str] = None
     has_script: bool = False
     params: Optional[Dict[str, Any]] = None
+    cpus: int = 0           # resources: 0 cpus means none were asked (the job takes a slot)
+    memory: int = 0         # bytes, 0: no limit
+    gpus: int = 0
+    time: int = 0           # seconds, 0: no limit
 
     @classmethod
     def of(cls, job: Job) -> "JobPlan":
-        return cls(job.name, [f.alias for f in job.required_files], job.command, job.file is not None,
+        plan = cls(job.name, [f.alias for f in job.required_files], job.command, job.file is not None,
                    job.params)
+        if job.resources is not None and job.resources.given():
+            plan.cpus = job.resources.cpus or 1
+            plan.memory, plan.gpus, plan.time = (job.resources.memory or 0, job.resources.gpus or 0,
+                                                 job.resources.time or 0)
+        return plan
 
 
 class Workspace:
@@ -2218,11 +2378,38 @@ def check_slurm_options(batch: JobFile) -> None:
 
 
 def effective_slurm_options(batch: JobFile, job: Job) -> SlurmOptions:
-    """The batch's slurm options with the job's own (non-null) overrides on top."""
+    """The batch's slurm options with the job's own (non-null) overrides on top; the job's
+    resources fill in --cpus-per-task, --mem, --gres=gpu:N and --time where no slurm option
+    says otherwise (an explicit mem_per_cpu keeps --mem out: sbatch takes only one)."""
     merged = dataclasses.asdict(batch.slurm or SlurmOptions())
     overrides = dataclasses.asdict(job.slurm or SlurmOptions())
     merged.update({key: value for key, value in overrides.items() if value is not None})
+    wanted = job.resources or Resources()
+    if wanted.cpus and merged["cpus_per_task"] is None:
+        merged["cpus_per_task"] = wanted.cpus
+    if wanted.memory and merged["mem_per_cpu"] is None:
+        merged["mem"] = f"{-(-wanted.memory // (1 << 20))}M"
+    if wanted.gpus:
+        merged["gres"] = f"gpu:{wanted.gpus}"
+    if wanted.time and merged["time"] is None:
+        merged["time"] = slurm_time(wanted.time)
     return SlurmOptions(**merged)
+
+
+def slurm_time(seconds: int) -> str:
+    """Seconds as Slurm's D-HH:MM:SS (or HH:MM:SS under a day)."""
+    days, rest = divmod(int(seconds), 86400)
+    clock_text = f"{rest // 3600:02d}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}-{clock_text}" if days else clock_text
+
+
+def slurm_after_note(batch: JobFile) -> Optional[str]:
+    """One line on meta.after: Slurm cannot know another batch's job ids when this one is
+    written, so submit.sh takes them from AFTER (the other batch's submitted.txt)."""
+    if not batch.meta.after:
+        return None
+    return (f"meta.after ({', '.join(batch.meta.after)}) becomes a Slurm dependency only when you submit with "
+            "AFTER=\"$(cat OTHER/submitted.txt)\" sh submit.sh (OTHER: the folder that batch was submitted from)")
 
 
 def plan_slurm_arrays(batch: JobFile, max_array_size: int) -> List[SlurmArray]:
@@ -2249,7 +2436,8 @@ def sbatch_lines(options: SlurmOptions, default_name: str, default_output: str) 
              ("nodes", options.nodes), ("ntasks", options.ntasks), ("cpus-per-task", options.cpus_per_task),
              ("mem-per-cpu", options.mem_per_cpu), ("hint", options.hint), ("time", options.time),
              ("partition", options.partition), ("account", options.account),
-             ("mail-user", options.mail_user), ("mail-type", options.mail_type)]
+             ("mail-user", options.mail_user), ("mail-type", options.mail_type),
+             ("mem", options.mem), ("gres", options.gres)]
     return [f"#SBATCH --{flag}={value}" for flag, value in flags if value is not None]
 
 
@@ -2403,6 +2591,13 @@ if ! command -v sbatch > /dev/null 2>&1; then
 fi
 mkdir -p logs @DIRS@
 submitted=""
+# AFTER="id id ..." (another batch's submitted.txt): start only once those Slurm jobs succeeded.
+after=$(printf '%s' "${AFTER-}" | tr -s ' \n' '::' | sed 's/^://; s/:$//')
+case "$after" in
+    *[!0-9:_]*) echo "submit.sh: AFTER must be Slurm job ids, not $AFTER" >&2; exit 1 ;;
+esac
+first_after=""
+[ -z "$after" ] || first_after="--dependency=afterok:$after"
 # submit SCRIPT [SBATCH OPTIONS...]: sets $id, or stops with sbatch's reason.
 submit() {
     script=$1
@@ -2512,10 +2707,10 @@ def submit_script(batch: JobFile, arrays: List[SlurmArray], has_build: bool) -> 
     dirs += sorted({os.path.dirname(a.options.output) for a in arrays
                     if a.options.output and os.path.dirname(a.options.output)
                     and "%" not in os.path.dirname(a.options.output)})
-    after = ""
+    after = " $first_after"
     submits = []
     if has_build:
-        submits += ["submit build.sbatch", "build=$id"]
+        submits += ["submit build.sbatch $first_after", "build=$id"]
         after = ' --dependency="afterok:$build" --kill-on-invalid-dep=yes'
     submits += [f"submit {a.script}{after}" for a in arrays]
     return _fill(_SUBMIT_SH, label=f"{meta.namespace}/{meta.batch_name}", dirs=_shell_list(dirs),
@@ -2716,6 +2911,7 @@ class JobRow:
     progress: Optional[float]
     slot: Optional[int]
     reason: Optional[str] = None        # why it failed or was killed, for `why`
+    gpus: Optional[List[int]] = None    # the GPU indices a running job holds on its node (never shared)
 
 
 @dataclass
@@ -2749,11 +2945,15 @@ CREATE TABLE nodes (name TEXT PRIMARY KEY, facts TEXT NOT NULL, seen REAL NOT NU
 """,                # what each node reported when it was last up (capabilities, cores, version...)
     4: """
 ALTER TABLE jobs ADD COLUMN reason TEXT;
+ALTER TABLE jobs ADD COLUMN gpus TEXT;
 ALTER TABLE builds ADD COLUMN slot INTEGER;
 ALTER TABLE builds ADD COLUMN tries INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE builds ADD COLUMN reason TEXT;
 ALTER TABLE builds ADD COLUMN retry_at REAL;
-""",                # why a job failed (`why`); a build's slot, failures in a row and back-off
+CREATE INDEX IF NOT EXISTS jobs_stopped ON jobs(batch_id) WHERE reason IS NOT NULL;
+ALTER TABLE spans ADD COLUMN reason TEXT;
+""",                # why a job failed or was stopped (`why`, a limit); a running job's GPU indices;
+                    # a build's slot, failures in a row, back-off
     5: """
 CREATE TABLE id_floor (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """,                # ids never come back after `forget` (a stale run id must never name a new job)
@@ -2796,6 +2996,7 @@ class TimelineSpan:
     exit_code: Optional[int] = None
     users: List[str] = field(default_factory=list)
     id: Optional[int] = None
+    reason: Optional[str] = None     # why a job was stopped (a memory or time limit)
 
 
 class Store:
@@ -2918,7 +3119,8 @@ class Store:
     def _job(self, row) -> JobRow:
         return JobRow(row["id"], row["batch_id"], row["name"], JobPlan(**json.loads(row["plan"])), row["retries"],
                       row["state"], row["attempts"], row["run_id"], row["node"], row["started"], row["ended"],
-                      row["exit_code"], row["progress"], row["slot"], row["reason"])
+                      row["exit_code"], row["progress"], row["slot"], row["reason"],
+                      json.loads(row["gpus"]) if row["gpus"] else None)
 
     def job(self, job_id: int) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -2947,10 +3149,15 @@ class Store:
         return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running' AND node=?",
                                                       (node,))]
 
-    def mark_started(self, job_id: int, run_id: str, node: str, slot: int) -> None:
+    def mark_started(self, job_id: int, run_id: str, node: str, slot: int,
+                     gpus: Optional[List[int]] = None) -> None:
         self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
-                        " exit_code=NULL, progress=NULL, reason=NULL, attempts=attempts+1 WHERE id=?",
-                        (run_id, node, slot, time.time(), job_id))
+                        " exit_code=NULL, progress=NULL, reason=NULL, gpus=?, attempts=attempts+1 WHERE id=?",
+                        (run_id, node, slot, time.time(), json.dumps(gpus) if gpus else None, job_id))
+
+    def set_gpus(self, job_id: int, gpus: Optional[List[int]]) -> None:
+        """A running job's GPU indices, as its node's run record says (adopted after a reconnection)."""
+        self.db.execute("UPDATE jobs SET gpus=? WHERE id=?", (json.dumps(gpus) if gpus else None, job_id))
 
     def mark_ended(self, job_id: int, state: str, exit_code: Optional[int], reason: Optional[str] = None) -> None:
         self.db.execute("UPDATE jobs SET state=?, exit_code=?, ended=?, reason=? WHERE id=?",
@@ -2972,6 +3179,19 @@ class Store:
             f"UPDATE jobs SET state='queued', run_id=NULL, node=NULL, slot=NULL, exit_code=NULL, reason=NULL,"
             f" attempts=0 WHERE batch_id=? AND state IN ({marks})", (batch_id,) + tuple(states)).rowcount
 
+    def set_reason(self, job_id: int, reason: Optional[str]) -> None:
+        self.db.execute("UPDATE jobs SET reason=? WHERE id=?", (reason, job_id))
+
+    def reasons(self, batch_ids: Iterable[int]) -> List[Tuple[int, str, str]]:
+        """(batch id, job name, reason) of the jobs of these batches stopped for a reason (a limit,
+        a lost node; not a plain `kill`, whose reason is "killed")."""
+        ids = list(batch_ids)
+        if not ids:
+            return []
+        return self.db.execute("SELECT batch_id, name, reason FROM jobs WHERE state='killed' AND reason IS NOT NULL"
+                               " AND reason != 'killed' AND batch_id >= ? ORDER BY batch_id, idx",
+                               (min(ids),)).fetchall()
+
     def set_progress(self, job_id: int, progress: Optional[float]) -> None:
         self.db.execute("UPDATE jobs SET progress=? WHERE id=?", (progress, job_id))
 
@@ -2979,18 +3199,18 @@ class Store:
     def add_span(self, span: TimelineSpan) -> None:
         span.id = self.db.execute(
             "INSERT INTO spans (kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,"
-            " users) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            " users, reason) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (span.kind, span.node, span.start, span.end, span.state, span.batch_id, span.job_id, span.job,
-             span.attempt, span.exit_code, json.dumps(span.users))).lastrowid
+             span.attempt, span.exit_code, json.dumps(span.users), span.reason)).lastrowid
 
     def update_span(self, span: TimelineSpan) -> None:
         self.db.execute("UPDATE spans SET ended=?, state=?, users=? WHERE id=?",
                         (span.end, span.state, json.dumps(span.users), span.id))
 
     def _span(self, row) -> TimelineSpan:
-        (id_, kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code, users) = row
+        (id_, kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code, users) = row[:12]
         return TimelineSpan(kind, node, started, ended, state, batch_id, job_id, job, attempt, exit_code,
-                            json.loads(users), id_)
+                            json.loads(users), id_, row[12] if len(row) > 12 else None)
 
     def open_span(self, kind: str, node: str, batch_id: Optional[int]) -> Optional[TimelineSpan]:
         row = self.db.execute("SELECT * FROM spans WHERE kind=? AND node=? AND batch_id IS ? AND ended IS NULL"
@@ -3104,6 +3324,28 @@ class _Transaction:
 # Scheduling: which batch a node with a free slot should take next.
 
 @dataclass
+class Amount:
+    """Cores, bytes of memory and GPUs: a node's capacity, a job's request, what is in use."""
+    cpus: int = 0
+    memory: int = 0
+    gpus: int = 0
+
+    def plus(self, other: "Amount") -> "Amount":
+        return Amount(self.cpus + other.cpus, self.memory + other.memory, self.gpus + other.gpus)
+
+    def minus(self, other: "Amount") -> "Amount":
+        return Amount(self.cpus - other.cpus, self.memory - other.memory, self.gpus - other.gpus)
+
+
+@dataclass
+class Allocation:
+    """What one running job holds on a node: its request, its GPU indices, when its time is up."""
+    request: Amount
+    gpus: List[int] = field(default_factory=list)
+    ends: Optional[float] = None        # start + time limit (None: no limit, end unknown)
+
+
+@dataclass
 class NodeView:
     name: str
     capabilities: List[str]
@@ -3112,6 +3354,16 @@ class NodeView:
     paused: bool = False
     reachable: bool = True
     upgrading: bool = False          # its supervisor is another build: it finishes, then is replaced
+    capacity: Optional[Amount] = None   # None: not known yet (never connected)
+    used: Amount = field(default_factory=Amount)
+    jobs: int = 0                       # jobs and builds running there
+    slots: int = 1
+    slots_cap: Optional[int] = None     # `slots` written in the nodes file: caps jobs with resources too
+    running: List[Allocation] = field(default_factory=list)
+
+    @property
+    def free(self) -> Amount:
+        return (self.capacity or Amount()).minus(self.used)
 
 
 @dataclass
@@ -3123,10 +3375,13 @@ class BatchView:
     queued: int
     built_on: List[str] = field(default_factory=list)     # nodes where the build succeeded
     failed_on: List[str] = field(default_factory=list)    # nodes where the build failed
+    request: Optional[Amount] = None    # the next queued job's resources (None: it asked none, takes a slot)
+    time: int = 0                       # the next queued job's time limit (0: none)
+    waiting: Optional[str] = None       # why it may not start yet (meta.after)
 
     @property
     def needs_gpu(self) -> bool:
-        return "gpu" in self.capabilities
+        return "gpu" in self.capabilities or (self.request is not None and self.request.gpus > 0)
 
 
 def missing_capabilities(needed: Iterable[str], offered: Iterable[str]) -> List[str]:
@@ -3161,12 +3416,23 @@ def why_not(node: NodeView, batch: BatchView) -> Optional[str]:
         return f"lacks {', '.join(missing)}"
     if node.name in batch.failed_on:
         return "the batch's build failed there"
+    if batch.waiting:
+        return batch.waiting
+    request = batch_request(node, batch)
+    if node.capacity is not None and request is not None:
+        short = shortfall(request, node.capacity)
+        if short:
+            return short
     if node.paused:
         return "paused"
     if node.upgrading:
         return "its supervisor is being upgraded (after its running jobs end)"
-    if node.free_slots <= 0:
+    if batch.request is None and node.free_slots <= 0:
         return "busy"
+    if batch.request is not None and node.slots_cap is not None and node.jobs >= node.slots_cap:
+        return f"busy: {node.jobs} of {node.slots_cap} slots in use"
+    if node.capacity is not None and request is not None and not fits(request, node.free):
+        return in_use(request, node.used, node.capacity)
     return None
 
 
@@ -3187,6 +3453,161 @@ def pick_batch(node: NodeView, batches: List[BatchView], last_owner: Optional[st
     mine = [b for b in eligible if b.owner == owner]
     built = [b for b in mine if node.name in b.built_on]
     return min(built or mine, key=lambda b: (b.created, b.id))
+
+
+# Resources (SPEC §6 "Resources").  A node's capacity is what it has (probed, or written in
+# the nodes file) minus what it keeps for its owner (`reserve`).  A job with `resources`
+# asks for its cpus, memory and gpus; a job without asks for its slot's share of the node
+# (cpus // slots, gpus // slots), so with no resources anywhere `slots` work as before and
+# the two kinds share a node without oversubscribing it.  Jobs start only where their
+# request fits in what is free, so the running requests never exceed the capacity.
+
+def node_capacity(probed: Dict[str, Any], spec: NodeSpec) -> Amount:
+    """Probed cores, memory and GPUs, or the nodes file's overrides, minus its reserve."""
+    have = Amount(spec.cpus if spec.cpus is not None else int(probed.get("cpus") or 1),
+                  spec.memory if spec.memory is not None else int(probed.get("memory") or 0),
+                  spec.gpus if spec.gpus is not None else int(probed.get("gpus") or 0))
+    keep = spec.reserve or Resources()
+    return Amount(max(0, have.cpus - (keep.cpus or 0)), max(0, have.memory - (keep.memory or 0)),
+                  max(0, have.gpus - (keep.gpus or 0)))
+
+
+def job_request(plan: JobPlan) -> Optional[Amount]:
+    """What a job with resources asks for; None for a job without (it takes a slot)."""
+    return Amount(plan.cpus, plan.memory, plan.gpus) if plan.cpus else None
+
+
+def slot_share(capacity: Amount, slots: int) -> Amount:
+    """What a job without resources holds: its slot's share of the node."""
+    slots = max(1, slots)     # (fewer cores than slots: a share of 0, so slots alone decide, as before)
+    return Amount(capacity.cpus // slots, 0, capacity.gpus // slots)
+
+
+def batch_request(node: NodeView, batch: BatchView) -> Optional[Amount]:
+    if batch.request is not None:
+        return batch.request
+    return slot_share(node.capacity, node.slots) if node.capacity is not None else None
+
+
+def fits(request: Amount, free: Amount) -> bool:
+    return request.cpus <= free.cpus and request.memory <= free.memory and request.gpus <= free.gpus
+
+
+def _amounts(amount: Amount) -> List[Tuple[str, int, str]]:
+    return [("cpus", amount.cpus, str(amount.cpus)), ("memory", amount.memory, format_size(amount.memory)),
+            ("gpus", amount.gpus, str(amount.gpus))]
+
+
+def shortfall(request: Amount, capacity: Amount) -> Optional[str]:
+    """'needs 32 cpus, has 16' for what the node can never give the job (None: it fits an empty node)."""
+    parts = [f"needs {text} {'memory' if key == 'memory' else key}, has {have_text}"
+             for (key, want, text), (_, have, have_text) in zip(_amounts(request), _amounts(capacity))
+             if want > have]
+    return "; ".join(parts) or None
+
+
+def in_use(request: Amount, used: Amount, capacity: Amount) -> str:
+    """'24 of 32 cpus in use' for each resource too short for `request` now."""
+    parts = []
+    for (key, want, _), (_, busy, busy_text), (_, have, have_text) in zip(
+            _amounts(request), _amounts(used), _amounts(capacity)):
+        if want > have - busy:
+            what = "memory" if key == "memory" else key
+            parts.append(f"{busy_text} of {have_text} {what} in use (needs {format_size(want) if key == 'memory' else want})")
+    return "; ".join(parts) or "busy"
+
+
+def assign_gpus(count: int, taken: Iterable[int], total: int) -> Optional[List[int]]:
+    """The lowest `count` GPU indices nobody holds (None: not enough free).  Never shared."""
+    held = set(taken)
+    free = [index for index in range(total) if index not in held]
+    return free[:count] if len(free) >= count else None
+
+
+def fit_problem(requests: Iterable[Tuple[str, Amount]], nodes: Dict[str, Optional[Amount]]) -> Optional[str]:
+    """None when each job fits some node's capacity (or a node's capacity is unknown yet);
+    else one line: the first job no node could ever fit, and the shortfall on each node."""
+    if not nodes or any(capacity is None for capacity in nodes.values()):
+        return None
+    seen = set()
+    for name, request in requests:
+        key = dataclasses.astuple(request)
+        if key in seen:
+            continue
+        seen.add(key)
+        if any(fits(request, capacity) for capacity in nodes.values()):
+            continue
+        return (f"job {name} fits no node: " +
+                "; ".join(f"{node} {shortfall(request, capacity)}" for node, capacity in nodes.items()))
+    return None
+
+
+def room_at(node: NodeView, request: Amount, now: float) -> Optional[float]:
+    """When enough running jobs will have ended, by their time limits, for `request` to fit
+    (now if it fits already; None when that depends on a job without a time limit)."""
+    free = node.free
+    if fits(request, free):
+        return now
+    for job in sorted(node.running, key=lambda a: float("inf") if a.ends is None else a.ends):
+        if job.ends is None:
+            return None
+        free = free.plus(job.request)
+        if fits(request, free):
+            return max(now, job.ends)
+    return None
+
+
+def pick_for_node(node: NodeView, batches: List[BatchView], last_owner: Optional[str],
+                  held: Optional[int] = None, held_elsewhere: Iterable[int] = (),
+                  now: Optional[float] = None) -> Tuple[Optional[BatchView], Optional[int]]:
+    """The batch `node` takes a job of now, and the batch it is held for (None: not held).
+
+    Anti-starvation (a reservation with backfill): when the batch whose turn it is on this
+    node (pick_batch's order, as if the node were empty) has a next job with resources that
+    fits the node but not what is free now, the node is held for it: it starts no other job
+    except one whose `time` limit ends before the running jobs, by their own time limits,
+    leave room for the held job (backfill).  A batch holds one node at a time; a hold ends
+    when its job starts there, or the batch has nothing queued or can no longer run there.
+    Jobs without resources never hold a node (slots behave as before)."""
+    now = time.time() if now is None else now
+    empty = dataclasses.replace(node, used=Amount(), jobs=0, free_slots=node.slots, running=[])
+    target = next((b for b in batches if b.id == held and b.queued > 0), None) if held is not None else None
+    if target is not None and why_not(empty, target) is not None:
+        target = None
+    if target is None:
+        turn = pick_batch(empty, batches, last_owner)
+        if turn is not None and turn.request is not None and why_not(node, turn) is not None \
+                and turn.id not in set(held_elsewhere):
+            target = turn
+    if target is None:
+        return pick_batch(node, batches, last_owner), None
+    if why_not(node, target) is None:
+        return target, None
+    until = room_at(node, target.request or Amount(), now)
+    backfill = [b for b in batches if b.id != target.id and b.request is not None and b.time
+                and until is not None and now + b.time <= until]
+    return pick_batch(node, backfill, last_owner), target.id
+
+
+def dependency_wait(after: List[str], ended: Dict[str, Tuple[str, Dict[str, int]]],
+                    after_failed: str = "wait") -> Optional[str]:
+    """Why a batch with `meta.after` must wait (None: it may start).  `ended` maps each
+    dependency still on the head to (batch state, {job state: count}); one no longer there
+    was forgotten, which only an ended batch can be.  Rule: a dependency must have ended;
+    one that ended with failed or killed jobs holds the batch back until they are retried
+    and succeed (or the batch says `after_failed: start`)."""
+    for key in after:
+        if key not in ended:
+            continue
+        state, counts = ended[key]
+        total = sum(counts.values())
+        if state == "active" or counts.get("queued", 0) or counts.get("running", 0):
+            return f"waits for {key} ({counts.get('done', 0)} of {total} jobs done)"
+        bad = counts.get("failed", 0) + counts.get("killed", 0)
+        if bad and after_failed != "start":
+            return (f"waits for {key}, which ended with {bad} failed or killed job(s): "
+                    f"`distribute retry {key}` until they succeed, or kill this batch")
+    return None
 
 
 def gpu_for_slot(slot: int, slots: int, gpus: int) -> Optional[str]:
@@ -3242,6 +3663,23 @@ class NodeState:
     paused: bool = False
     upgrading: bool = False         # an outdated supervisor: it finishes its work, takes no new
     capacity: Optional[int] = None  # the slots it may fill now (fewer during its owner's desk hours)
+    resources: Optional[Amount] = None  # cores, memory, GPUs after its reserve (None: not known yet)
+    slots_cap: Optional[int] = None     # written `slots` and desk hours: cap jobs with resources too
+    cpus: int = 1                       # probed cores (a job without resources gets its slot's share)
+
+
+def resource_header(node: NodeState, plan: JobPlan, slot: int, gpus: List[int]) -> Dict[str, Any]:
+    """cpus, environment and GPU indices for a job's start request."""
+    if not plan.cpus:                           # no resources: as before, but its own GPUs
+        share = gpu_for_slot(slot, node.slots, node.gpus)
+        env = {"CUDA_VISIBLE_DEVICES": share} if share is not None else {}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        return {"cpus": max(1, node.cpus // max(1, node.slots)), "env": env, "gpus": gpus}
+    env = {}
+    if gpus or node.gpus or (node.resources is not None and node.resources.gpus):
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+    return {"cpus": plan.cpus, "env": env, "gpus": gpus}
 
 
 def tell(node: str, **message: Any) -> Action:
@@ -3255,6 +3693,7 @@ class Lifecycle:
         self.store = store
         self.nodes: Dict[str, NodeState] = {}
         self.last_owner: Optional[str] = None       # round-robin cursor of the scheduler
+        self.holds: Dict[str, int] = {}             # node -> batch id it is held for (anti-starvation)
 
     # helpers
     def busy(self, node: str) -> Dict[int, str]:
@@ -3265,6 +3704,45 @@ class Lifecycle:
         if len(busy) >= (node.slots if node.capacity is None else min(node.slots, node.capacity)):
             return None
         return next((slot for slot in range(node.slots) if slot not in busy), None)
+
+    def node_view(self, node: NodeState) -> NodeView:
+        """What the scheduling functions see of a node: its free slots and, once its capacity is
+        known, what its running jobs hold (derived from the store: requests from their plans,
+        GPU indices from their rows, ends from their start and time limit)."""
+        busy = self.busy(node.name)
+        slots_now = node.slots if node.capacity is None else min(node.slots, node.capacity)
+        view = NodeView(node.name, node.capabilities, node.gpus, max(0, slots_now - len(busy)), node.paused,
+                        node.up, node.upgrading)
+        view.jobs, view.slots = len(busy), node.slots
+        if node.resources is None:              # never connected: capacity unknown, slots decide
+            view.slots_cap = slots_now
+            return view
+        view.capacity = node.resources
+        view.gpus = node.resources.gpus
+        for job in self.store.running_jobs(node.name):
+            request = job_request(job.plan) or slot_share(node.resources, node.slots)
+            ends = (job.started or 0) + job.plan.time if job.plan.time else None
+            view.running.append(Allocation(request, list(job.gpus or []), ends))
+            view.used = view.used.plus(request)
+        view.slots_cap = node.slots_cap
+        return view
+
+    def dependency_reason(self, batch: BatchRow) -> Optional[str]:
+        """Why `meta.after` holds the batch back (None: it may start)."""
+        if not batch.plan.after:
+            return None
+        ended: Dict[str, Tuple[str, Dict[str, int]]] = {}
+        for key in batch.plan.after:
+            namespace, _, name = key.partition("/")
+            other = self.store.find_batch(namespace, name)
+            if other is not None and other.id != batch.id:
+                ended[key] = (other.state, self.store.batch_counts(other.id))
+        return dependency_wait(batch.plan.after, ended, batch.plan.after_failed)
+
+    def next_request(self, view: BatchView, batch: BatchRow) -> None:
+        """Note what the batch's next queued job asks for (jobs without resources take a slot)."""
+        following = self.store.next_queued(batch.id) if batch.plan.uses_resources else None
+        view.request, view.time = (job_request(following.plan), following.plan.time) if following else (None, 0)
 
     def capable(self, batch: BatchRow) -> List[str]:
         return [n.name for n in self.nodes.values() if not missing_capabilities(batch.capabilities, n.capabilities)]
@@ -3297,29 +3775,42 @@ class Lifecycle:
                     row = batches.get(other) or self.store.batch(other)
                     if row is not None and row.key == batch.key:
                         blocked.append(node)
-            views.append(BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1, built, blocked))
+            view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1, built, blocked)
+            self.next_request(view, batch)
+            view.waiting = self.dependency_reason(batch)
+            views.append(view)
         return batches, views
 
     def schedule(self, now: float) -> List[Action]:
-        """Fill every free slot of every usable node (SPEC §6 order, see pick_batch)."""
+        """Fill every usable node as far as its slots and resources allow (SPEC §6 order, see
+        pick_batch; a large job's reservation and backfill, see pick_for_node; `meta.after`)."""
         actions: List[Action] = []
         batches, views = self.batch_views(now)
         later = [b.retry_at for b in self.store.builds() if b.retry_at and b.retry_at > now]
         if later:
             actions.append(Action("wake_at", info={"at": min(later)}))
+        for name in [n for n in self.holds if n not in self.nodes or not self.nodes[n].up or self.nodes[n].paused]:
+            del self.holds[name]                    # a node that cannot start anything holds nothing
+        views = [v for v in views if v.queued > 0]
         progress = bool(views)
         while progress:
             progress = False
             for node in self.nodes.values():
                 if not node.up or node.paused:
                     continue
-                slot = self.free_slot(node)
-                if slot is None:
-                    continue
-                free = node.slots - len(self.busy(node.name))
-                view = NodeView(node.name, node.capabilities, node.gpus, free, upgrading=node.upgrading)
-                choice = pick_batch(view, views, self.last_owner)
+                view = self.node_view(node)
+                elsewhere = [b for n, b in self.holds.items() if n != node.name]
+                choice, hold = pick_for_node(view, views, self.last_owner, self.holds.get(node.name), elsewhere, now)
+                if hold is None:
+                    self.holds.pop(node.name, None)
+                else:
+                    self.holds[node.name] = hold
                 if choice is None:
+                    continue
+                busy = self.busy(node.name)
+                slot = self.free_slot(node) if choice.request is None or node.resources is None else \
+                    next(i for i in itertools.count() if i not in busy)
+                if slot is None:
                     continue
                 progress = True
                 self.last_owner = choice.owner
@@ -3331,11 +3822,19 @@ class Lifecycle:
                         choice.queued = 0
                         views = [v for v in views if v.queued > 0]
                         continue
+                    gpus: List[int] = []
+                    if node.resources is not None:
+                        request = job_request(job.plan) or slot_share(node.resources, node.slots)
+                        taken = [i for held in view.running for i in held.gpus]
+                        gpus = assign_gpus(request.gpus, taken, node.resources.gpus) or []
                     run_id = f"{job.id}.{job.attempts + 1}"
-                    self.store.mark_started(job.id, run_id, node.name, slot)
-                    actions.append(Action("start_job", node.name, batch.id, job.id, run_id, slot))
+                    self.store.mark_started(job.id, run_id, node.name, slot, gpus)
+                    actions.append(Action("start_job", node.name, batch.id, job.id, run_id, slot,
+                                          info=resource_header(node, job.plan, slot, gpus)))
                     if not self.store.has_jobs_in(batch.id, "queued"):
                         choice.queued = 0
+                    else:
+                        self.next_request(choice, batch)
                 else:
                     tries = build.tries if build is not None else 0
                     self.store.put_build(BuildRow(batch.id, node.name, "running", slot, tries))
@@ -3457,6 +3956,8 @@ class Lifecycle:
             else:
                 reason = f"exit code {code} on {node}" + (f", attempt {job.attempts} of {job.retries + 1}"
                                                           if job.retries else "") if state == "failed" else None
+                if run.get("reason"):               # stopped by its memory or time limit
+                    reason = str(run["reason"])
                 self.store.mark_ended(job.id, state, code, reason)
         actions.append(tell(node, op="ack", run_ids=[run_id]))
         return actions + self.release_build_if_done(node, batch) + self.end_batch_if_done(batch.id)
@@ -3574,6 +4075,8 @@ class Lifecycle:
                 actions.append(tell(node, op="kill", run_ids=[run_id]))     # a kill lost with the connection
             elif run.get("state") == "finished":
                 actions += self.finished(node, run)
+            if current and run.get("gpus") and not job.gpus:     # what it was given, from its record
+                self.store.set_gpus(job.id, [int(i) for i in run["gpus"]])
         for job in self.store.running_jobs(node):
             if job.run_id not in seen:
                 actions += self._requeue(job, False, f"node {node}: run {job.run_id} of job {job.name} is unknown "
@@ -5376,6 +5879,72 @@ class RunRecord:
     pid_start: Optional[float] = None   # when its process started: a reused pid is not the job
     lost: Optional[str] = None       # why it ended unseen (no exit code): the head runs it again
     vacated: bool = False            # stopped to make room for the workstation's owner: run it elsewhere
+    reason: Optional[str] = None     # why it was stopped (a limit: 'memory: 17.2G > 16G', 'time limit 2h')
+    gpus: Optional[List[int]] = None     # the GPU indices it was given
+
+
+# --- limits: a job past its memory or time is stopped -------------------------
+#
+# No root, no cgroups: the supervisor samples each limited job's process tree a few
+# times a second, adds up its resident memory, and counts its run time while the
+# machine is not paused.  A job over a limit is stopped like a `kill` and its run
+# record says why; the head archives it as killed, with that reason, and does not
+# retry it (the same job would hit the same limit again).
+
+@dataclass
+class LimitWatch:
+    """One job's limits and the run time it has used so far (paused time left out)."""
+    memory: int = 0          # bytes, 0: none
+    time: int = 0            # seconds, 0: none
+    used: float = 0.0
+    last: Optional[float] = None
+
+    def step(self, now: float, paused: bool, rss: int) -> Optional[str]:
+        """Account the time since the last step; the reason to stop the job, if any."""
+        if self.last is not None and not paused:
+            self.used += max(0.0, now - self.last)
+        self.last = now
+        if self.memory and rss > self.memory:
+            return f"memory: {format_size(rss)} > {format_size(self.memory)}"
+        if self.time and self.used >= self.time:
+            return f"time limit {format_duration(self.time)}"
+        return None
+
+
+def tree_rss(root: int, table: Optional[Dict[int, ProcInfo]] = None) -> int:
+    """Resident memory (bytes) of every process of the job under `root`."""
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+    total = 0
+    for pid in job_processes([root], table):
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as statm:
+                total += int(statm.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            with contextlib.suppress(Exception):
+                import psutil
+                total += psutil.Process(pid).memory_info().rss
+    return total
+
+
+async def watch_limits(limits: Dict[str, LimitWatch], roots: Callable[[], Dict[str, int]],
+                       paused: Callable[[], bool], stop: Callable[[str, str], None],
+                       interval: float = 0.25) -> None:
+    """Run forever in the supervisor: stop(run_id, reason) for each job over a limit.
+    roots() gives {run_id: root pid} of the running jobs that may still be stopped."""
+    import asyncio
+    while True:
+        await asyncio.sleep(interval)
+        live = roots()
+        watched = [(run_id, watch) for run_id, watch in limits.items() if run_id in live]
+        if not watched:
+            continue
+        table = process_table() if any(w.memory for _, w in watched) else None
+        now, frozen = time.time(), paused()
+        for run_id, watch in watched:
+            reason = watch.step(now, frozen, tree_rss(live[run_id], table) if watch.memory else 0)
+            if reason:
+                limits.pop(run_id, None)
+                stop(run_id, reason)
 
 
 def boot_id() -> Optional[str]:
@@ -5436,6 +6005,7 @@ class Supervisor:
         self.owner = OwnerState()
         self.owner_slots: Optional[int] = None     # desk hours: the slots the head may use now
         self.gpu_runs: set = set()                 # run_ids of jobs holding a GPU
+        self.limits: Dict[str, LimitWatch] = {}    # run_id -> its memory and time limits
         self.node_name = self.machine["hostname"]    # what the head calls this node, once it said so
 
     # records on disk
@@ -5481,6 +6051,9 @@ class Supervisor:
         os.chmod(self.socket_path, 0o600)
         watcher = asyncio.ensure_future(self.watch_pauses())
         owner = asyncio.ensure_future(self.watch_owner())
+        limiter = asyncio.ensure_future(watch_limits(
+            self.limits, lambda: {key: run.pid for key, run in self.live.items() if run.pid and not run.dying},
+            self.is_paused, self.stop_for_limit))
         claimed = 0.0
         try:
             while not self.idle_long_enough():
@@ -5495,6 +6068,8 @@ class Supervisor:
         finally:
             owner.cancel()
             watcher.cancel()
+            limiter.cancel()
+            await asyncio.gather(watcher, limiter, return_exceptions=True)
             server.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.socket_path)
@@ -5564,6 +6139,22 @@ class Supervisor:
             await watch_pauses(roots, changed, extra=owner_pause)
         except (UserError, Failed) as exc:
             log(f"supervisor: pausing is unavailable here: {exc}")
+
+    def is_paused(self) -> bool:
+        """Whether the jobs here are frozen now (their run time does not count)."""
+        return bool(self.pause_locks)
+
+    def stop_for_limit(self, run_id: str, reason: str) -> None:
+        """A job went past its memory or time limit: stop it, and say why in its record."""
+        run = self.live.get(run_id)
+        if run is None or run.dying:
+            return
+        log(f"supervisor: stopping run {run_id}: {reason}")
+        run.record.killed, run.record.reason, run.dying = True, reason, True
+        with contextlib.suppress(OSError):
+            self.save_record(run.record)
+        if run.pid:
+            self.spawn(terminate_tree(run.pid, 2.0, run.proc), f"stopping run {run_id}")
 
     async def watch_owner(self) -> None:
         """Apply the owner policy once a second: pause for the owner (the pause watcher does the
@@ -5765,10 +6356,14 @@ class Supervisor:
         folder = self.run_dir(run_id)
         folder.mkdir(parents=True, exist_ok=True)
         record = RunRecord(run_id, plan.namespace, plan.batch, job.name, start=time.time(), slot=slot,
-                           boot_id=self.boot)
+                           boot_id=self.boot, gpus=header.get("gpus"))
         self.save_record(record)
         cpus = int(header.get("cpus") or self.machine["cpus"])
         env = ws.job_env(plan, job, cpus, header.get("env") or {})
+        if job.cpus and "OMP_NUM_THREADS" not in os.environ:     # a job with resources: its cpus
+            env["OMP_NUM_THREADS"] = str(cpus)
+        if job.memory or job.time:
+            self.limits[run_id] = LimitWatch(job.memory, job.time)
         run = self.live[run_id] = LiveRun(record)
         if env.get("CUDA_VISIBLE_DEVICES"):
             self.gpu_runs.add(run_id)
@@ -5796,6 +6391,11 @@ class Supervisor:
         folder = self.run_dir(record.run_id)
         ws = self.job_workspace(record)
         self.gpu_runs.discard(record.run_id)
+        self.limits.pop(record.run_id, None)
+        if record.reason:
+            with contextlib.suppress(OSError):
+                with open(folder / "stdout.txt", "ab") as out:
+                    out.write(f"distribute: stopped: {record.reason}\n".encode())
         if not record.lost:                     # a lost run's results are not its results
             with contextlib.suppress(FileNotFoundError, OSError):
                 os.rename(ws.save, folder / "save")
@@ -6909,8 +7509,14 @@ class NodeLink:
         return self.head.store.busy_slots(self.name)
 
     def node_state(self) -> NodeState:
-        return NodeState(self.name, self.spec.slots, self.capabilities, int(self.info.get("gpus", 0)),
-                         self.up, bool(self.paused), self.outdated, self.capacity)
+        state = NodeState(self.name, self.spec.slots, self.capabilities, int(self.info.get("gpus", 0)),
+                          self.up, bool(self.paused), self.outdated, self.capacity)
+        if self.info:                               # connected: its capacity is known
+            state.resources = node_capacity(self.info, self.spec)
+            state.cpus = int(self.info.get("cpus") or 1)
+        caps = [c for c in (self.spec.slots if self.spec.slots_given else None, self.owner_slots) if c is not None]
+        state.slots_cap = min(caps) if caps else None   # written slots, and fewer in the owner's desk hours
+        return state
 
     @property
     def capacity(self) -> int:
@@ -7400,8 +8006,9 @@ class Head:
         gpus = gpu_for_slot(slot, link.spec.slots, int(link.info.get("gpus", 0)))
         return {"CUDA_VISIBLE_DEVICES": gpus} if gpus is not None else {}
 
-    def cpus_per_slot(self, link: NodeLink) -> int:
-        return max(1, int(link.info.get("cpus", 1)) // link.spec.slots)
+    def resource_view(self, link: NodeLink) -> NodeView:
+        """A node as the scheduler sees it now (capacity, what its running jobs hold: from the store)."""
+        return self.life.node_view(link.node_state())
 
     async def start_build(self, link: NodeLink, action: Action) -> None:
         batch = self.store.batch(action.batch_id)
@@ -7420,10 +8027,10 @@ class Head:
         batch, job = self.store.batch(action.batch_id), self.store.job(action.job_id)
         try:
             entries = folder_entries(self.files / str(batch.id) / "jobs" / job.name)
-            await link.send_files({"op": "start", "run_id": action.run_id, "slot": action.slot,
-                                   "plan": vars(batch.plan), "job": vars(job.plan),    # flat dataclasses
-                                   "cpus": self.cpus_per_slot(link), "env": self.job_env(link, action.slot or 0)},
-                                  entries)
+            header = {"op": "start", "run_id": action.run_id, "slot": action.slot,
+                      "plan": vars(batch.plan), "job": vars(job.plan)}      # flat dataclasses
+            header.update(action.info or resource_header(link.node_state(), job.plan, action.slot or 0, []))
+            await link.send_files(header, entries)     # cpus, env (CUDA_VISIBLE_DEVICES) and gpus
         except Exception as exc:
             reason = one_line(str(exc) or type(exc).__name__)
             await self.apply(self.life.job_not_started(job.id, action.run_id, link.name, reason, time.time()))
@@ -7465,6 +8072,8 @@ class Head:
                   "start": now_iso(run.get("start")), "end": now_iso(run.get("end") or time.time()),
                   "exit_code": run.get("exit_code"), "attempts": job.attempts,
                   "state": "ok" if state == "done" else state, "params": job.plan.params or {}}
+        if run.get("reason"):                   # stopped by its memory or time limit
+            record["reason"] = run["reason"]
         self.archiving.add(run_id)
         try:
             incoming, final = start_landing(self.config.archive, batch.namespace, batch.name, job.name)
@@ -7587,6 +8196,8 @@ class Head:
     async def api_add(self, channel: Channel, user: Dict[str, Any], header: Dict[str, Any], payload: bytes):
         plan, jobs, capabilities = check_add_request(header)
         capable, maybe = self.capable_nodes(capabilities)
+        self.check_resources(plan, jobs, capable + maybe)
+        plan.uses_resources = any(job.cpus for job, _ in jobs)
         if header.get("show_caps") or header.get("dry"):
             await channel.send({"ok": True, "dry": True, "capable": capable, "maybe": maybe,
                                 "not_connected": self.nodes_not_connected(), "nodes": self.node_report()})
@@ -7629,6 +8240,30 @@ class Head:
         await channel.send({"ok": True, "batch": batch.key, "jobs": len(todo), "skipped": len(skip),
                             "capable": capable, "maybe": maybe, "not_connected": self.nodes_not_connected()})
 
+    def check_resources(self, plan: BatchPlan, jobs: List[Tuple[JobPlan, int]], capable: List[str]) -> None:
+        """Refuse resources that are not numbers, a batch no capable node could ever fit, and
+        a dependency that is not on this head."""
+        for job, _ in jobs:
+            for key in ("cpus", "memory", "gpus", "time"):
+                value = getattr(job, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise UserError(f"job {job.name}: resources.{key} must be a whole number, not {value!r}")
+        facts = {name: self.links[name].info or self.links[name].last_known for name in capable}
+        nodes = {name: node_capacity(facts[name], self.links[name].spec) if facts[name].get("cpus") else None
+                 for name in capable}
+        problem = fit_problem(((job.name, request) for job, _ in jobs
+                               for request in [job_request(job)] if request is not None), nodes)
+        if problem:
+            raise UserError(problem)
+        if plan.after_failed not in ("wait", "start"):
+            raise UserError(f"meta.after_failed must be 'wait' or 'start', not {plan.after_failed!r}")
+        for key in plan.after:
+            namespace, _, name = str(key).partition("/")
+            if name_problem(namespace) or name_problem(name):
+                raise UserError(f"meta.after: {key!r} is not namespace/batch")
+            if self.store.find_batch(namespace, name) is None:
+                raise UserError(f"meta.after: no batch {key} on this head; add it first")
+
     def capable_nodes(self, capabilities: List[str]) -> Tuple[List[str], List[str]]:
         """(nodes that offer all of `capabilities`, nodes never seen that still might): a head
         that just started decides on what its nodes offered when last up, not on who has
@@ -7668,6 +8303,7 @@ class Head:
                         "capabilities": link.capabilities, "slots": link.spec.slots,
                         "cpus": link.info.get("cpus"), "memory": link.info.get("memory"),
                         "gpus": link.info.get("gpus"), "running": running,
+                        **self.resource_report(link),
                         "paused": [{"user": l.get("user"), "until": now_iso(l.get("until")) if l.get("until") else None,
                                     "reason": l.get("reason") or None,
                                     "since": now_iso(l.get("since")) if l.get("since") else None}
@@ -7684,6 +8320,16 @@ class Head:
                 out.append({"batch": batch.key, "reason": build.reason})
         return out
 
+    def resource_report(self, link: NodeLink) -> Dict[str, Any]:
+        """`nodes --json`: capacity (after the reserve) and what running jobs hold."""
+        view = self.resource_view(link)
+        if view.capacity is None:
+            return {"capacity": None, "used": None}
+        held = self.life.holds.get(link.name)
+        batch = self.store.batch(held) if held is not None else None
+        return {"capacity": dataclasses.asdict(view.capacity), "used": dataclasses.asdict(view.used),
+                "held_for": batch.key if batch is not None and batch.state == "active" else None}
+
     async def api_nodes(self, channel, user, header, payload):
         await channel.send({"ok": True, "nodes": self.node_report()})
 
@@ -7691,13 +8337,19 @@ class Head:
         batches = []
         mine_only = header.get("all") is False          # the CLI's default; older clients get everything
         hidden = 0
-        for _, namespace, name, owner, state, created, finished, c in self.store.status_rows():
+        rows = self.store.status_rows()
+        shown = set()
+        for batch_id, namespace, name, owner, state, created, finished, c in rows:
             if mine_only and (owner != user["name"] or state != "active"):
                 hidden += 1
                 continue
+            shown.add(batch_id)
             batches.append({"batch": f"{namespace}/{name}", "owner": owner, "state": state,
                             "created": now_iso(created), "finished": now_iso(finished) if finished else None,
                             "jobs": {s: c.get(s, 0) for s in JOB_STATES}})
+        keys = {batch_id: f"{namespace}/{name}" for batch_id, namespace, name, *_ in rows if batch_id in shown}
+        stopped = [{"batch": keys[b], "job": name, "reason": reason}      # stopped by a limit, or lost
+                   for b, name, reason in self.store.reasons(keys) if b in keys]
         running = []
         progress = await self.running_progress()
         for job in self.store.running_jobs():
@@ -7714,7 +8366,7 @@ class Head:
                            for l in link.paused]}
                   for link in self.links.values() if link.paused]      # issue 14: say why, since when
         await channel.send({"ok": True, "batches": batches, "running": running, "hidden": hidden,
-                            "paused_nodes": paused})
+                            "paused_nodes": paused, "stopped": stopped})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
         """What running jobs last wrote to their progress file, asked of every busy node at once."""
@@ -7779,11 +8431,20 @@ class Head:
         view = BatchView(batch.id, batch.owner, batch.created, batch.capabilities, 1,
                          [n for n, b in builds.items() if b.state == "ok"],
                          [n for n, b in builds.items() if b.state == "failed"])
+        waiting = job if job is not None and job.state == "queued" else self.store.next_queued(batch.id)
+        if waiting is not None:
+            view.request, view.time = job_request(waiting.plan), waiting.plan.time
+        view.waiting = self.life.dependency_reason(batch)
         reasons = {}
         for link in self.links.values():
-            node = link.view()
+            node = self.resource_view(link)
             reason = why_not(node, view)
             build = builds.get(link.name)
+            held = self.life.holds.get(link.name)
+            if reason is None and held is not None and held != batch.id:
+                other = self.store.batch(held)
+                if other is not None and other.state == "active":
+                    reason = f"held for the next job of {other.key}, which needs more room (large jobs go first)"
             if link.state == "refused":
                 reason = link.error
             elif reason == "the batch's build failed there" and build is not None and build.reason:
@@ -8093,6 +8754,9 @@ def check_batch_plan(value: Any) -> BatchPlan:
             else "only docker and podman batches have one"
         if problem:
             raise UserError(f"plan.image: {problem}")
+    for key in _check("plan.after", plan.after, list):
+        _check("plan.after", key, str)
+    _check("plan.after_failed", plan.after_failed, str)
     return plan
 
 
@@ -8117,6 +8781,9 @@ def check_job_plan(index: int, value: Any) -> Tuple[JobPlan, int]:
     _check(f"{where}: params", job.params, (dict, type(None)))
     if job.params is not None and nesting_depth(job.params) > PARAMS_DEPTH:
         raise UserError(f"{where}: params nest deeper than {PARAMS_DEPTH} levels")
+    for key in ("cpus", "memory", "gpus", "time"):
+        if _check(f"{where}: resources.{key}", getattr(job, key), int) < 0:
+            raise UserError(f"{where}: resources.{key} must not be negative")
     retries = _check(f"{where}: retries", entry.get("retries", 0), int)
     if not 0 <= retries <= MAX_RETRIES:
         raise UserError(f"{where}: retries must be between 0 and {MAX_RETRIES}")
@@ -8458,6 +9125,9 @@ def format_status(reply: Dict[str, Any]) -> List[str]:
             progress = f" {job['progress']:.0f}%" if job.get("progress") is not None else ""
             paused = " (paused)" if job.get("paused") else ""
             lines.append(f"    {job['job']} on {job['node']}{progress}{paused}")
+        for job in reply.get("stopped", []):
+            if job["batch"] == batch["batch"]:
+                lines.append(f"    {job['job']} stopped: {job['reason']}")
     for node in reply.get("paused_nodes", []):
         lines.append(f"{node['node']} paused since {clock_time(node['since'])}: {'; '.join(node['why'])}")
     return lines or ["no batches"]
@@ -8498,6 +9168,11 @@ def format_nodes(nodes: List[Dict[str, Any]]) -> List[str]:
                      + (f", {node['gpus']} gpus" if node.get("gpus") else "")
                      + (f"; version {node['version']}" if node.get("version") else "")
                      + (f" (build {node['build']})" if node.get("build") else ""))
+        if node.get("capacity"):
+            have, used = node["capacity"], node["used"]
+            lines.append(f"{'':<12} in use: {used['cpus']}/{have['cpus']} cpus, {format_size(used['memory'])}/"
+                         f"{format_size(have['memory'])} memory, {used['gpus']}/{have['gpus']} gpus"
+                         + (f"; held for {node['held_for']}" if node.get("held_for") else ""))
         if node.get("error"):
             lines.append(f"{'':<12} {node['error']}")
         for given_up in node.get("gave_up") or []:
@@ -8837,16 +9512,7 @@ def install_service(user: Optional[str], nodes_file: Optional[str], state: Optio
 DEFAULT_MIN_FREE = "5G"
 MIN_NODE_PYTHON = (3, 8)
 
-_SIZE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?\Z", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'5G', '500M', '1.5T', '2048' (bytes) -> bytes; binary units."""
-    match = _SIZE_RE.match(text.strip())
-    if not match:
-        raise UserError(f"size {text!r} is not like 5G, 500M or 1T")
-    factor = 1024 ** " kmgt".index(match.group(2).lower() or " ")
-    return int(float(match.group(1)) * factor)
+# (sizes such as --min-free are read by parse_size, section 3)
 
 
 # One round trip per node; prints key=value lines.  $1 python, $2 workdir, $3 pause dir.
@@ -9222,7 +9888,7 @@ def timeline_attempt(head: "Head", batch_id: int, job: JobRow, node: str, run: D
     end = run.get("end") or time.time()
     timeline_add(head, TimelineSpan("job", node, run.get("start") or job.started or end, end,
                                     "ok" if state == "done" else state, batch_id, job.id, job.name,
-                                    job.attempts, run.get("exit_code")))
+                                    job.attempts, run.get("exit_code"), reason=run.get("reason")))
 
 
 def pause_label(lock: Dict[str, Any]) -> str:
@@ -9250,14 +9916,14 @@ def batch_report(head: "Head", batch: BatchRow) -> Dict[str, Any]:
     recorded = head.store.batch_spans(batch.id)
     seen = {(s.job_id, s.attempt) for s in recorded if s.kind == "job"}
     jobs = [{"job": s.job, "node": s.node, "attempt": s.attempt, "start": s.start, "end": s.end,
-             "state": s.state, "exit_code": s.exit_code} for s in recorded if s.kind == "job"]
+             "state": s.state, "exit_code": s.exit_code, "reason": s.reason} for s in recorded if s.kind == "job"]
     for job in head.store.jobs(batch.id):
         if job.node is None or job.started is None or job.state == "queued" or (job.id, job.attempts) in seen:
             continue                              # never started, or already recorded above
         running = job.state == "running"
         jobs.append({"job": job.name, "node": job.node, "attempt": job.attempts, "start": job.started,
                      "end": None if running else job.ended, "state": "ok" if job.state == "done" else job.state,
-                     "exit_code": job.exit_code})
+                     "exit_code": job.exit_code, "reason": job.reason})
     builds = [{"node": s.node, "start": s.start, "end": s.end, "state": s.state} for s in recorded
               if s.kind == "build" and (s.end is not None or getattr(head.store.build(batch.id, s.node), "state", None) == "running")]
     used = {j["node"] for j in jobs} | {b["node"] for b in builds}
@@ -9335,6 +10001,7 @@ def span_title(span: Dict[str, Any], kind: str, now: float) -> str:
     when = f"{clock(span['start'])}–{clock(end) if span['end'] else 'now'}"
     if kind == "job":
         code = f", exit code {span['exit_code']}" if span.get("exit_code") is not None else ""
+        code += f" ({span['reason']})" if span.get("reason") else ""
         return f"{span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}{code}, {took}, {when}"
     if kind == "build":
         return f"build on {span['node']}: {span['state']}, {took}, {when}"
@@ -9689,6 +10356,8 @@ def slurm(paths: Tuple[str, ...], cluster_user: Optional[str], cluster_host: Opt
     tasks = sum(len(a.jobs) for a in arrays)
     click.echo(f"wrote {outdir}: {batch.meta.namespace}/{batch.meta.batch_name}, {tasks} job"
                f"{'s' if tasks != 1 else ''} in {len(arrays)} job array{'s' if len(arrays) != 1 else ''}")
+    if slurm_after_note(batch):
+        click.echo(f"  note: {slurm_after_note(batch)}")
     for line in slurm_instructions(Path(outdir).resolve(), target):
         click.echo(f"  {line}")
 
@@ -10291,6 +10960,9 @@ def report(obj, batch, output) -> None:
         raise Failed(f"cannot write {target}: {exc.strerror}") from None
     click.echo(f"wrote {target}: {len(reply['jobs'])} job attempts, {len(reply['builds'])} builds and "
                f"{len(reply['pauses'])} pauses on {len(reply['nodes'])} nodes")
+    for span in reply["jobs"]:
+        if span.get("reason"):
+            click.echo(f"  {span['job']} (attempt {span['attempt']}) on {span['node']}: {span['state']}: {span['reason']}")
 
 
 # `forget` and `du`: the archive does not only grow.

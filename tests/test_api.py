@@ -69,6 +69,21 @@ def test_shell_batch_round_trip(tmp_path):
     assert without_path(loaded) == without_path(batch.validate())
 
 
+def test_resources_and_after_in_code(tmp_path):
+    batch = Batch("bob", "post", "shell", resources={"cpus": 4, "memory": "16G", "time": "2h"},
+                  after=["bob/sweep"])
+    batch.add_job("big", command="true", resources={"gpus": 1})
+    batch.add_job("plain", command="true")
+    loaded = load_job_file(str(batch.write(tmp_path)))
+    assert loaded.meta.after == ["bob/sweep"]
+    assert loaded.jobs[0].resources == distribute.Resources(cpus=4, memory=16 << 30, gpus=1, time=7200)
+    assert loaded.jobs[1].resources == distribute.Resources(cpus=4, memory=16 << 30, time=7200)
+    broken = Batch("bob", "post", "shell", resources={"memory": "lots"})
+    broken.add_job("x", command="true")
+    with pytest.raises(UserError, match=r"batch bob/post: .*resources.memory: size 'lots' is not like 16G"):
+        broken.validate()
+
+
 def test_apptainer_batch_round_trip(tmp_path):
     sif, small = touch(tmp_path / "solver.sif"), touch(tmp_path / "small.json")
     batch = Batch("carol", "cfd", "apptainer", capabilities=["apptainer"], sif=File(sif, "image.sif"),

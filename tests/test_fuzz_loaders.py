@@ -97,6 +97,8 @@ meta:
   namespace: {namespace}
   capabilities: {caps}
   matrix: {matrix}
+  resources: {resources}
+  after: {after}
 slurm: {slurm}
 python:
   initialize:
@@ -109,6 +111,7 @@ python:
       slurm: {job_slurm}
       params: {params}
       required_files: {files}
+      resources: {job_resources}
     - name: {name2}
       file: run.py
 """,
@@ -136,7 +139,8 @@ shell:
 DEFAULTS = {"batch": "b1", "namespace": "ns", "caps": "[python3]", "matrix": "~", "slurm": "~",
             "build": "build.py", "initial": "[a.txt]", "name": "j1", "name2": "j2", "file": "run.py",
             "retries": "1", "job_slurm": "~", "params": "{x: 1}", "files": "[{path: b.csv, alias: c.csv}]",
-            "mounts": "[/scratch]", "command": "echo"}
+            "mounts": "[/scratch]", "command": "echo", "resources": "{cpus: 2, memory: 4G, gpus: 1, time: 1h}",
+            "after": "[ns/other, b0]", "job_resources": "{memory: 512M}"}
 
 
 @SETTINGS
@@ -158,10 +162,15 @@ nodes:
     slots: {slots}
     workdir: {workdir}
     python: {python}
+    cpus: {cpus}
+    memory: {memory}
+    gpus: {gpus}
+    reserve: {reserve}
   - {{name: {name2}, host: {host2}}}
 """
 NODES_DEFAULTS = {"name": "lab1", "host": "lab1.example.edu", "user": "alice", "port": "22", "caps": "[gpu]",
-                  "slots": "1", "workdir": "/var/tmp/d", "python": "python3", "name2": "lab2", "host2": "lab2"}
+                  "slots": "1", "workdir": "/var/tmp/d", "python": "python3", "name2": "lab2", "host2": "lab2",
+                  "cpus": "16", "memory": "64G", "gpus": "2", "reserve": "{cpus: 2, memory: 8G}"}
 
 
 @SETTINGS
@@ -216,6 +225,14 @@ def some_keys(rnd, options):
     return out
 
 
+def resources(rnd):
+    values = {"cpus": lambda: shaped(rnd, lambda: rnd.choice([1, 4, 0, -1])),
+              "memory": lambda: shaped(rnd, lambda: rnd.choice(["16G", "512M", "1.5T", "0G", "lots", 7])),
+              "gpus": lambda: shaped(rnd, lambda: rnd.choice([0, 2, -1])),
+              "time": lambda: shaped(rnd, lambda: rnd.choice(["2h", "90m", "0s", "1d"]))}
+    return shaped(rnd, lambda: some_keys(rnd, values))
+
+
 def file_spec(rnd):
     files = ["build.py", "run.py", "a.txt", "b.csv", "image.sif", "folder", "missing", "../a.txt"]
     if rnd.random() < 0.5:
@@ -237,7 +254,8 @@ def job_document(rnd):
     def section(flavour):
         job_keys = {"name": lambda: shaped(rnd, lambda: rnd.choice(["j1", "j2", "j3", "../x", "a b"])),
                     "required_files": lambda: file_list(rnd), "retries": lambda: scalar(rnd),
-                    "slurm": lambda: slurm(rnd), "params": lambda: anything(rnd)}
+                    "slurm": lambda: slurm(rnd), "params": lambda: anything(rnd),
+                    "resources": lambda: resources(rnd)}
         job_keys.update({"python": {"file": lambda: file_spec(rnd)}, "shell": {"command": lambda: scalar(rnd)},
                          "apptainer": {}}[flavour])
         init_keys = {"python": {"build_file": lambda: file_spec(rnd)}, "shell": {"build": lambda: scalar(rnd)},
@@ -253,7 +271,9 @@ def job_document(rnd):
         "meta": lambda: shaped(rnd, lambda: some_keys(rnd, {
             "batch_name": lambda: shaped(rnd, lambda: "b1"), "namespace": lambda: shaped(rnd, lambda: "ns"),
             "capabilities": lambda: shaped(rnd, lambda: [scalar(rnd), "python3"]),
-            "matrix": lambda: scalar(rnd)})),
+            "matrix": lambda: scalar(rnd), "resources": lambda: resources(rnd),
+            "after": lambda: shaped(rnd, lambda: [rnd.choice(["ns/b0", "b1", "ns/b1", "a/b/c", scalar(rnd)])]),
+            "after_failed": lambda: shaped(rnd, lambda: rnd.choice(["wait", "start", "maybe"]))})),
         "slurm": lambda: slurm(rnd)})
     flavours = [f for f in ("python", "shell", "apptainer") if rnd.random() < 0.4] or [rnd.choice(["python", "shell"])]
     for flavour in flavours:
@@ -273,7 +293,9 @@ def nodes_document(rnd):
         "host": lambda: shaped(rnd, lambda: rnd.choice(ODD_TEXT)), "user": lambda: scalar(rnd),
         "port": lambda: shaped(rnd, lambda: rnd.randrange(-5, 70000)),
         "capabilities": lambda: shaped(rnd, lambda: [scalar(rnd), "gpu"]), "slots": lambda: scalar(rnd),
-        "workdir": lambda: scalar(rnd), "python": lambda: scalar(rnd)}
+        "workdir": lambda: scalar(rnd), "python": lambda: scalar(rnd),
+        "cpus": lambda: scalar(rnd), "memory": lambda: shaped(rnd, lambda: rnd.choice(["8G", "x", 3])),
+        "gpus": lambda: scalar(rnd), "reserve": lambda: resources(rnd)}
     return some_keys(rnd, {"nodes": lambda: shaped(rnd, lambda: [shaped(rnd, lambda: some_keys(rnd, node_keys))
                                                                  for _ in range(rnd.randrange(4))])})
 

@@ -743,3 +743,59 @@ def test_bad_nodes_file(tmp_path, case_id, text, key):
     assert message.startswith(f"{nodes_file}:{line}:")
     if key is not None:
         assert f" {key}: " in message
+
+
+# --- resources, dependencies and node capacity (SPEC §3, §4) -------------------
+
+def resource_batch(tmp_path, meta_extra="", job_extra=""):
+    path = tmp_path / "distribute-jobs.yaml"
+    path.write_text(f"meta:\n  batch_name: b\n  namespace: ns\n{meta_extra}"
+                    f"shell:\n  jobs:\n    - name: a\n      command: 'true'\n{job_extra}"
+                    "    - name: b\n      command: 'true'\n")
+    return path
+
+
+def test_resources_default_in_meta_and_override_per_job(tmp_path):
+    batch = load_job_file(str(resource_batch(
+        tmp_path, "  resources: {cpus: 4, memory: 16G, time: 2h}\n  after: [sweep, other/prep]\n",
+        "      resources: {memory: 512M, gpus: 2}\n")))
+    a, b = batch.jobs
+    assert a.resources == distribute.Resources(cpus=4, memory=512 << 20, gpus=2, time=7200)
+    assert b.resources == distribute.Resources(cpus=4, memory=16 << 30, time=7200)
+    assert batch.meta.after == ["ns/sweep", "other/prep"] and batch.meta.after_failed == "wait"
+    plan = distribute.JobPlan.of(a)
+    assert (plan.cpus, plan.memory, plan.gpus, plan.time) == (4, 512 << 20, 2, 7200)
+    # a job that asks only for time still holds one cpu; a job without resources holds a slot
+    only_time = load_job_file(str(resource_batch(tmp_path, job_extra="      resources: {time: 10m}\n"))).jobs
+    assert distribute.JobPlan.of(only_time[0]).cpus == 1 and distribute.JobPlan.of(only_time[1]).cpus == 0
+
+
+@pytest.mark.parametrize("meta_extra, job_extra, message", [
+    ("  resources: {cpus: 0}\n", "", ":4: meta.resources.cpus: must be at least 1"),
+    ("  resources: {memory: lots}\n", "", ":4: meta.resources.memory: size 'lots' is not like 16G, 512M or 1.5T"),
+    ("  resources: {memory: 0G}\n", "", ":4: meta.resources.memory: must be more than zero"),
+    ("  resources: {time: 2 days}\n", "", ":4: meta.resources.time: duration '2 days' is not like 4h"),
+    ("  resources: {disks: 2}\n", "", ":4: meta.resources.disks: unknown key"),
+    ("", "      resources: {gpus: -1}\n", ":8: shell.jobs[0].resources.gpus: must be at least 0"),
+    ("", "      resources: [4]\n", ":8: shell.jobs[0].resources: expected a mapping"),
+    ("  after: [a/b/c]\n", "", ":4: meta.after[0]: 'a/b/c' is not a batch"),
+    ("  after: [b]\n", "", ":4: meta.after: a batch cannot wait for itself"),
+    ("  after_failed: maybe\n", "", ":4: meta.after_failed: 'maybe' is not 'wait' or 'start'"),
+])
+def test_bad_resources_and_after_name_file_line_and_key(tmp_path, meta_extra, job_extra, message):
+    with pytest.raises(UserError) as caught:
+        load_job_file(str(resource_batch(tmp_path, meta_extra, job_extra)))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_nodes_file_capacity_overrides_and_reserve(tmp_path):
+    nodes_file = tmp_path / "distribute-nodes.yaml"
+    nodes_file.write_text("nodes:\n  - name: lab1\n    host: lab1\n    cpus: 32\n    memory: 128G\n    gpus: 2\n"
+                          "    reserve: {cpus: 4, memory: 16G, gpus: 1}\n  - {name: lab2, host: lab2, slots: 3}\n")
+    lab1, lab2 = load_nodes_file(str(nodes_file))
+    assert (lab1.cpus, lab1.memory, lab1.gpus) == (32, 128 << 30, 2) and not lab1.slots_given
+    assert lab1.reserve == distribute.Resources(cpus=4, memory=16 << 30, gpus=1)
+    assert lab2.slots == 3 and lab2.slots_given and lab2.cpus is None
+    nodes_file.write_text("nodes:\n  - name: lab1\n    host: lab1\n    reserve: {time: 1h}\n")
+    with pytest.raises(UserError, match=r":4: nodes\[0\]\.reserve: time: a node reserves cpus, memory and gpus only"):
+        load_nodes_file(str(nodes_file))

@@ -225,6 +225,61 @@ def test_a_lost_run_is_requeued_without_using_a_retry(tmp_path):
     assert job.state == "queued" and job.attempts == 0
 
 
+def add_sized(store, name, jobs, cpus, gpus=0, memory=0, after=()):
+    plan = BatchPlan("lab", name, "shell")
+    plan.uses_resources, plan.after = True, list(after)
+    return store.add_batch("lab", name, "alice", plan, [], None,
+                           [(JobPlan(f"j{i}", command="true", cpus=cpus, gpus=gpus, memory=memory), 0)
+                            for i in range(jobs)])
+
+
+def sized_node(name="n1", cpus=8, gpus=4):
+    return NodeState(name, 1, [], gpus, True, False, resources=distribute.Amount(cpus, 16 << 30, gpus), cpus=cpus)
+
+
+def test_jobs_with_resources_pack_by_capacity_get_their_own_gpus_and_keep_them_in_the_store(tmp_path):
+    store = make_store(tmp_path)
+    life = Lifecycle(store)
+    life.nodes = {"n1": sized_node()}
+    add_sized(store, "g", jobs=3, cpus=2, gpus=2, memory=1 << 30)
+    build_everywhere(life)
+    starts = ops(life.schedule(0), "start_job")
+    # two jobs of 2 GPUs fill the 4 GPUs (cpus would allow four jobs, one slot would allow one)
+    assert [a.info["gpus"] for a in starts] == [[0, 1], [2, 3]]
+    assert [a.info["env"]["CUDA_VISIBLE_DEVICES"] for a in starts] == ["0,1", "2,3"]
+    assert all(a.info["cpus"] == 2 for a in starts)
+    assert [store.job(a.job_id).gpus for a in starts] == [[0, 1], [2, 3]]
+    assert not ops(life.schedule(0), "start_job")                 # no GPU is ever shared
+    (land,) = ops(life.finished("n1", run_of(starts[0])), "land")
+    life.landed("n1", land.job_id, run_of(starts[0]), None)
+    (third,) = ops(life.schedule(0), "start_job")
+    assert third.info["gpus"] == [0, 1]                            # the freed ones
+    # a head that lost the indices (an older store row) takes them back from the node's record
+    store.set_gpus(third.job_id, None)
+    records = [{"run_id": a.run_id, "state": "running", "gpus": a.info["gpus"]} for a in (starts[1], third)]
+    life.reconcile("n1", records)
+    assert store.job(third.job_id).gpus == [0, 1]
+    assert not ops(life.schedule(0), "start_job")
+
+
+def test_a_batch_after_another_starts_when_that_one_is_done_and_why_says_so(tmp_path):
+    store = make_store(tmp_path)
+    life = Lifecycle(store)
+    life.nodes = {"n1": sized_node(gpus=0)}
+    add_sized(store, "first", jobs=1, cpus=8)
+    second = add_sized(store, "then", jobs=1, cpus=1, after=["lab/first"])
+    build_everywhere(life)                          # only `first` is built: `then` waits
+    assert all(b.batch_id != second for b in store.builds())
+    (start,) = ops(life.schedule(0), "start_job")
+    assert store.batch(start.batch_id).name == "first"
+    assert life.dependency_reason(store.batch(second)) == "waits for lab/first (0 of 1 jobs done)"
+    (land,) = ops(life.finished("n1", run_of(start)), "land")
+    life.landed("n1", land.job_id, run_of(start), None)
+    build_everywhere(life)
+    (then,) = ops(life.schedule(0), "start_job")
+    assert then.batch_id == second and life.dependency_reason(store.batch(second)) is None
+
+
 def test_adoption_verdicts():
     record = RunRecord("1.1", "lab", "b", "j", pid=42, boot_id="boot-a", pid_start=1000.0)
     assert adopt_verdict(record, "boot-a", 1000.2) is None

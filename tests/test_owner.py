@@ -165,7 +165,7 @@ def test_the_supervisor_vacates_a_gpu_job_at_once_and_keeps_the_others(tmp_path)
         proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
         record = distribute.RunRecord(run_id, "lab", "b", f"job{run_id[0]}", pid=proc.pid, start=time.time())
         supervisor.save_record(record)
-        supervisor.live[run_id], supervisor.procs[run_id] = record, proc
+        supervisor.live[run_id] = distribute.LiveRun(record, proc)
         if gpu:
             supervisor.gpu_runs.add(run_id)
         jobs[run_id] = proc
@@ -176,7 +176,7 @@ def test_the_supervisor_vacates_a_gpu_job_at_once_and_keeps_the_others(tmp_path)
     try:
         asyncio.run(one_tick())
         assert jobs["1.1"].wait(timeout=10) == -signal.SIGKILL
-        assert supervisor.load_record("1.1").vacated and "1.1" in supervisor.dying
+        assert supervisor.load_record("1.1").vacated and supervisor.live["1.1"].dying
         assert jobs["2.1"].poll() is None and not supervisor.load_record("2.1").vacated
     finally:
         for proc in jobs.values():

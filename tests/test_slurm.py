@@ -74,7 +74,7 @@ def test_one_array_carries_the_batch_options(tmp_path):
         "#SBATCH --mail-user=a@b.org", "#SBATCH --mail-type=END,FAIL"]
     assert task_list(out, 1) == ["job0", "job1", "job2"]
     assert not (out / "build.sbatch").exists()      # a shell batch without a build command
-    assert "submit array-1.sbatch\n" in (out / "submit.sh").read_text()
+    assert "submit array-1.sbatch $first_after\n" in (out / "submit.sh").read_text()
     for script in ("submit.sh", "run-task.sh", "upload.sh", "fetch.sh", "array-1.sbatch"):
         assert os.stat(out / script).st_mode & stat.S_IXUSR, script
         assert subprocess.run(["sh", "-n", str(out / script)]).returncode == 0, script
@@ -404,3 +404,59 @@ def test_scancel_lands_partial_output_marked_killed(tmp_path, slurm):
     record = json.loads((landed / "job.json").read_text())
     assert (record["state"], record["attempts"]) == ("killed", 1)
     assert record["exit_code"] != 0
+
+
+# --- resources and dependencies (SPEC §3 `resources:`, `meta.after`) ------------
+
+def test_resources_become_sbatch_options_and_slurm_options_win(tmp_path):
+    path = write_batch(tmp_path / "src", (
+        "meta:\n  batch_name: b\n  namespace: ns\n  resources: {cpus: 4, memory: 1.5G, time: 1h30m}\n"
+        "  after: [ns/sweep]\n"
+        "shell:\n  jobs:\n"
+        "    - {name: plain, command: 'true'}\n"
+        "    - {name: gpu, command: 'true', resources: {gpus: 2, time: 26h}}\n"
+        "    - {name: own, command: 'true', slurm: {cpus_per_task: 8, mem_per_cpu: 1G}}\n"))
+    out = tmp_path / "out"
+    result = distribute("slurm", str(path), str(out))
+    assert result.returncode == 0, result.stderr
+    assert sbatch_lines(out / "array-1.sbatch")[3:] == [
+        "#SBATCH --cpus-per-task=4", "#SBATCH --time=01:30:00", "#SBATCH --mem=1536M"]
+    assert sbatch_lines(out / "array-2.sbatch")[3:] == [
+        "#SBATCH --cpus-per-task=4", "#SBATCH --time=1-02:00:00", "#SBATCH --mem=1536M", "#SBATCH --gres=gpu:2"]
+    assert sbatch_lines(out / "array-3.sbatch")[3:] == [     # explicit slurm options: no --mem beside mem_per_cpu
+        "#SBATCH --cpus-per-task=8", "#SBATCH --mem-per-cpu=1G", "#SBATCH --time=01:30:00"]
+    note = [line for line in result.stdout.splitlines() if "note:" in line]
+    assert len(note) == 1 and "meta.after (ns/sweep)" in note[0] and "AFTER=" in note[0]
+    (tmp_path / "sbatch").write_text("#!/bin/sh\nexit 9\n")
+    (tmp_path / "sbatch").chmod(0o755)
+    bad = subprocess.run(["sh", str(out / "submit.sh")], env=dict(os.environ, AFTER="1; rm -rf /",
+                                                                  PATH=f"{tmp_path}:{os.environ['PATH']}"),
+                         capture_output=True, text=True)
+    assert bad.returncode == 1 and "AFTER must be Slurm job ids" in bad.stderr
+
+
+def test_a_batch_after_another_starts_on_slurm_when_it_succeeded(tmp_path, slurm):
+    first = write_batch(tmp_path / "a", "meta: {batch_name: first, namespace: ns}\nshell:\n  jobs:\n"
+                        "    - {name: one, command: 'sleep 2; date +%s.%N > distribute_save/t.txt'}\n")
+    second = write_batch(tmp_path / "b", "meta: {batch_name: second, namespace: ns, after: [first]}\n"
+                         "shell:\n  jobs:\n    - name: two\n      resources: {cpus: 1, memory: 100M, time: 1m}\n"
+                         "      command: 'date +%s.%N > distribute_save/t.txt; echo $SLURM_CPUS_PER_TASK'\n")
+    for path, out in ((first, tmp_path / "out-a"), (second, tmp_path / "out-b")):
+        made = distribute("slurm", str(path), str(out))
+        assert made.returncode == 0, made.stderr
+    submitted = slurm.run(["sh", str(tmp_path / "out-a" / "submit.sh")])
+    assert submitted.returncode == 0, submitted.stderr
+    after = (tmp_path / "out-a" / "submitted.txt").read_text()
+    then = subprocess.run(["sh", str(tmp_path / "out-b" / "submit.sh")], capture_output=True, text=True,
+                          env=dict(slurm.env, AFTER=after))
+    assert then.returncode == 0, then.stderr
+    ids = after.split() + (tmp_path / "out-b" / "submitted.txt").read_text().split()
+    assert sorted(slurm.wait_for_jobs(ids).values()) == ["COMPLETED"] * 2
+    for out in ("out-a", "out-b"):
+        fetch = subprocess.run(["sh", str(tmp_path / out / "fetch.sh"), str(tmp_path / "fetched")],
+                               capture_output=True, text=True)
+        assert fetch.returncode == 0, fetch.stderr
+    one = float((tmp_path / "fetched/ns/first/one/t.txt").read_text())
+    two = float((tmp_path / "fetched/ns/second/two/t.txt").read_text())
+    assert two > one
+    assert (tmp_path / "fetched/ns/second/two/stdout.txt").read_text().strip() == "1"
