@@ -4749,7 +4749,6 @@ class SshTransport:
     async def open_bulk_socket(self, path: str):
         """A stream for one bulk transfer (results, uploads): through OpenSSH's `ssh` where it is
         installed, so the decryption runs in its process, not in the head's; else open_socket."""
-        import asyncio
         if self.bulk is None:
             self.bulk = False
             program, forward = openssh_program(), None
@@ -6199,7 +6198,6 @@ class Supervisor:
 
     def notify(self, event: Dict[str, Any], payload: bytes = b"") -> None:
         """Send an event to the head if one is connected; records on disk cover the rest."""
-        import asyncio
         head = self.head
         if head is not None:
             async def send() -> None:
@@ -6267,7 +6265,6 @@ class Supervisor:
         return found
 
     async def op_build(self, channel: Channel, header, payload):
-        import asyncio
         plan = BatchPlan(**header["plan"])
         ws = self.workspace(plan.namespace, plan.batch)
         if f"{plan.namespace}/{plan.batch}" in self.builds:
@@ -6343,7 +6340,6 @@ class Supervisor:
                 self.build_procs.pop(build or "", None)
 
     async def op_start(self, channel: Channel, header, payload):
-        import asyncio
         plan, job = BatchPlan(**header["plan"]), JobPlan(**header["job"])
         run_id, slot = header["run_id"], int(header.get("slot", 0))
         ws = self.workspace(plan.namespace, plan.batch)
@@ -8648,7 +8644,6 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
-    "forget": {"batch": (_STR, True), "dry": (_BOOL, False)}, "du": {},
 }
 _LIST_ITEMS = {"filters": str, "excludes": str, "paths": str, "capabilities": str}
 

@@ -142,6 +142,22 @@ def pyz_of_another_build(pyz, folder):
     return other
 
 
+def stop_local_head(head, remove=None):
+    """Stop a head whose nodes are this machine, then their supervisors (found by their workdirs
+    under the head's state folder), then delete its folder (`remove`, default shutil.rmtree)."""
+    import psutil
+    head.stop()
+    workdir = f"{head.state / 'nodes'}/"
+    supervisors = [p for p in psutil.process_iter(["cmdline"])
+                   if any(arg.startswith(workdir) for arg in p.info["cmdline"] or [])]
+    for process in supervisors:
+        process.terminate()
+    _, alive = psutil.wait_procs(supervisors, timeout=10)
+    for process in alive:
+        process.kill()
+    (remove or (lambda folder: shutil.rmtree(folder, ignore_errors=True)))(head.dir)
+
+
 def node_workdirs(ssh_nodes):
     """One workdir per node, owned by the node account (the nodes share this machine's disk)."""
     base = Path(tempfile.mkdtemp(prefix="dnodes-", dir="/tmp"))

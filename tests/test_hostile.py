@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import distribute
-from cluster import HeadProcess, wait_until
+from cluster import HeadProcess, stop_local_head, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -172,19 +172,9 @@ LOCAL_NODE = "nodes:\n  - {name: here, host: local, slots: 2}\n"
 @pytest.fixture
 def local_head():
     """A running head over this machine (node `here`, 2 slots); its supervisor is stopped after."""
-    import psutil
     head = HeadProcess(None, LOCAL_NODE, dict(os.environ)).start()
     yield head
-    head.stop()
-    workdir = f"{head.state / 'nodes'}/"
-    supervisors = [p for p in psutil.process_iter(["cmdline"])
-                   if any(arg.startswith(workdir) for arg in p.info["cmdline"] or [])]
-    for process in supervisors:
-        process.terminate()
-    _, alive = psutil.wait_procs(supervisors, timeout=10)
-    for process in alive:
-        process.kill()
-    distribute.remove_tree(head.dir)
+    stop_local_head(head, remove=distribute.remove_tree)       # a test leaves 3,000 nested folders
 
 
 def supervisor_of(head):

@@ -3,9 +3,7 @@ take (issue 12 items 1, 2, 4, 5, 6; issue 18 items 6, 7, 10, 8/9 head side)."""
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import textwrap
 from pathlib import Path

@@ -7,7 +7,6 @@ head restarts, pauses and failures, checking the invariants after every step."""
 import itertools
 import os
 
-import pytest
 from hypothesis import HealthCheck, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 

@@ -6,7 +6,6 @@ End-to-end tests run a real head (its node is this machine) against a real Synap
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import distribute
-from cluster import DISTRIBUTE, HeadProcess, wait_until
+from cluster import DISTRIBUTE, HeadProcess, stop_local_head, wait_until
 
 LOCAL_NODE = "nodes:\n  - {name: here, host: local, slots: 2}\n"
 
@@ -56,18 +55,8 @@ def local_head(config_path):
 
 
 def stop(head):
-    """Stop the head, then its local node's supervisor (found by its unique workdir), then clean up."""
-    import psutil
-    head.stop()
-    workdir = f"{head.state / 'nodes'}/"
-    supervisors = [p for p in psutil.process_iter(["cmdline"])
-                   if any(arg.startswith(workdir) for arg in p.info["cmdline"] or [])]
-    for process in supervisors:
-        process.terminate()
-    _, alive = psutil.wait_procs(supervisors, timeout=10)
-    for process in alive:
-        process.kill()
-    shutil.rmtree(head.dir, ignore_errors=True)
+    """Stop the head, then its local node's supervisor, then clean up."""
+    stop_local_head(head)
 
 
 def job_file(folder, namespace, name, user, jobs):
