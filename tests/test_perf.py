@@ -30,7 +30,7 @@ def test_status_rows_match_per_batch_counts_and_skip_replaced(tmp_path):
 
     assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [(first, "ns", "a", "alice", "active"),
                                                              (empty, "ns", "b", "bob", "active")]
-    assert rows[0][7] == store.counts()[first] == {"done": 1, "failed": 1, "running": 1, "queued": 3}
+    assert rows[0][7] == store.batch_counts(first) == {"done": 1, "failed": 1, "running": 1, "queued": 3}
     assert rows[1][7] == {}
     assert [r[0] for r in store.status_rows(limit=1)] == [empty]
 
@@ -40,7 +40,7 @@ def test_job_plans_stored_flat_read_back_equal(tmp_path):
     job = distribute.JobPlan("j", files=["a.txt"], command="echo", has_script=True, params={"re": 100})
     batch = store.add_batch("ns", "a", "alice", distribute.BatchPlan("ns", "a", "shell"), [], None, [(job, 2)])
     assert store.jobs(batch)[0].plan == job
-    assert store.run_id_of(store.jobs(batch)[0].id) is None
+    assert store.jobs(batch)[0].run_id is None
 
 
 def test_empty_tar_is_a_valid_tar_and_a_cut_stream_still_refused(tmp_path):

@@ -540,7 +540,7 @@ def test_client_commands_share_one_private_openssh_connection(lab, tmp_path):
     assert lab.pull_json(key, tmp_path / "save")["transferred"] > 3 << 20
     assert tree(tmp_path / "save" / key) == tree(root)
     first = master_pid(lab.client_env)
-    assert json.loads(lab.remote("status", "--json").stdout)["batches"]
+    assert json.loads(lab.remote("status", "--all", "--json").stdout)["batches"]
     assert master_pid(lab.client_env) == first                  # no second login: the same master
     folder = forward_dir(lab.client_env["HOME"])
     assert stat.S_IMODE(folder.lstat().st_mode) == 0o700
@@ -552,7 +552,7 @@ def test_client_commands_share_one_private_openssh_connection(lab, tmp_path):
     # the master gone (idle timeout, reboot): the next command starts a new one
     os.kill(first, signal.SIGTERM)
     wait_until(lambda: not psutil_alive(first), 30, "the old master to exit")
-    assert json.loads(lab.remote("status", "--json").stdout)["batches"]
+    assert json.loads(lab.remote("status", "--all", "--json").stdout)["batches"]
     assert master_pid(lab.client_env) != first
 
 
@@ -596,7 +596,7 @@ def test_without_ssh_on_path_asyncssh_carries_pull_and_status(lab, tmp_path):
                                 env=env, capture_output=True, text=True, timeout=120)
         assert pulled.returncode == 0, pulled.stderr
         assert tree(tmp_path / "save" / key) == tree(root)
-        status = subprocess.run(lab.remote_argv("status", "--json"), env=env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(lab.remote_argv("status", "--all", "--json"), env=env, capture_output=True, text=True, timeout=60)
         assert key in status.stdout
         assert not forward_dir(laptop.path).exists()            # ssh never ran
 
@@ -614,7 +614,7 @@ def test_commands_started_together_share_one_new_master(lab):
     with sshd_lib.SshClientHome("eager") as eager:
         eager.add_host("head", lab.sshd, "dalice")
         env = eager.env()
-        clients = [subprocess.Popen(lab.remote_argv("status", "--json"), env=env, stdout=subprocess.PIPE,
+        clients = [subprocess.Popen(lab.remote_argv("status", "--all", "--json"), env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True) for _ in range(4)]
         outputs = [client.communicate(timeout=120) for client in clients]
         assert [client.returncode for client in clients] == [0] * 4, outputs
