@@ -98,7 +98,7 @@ def test_batches_run_everywhere_and_capable_node_gets_its_batch(head, tmp_path):
     # nodes keep no job data once done with a batch
     for name, workdir in head.workdirs.items():
         wait_until(lambda: not (workdir / "lab" / "sweep").exists() and not (workdir / "lab" / "foam").exists(),
-                   10, f"{name}'s build dirs to be deleted")
+                   30, f"{name}'s build dirs to be deleted")      # a cleanup message, then an rm -rf on a busy node
 
 
 @pytest.mark.nodes(extra=["--kill-grace", "2"])
