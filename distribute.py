@@ -5966,6 +5966,35 @@ def adopt_verdict(record: RunRecord, this_boot: Optional[str], pid_started: Opti
     return None
 
 
+class TaskOwner:
+    """Owns a process's background tasks (the head's, a supervisor's).  Each one's end is seen
+    (done callback): a failure is logged with what the task was doing, never left as "Task
+    exception was never retrieved"."""
+
+    def __init__(self, who: str = "head"):
+        self.who = who
+        self.tasks: set = set()
+
+    def spawn(self, coroutine, what: str):
+        import asyncio
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(lambda done: self._ended(done, what))
+        return task
+
+    def _ended(self, task, what: str) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log(f"{self.who}: {what} failed: {type(exc).__name__}: {one_line(str(exc))}")
+
+    async def close(self) -> None:
+        import asyncio
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
 @dataclass
 class LiveRun:
     """The supervisor's state of one running job: its record, and the process (ours, or one an
@@ -5993,7 +6022,7 @@ class Supervisor:
         self.live: Dict[str, LiveRun] = {}         # run_id -> a running job (one place for its state)
         self.build_procs: Dict[str, Any] = {}      # batch key -> build process
         self.builds: Dict[str, Any] = {}           # batch key -> task
-        self.tasks: set = set()                    # every task this supervisor started
+        self.tasks = TaskOwner("supervisor")       # every task this supervisor started
         self.boot = boot_id()
         self.python = shutil.which("python3") or sys.executable
         self.machine = probe_machine()
@@ -6084,16 +6113,7 @@ class Supervisor:
 
     def spawn(self, coroutine, what: str):
         """A task this supervisor owns: its failure is logged, never lost."""
-        import asyncio
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.add(task)
-
-        def ended(done) -> None:
-            self.tasks.discard(done)
-            if not done.cancelled() and done.exception() is not None:
-                log(f"supervisor: {what} failed: {type(done.exception()).__name__}: {done.exception()}")
-        task.add_done_callback(ended)
-        return task
+        return self.tasks.spawn(coroutine, what)
 
     def adopt_orphans(self) -> None:
         """Runs an earlier supervisor recorded as running: a process that still runs is watched
@@ -7711,33 +7731,6 @@ class NodeLink:
         if self.channel is not None:
             with contextlib.suppress(Exception):
                 await self.channel.send(header)
-
-
-class TaskOwner:
-    """Owns the head's background tasks.  Each one's end is seen (done callback): a failure is
-    logged with what the task was doing, never left as "Task exception was never retrieved"."""
-
-    def __init__(self):
-        self.tasks: set = set()
-
-    def spawn(self, coroutine, what: str):
-        import asyncio
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(lambda done: self._ended(done, what))
-        return task
-
-    def _ended(self, task, what: str) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log(f"head: {what} failed: {type(exc).__name__}: {one_line(str(exc))}")
-
-    async def close(self) -> None:
-        import asyncio
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 async def keep_running(start, what: str) -> None:
