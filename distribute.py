@@ -2912,6 +2912,7 @@ class JobRow:
     slot: Optional[int]
     reason: Optional[str] = None        # why it failed or was killed, for `why`
     gpus: Optional[List[int]] = None    # the GPU indices a running job holds on its node (never shared)
+    starts: int = 0                     # times it was started, ever: run ids are "<job id>.<start>"
 
 
 @dataclass
@@ -2929,7 +2930,7 @@ class BuildRow:
 # (0); each step below upgrades a store by one version, in one transaction, so a
 # lab's state folder from any earlier release opens under this one.  A store from
 # a newer release is refused rather than guessed at.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 MIGRATIONS = {
     1: SCHEMA,          # 0.1.0 made these tables without a version: IF NOT EXISTS adopts them
     2: """
@@ -2957,6 +2958,10 @@ ALTER TABLE spans ADD COLUMN reason TEXT;
     5: """
 CREATE TABLE id_floor (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """,                # ids never come back after `forget` (a stale run id must never name a new job)
+    6: """
+ALTER TABLE jobs ADD COLUMN starts INTEGER NOT NULL DEFAULT 0;
+UPDATE jobs SET starts = max(attempts, coalesce(CAST(substr(run_id, instr(run_id, '.') + 1) AS INTEGER), 0));
+""",                # every start of a job has its own run id, also after `retry` counted attempts afresh
 }
 
 
@@ -3120,7 +3125,7 @@ class Store:
         return JobRow(row["id"], row["batch_id"], row["name"], JobPlan(**json.loads(row["plan"])), row["retries"],
                       row["state"], row["attempts"], row["run_id"], row["node"], row["started"], row["ended"],
                       row["exit_code"], row["progress"], row["slot"], row["reason"],
-                      json.loads(row["gpus"]) if row["gpus"] else None)
+                      json.loads(row["gpus"]) if row["gpus"] else None, row["starts"])
 
     def job(self, job_id: int) -> Optional[JobRow]:
         row = self.db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
@@ -3152,7 +3157,8 @@ class Store:
     def mark_started(self, job_id: int, run_id: str, node: str, slot: int,
                      gpus: Optional[List[int]] = None) -> None:
         self.db.execute("UPDATE jobs SET state='running', run_id=?, node=?, slot=?, started=?, ended=NULL,"
-                        " exit_code=NULL, progress=NULL, reason=NULL, gpus=?, attempts=attempts+1 WHERE id=?",
+                        " exit_code=NULL, progress=NULL, reason=NULL, gpus=?, attempts=attempts+1,"
+                        " starts=starts+1 WHERE id=?",
                         (run_id, node, slot, time.time(), json.dumps(gpus) if gpus else None, job_id))
 
     def set_gpus(self, job_id: int, gpus: Optional[List[int]]) -> None:
@@ -3827,7 +3833,7 @@ class Lifecycle:
                         request = job_request(job.plan) or slot_share(node.resources, node.slots)
                         taken = [i for held in view.running for i in held.gpus]
                         gpus = assign_gpus(request.gpus, taken, node.resources.gpus) or []
-                    run_id = f"{job.id}.{job.attempts + 1}"
+                    run_id = f"{job.id}.{job.starts + 1}"
                     self.store.mark_started(job.id, run_id, node.name, slot, gpus)
                     actions.append(Action("start_job", node.name, batch.id, job.id, run_id, slot,
                                           info=resource_header(node, job.plan, slot, gpus)))

@@ -111,6 +111,24 @@ def test_retry_after_the_end_queues_failed_and_killed_jobs_and_builds_again(tmp_
     assert ops(life.schedule(0), "start_build")                   # built afresh: the node cleaned up
 
 
+def test_a_job_retried_after_the_end_runs_under_a_new_run_id(tmp_path):
+    """Found by the state machine: `retry` counts attempts afresh, and the run id was made of the
+    attempt, so the second run was "<id>.1" again and a stale report of the first could pass for it."""
+    store = make_store(tmp_path)
+    life = life_with(store, n1=1)
+    batch_id = add(store, jobs=1)
+    build_everywhere(life)
+    (first,) = ops(life.schedule(0), "start_job")
+    run = dict(run_of(first), exit_code=1)
+    life.landed("n1", ops(life.finished("n1", run), "land")[0].job_id, run, None)
+    assert life.retry(batch_id, ("failed",))[0] == 1
+    build_everywhere(life)
+    (second,) = ops(life.schedule(0), "start_job")
+    assert second.job_id == first.job_id and second.run_id != first.run_id
+    assert not ops(life.finished("n1", run), "land")           # the old run's report is stale now
+    assert store.job(first.job_id).state == "running"
+
+
 def test_kill_tells_the_node_and_the_run_ends_killed(tmp_path):
     store = make_store(tmp_path)
     life = life_with(store, n1=1)
