@@ -6,6 +6,7 @@ distribute.pyz), and hands out jobs by capability.  Users talk to the head from
 their laptops, again over SSH.  This module is the whole program; read it top
 to bottom, it follows the data:
 
+   0. `pause`, before anything loads
    1. configuration and errors          9. workstation pause
    2. names, paths and durations       10. the node-side supervisor
    3. job files and nodes files        11. pulling results
@@ -22,17 +23,207 @@ the head or a client needs it.
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
-import errno
-import io
-import itertools
 import os
-import re
-import stat
 import sys
 import time
+
+
+# ---------------------------------------------------------------------------
+# 0. `pause`, before anything else loads
+#
+# The person at a workstation who types `pause` wants the machine back now,
+# and defining the rest of this module takes longer than stopping the jobs
+# should (a tenth of a second).  So when this file runs as the program and the
+# command is a plain `pause`, the lock is written first, with nothing but os,
+# pwd and json; then the module loads and `pause` goes on as usual, writing
+# the same lock again.  This section owns the lock's file name and writing,
+# the choice of the pause folder, and reading `pause`'s command line; section
+# 9 owns the rest (who may write a lock, how the supervisor reads it, when it
+# goes stale).
+# ---------------------------------------------------------------------------
+
+DEFAULT_PAUSE_DIR = "/var/tmp/distribute"
+MAX_PAUSE_SECONDS = 4 * 3600
+PAUSE_DEFAULT_DURATION = "1h"
+PAUSE_LOCK_PREFIX = "pause-"
+PAUSE_LOCK_SUFFIX = ".json"
+# Beside the distribute.pyz a head installed (<workdir>/bin/), the node's pause folder as the
+# nodes file sets it, so that `pause` run from that pyz locks where the supervisor watches.
+PAUSE_DIR_NOTE = "pause-dir"
+_LOCK_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+_DURATION_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(text: str) -> Optional[int]:
+    """'1h30m10s', '90m', '4h', '60s' -> seconds; None for anything else (parse_duration says why)."""
+    total, digits, units = 0, "", "hms"
+    for char in text.strip().lower():
+        if "0" <= char <= "9":
+            digits += char
+        elif char in units and 0 < len(digits) <= 9:
+            total += int(digits) * _DURATION_UNITS[char]
+            digits, units = "", units[units.index(char) + 1:]
+        else:
+            return None
+    return None if digits or units == "hms" else total
+
+
+def pause_request(args: List[str]) -> Optional[Tuple[str, bool]]:
+    """(duration, detach) of `pause` with its plain options; None for anything else
+    (--help, a typo, global options), which goes through click with its help and errors."""
+    if args[:1] != ["pause"]:
+        return None
+    rest, duration, detach, index = args[1:], PAUSE_DEFAULT_DURATION, False, 0
+    while index < len(rest):
+        arg = rest[index]
+        if arg == "--detach":
+            detach = True
+        elif arg == "--duration" and index + 1 < len(rest) and not rest[index + 1].startswith("-"):
+            duration, index = rest[index + 1], index + 1
+        elif arg.startswith("--duration=") and len(arg) > len("--duration="):
+            duration = arg.partition("=")[2]
+        else:
+            return None
+        index += 1
+    return duration, detach
+
+
+def running_pyz() -> Optional[str]:
+    """The distribute.pyz this process runs from, if any.  Its bootstrap imports this module
+    from an unpacked copy in ~/.cache, so __file__ does not lead to it; the bootstrap knows."""
+    archive = getattr(sys.modules.get("_distribute_boot"), "ARCHIVE", None)
+    if archive and os.path.isfile(archive):
+        return archive
+    container = os.path.dirname(os.path.abspath(__file__))
+    return container if os.path.isfile(container) else None
+
+
+def noted_pause_dir() -> Optional[str]:
+    """The pause folder noted beside the running distribute.pyz, if any (and sound)."""
+    pyz = running_pyz()
+    if not pyz:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(pyz), PAUSE_DIR_NOTE), encoding="utf-8") as note:
+            text = note.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text.startswith("/") and "\n" not in text else None
+
+
+def configured_pause_folder() -> str:
+    """Where `pause` locks: $DISTRIBUTE_PAUSE_DIR, else the folder the head noted beside
+    the running pyz, else /var/tmp/distribute."""
+    return os.environ.get("DISTRIBUTE_PAUSE_DIR") or noted_pause_dir() or DEFAULT_PAUSE_DIR
+
+
+def pause_folder_problem(folder: str, info: os.stat_result) -> Optional[str]:
+    """Why a lock folder is unsafe (another user could swap or empty it behind our back), if it is."""
+    import stat
+    if stat.S_ISLNK(info.st_mode):
+        return f"pause folder {folder} is a symlink; point DISTRIBUTE_PAUSE_DIR at a real folder"
+    if not stat.S_ISDIR(info.st_mode):
+        return f"pause folder {folder} is not a folder"
+    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
+        return f"pause folder {folder} is world-writable without the sticky bit (fix: chmod 1777 {folder})"
+    return None
+
+
+def current_user() -> str:
+    return _user_of_uid(os.geteuid())
+
+
+def _user_of_uid(uid: int) -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def process_start_time(pid: int) -> Optional[float]:
+    """When pid started (epoch seconds), or None when it cannot be seen.  From /proc where
+    there is one (as psutil computes it, without importing psutil: `pause` starts faster)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            data = stat_file.read()
+        with open("/proc/uptime", "rb") as uptime_file:     # not /proc/stat's btime: slow to read
+            boot = int(time.time() - float(uptime_file.read().split()[0]))   # whole seconds, as btime
+        return boot + int(data[data.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    import psutil
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def pause_lock_name(user: str) -> str:
+    safe = "".join(char if char in _LOCK_NAME_CHARS else "_" for char in user)
+    return f"{PAUSE_LOCK_PREFIX}{safe}{PAUSE_LOCK_SUFFIX}"
+
+
+def write_lock_file(folder: str, name: str, lock: Dict[str, Any]) -> None:
+    """Write a lock atomically (a new file beside it, then a rename over it), mode 0644.
+    OSError as it comes: filename2 is set when the rename was refused."""
+    import json
+    data = json.dumps(lock).encode()
+    for attempt in range(100):
+        tmp = os.path.join(folder, f".{name}.{os.getpid()}.{time.monotonic_ns()}.{attempt}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name in {folder}")
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, os.path.join(folder, name))
+    finally:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def lock_before_loading(argv: List[str]) -> None:
+    """A plain `pause`'s lock, written before the rest of this module loads (see above).
+    Anything unusual is left to the command itself, which reports it in its own words."""
+    request = pause_request(argv)
+    seconds = duration_seconds(request[0]) if request else None
+    if not seconds or seconds > MAX_PAUSE_SECONDS:
+        return
+    folder, pid, now = configured_pause_folder(), os.getpid(), time.time()
+    try:
+        if pause_folder_problem(folder, os.lstat(folder)):
+            return
+        user = current_user()
+        write_lock_file(folder, pause_lock_name(user), {
+            "user": user, "until": now + seconds, "pid": pid, "detached": request[1], "since": now,
+            "pid_started": process_start_time(pid), "reason": ""})
+    except (OSError, ValueError):
+        return
+
+
+if sys.argv[1:2] == ["pause"] and (__name__ == "__main__" or running_pyz()):
+    lock_before_loading(sys.argv[1:])
+
+import collections  # noqa: E402  (the rest loads after a `pause`'s lock is written)
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import errno  # noqa: E402
+import io  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import stat  # noqa: E402
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -85,9 +276,7 @@ EXIT_USAGE = 2
 
 JOBS_FILE = "distribute-jobs.yaml"
 NODES_FILE = "distribute-nodes.yaml"
-DEFAULT_PAUSE_DIR = "/var/tmp/distribute"
 DEFAULT_NODE_WORKDIR = "/var/tmp/distribute-work"   # not the pause folder, which is world-writable
-MAX_PAUSE_SECONDS = 4 * 3600
 
 
 class UserError(Exception):
@@ -171,16 +360,13 @@ def inside(root: Path, *parts: str) -> Path:
     return path
 
 
-_DURATION_RE = re.compile(r"(?:([0-9]{1,9})h)?(?:([0-9]{1,9})m)?(?:([0-9]{1,9})s)?\Z")
 
 
 def parse_duration(text: str, maximum: Optional[float] = None) -> int:
     """'1h30m10s', '90m', '4h', '60s' -> seconds.  Zero, garbage or too long: UserError."""
-    match = _DURATION_RE.match(text.strip().lower()) if text else None
-    if not match or not any(match.groups()):
+    total = duration_seconds(text) if text else None
+    if total is None:
         raise UserError(f"duration {text!r} is not like 4h, 90m, 1h30m or 60s")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    total = hours * 3600 + minutes * 60 + seconds
     if total <= 0:
         raise UserError(f"duration {text!r} must be longer than zero")
     if maximum is not None and total > maximum:
@@ -5034,8 +5220,6 @@ class OpenSshForward:
 # here trusts files only as far as their owner and their age allow.
 # ---------------------------------------------------------------------------
 
-PAUSE_LOCK_PREFIX = "pause-"
-PAUSE_LOCK_SUFFIX = ".json"
 _PAUSE_LOCK_MAX_BYTES = 4096
 # A lock can claim any expiry; none keeps jobs stopped longer than the maximum
 # pause (plus a little clock slack) after it was written.
@@ -5060,15 +5244,10 @@ class PauseLock:
     reason: str = ""          # set only for the supervisor's own pauses (owner policy), never read from a file
 
 
-# Beside the distribute.pyz a head installed (<workdir>/bin/), the node's pause folder as the
-# nodes file sets it, so that `pause` run from that pyz locks where the supervisor watches.
-PAUSE_DIR_NOTE = "pause-dir"
-
-
 def pause_dir() -> Path:
     """The lock folder ($DISTRIBUTE_PAUSE_DIR, else the one the head noted beside the running
     pyz, else /var/tmp/distribute), created sticky and world-writable."""
-    folder = Path(os.environ.get("DISTRIBUTE_PAUSE_DIR") or noted_pause_dir() or DEFAULT_PAUSE_DIR)
+    folder = Path(configured_pause_folder())
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.mkdir(folder)
@@ -5080,18 +5259,6 @@ def pause_dir() -> Path:
         raise Failed(f"cannot create the pause folder {folder}: {exc.strerror}") from None
     check_pause_dir(folder)
     return folder
-
-
-def noted_pause_dir() -> Optional[str]:
-    """The pause folder noted beside the running distribute.pyz, if any (and sound)."""
-    pyz = running_pyz()
-    if not pyz:
-        return None
-    try:
-        text = (Path(pyz).parent / PAUSE_DIR_NOTE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text if text.startswith("/") and "\n" not in text else None
 
 
 def note_pause_dir(folder: str) -> None:
@@ -5112,56 +5279,13 @@ def resume_command() -> str:
 
 def check_pause_dir(folder: Path) -> None:
     """Refuse a lock folder that another user could swap or empty behind our back."""
-    import stat
-    info = os.lstat(folder)
-    if stat.S_ISLNK(info.st_mode):
-        raise UserError(f"pause folder {folder} is a symlink; point DISTRIBUTE_PAUSE_DIR at a real folder")
-    if not stat.S_ISDIR(info.st_mode):
-        raise UserError(f"pause folder {folder} is not a folder")
-    if info.st_mode & stat.S_IWOTH and not info.st_mode & stat.S_ISVTX:
-        raise UserError(f"pause folder {folder} is world-writable without the sticky bit "
-                        f"(fix: chmod 1777 {folder})")
-
-
-def current_user() -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(os.geteuid()).pw_name
-    except KeyError:
-        return f"uid{os.geteuid()}"
-
-
-def _user_of_uid(uid: int) -> str:
-    import pwd
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid{uid}"
+    problem = pause_folder_problem(str(folder), os.lstat(folder))
+    if problem:
+        raise UserError(problem)
 
 
 def pause_lock_path(folder: Path, user: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", user)
-    return folder / f"{PAUSE_LOCK_PREFIX}{safe}{PAUSE_LOCK_SUFFIX}"
-
-
-def process_start_time(pid: int) -> Optional[float]:
-    """When pid started (epoch seconds), or None when it cannot be seen.  From /proc where
-    there is one (as psutil computes it, without importing psutil: `pause` starts faster)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            data = stat_file.read()
-        with open("/proc/uptime", "rb") as uptime_file:     # not /proc/stat's btime: slow to read
-            boot = int(time.time() - float(uptime_file.read().split()[0]))   # whole seconds, as btime
-        return boot + int(data[data.rindex(b")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, IndexError):
-        pass
-    import psutil
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return None
+    return folder / pause_lock_name(user)
 
 
 def write_pause_lock(folder: Path, until: float, detached: bool, pid: Optional[int] = None) -> PauseLock:
@@ -5170,20 +5294,12 @@ def write_pause_lock(folder: Path, until: float, detached: bool, pid: Optional[i
     lock = PauseLock(current_user(), until, pid, detached, time.time(), process_start_time(pid))
     path = pause_lock_path(folder, lock.user)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))
-    except PermissionError:
-        raise Failed(f"cannot write a pause lock in {folder}: permission denied "
-                     f"(the folder needs mode 1777)") from None
-    try:
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), 0o644)
-            json.dump(dataclasses.asdict(lock), out)
-        os.replace(tmp, path)
-    except PermissionError:
+        write_lock_file(str(folder), path.name, dataclasses.asdict(lock))
+    except PermissionError as exc:
+        if exc.filename2 is None:
+            raise Failed(f"cannot write a pause lock in {folder}: permission denied "
+                         f"(the folder needs mode 1777)") from None
         raise Failed(f"cannot replace {path}: it belongs to {_owner_name(path)}; ask root to remove it") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     return lock
 
 
@@ -7382,16 +7498,6 @@ def default_socket_candidates() -> List[Path]:
 
 
 REMOTE_SOCKET = "/var/lib/distribute/head.sock"
-
-
-def running_pyz() -> Optional[str]:
-    """The distribute.pyz this process runs from, if any.  Its bootstrap imports this module
-    from an unpacked copy in ~/.cache, so __file__ does not lead to it; the bootstrap knows."""
-    archive = getattr(sys.modules.get("_distribute_boot"), "ARCHIVE", None)
-    if archive and os.path.isfile(archive):
-        return archive
-    container = os.path.dirname(os.path.abspath(__file__))
-    return container if os.path.isfile(container) else None
 
 
 def program_argv() -> List[str]:
@@ -10713,7 +10819,6 @@ def node_attach(socket_path) -> None:
 # They only write and remove that user's lock; the node supervisor does the
 # stopping.  A waiting `pause` must end its pause however it ends itself.
 
-_PAUSE_DEFAULT_DURATION = "1h"
 _PAUSE_NOTE_EVERY = 300.0  # without a terminal, a line every 5 minutes is enough
 
 
@@ -10772,7 +10877,7 @@ def pause_echo(tty: bool) -> Callable[[str, bool], None]:
 
 
 @cli.command()
-@click.option("--duration", default=_PAUSE_DEFAULT_DURATION, show_default=True, metavar="DURATION",
+@click.option("--duration", default=PAUSE_DEFAULT_DURATION, show_default=True, metavar="DURATION",
               help="How long: 4h, 90m, 1h30m10s, 60s (at most 4h).")
 @click.option("--detach", is_flag=True,
               help="Return at once; the pause ends at its expiry or at `distribute resume`.")
@@ -11110,24 +11215,10 @@ def node_fast_path(args: List[str]) -> Optional[Callable[[], None]]:
     """`pause` and `resume` with their plain options, run without click's parsing: what the
     person at a workstation types when they need it now.  Anything else (--help, a typo,
     global options) returns None and goes through click, with its help and errors."""
-    if not args or args[0] not in ("pause", "resume"):
-        return None
-    rest = args[1:]
-    if args[0] == "resume":
-        return (lambda: resume.callback(everyone=bool(rest))) if rest in ([], ["--all"]) else None
-    duration, detach, index = _PAUSE_DEFAULT_DURATION, False, 0
-    while index < len(rest):
-        arg = rest[index]
-        if arg == "--detach":
-            detach = True
-        elif arg == "--duration" and index + 1 < len(rest) and not rest[index + 1].startswith("-"):
-            duration, index = rest[index + 1], index + 1
-        elif arg.startswith("--duration=") and len(arg) > len("--duration="):
-            duration = arg.partition("=")[2]
-        else:
-            return None
-        index += 1
-    return lambda: pause.callback(duration=duration, detach=detach)
+    if args[:1] == ["resume"]:
+        return (lambda: resume.callback(everyone=bool(args[1:]))) if args[1:] in ([], ["--all"]) else None
+    request = pause_request(args)
+    return None if request is None else (lambda: pause.callback(duration=request[0], detach=request[1]))
 
 
 def main(argv: Optional[List[str]] = None) -> None:

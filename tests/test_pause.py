@@ -581,3 +581,36 @@ def test_signal_job_processes_reaches_children_outside_the_session(job_and_watch
     assert job.proc.wait(timeout=10) == -signal.SIGKILL
     psutil.wait_procs(processes, timeout=5)
     assert not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("argv, written", [(["pause", "--detach", "--duration", "2m"], True),
+                                           (["pause", "--duration=90m"], True),
+                                           (["pause", "--duration", "5h"], False),     # over the maximum
+                                           (["pause", "--detahc"], False),             # a typo: click says so
+                                           (["pause", "--help"], False)])
+def test_pause_writes_its_lock_before_the_rest_of_the_program_loads(tmp_path, argv, written):
+    """The person at the workstation waits for Python to start and the lock to land, not for
+    this module's definitions: with click made unimportable, the program dies loading, and
+    still a plain `pause` has written its lock (only the plain forms; the rest waits for click)."""
+    locks = tmp_path / "locks"
+    locks.mkdir(mode=0o1777)
+    locks.chmod(0o1777)
+    program = ("import runpy, sys; sys.modules['click'] = None; sys.argv = [sys.argv[1]] + sys.argv[2:];"
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", program, str(ROOT / "distribute.py")] + argv,
+                            env=dict(os.environ, DISTRIBUTE_PAUSE_DIR=str(locks)), capture_output=True, text=True)
+    assert "No module named 'click'" in result.stderr or "import of click halted" in result.stderr
+    found = list(locks.glob("pause-*.json"))
+    assert bool(found) == written and not list(locks.glob(".*.tmp"))
+    if written:
+        lock = distribute.read_pause_lock(found[0])[0]
+        assert lock.user == pwd.getpwuid(os.geteuid()).pw_name and lock.detached == ("--detach" in argv)
+        assert lock.until - time.time() == pytest.approx(distribute.duration_seconds(argv[-1].split("=")[-1]), abs=30)
+        assert lock.pid_started is not None
+
+
+@pytest.mark.parametrize("text, seconds", [("1h30m10s", 5410), ("90m", 5400), (" 4H ", 14400), ("60s", 60),
+                                           ("0s", 0), ("1m1h", None), ("h", None), ("", None), ("1x", None),
+                                           ("-1h", None), ("1234567890s", None), ("1h 2m", None)])
+def test_durations(text, seconds):
+    assert distribute.duration_seconds(text) == seconds
