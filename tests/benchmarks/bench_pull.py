@@ -78,7 +78,7 @@ class Head:
         self.local("add", folder / "distribute-jobs.yaml")
 
         def done():
-            batches = json.loads(self.local("status", "--json"))["batches"]
+            batches = json.loads(self.local("status", "--all", "--json"))["batches"]
             return batches and batches[0]["state"] != "active"
         wait_until(done, 120, "the seed batch")
         return self.archive / "lab" / "bench"
