@@ -223,7 +223,7 @@ import io  # noqa: E402
 import itertools  # noqa: E402
 import re  # noqa: E402
 import stat  # noqa: E402
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -259,6 +259,35 @@ socket = LazyModule("socket")
 subprocess = LazyModule("subprocess")
 tarfile = LazyModule("tarfile")
 tempfile = LazyModule("tempfile")
+
+_UNMADE_RECORDS: set = set()
+_RECORDS_LOCK = __import__("_thread").allocate_lock()
+
+
+def record(cls):
+    """A dataclass, made when its class is first used (an instance, or record_fields) rather
+    than when this module loads: making all forty of them took a fifth of every command's
+    start, and a command uses a handful."""
+    def first_init(self, *args, **kwargs):
+        make_record(cls)
+        cls.__init__(self, *args, **kwargs)
+    cls.__init__ = first_init
+    _UNMADE_RECORDS.add(cls)
+    return cls
+
+
+def make_record(cls) -> None:
+    with _RECORDS_LOCK:
+        if cls in _UNMADE_RECORDS:
+            del cls.__init__
+            dataclasses.dataclass(cls)
+            _UNMADE_RECORDS.discard(cls)
+
+
+def record_fields(cls) -> Tuple[dataclasses.Field, ...]:
+    make_record(cls)
+    return dataclasses.fields(cls)
+
 
 __version__ = "0.1.0"
 
@@ -409,14 +438,14 @@ SLURM_KEYS = ("job_name", "output", "nodes", "ntasks", "cpus_per_task", "mem_per
               "time", "partition", "account", "mail_user", "mail_type")
 
 
-@dataclass
+@record
 class FileSpec:
     """A file on the submitting machine and the name it gets on the node."""
     path: str
     alias: str
 
 
-@dataclass
+@record
 class SlurmOptions:
     job_name: Optional[str] = None
     output: Optional[str] = None
@@ -434,7 +463,7 @@ class SlurmOptions:
     gres: Optional[str] = None               # from resources.gpus (not a job-file key)
 
 
-@dataclass
+@record
 class Resources:
     """What a job asks of a node (SPEC §3 `resources:`); None: not asked."""
     cpus: Optional[int] = None
@@ -453,7 +482,7 @@ class Resources:
         return any(value is not None for value in dataclasses.astuple(self))
 
 
-@dataclass
+@record
 class Meta:
     batch_name: str
     namespace: str
@@ -464,7 +493,7 @@ class Meta:
     after_failed: str = "wait"               # or "start": what a failed dependency means
 
 
-@dataclass
+@record
 class Job:
     name: str
     required_files: List[FileSpec] = field(default_factory=list)
@@ -476,7 +505,7 @@ class Job:
     resources: Optional[Resources] = None    # the job's own, meta.resources merged in
 
 
-@dataclass
+@record
 class JobFile:
     """A whole batch as written in distribute-jobs.yaml."""
     path: str
@@ -501,7 +530,7 @@ class JobFile:
         return files
 
 
-@dataclass
+@record
 class NodeSpec:
     """One workstation of distribute-nodes.yaml."""
     name: str
@@ -531,7 +560,7 @@ class NodeSpec:
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-@dataclass
+@record
 class DeskHours:
     """Fewer slots on these weekdays (0 = Monday) between start and end (minutes after midnight)."""
     days: List[int]
@@ -540,7 +569,7 @@ class DeskHours:
     slots: int
 
 
-@dataclass
+@record
 class OwnerPolicy:
     busy_cpu: Optional[float] = None      # percent of one core used by the owners' processes ...
     busy_for: float = 10.0                # ... for this long: pause
@@ -555,7 +584,7 @@ class OwnerPolicy:
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "OwnerPolicy":
         """From the wire (the head's hello); unknown keys are ignored."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in record_fields(cls)}
         policy = cls(**{k: v for k, v in data.items() if k in known})
         policy.desk_hours = [DeskHours(**d) for d in data.get("desk_hours") or []]
         return policy
@@ -1224,7 +1253,7 @@ def describe_batch(batch: JobFile) -> Tuple[int, int]:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-@dataclass
+@record
 class File:
     """A file a batch or job needs, and the name it gets in input/ (default: its own)."""
     path: str
@@ -1279,7 +1308,7 @@ def _relabel(message: str, yaml_path: str, label: str) -> str:
     return f"{label}: " + re.sub(r"\A(\d+:)?\s*", "", message[len(yaml_path) + 1:])
 
 
-@dataclass
+@record
 class BatchJob:
     """One job of a Batch, as add_job or sweep made it."""
     name: str
@@ -1292,7 +1321,7 @@ class BatchJob:
     resources: Optional[Dict[str, Any]] = None   # {cpus, memory, gpus, time}, as in a job file
 
 
-@dataclass
+@record
 class Batch:
     """A job file built in code: add jobs, then `write()` it or `validate()` it.
 
@@ -1626,7 +1655,7 @@ _WHERE_WORDS = {"and": "and", "or": "or", "not": "not"}
 _WHERE_BOOLS = {"true": True, "false": False, "True": True, "False": False}
 
 
-@dataclass
+@record
 class _Token:
     kind: str          # name, value, op, and, or, not, (, ), end
     text: str
@@ -1801,7 +1830,7 @@ def parse_where(expr: str) -> Callable[[Dict[str, Any]], bool]:
 # behaves the same on a laptop as on the lab's machines.
 # ---------------------------------------------------------------------------
 
-@dataclass
+@record
 class BatchPlan:
     """What a machine needs to know to build a batch: no paths of the submitter's laptop."""
     namespace: str
@@ -1824,7 +1853,7 @@ class BatchPlan:
                    after=list(batch.meta.after), after_failed=batch.meta.after_failed)
 
 
-@dataclass
+@record
 class JobPlan:
     """What a machine needs to know to run one job of a built batch."""
     name: str
@@ -2334,7 +2363,7 @@ def copy_tree_into(source: Path, dest: Path) -> None:
             shutil.copy2(entry.path, target)
 
 
-@dataclass
+@record
 class JobOutcome:
     name: str
     exit_code: int
@@ -2464,7 +2493,7 @@ _CLUSTER_HOST_RE = re.compile(r"[A-Za-z0-9_.:\[\]-]+\Z")
 _JSON_SLOTS = ("node", "start", "end", "exit_code", "attempts", "state")
 
 
-@dataclass
+@record
 class SlurmArray:
     """One sbatch script: a job array over jobs that share the same slurm options."""
     script: str
@@ -2476,7 +2505,7 @@ class SlurmArray:
         return f"tasks/{self.script.rsplit('.', 1)[0]}.txt"
 
 
-@dataclass
+@record
 class ClusterTarget:
     """Where the folder goes: `[user@]host:dir`, or a local (shared) directory when host is None."""
     directory: str
@@ -3060,7 +3089,7 @@ CREATE TABLE IF NOT EXISTS builds (
 JOB_STATES = ("queued", "running", "done", "failed", "killed")
 
 
-@dataclass
+@record
 class BatchRow:
     id: int
     namespace: str
@@ -3079,7 +3108,7 @@ class BatchRow:
         return f"{self.namespace}/{self.name}"
 
 
-@dataclass
+@record
 class JobRow:
     id: int
     batch_id: int
@@ -3100,7 +3129,7 @@ class JobRow:
     starts: int = 0                     # times it was started, ever: run ids are "<job id>.<start>"
 
 
-@dataclass
+@record
 class BuildRow:
     batch_id: int
     node: str
@@ -3171,7 +3200,7 @@ def migrate_store(db, path: Path) -> None:
             log(f"head: store {path} upgraded to version {step}")
 
 
-@dataclass
+@record
 class TimelineSpan:
     """One job attempt, build or pause on one node, as `report` draws it."""
     kind: str                        # "job", "build" or "pause"
@@ -3514,7 +3543,7 @@ class _Transaction:
 
 # Scheduling: which batch a node with a free slot should take next.
 
-@dataclass
+@record
 class Amount:
     """Cores, bytes of memory and GPUs: a node's capacity, a job's request, what is in use."""
     cpus: int = 0
@@ -3528,7 +3557,7 @@ class Amount:
         return Amount(self.cpus - other.cpus, self.memory - other.memory, self.gpus - other.gpus)
 
 
-@dataclass
+@record
 class Allocation:
     """What one running job holds on a node: its request, its GPU indices, when its time is up."""
     request: Amount
@@ -3536,7 +3565,7 @@ class Allocation:
     ends: Optional[float] = None        # start + time limit (None: no limit, end unknown)
 
 
-@dataclass
+@record
 class NodeView:
     name: str
     capabilities: List[str]
@@ -3557,7 +3586,7 @@ class NodeView:
         return (self.capacity or Amount()).minus(self.used)
 
 
-@dataclass
+@record
 class BatchView:
     id: int
     owner: str
@@ -3830,7 +3859,7 @@ def backoff(tries: int, base: float = BACKOFF_BASE, cap: float = 300.0) -> float
     return min(cap, base * 2 ** max(0, tries - 1))
 
 
-@dataclass
+@record
 class Action:
     """One thing for the head to do.  op: start_build, start_job, tell, land, land_later,
     build_log, notify, drop_files, wake_at, log."""
@@ -3843,7 +3872,7 @@ class Action:
     info: Dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
+@record
 class NodeState:
     """What the lifecycle needs to know of a node (the head's link keeps it current)."""
     name: str
@@ -3939,7 +3968,13 @@ class Lifecycle:
         return [n.name for n in self.nodes.values() if not missing_capabilities(batch.capabilities, n.capabilities)]
 
     def _requeue(self, job: JobRow, count_attempt: bool, why: str) -> List[Action]:
-        """The one way back to the queue (its slot is free as soon as the row is)."""
+        """The one way back to the queue (its slot is free as soon as the row is).  A job whose
+        batch was killed meanwhile (its kill may never have reached the node) ends killed instead."""
+        batch = self.store.batch(job.batch_id)
+        if batch is not None and batch.state != "active":
+            self.store.mark_ended(job.id, "killed", None, "killed")
+            return [Action("log", info={"text": f"{why}; its batch was killed, so it ends killed instead"})] + \
+                self.end_batch_if_done(job.batch_id)
         self.store.requeue(job.id, count_attempt)
         return [Action("log", info={"text": why})]
 
@@ -5358,7 +5393,7 @@ _PAUSE_RESWEEP_SECONDS = 1.0
 _FREEZE_MAX_ROUNDS = 100
 
 
-@dataclass
+@record
 class PauseLock:
     """One user's pause: jobs stay stopped until `until` (epoch seconds)."""
     user: str
@@ -5586,7 +5621,7 @@ def describe_pauses(pauses: List[PauseLock]) -> str:
 # repetition converges.  Continuing is bottom-up, children before parents:
 # a parent that wakes up first could take a still-stopped child for hung.
 
-@dataclass
+@record
 class ProcInfo:
     pid: int
     ppid: int
@@ -5720,7 +5755,7 @@ def thaw_tree(root_pids: Iterable[int], also: Optional[Dict[int, int]] = None) -
 
 # --- the watcher -------------------------------------------------------------
 
-@dataclass
+@record
 class PauseWatch:
     """What the watcher knows between ticks: the pauses in force and what it stopped."""
     folder: Path
@@ -5821,7 +5856,7 @@ def desk_slots(policy: OwnerPolicy, moment: datetime.datetime) -> Optional[int]:
     return min(found) if found else None
 
 
-@dataclass
+@record
 class OwnerSample:
     """What the owners did since the last sample."""
     cpu: float = 0.0                 # percent of one core, all counted processes together
@@ -5831,7 +5866,7 @@ class OwnerSample:
     top_process: str = ""            # 'make (pid 1234)': the busiest counted process, for the log
 
 
-@dataclass
+@record
 class OwnerState:
     busy_since: Optional[float] = None   # start of the current run of samples over the CPU limit
     reason: str = ""                     # while the policy pauses the node: why ...
@@ -6108,7 +6143,7 @@ def probe_machine() -> Dict[str, Any]:
                 python=sys.version.split()[0], version=__version__)
 
 
-@dataclass
+@record
 class RunRecord:
     """One attempt of one job on this node, as kept on the node's disk."""
     run_id: str
@@ -6138,7 +6173,7 @@ class RunRecord:
 # record says why; the head archives it as killed, with that reason, and does not
 # retry it (the same job would hit the same limit again).
 
-@dataclass
+@record
 class LimitWatch:
     """One job's limits and the run time it has used so far (paused time left out)."""
     memory: int = 0          # bytes, 0: none
@@ -6243,7 +6278,7 @@ class TaskOwner:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-@dataclass
+@record
 class LiveRun:
     """The supervisor's state of one running job: its record, and the process (ours, or one an
     earlier supervisor started and this one adopted: then only its pid)."""
@@ -6980,7 +7015,7 @@ def relay_stdio_to_socket(path: str) -> None:
 # first.
 # ---------------------------------------------------------------------------
 
-@dataclass
+@record
 class PullSelection:
     filters: List[str] = field(default_factory=list)
     excludes: List[str] = field(default_factory=list)
@@ -7277,7 +7312,7 @@ MATRIX_ERROR_LINE = re.compile(r"error|exception|traceback|fatal|panic|abort|seg
                                r"no such file|not found|denied", re.IGNORECASE)
 
 
-@dataclass
+@record
 class MatrixConfig:
     """serve --matrix-config: which homeserver, as which bot, where rooms are remembered."""
     homeserver: str                                 # base URL without a trailing slash
@@ -7478,7 +7513,7 @@ class MatrixRooms:
         write_atomically(self.path, write)
 
 
-@dataclass
+@record
 class BatchNotice:
     """What one message says about a finished batch; gathered on the event loop."""
     user: str
@@ -7745,7 +7780,7 @@ def program_bytes(pyz: Optional[Path] = None) -> Tuple[bytes, str]:
     return data, hashlib.sha256(data).hexdigest()[:16]
 
 
-@dataclass
+@record
 class HeadConfig:
     state: Path
     archive: Path
@@ -9006,7 +9041,7 @@ def _fields(what: str, value: Any, cls) -> Dict[str, Any]:
     """value as keyword arguments of the dataclass cls: a mapping with only cls's fields."""
     if not isinstance(value, dict):
         raise UserError(f"{what} must be a mapping, not {_kind(value)}")
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in record_fields(cls)]
     unknown = [k for k in value if k not in known]
     if unknown:
         raise UserError(f"{what}: unknown key {one_line(repr(unknown[0]))[:80]} (known: {', '.join(known)})")
@@ -9609,7 +9644,7 @@ def systemd_quote(arg: str) -> str:
     return f'"{text}"'
 
 
-@dataclass
+@record
 class ServiceUnit:
     """What `service install` writes: the serve command line and who runs it."""
     argv: List[str]                      # absolute program path first
@@ -9828,7 +9863,7 @@ if [ -f "$c" ]; then echo "claim=$(tr -d '\n' < "$c")"; echo "claim-age=$(( $(da
 '''
 
 
-@dataclass
+@record
 class NodeCheck:
     """The outcome of checking one node: what is missing, and the facts found."""
     name: str

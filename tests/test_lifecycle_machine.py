@@ -230,6 +230,21 @@ def test_node_lost_requeues_its_jobs_without_using_a_retry_and_forgets_its_build
     assert [a.info for a in actions] == [{"op": "kill", "run_ids": [stale.run_id], "grace": 0}]
 
 
+def test_a_job_of_a_killed_batch_on_a_lost_node_ends_killed_and_the_batch_ends(tmp_path):
+    """Found by the state machine: the kill never reached the away node, then the node timed out,
+    and its job went back to the queue of a batch that was killed (and never ran again)."""
+    store = make_store(tmp_path)
+    life = life_with(store, n1=1)
+    batch_id = add(store, jobs=1)
+    build_everywhere(life)
+    (start,) = ops(life.schedule(0), "start_job")
+    life.kill(batch_id)                                       # the node is away: the tell is lost
+    assert store.batch_counts(batch_id) == {"running": 1}
+    actions = life.node_lost("n1")
+    assert store.batch_counts(batch_id) == {"killed": 1} and store.busy_slots("n1") == {}
+    assert store.batch(batch_id).state == "killed" and ops(actions, "notify")
+
+
 def test_a_lost_run_is_requeued_without_using_a_retry(tmp_path):
     store = make_store(tmp_path)
     life = life_with(store, n1=1)
