@@ -4547,6 +4547,10 @@ def iter_data(source: TarSource, size: int) -> Iterator[memoryview]:
 
 def tar_number(field: bytes, what: str, offset: int) -> int:
     """A tar header's number: octal text, or base-256 (GNU) for big ones."""
+    try:
+        return int(field[:-1], 8)           # the usual: digits, then one NUL or space
+    except ValueError:
+        pass
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value - (256 ** (len(field) - 1)) if field[0] == 0xff else value
@@ -4570,14 +4574,13 @@ def tar_header(block: bytes, offset: int) -> Tuple[str, bytes, int, int, float, 
     name = tar_text(block[:100])
     if kind == b"\0" and name.endswith("/"):
         kind = TAR_FOLDER                    # the old way to write a folder
-    prefix = tar_text(block[345:500]) if block[257:262] == b"ustar" else ""
-    if prefix and kind not in (TAR_LONG_NAME, TAR_LONG_LINK, b"S"):
-        name = prefix + "/" + name
+    if block[345] and block[257:262] == b"ustar" and kind not in (TAR_LONG_NAME, TAR_LONG_LINK, b"S"):
+        name = tar_text(block[345:500]) + "/" + name
     size = tar_number(block[124:136], "size", offset)
     if size < 0 or size >= 1 << 62:
         raise ProtocolError(f"broken tar stream: the header at byte {offset} has a bad size")
     return (name, kind, size, tar_number(block[100:108], "mode", offset),
-            tar_number(block[136:148], "mtime", offset), tar_text(block[157:257]))
+            tar_number(block[136:148], "mtime", offset), tar_text(block[157:257]) if block[157] else "")
 
 
 def struct_unpack_signed(block: bytes) -> Tuple[int, ...]:
@@ -7114,13 +7117,22 @@ def open_archived_file(root: Path, rel: str, checked_dirs: Optional[set] = None)
         if checked_dirs is not None:
             checked_dirs.add(folder)
     try:
-        handle = open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb", buffering=0)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
     except OSError:
         return None
-    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-        handle.close()
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         return None
-    return handle
+    return ArchivedFile(fd, info)
+
+
+class ArchivedFile(io.FileIO):
+    """An archive file open for reading, with what fstat said when it was opened."""
+
+    def __init__(self, fd: int, info: os.stat_result):
+        super().__init__(fd, "rb")
+        self.info = info
 
 
 def split_known_files(root: Path, paths: List[str], hashes: Dict[str, str]) -> Tuple[List[str], List[str]]:
@@ -7154,7 +7166,7 @@ def write_tar_to_fd(fd: int, root: Path, paths: List[str]) -> None:
             if handle is None:
                 continue
             with handle:
-                out.add(rel, handle.fileno())
+                out.add(rel, handle.fileno(), handle.info)
         out.finish()
     except (BrokenPipeError, ConnectionResetError):
         pass                                # the client went away: nothing more to send
@@ -7172,9 +7184,8 @@ class TarWriter:
     def __init__(self, fd: int):
         self.fd, self.buffer, self.sendfile = fd, bytearray(), hasattr(os, "sendfile")
 
-    def add(self, rel: str, fd: int) -> None:
-        """One member: the file open at fd, under the name rel."""
-        info = os.fstat(fd)
+    def add(self, rel: str, fd: int, info: os.stat_result) -> None:
+        """One member: the file open at fd (fstat said info), under the name rel."""
         size, mtime, mode = info.st_size, int(info.st_mtime), info.st_mode & 0o777
         header = ustar_header(rel, size, mtime, mode)
         if header is None:                          # long or non-ASCII name, huge file: tarfile's PAX
