@@ -518,6 +518,164 @@ def test_fast_tar_header_is_the_one_tarfile_writes(name, size, mtime, mode):
     assert distribute.ustar_header("y" * 101, 1, 1, 0o644) is None and distribute.ustar_header("é", 1, 1, 0o644) is None
 
 
+# --- the tar reader of our own (issue 16): exactly the tree, and every hostile entry refused ---
+
+def test_many_files_in_nested_folders_arrive_exactly(lab, tmp_path):
+    """A pull of many files (sizes around the 512-byte blocks and the 1 MiB reads, modes, long and
+    non-ASCII names, a file sent by sendfile, long runs of zeros) yields the archive's tree exactly:
+    the same paths, bytes, modes and mtimes, over SSH and on the head's machine."""
+    key, root = known_batch(lab, tmp_path)
+    sizes = [0, 1, 511, 512, 513, 4095, 4096, 4097, 65_536, 300_000]
+    modes = [0o644, 0o600, 0o755, 0o640, 0o444]
+    count = 0
+    for depth in range(1, 5):
+        folder = root.joinpath(*[f"level{d}" for d in range(depth)])
+        for i in range(60):
+            size = sizes[i % len(sizes)]
+            write_file(folder / f"f{i:03d}.dat", os.urandom(size), modes[i % len(modes)], 1_700_000_000 + i)
+            count += 1
+    write_file(root / "names" / ("n" * 150 + ".txt"), b"a long name", 0o600, 1_600_000_000)     # a PAX header
+    write_file(root / "names" / "δεδομένα ünïcödé.csv", b"x,y\n", 0o644, 1_600_000_001)
+    zeros = bytearray(3 << 20)
+    zeros[:5] = b"start"
+    zeros[-3:] = b"end"
+    write_file(root / "sparse" / "mostly_zero.bin", bytes(zeros), 0o640, 1_600_000_002)   # holes on arrival
+    expected = tree(root)
+    assert len(expected) == count + 3 + 3          # the seed job's stdout/job.json and build log too
+
+    summary = lab.pull_json(key, tmp_path / "ssh")
+    assert summary["files"] == len(expected)
+    assert tree(tmp_path / "ssh" / key) == expected
+    assert partial_files(tmp_path / "ssh") == []
+    assert (tmp_path / "ssh" / key / "sparse" / "mostly_zero.bin").stat().st_blocks * 512 < 1 << 20
+    lab.local("pull", "--batch", key, "--save-dir", tmp_path / "here")
+    assert tree(tmp_path / "here" / key) == expected
+
+    # the same tree through the asyncssh carrier (no `ssh`): the stream goes through a pipe there
+    env = dict(lab.client_env, DISTRIBUTE_SSH="asyncssh")
+    lab.cli("pull", "--batch", key, "--save-dir", tmp_path / "asyncssh", env=env, head="head")
+    assert tree(tmp_path / "asyncssh" / key) == expected
+
+
+def raw_header(name=b"job/x.txt", size=0, kind=b"0", link=b"", mode=0o644, prefix=b"", size_field=None):
+    """A ustar header block made by hand (tarfile refuses to write some of what a hostile peer may)."""
+    block = bytearray(512)
+    block[0:len(name)] = name
+    block[100:108] = b"%07o\0" % mode
+    block[108:124] = b"0000000\x000000000\0"
+    block[124:136] = size_field or b"%011o\0" % size
+    block[136:148] = b"%011o\0" % 1_600_000_000
+    block[156:157] = kind
+    block[157:157 + len(link)] = link
+    block[257:265] = b"ustar\x0000"
+    block[345:345 + len(prefix)] = prefix
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def pax_header(records):
+    body = b""
+    for key, value in records.items():
+        line = b" %s=%s\n" % (key, value)
+        length = len(line)
+        while len(b"%d" % length) + len(line) != length:
+            length = len(b"%d" % length) + len(line)
+        body += b"%d%s" % (length, line)
+    return raw_header(b"PaxHeader", len(body), b"x") + body + bytes(-len(body) % 512)
+
+
+def with_data(header, data=b""):
+    return header + data + bytes(-len(data) % 512)
+
+
+END = bytes(1024)
+HOSTILE = {
+    "pax_path_escapes": (pax_header({b"path": b"../../escaped.txt"}) + with_data(raw_header(size=1), b"x") + END,
+                         distribute.UnsafeArchive, "escapes its folder"),
+    "pax_path_absolute": (pax_header({b"path": b"/tmp/escaped-by-tar.txt"}) + with_data(raw_header(size=1), b"x") + END,
+                          distribute.UnsafeArchive, "escapes its folder"),
+    "gnu_long_name_escapes": (with_data(raw_header(b"././@LongLink", 15, b"L"), b"../escaped.txt\0")
+                              + with_data(raw_header(size=1), b"x") + END, distribute.UnsafeArchive, "escapes"),
+    "prefix_escapes": (with_data(raw_header(b"escaped.txt", 1, prefix=b".."), b"x") + END,
+                       distribute.UnsafeArchive, "escapes its folder"),
+    "pax_linkpath_out": (pax_header({b"linkpath": b"/etc/passwd"}) + raw_header(b"job/link", 0, b"2", b"ok") + END,
+                         distribute.UnsafeArchive, "points outside"),
+    "nul_in_name": (pax_header({b"path": b"job/a\0b"}) + with_data(raw_header(size=1), b"x") + END,
+                    distribute.UnsafeArchive, "escapes its folder"),
+    "hardlink": (raw_header(b"job/hard", 0, b"1", b"job/x.txt") + END, distribute.UnsafeArchive, "not a regular file"),
+    "fifo": (raw_header(b"job/pipe", 0, b"6") + END, distribute.UnsafeArchive, "not a regular file"),
+    "unknown_type": (raw_header(b"job/v", 0, b"V") + END, distribute.UnsafeArchive, "not a regular file"),
+    "global_header": (raw_header(b"pax_global_header", 0, b"g") + END, distribute.UnsafeArchive, "global"),
+    "sparse_pax": (pax_header({b"GNU.sparse.size": b"1000000"}) + with_data(raw_header(size=1), b"x") + END,
+                   distribute.UnsafeArchive, "sparse"),
+    "huge_pax_header": (raw_header(b"PaxHeader", 64 << 20, b"x") + END, distribute.ProtocolError, "header of"),
+    "bad_checksum": (raw_header()[:148] + b"0000000\0" + raw_header()[156:] + END, distribute.ProtocolError, "checksum"),
+    "bad_size": (raw_header(size_field=b"zzzzzzzzzzz\0") + END, distribute.ProtocolError, "bad size"),
+    "negative_size": (raw_header(size_field=b"-0000000001\0") + END, distribute.ProtocolError, "bad size"),
+    "malformed_pax": (raw_header(b"PaxHeader", 11, b"x") + with_data(b"", b"99 path=x\n\n") + END,
+                      distribute.ProtocolError, "pax header"),
+    "cut_in_data": (raw_header(size=100_000) + os.urandom(1000), distribute.ProtocolError, "ended early"),
+    "cut_in_header": (raw_header()[:300], distribute.ProtocolError, "ended early"),
+    "no_end_marker": (with_data(raw_header(size=1), b"x"), distribute.ProtocolError, "ended early"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_tar_reader_refuses_hostile_entries_with_one_clear_line(case, tmp_path):
+    data, error, words = HOSTILE[case]
+    dest = tmp_path / "save" / "ns" / "batch"
+    for source in (data, io.BytesIO(data)):        # in memory (node results) and as a stream (pull)
+        with pytest.raises(error) as raised:
+            distribute.extract_tar(source, dest)
+        message = str(raised.value)
+        assert words in message and "\n" not in message and len(message) < 300, message
+    assert not (tmp_path / "save" / "escaped.txt").exists() and not (tmp_path / "save" / "ns" / "escaped.txt").exists()
+    assert not Path("/tmp/escaped-by-tar.txt").exists()
+    landed = list(dest.rglob("*"))
+    assert not [p for p in landed if p.is_symlink() or not (p.is_dir() or p.is_file())], landed
+    assert partial_files(tmp_path) == []
+
+
+def test_tar_reader_reads_what_tarfile_writes(tmp_path):
+    """Members as tarfile writes them (pax for long, non-ASCII and big-number fields, GNU long
+    names, an old-style folder), across reads of every size: the same files, modes and mtimes."""
+    members = [(entry("job/" + "x" * 120 + ".txt"), b"long"), (entry("job/ünï.txt", mode=0o600), b"utf"),
+               (entry("job/empty"), b""), (entry("job/sub", tarfile.DIRTYPE, mode=0o755), None),
+               (entry("job/sub/link", tarfile.SYMTYPE, "../empty"), None),
+               (entry("job/sub/data.bin", mode=0o640), os.urandom(70_000))]
+    data = tar_with(*members)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        info = entry("gnu/" + "y" * 150)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"gnu"))
+    gnu = buffer.getvalue()
+
+    class Trickle:
+        """Hands out a few bytes per read: headers and data split at every odd place."""
+        def __init__(self, data, step):
+            self.data, self.step, self.pos = data, step, 0
+
+        def read(self, size):
+            piece = self.data[self.pos:self.pos + min(size, self.step)]
+            self.pos += len(piece)
+            return piece
+    for step in (1, 100, 511, 513, 1 << 20):
+        dest = tmp_path / f"d{step}"
+        assert distribute.extract_tar(Trickle(data, step), dest) == 4 + 3 + 70_000
+        assert (dest / "job" / ("x" * 120 + ".txt")).read_bytes() == b"long"
+        info = (dest / "job" / "ünï.txt").stat()
+        assert (dest / "job" / "ünï.txt").read_bytes() == b"utf" and stat.S_IMODE(info.st_mode) == 0o600
+        assert int(info.st_mtime) == 1_600_000_000
+        assert os.readlink(dest / "job" / "sub" / "link") == "../empty"
+        assert (dest / "job" / "sub" / "data.bin").read_bytes() == members[-1][1]
+        assert stat.S_IMODE((dest / "job" / "sub" / "data.bin").stat().st_mode) == 0o640
+        assert distribute.extract_tar(Trickle(gnu, step), dest) == 3
+        assert (dest / "gnu" / ("y" * 150)).read_bytes() == b"gnu"
+    assert partial_files(tmp_path) == []
+
+
 # --- the client's SSH: OpenSSH's `ssh` kept for a while, asyncssh without it (issue 16) ---
 
 def forward_dir(home_path):
