@@ -4337,7 +4337,7 @@ PROTOCOL = 2                    # 2: hello carries build, pid, machine identity;
 # turns out to differ from the one it announced is held to the real op's bounds.
 SMALL_HEADER = 64 * 1024
 KiB, MiB = 1024, 1024 * 1024
-HEAD_FRAMES = {"add": (16 * MiB, 0), "pull_files": (16 * MiB, 0), "pull": (1 * MiB, 0)}
+HEAD_FRAMES = {"add": (16 * MiB, 0), "pull_files": (16 * MiB, 0), "pull": (1 * MiB, 0), "pull_all": (1 * MiB, 0)}
 SUPERVISOR_FRAMES = {"build": (4 * MiB, 16 * MiB), "start": (4 * MiB, 16 * MiB), "ack": (4 * MiB, 0),
                      "kill": (4 * MiB, 0)}
 NODE_FRAMES = (MAX_HEADER, 64 * MiB)        # what a supervisor sends its head: events, replies
@@ -8890,6 +8890,24 @@ class Head:
         if channel.writer.can_write_eof():
             channel.writer.write_eof()
 
+    async def api_pull_all(self, channel, user, header, payload):
+        """`pull` and `pull_files` in one request: every archived file the selection keeps,
+        streamed right after a header that counts them (what a pull into a new folder wants:
+        no manifest to send, nor a list of paths to send back)."""
+        import asyncio
+        batch = self.lookup_batch(header["batch"])
+        selection = PullSelection.of(header)
+        root = batch_archive(self.config.archive, batch.namespace, batch.name)
+        files = await asyncio.get_event_loop().run_in_executor(None, archive_manifest, root, selection)
+        counts = self.batch_counts(batch.id)
+        async with self.transfers.slot(user["name"]):
+            await channel.send({"ok": True, "batch": batch.key, "files": len(files),
+                                "bytes": sum(f["size"] for f in files), "stream": True,
+                                "unfinished": counts.get("queued", 0) + counts.get("running", 0)})
+            await send_archive_tar(channel.writer, root, [f["path"] for f in files])
+        if channel.writer.can_write_eof():
+            channel.writer.write_eof()
+
     async def api_forget(self, channel, user, header, payload):
         """Delete an ended batch's archive folder and records (owner or admin); `dry` only
         checks and says what would go."""
@@ -8998,6 +9016,7 @@ REQUEST_FIELDS: Dict[str, Dict[str, Tuple[Any, bool]]] = {   # op -> field -> (t
     "du": {},
     "pull": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
     "pull_files": {"batch": (_STR, True), "paths": (_LIST, False), "hashes": (_DICT, False)},
+    "pull_all": {"batch": (_STR, True), "filters": (_LIST, False), "excludes": (_LIST, False), "where": (_OPT_STR, False)},
     "add": {"plan": (_DICT, True), "jobs": (_LIST, True), "capabilities": (_LIST, False), "matrix": (_OPT_STR, False),
             "dry": (_BOOL, False), "show_caps": (_BOOL, False), "resume": (_BOOL, False), "replace": (_BOOL, False)},
 }
@@ -9594,6 +9613,10 @@ async def receive_tar_stream(channel: Channel, dest: Path, progress: Progress) -
 
 async def pull_batch(client: HeadClient, batch_ref: str, selection: PullSelection, save_dir: Path,
                      dry: bool, show_progress: bool) -> Dict[str, Any]:
+    if not dry and "/" in batch_ref and not inside(save_dir, *batch_ref.split("/", 1)).is_dir():
+        summary = await pull_into_new_folder(client, batch_ref, selection, save_dir, show_progress)
+        if summary is not None:
+            return summary
     manifest, _ = await client.call(dict(selection.header(), op="pull", batch=batch_ref))
     namespace, name = manifest["batch"].split("/", 1)
     dest = inside(save_dir, namespace, name)
@@ -9623,6 +9646,32 @@ async def pull_batch(client: HeadClient, batch_ref: str, selection: PullSelectio
     finally:
         channel.close()
     return summary
+
+
+async def pull_into_new_folder(client: HeadClient, batch_ref: str, selection: PullSelection, save_dir: Path,
+                               show_progress: bool) -> Optional[Dict[str, Any]]:
+    """A pull into a folder that does not exist yet wants every file the selection keeps: one
+    request (pull_all) has them streamed at once.  None when the usual way must run instead: the
+    head is older (it does not know pull_all), refused (the usual way says why), or the batch's
+    folder exists after all (the head named the batch otherwise)."""
+    channel = await client.open()
+    try:
+        reply, _ = await channel.request(dict(selection.header(), op="pull_all", batch=batch_ref))
+        if not reply.get("ok") or not isinstance(reply.get("batch"), str) or "/" not in reply["batch"]:
+            return None
+        namespace, name = reply["batch"].split("/", 1)
+        dest = inside(save_dir, namespace, name)
+        if dest.is_dir():
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        progress = Progress(int(reply.get("bytes") or 0), show_progress)
+        await receive_tar_stream(channel, dest, progress)
+        progress.finish()
+    finally:
+        channel.close()
+    return {"batch": reply["batch"], "destination": str(dest), "files": reply["files"], "up_to_date": 0,
+            "unfinished_jobs": reply["unfinished"], "bytes": reply["bytes"], "transferred": progress.done,
+            "wanted": None}
 
 
 def split_job_ref(ref: str) -> Tuple[str, str]:
@@ -10935,7 +10984,8 @@ def pull(obj, file, batch_ref, filters, excludes, where, dry, save_dir, as_json)
         click.echo(f"{len(wanted)} files, {human_bytes(summary['bytes'])} would come to "
                    f"{summary['destination']} ({summary['up_to_date']} already there)")
     else:
-        click.echo(f"{summary['batch']}: {len(wanted)} files, {human_bytes(summary['transferred'])} pulled to "
+        pulled = summary["files"] if wanted is None else len(wanted)      # None: all of them (a new folder)
+        click.echo(f"{summary['batch']}: {pulled} files, {human_bytes(summary['transferred'])} pulled to "
                    f"{summary['destination']}; {summary['up_to_date']} already up to date")
     if summary["unfinished_jobs"]:
         click.echo(f"note: {summary['unfinished_jobs']} jobs are not finished yet; pull again later for their results")

@@ -318,6 +318,8 @@ BAD_REQUESTS = [
     ({"op": "kill", "batch": {"$ne": 1}}, "batch must be text"),
     ({"op": "why"}, "ref is missing"),
     ({"op": "pull_files", "batch": "x", "paths": [1, 2]}, "every entry of paths must be text"),
+    ({"op": "pull_all", "batch": "x", "filters": "^a"}, "filters must be a list"),
+    ({"op": "pull_all", "batch": "x", "excludes": [None]}, "every entry of excludes must be text"),
     ({"op": "__init__"}, "unknown request '__init__'"),
     ({"op": ["status"]}, "unknown request"),
 ]

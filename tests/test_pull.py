@@ -676,6 +676,43 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
     assert partial_files(tmp_path) == []
 
 
+def test_a_head_without_pull_all_still_serves_a_first_pull(tmp_path):
+    """A new client asks a head from before pull_all: the head says it does not know the request,
+    and the client pulls the usual way (manifest, then the files it names)."""
+    import asyncio
+    archive = tmp_path / "archive"
+    write_file(archive / "job" / "out.txt", b"result\n", 0o640, 1_650_000_000)
+    asked = []
+
+    async def serve(reader, writer):
+        channel = distribute.Channel(reader, writer)
+        header, _ = await channel.receive()
+        asked.append(header["op"])
+        if header["op"] == "pull":
+            await channel.send({"ok": True, "batch": "lab/old", "unfinished": 0,
+                                "files": distribute.archive_manifest(archive, distribute.PullSelection.of(header))})
+        elif header["op"] == "pull_files":
+            await channel.send({"ok": True, "same": [], "stream": True})
+            await distribute.send_archive_tar(writer, archive, header["paths"])
+            writer.write_eof()
+        else:
+            await channel.send({"ok": False, "error": f"unknown request {header['op']!r}", "code": 2})
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        path = str(tmp_path / "old-head.sock")
+        server = await asyncio.start_unix_server(serve, path)
+        async with server:
+            client = distribute.HeadClient("local", path)
+            return await distribute.pull_batch(client, "lab/old", distribute.PullSelection([], [], None),
+                                               tmp_path / "save", False, False)
+    summary = asyncio.run(main())
+    assert asked == ["pull_all", "pull", "pull_files"]
+    assert tree(tmp_path / "save" / "lab" / "old") == tree(archive)
+    assert summary["files"] == 1 and summary["transferred"] > 0
+
+
 # --- the client's SSH: OpenSSH's `ssh` kept for a while, asyncssh without it (issue 16) ---
 
 def forward_dir(home_path):
