@@ -4614,6 +4614,7 @@ def extract_tar(source, dest: Path, on_bytes: Optional[Callable[[int], None]] = 
     if isinstance(source, (bytes, bytearray)) and len(source) >= 1024 and source.count(0) == len(source):
         return 0            # an empty tar (just its end marker): most jobs send no files
     stream = TarSource(source, on_bytes)
+    _UMASK.clear()
     written = extract_members(stream, dest)
     stream.drain()
     return written
@@ -4677,6 +4678,21 @@ def extract_members(stream: TarSource, dest: Path) -> int:
         folders.close()
 
 
+_UMASK: List[int] = []
+
+
+def process_umask() -> int:
+    """This process's umask, read without changing it (other threads may be creating files);
+    read again at each extraction's start (extract_tar clears it)."""
+    if not _UMASK:
+        umask = 0o777                                   # unknown: every mode gets its fchmod
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            with open("/proc/self/status") as status:
+                umask = int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+        _UMASK.append(umask)
+    return _UMASK[0]
+
+
 class FolderCache:
     """Descriptors of the folders under dest an extraction writes into, each opened (and made
     when missing) part by part with O_NOFOLLOW; a few hundred kept open at most."""
@@ -4726,11 +4742,12 @@ def land_file(stream: TarSource, folders: "FolderCache", dir_fd: int, name: str,
     a small file.  Long runs of zeros become holes: a sparse file a job left stays sparse
     instead of filling the disk."""
     part = f".{name}{PART_SUFFIX}"
+    mode &= 0o777
     try:
-        fd = os.open(part, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        fd = os.open(part, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
     except FileExistsError:
         os.unlink(part, dir_fd=dir_fd)          # a killed transfer's leftover (a link is removed, not followed)
-        fd = os.open(part, NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        fd = os.open(part, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
     try:
         try:
             holes, remaining = False, size
@@ -4745,7 +4762,8 @@ def land_file(stream: TarSource, folders: "FolderCache", dir_fd: int, name: str,
                     piece = piece[os.write(fd, piece):]
             if holes:
                 os.ftruncate(fd, size)           # a file ending in a hole gets its length
-            os.fchmod(fd, mode & 0o777)
+            if mode & process_umask():
+                os.fchmod(fd, mode)             # the umask took bits away at creation
             os.utime(fd, (mtime, mtime))
         finally:
             os.close(fd)

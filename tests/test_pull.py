@@ -526,7 +526,7 @@ def test_many_files_in_nested_folders_arrive_exactly(lab, tmp_path):
     the same paths, bytes, modes and mtimes, over SSH and on the head's machine."""
     key, root = known_batch(lab, tmp_path)
     sizes = [0, 1, 511, 512, 513, 4095, 4096, 4097, 65_536, 300_000]
-    modes = [0o644, 0o600, 0o755, 0o640, 0o444]
+    modes = [0o644, 0o600, 0o755, 0o640, 0o444, 0o666, 0o664]
     count = 0
     for depth in range(1, 5):
         folder = root.joinpath(*[f"level{d}" for d in range(depth)])
@@ -674,6 +674,19 @@ def test_tar_reader_reads_what_tarfile_writes(tmp_path):
         assert distribute.extract_tar(Trickle(gnu, step), dest) == 3
         assert (dest / "gnu" / ("y" * 150)).read_bytes() == b"gnu"
     assert partial_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_landed_modes_are_the_archived_ones_whatever_the_umask(umask, tmp_path):
+    modes = [0o644, 0o600, 0o755, 0o666, 0o664, 0o444, 0o700, 0o640]
+    data = tar_with(*[(entry(f"job/m{mode:o}.txt", mode=mode), b"x") for mode in modes])
+    old = os.umask(umask)
+    try:
+        distribute.extract_tar(data, tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "d" / "job").iterdir()} == \
+        {f"m{mode:o}.txt": mode for mode in modes}
 
 
 def test_a_head_without_pull_all_still_serves_a_first_pull(tmp_path):
