@@ -4233,15 +4233,18 @@ class Lifecycle:
             self.store.set_batch_state(batch_id, "done")
         elif batch.state not in ("killed",):
             return []                               # ended already, or replaced: nothing to announce
+        cleanups = []
         for build in self.store.builds(batch_id):   # a build under way holds its slot until it reports
-            if build.state != "running":
-                self.store.drop_builds(batch_id, build.node)
+            if build.state != "running":            # the others' folders go (a node that ran its last job
+                self.store.drop_builds(batch_id, build.node)    # while others were queued still has one)
+                cleanups.append(tell(build.node, op="cleanup", namespace=batch.namespace, batch=batch.name))
         counts = self.store.batch_counts(batch_id)
         text = (f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
                 f"{counts.get('killed', 0)} killed)")
         if batch.state == "killed":
             self.store.set_batch_state(batch_id, "killed")      # stamps when it ended
-        return [Action("log", info={"text": text}), Action("notify", batch_id=batch_id, info={"counts": counts})]
+        return cleanups + [Action("log", info={"text": text}),
+                           Action("notify", batch_id=batch_id, info={"counts": counts})]
 
     # requests
     def kill(self, batch_id: int) -> Tuple[int, int, List[Action]]:

@@ -245,6 +245,25 @@ def test_a_job_of_a_killed_batch_on_a_lost_node_ends_killed_and_the_batch_ends(t
     assert store.batch(batch_id).state == "killed" and ops(actions, "notify")
 
 
+def test_every_node_that_built_the_batch_is_told_to_clean_up_when_it_ends(tmp_path):
+    """Found in test_cluster: a node that ran its last job while others were still queued kept
+    the batch's folder for good (only the node that ran the very last job was told)."""
+    store = make_store(tmp_path)
+    life = life_with(store, n1=1, n2=1)
+    add(store, jobs=3)
+    build_everywhere(life)
+    first = {a.node: a for a in ops(life.schedule(0), "start_job")}
+    life.landed("n1", ops(life.finished("n1", run_of(first["n1"])), "land")[0].job_id, run_of(first["n1"]), None)
+    life.nodes["n1"].paused = True                       # the third job goes to n2
+    life.landed("n2", ops(life.finished("n2", run_of(first["n2"])), "land")[0].job_id, run_of(first["n2"]), None)
+    (third,) = ops(life.schedule(0), "start_job")
+    assert third.node == "n2"
+    (land,) = ops(life.finished("n2", run_of(third)), "land")
+    actions = life.landed("n2", land.job_id, run_of(third), None)
+    told = sorted(a.node for a in actions if a.op == "tell" and a.info["op"] == "cleanup")
+    assert told == ["n1", "n2"] and store.builds() == []
+
+
 def test_a_lost_run_is_requeued_without_using_a_retry(tmp_path):
     store = make_store(tmp_path)
     life = life_with(store, n1=1)
