@@ -9247,6 +9247,20 @@ def add_request(batch: JobFile, **flags: Any) -> Dict[str, Any]:
                  "capabilities": batch.meta.capabilities, "matrix": batch.meta.matrix}, **flags)
 
 
+def readable_json(document: Dict[str, Any]) -> str:
+    """`--json` output: an object with one list element per line, as readable as indent=2 for
+    lists of records and greppable, yet written by json's C encoder (indent= takes the pure-Python
+    one, which was a third of `status --json`'s time with 100,000 jobs queued)."""
+    parts = []
+    for key, value in document.items():
+        if isinstance(value, list) and value:
+            items = ",\n    ".join(json.dumps(item) for item in value)
+            parts.append(f"  {json.dumps(key)}: [\n    {items}\n  ]")
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 def format_status(reply: Dict[str, Any]) -> List[str]:
     lines = []
     running_by_batch: Dict[str, List[Dict[str, Any]]] = {}
@@ -10601,7 +10615,8 @@ def status(obj, as_json, watch, everyone) -> None:
     while True:
         reply, _ = client_call(obj, {"op": "status", "all": everyone})
         if as_json:
-            click.echo(json.dumps({"batches": reply["batches"], "running": reply["running"]}, indent=2))
+            click.echo(readable_json({key: reply.get(key, []) for key in
+                                      ("batches", "running", "stopped", "paused_nodes")}))
         else:
             if watch:
                 click.clear()
@@ -10629,7 +10644,7 @@ def nodes(obj, as_json, check, nodes_file, min_free) -> None:
         return print_node_checks(nodes_file, min_free)
     reply, _ = client_call(obj, {"op": "nodes"})
     if as_json:
-        click.echo(json.dumps({"nodes": reply["nodes"]}, indent=2))
+        click.echo(readable_json({"nodes": reply["nodes"]}))
     else:
         click.echo("\n".join(format_nodes(reply["nodes"])))
 
