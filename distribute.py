@@ -4232,15 +4232,18 @@ class Lifecycle:
             self.store.set_batch_state(batch_id, "done")
         elif batch.state not in ("killed",):
             return []                               # ended already, or replaced: nothing to announce
+        cleanups = []
         for build in self.store.builds(batch_id):   # a build under way holds its slot until it reports
-            if build.state != "running":
-                self.store.drop_builds(batch_id, build.node)
+            if build.state != "running":            # the others' folders go (a node that ran its last job
+                self.store.drop_builds(batch_id, build.node)    # while others were queued still has one)
+                cleanups.append(tell(build.node, op="cleanup", namespace=batch.namespace, batch=batch.name))
         counts = self.store.batch_counts(batch_id)
         text = (f"batch {batch.key}: finished ({counts.get('done', 0)} ok, {counts.get('failed', 0)} failed, "
                 f"{counts.get('killed', 0)} killed)")
         if batch.state == "killed":
             self.store.set_batch_state(batch_id, "killed")      # stamps when it ended
-        return [Action("log", info={"text": text}), Action("notify", batch_id=batch_id, info={"counts": counts})]
+        return cleanups + [Action("log", info={"text": text}),
+                           Action("notify", batch_id=batch_id, info={"counts": counts})]
 
     # requests
     def kill(self, batch_id: int) -> Tuple[int, int, List[Action]]:
@@ -9497,6 +9500,20 @@ def add_request(batch: JobFile, **flags: Any) -> Dict[str, Any]:
                  "capabilities": batch.meta.capabilities, "matrix": batch.meta.matrix}, **flags)
 
 
+def readable_json(document: Dict[str, Any]) -> str:
+    """`--json` output: an object with one list element per line, as readable as indent=2 for
+    lists of records and greppable, yet written by json's C encoder (indent= takes the pure-Python
+    one, which was a third of `status --json`'s time with 100,000 jobs queued)."""
+    parts = []
+    for key, value in document.items():
+        if isinstance(value, list) and value:
+            items = ",\n    ".join(json.dumps(item) for item in value)
+            parts.append(f"  {json.dumps(key)}: [\n    {items}\n  ]")
+        else:
+            parts.append(f"  {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}"
+
+
 def format_status(reply: Dict[str, Any]) -> List[str]:
     lines = []
     running_by_batch: Dict[str, List[Dict[str, Any]]] = {}
@@ -10857,7 +10874,8 @@ def status(obj, as_json, watch, everyone) -> None:
     while True:
         reply, _ = client_call(obj, {"op": "status", "all": everyone})
         if as_json:
-            click.echo(json.dumps({"batches": reply["batches"], "running": reply["running"]}, indent=2))
+            click.echo(readable_json({key: reply.get(key, []) for key in
+                                      ("batches", "running", "stopped", "paused_nodes")}))
         else:
             if watch:
                 click.clear()
@@ -10885,7 +10903,7 @@ def nodes(obj, as_json, check, nodes_file, min_free) -> None:
         return print_node_checks(nodes_file, min_free)
     reply, _ = client_call(obj, {"op": "nodes"})
     if as_json:
-        click.echo(json.dumps({"nodes": reply["nodes"]}, indent=2))
+        click.echo(readable_json({"nodes": reply["nodes"]}))
     else:
         click.echo("\n".join(format_nodes(reply["nodes"])))
 

@@ -208,6 +208,9 @@ def test_a_paused_node_gets_no_new_job_and_nodes_reports_the_pause(head, tmp_pat
     node1 = wait_until(node1_paused, 10, "node1 to report its pause")
     assert node1["paused"][0]["user"] == "dalice" and node1["paused"][0]["until"]
     assert "paused by dalice" in head.cli("nodes").stdout
+    # status --json names the paused node, as the README documents
+    paused_nodes = json.loads(head.cli("status", "--json").stdout)["paused_nodes"]
+    assert [n["node"] for n in paused_nodes] == ["node1"] and "dalice" in paused_nodes[0]["why"][0]
 
     job_file = write_python_batch(tmp_path / "p", name="while_paused", jobs=8, sleep=1.0,
                                   build_script="open('built_here.txt', 'w').write(__import__('os').getcwd())\n")

@@ -46,6 +46,22 @@ def run_of(action):
     return {"run_id": action.run_id, "state": "finished", "exit_code": 0, "killed": False}
 
 
+def land(life, node, run):
+    """The node reports the run finished and the head archives it: the actions of landing."""
+    (landing,) = ops(life.finished(node, run), "land")
+    return life.landed(node, landing.job_id, run, None)
+
+
+def first_start_on_one_node(tmp_path, jobs):
+    """A batch of `jobs` on one node with one slot, built: (store, life, batch id, first start)."""
+    store = make_store(tmp_path)
+    life = life_with(store, n1=1)
+    batch_id = add(store, jobs=jobs)
+    build_everywhere(life)
+    (start,) = ops(life.schedule(0), "start_job")
+    return store, life, batch_id, start
+
+
 # --- single transitions ----------------------------------------------------------------------------
 
 def test_first_batch_on_a_two_slot_node_builds_once_then_fills_both_slots(tmp_path):
@@ -94,13 +110,8 @@ def test_failed_job_with_retries_is_queued_again_then_fails_with_its_reason(tmp_
 
 
 def test_retry_after_the_end_queues_failed_and_killed_jobs_and_builds_again(tmp_path):
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=2)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
-    run = dict(run_of(start), exit_code=1)
-    life.landed("n1", ops(life.finished("n1", run), "land")[0].job_id, run, None)
+    store, life, batch_id, start = first_start_on_one_node(tmp_path, jobs=2)
+    land(life, "n1", dict(run_of(start), exit_code=1))
     life.kill(batch_id)
     assert store.batch_counts(batch_id) == {"failed": 1, "killed": 1}
     assert store.batch(batch_id).state == "killed"
@@ -114,13 +125,9 @@ def test_retry_after_the_end_queues_failed_and_killed_jobs_and_builds_again(tmp_
 def test_a_job_retried_after_the_end_runs_under_a_new_run_id(tmp_path):
     """Found by the state machine: `retry` counts attempts afresh, and the run id was made of the
     attempt, so the second run was "<id>.1" again and a stale report of the first could pass for it."""
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=1)
-    build_everywhere(life)
-    (first,) = ops(life.schedule(0), "start_job")
+    store, life, batch_id, first = first_start_on_one_node(tmp_path, jobs=1)
     run = dict(run_of(first), exit_code=1)
-    life.landed("n1", ops(life.finished("n1", run), "land")[0].job_id, run, None)
+    land(life, "n1", run)
     assert life.retry(batch_id, ("failed",))[0] == 1
     build_everywhere(life)
     (second,) = ops(life.schedule(0), "start_job")
@@ -188,7 +195,7 @@ def test_jobs_that_cannot_start_are_requeued_without_using_a_retry_until_the_nod
     for _ in range(NODE_FAILURES):
         starts = ops(life.schedule(now), "start_job")
         assert len(starts) == 1
-        actions = life.job_not_started(starts[0].job_id, starts[0].run_id, "n1", "disk full", now)
+        life.job_not_started(starts[0].job_id, starts[0].run_id, "n1", "disk full", now)
         assert store.jobs(batch_id)[0].attempts == 0 and store.busy_slots("n1") == {}
         now += 1000
     job = store.jobs(batch_id)[0]
@@ -233,16 +240,30 @@ def test_node_lost_requeues_its_jobs_without_using_a_retry_and_forgets_its_build
 def test_a_job_of_a_killed_batch_on_a_lost_node_ends_killed_and_the_batch_ends(tmp_path):
     """Found by the state machine: the kill never reached the away node, then the node timed out,
     and its job went back to the queue of a batch that was killed (and never ran again)."""
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=1)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
+    store, life, batch_id, _ = first_start_on_one_node(tmp_path, jobs=1)
     life.kill(batch_id)                                       # the node is away: the tell is lost
     assert store.batch_counts(batch_id) == {"running": 1}
     actions = life.node_lost("n1")
     assert store.batch_counts(batch_id) == {"killed": 1} and store.busy_slots("n1") == {}
     assert store.batch(batch_id).state == "killed" and ops(actions, "notify")
+
+
+def test_every_node_that_built_the_batch_is_told_to_clean_up_when_it_ends(tmp_path):
+    """Found in test_cluster: a node that ran its last job while others were still queued kept
+    the batch's folder for good (only the node that ran the very last job was told)."""
+    store = make_store(tmp_path)
+    life = life_with(store, n1=1, n2=1)
+    add(store, jobs=3)
+    build_everywhere(life)
+    first = {a.node: a for a in ops(life.schedule(0), "start_job")}
+    land(life, "n1", run_of(first["n1"]))
+    life.nodes["n1"].paused = True                       # the third job goes to n2
+    land(life, "n2", run_of(first["n2"]))
+    (third,) = ops(life.schedule(0), "start_job")
+    assert third.node == "n2"
+    actions = land(life, "n2", run_of(third))
+    told = sorted(a.node for a in actions if a.op == "tell" and a.info["op"] == "cleanup")
+    assert told == ["n1", "n2"] and store.builds() == []
 
 
 def test_a_lost_run_is_requeued_without_using_a_retry(tmp_path):

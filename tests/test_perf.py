@@ -72,3 +72,16 @@ def test_remove_run_folder_usual_and_unusual_contents(tmp_path):
     assert os.path.isdir("/etc")
 
     distribute.remove_run_folder(tmp_path / "never-was")
+
+
+def test_json_output_is_the_same_document_one_record_per_line():
+    """`status --json` and `nodes --json` write one record per line with json's C encoder
+    (indent= took the pure-Python one): the same document, still readable and greppable."""
+    import json
+    document = {"batches": [{"batch": "lab/b", "jobs": {"done": 1}, "name": "tab\there \"q\" \u00e9"}] * 3,
+                "running": [], "stopped": [{"job": "j1", "reason": "time limit 2h"}], "paused_nodes": None}
+    text = distribute.readable_json(document)
+    assert json.loads(text) == document
+    lines = text.splitlines()
+    assert sum(line.lstrip().startswith('{"batch": "lab/b"') for line in lines) == 3
+    assert '  "running": [],' in lines and lines[0] == "{" and lines[-1] == "}"

@@ -389,7 +389,9 @@ def test_transfers_cut_in_the_middle_are_retried_and_land_whole(head, ssh_nodes,
     assert len(lines(counters / "j.start")) == 1 and len(lines(counters / "j.done")) == 1
     assert watch.landed == {"j": 1}
     assert leftovers(head.archive) == []
-    assert not any((head.workdirs["node1"] / ".distribute" / "runs").iterdir())
+    # the node forgets the run when the head's acknowledgement arrives (sent once the archive is on disk)
+    wait_until(lambda: not any((head.workdirs["node1"] / ".distribute" / "runs").iterdir()), 20,
+               "node1 to forget the run after the head acknowledged its results")
 
 
 # --- 4. the archive's disk is full ------------------------------------------------------------

@@ -16,7 +16,8 @@ For each it reports the wall time, jobs/s, and CPU: the head process, the node
 supervisors (without the jobs themselves), the nodes' sshd processes, and the
 client (`add`, or parallel and its ssh/rsync children), per job.
 
-The target (issue 8): distribute >= 2x parallel with ControlMaster for both.
+Also GNU parallel on this machine alone (`-j nodes*slots`, no SSH): the floor of dispatching.
+Targets (issue 16): >= 5x parallel with ControlMaster, and within 2x of local parallel.
 --profile DIR samples the head and one supervisor with py-spy (if installed)
 during the rounds and leaves collapsed stacks there (head.txt, supervisor.txt).
 """
@@ -146,13 +147,18 @@ def close_masters(cluster: Cluster, control_dir) -> None:
 
 
 def run_parallel(cluster: Cluster, meter: CpuMeter, work: Path, name: str, count: int, files: bool,
-                 control: bool):
+                 control: bool, local_jobs: int = 0):
+    """GNU parallel over the nodes' sshds, or with local_jobs, on this machine alone (no SSH)."""
     folder = work / name
     folder.mkdir(parents=True)
     control_dir = Path(tempfile.mkdtemp(prefix="cm-", dir="/tmp")) if control else None
     logins = ",".join(f"2/{node.name}" for node in cluster.nodes)
     argv = ["parallel", "--will-cite", "-S", logins, "--ssh", parallel_ssh(cluster, control_dir)]
-    if files:
+    if local_jobs:
+        argv = ["parallel", "--will-cite", "-j", str(local_jobs)]
+    if files and local_jobs:
+        argv += [f"head -c {MIB} /dev/urandom > {name}_{{}}.bin"]
+    elif files:
         argv += ["--return", f"{name}_{{}}.bin", "--cleanup", f"head -c {MIB} /dev/urandom > {name}_{{}}.bin"]
     else:
         argv += ["true"]
@@ -241,7 +247,8 @@ def main():
         profilers = start_profilers(args.profile, head.proc.pid, meter.supervisors()) if args.profile else []
 
         kinds = [k for k in ("trivial", "files") if args.only in (None, k)]
-        runs = {f"{side}_{kind}": [] for kind in kinds for side in ("ours", "parallel_cm", "parallel")}
+        sides = ("ours", "parallel_cm", "parallel", "parallel_local")
+        runs = {f"{side}_{kind}": [] for kind in kinds for side in sides}
         for round_no in range(args.rounds):
             for kind in kinds:
                 count, files = (args.jobs, False) if kind == "trivial" else (args.files, True)
@@ -249,10 +256,13 @@ def main():
                 runs[f"ours_{kind}"].append(run_ours(head, meter, work, f"{kind}{round_no}", count, command, files))
                 runs[f"parallel_cm_{kind}"].append(
                     run_parallel(cluster, meter, work, f"pcm_{kind}{round_no}", count, files, True))
+                runs[f"parallel_local_{kind}"].append(
+                    run_parallel(cluster, meter, work, f"pl_{kind}{round_no}", count, files, False,
+                                 local_jobs=args.nodes * args.slots))
                 if round_no < args.default_rounds:
                     runs[f"parallel_{kind}"].append(
                         run_parallel(cluster, meter, work, f"p_{kind}{round_no}", count, files, False))
-                for key in (f"ours_{kind}", f"parallel_cm_{kind}", f"parallel_{kind}"):
+                for key in (f"{side}_{kind}" for side in sides):
                     if len(runs[key]) > round_no:
                         wall, cpu = runs[key][-1]
                         print(f"round {round_no + 1} {key:<20} {wall:6.2f} s  head {cpu['head']:.2f} s  "
@@ -274,15 +284,16 @@ def main():
     print("medians:", file=sys.stderr)
     for kind in kinds:
         count = args.jobs if kind == "trivial" else args.files
-        summary = {key.rsplit("_", 1)[0]: summarise(r, count, key.startswith("ours")) for key, r in runs.items()
-                   if key.endswith(kind) and r}
+        summary = {key[:-len(kind) - 1]: summarise(r, count, key.startswith("ours")) for key, r in runs.items()
+                   if key.endswith("_" + kind) and r}
         ours, peer = summary["ours"], summary["parallel_cm"]
         summary["speedup_vs_parallel_cm"] = peer["wall_s"] / ours["wall_s"]
         if "parallel" in summary:
             summary["speedup_vs_parallel"] = summary["parallel"]["wall_s"] / ours["wall_s"]
-        summary["target_met"] = summary["speedup_vs_parallel_cm"] >= 2.0
+        summary["local_parallel_over_ours"] = summary["parallel_local"]["wall_s"] / ours["wall_s"]
+        summary["target_met"] = summary["speedup_vs_parallel_cm"] >= 5.0 and summary["local_parallel_over_ours"] >= 0.5
         result[kind] = summary
-        for side in ("ours", "parallel_cm", "parallel"):
+        for side in sides:
             if side in summary:
                 s = summary[side]
                 head_part = (f"head+supervisors {s['head_cpu_ms_per_job']:5.1f} ms/job  "
@@ -290,7 +301,8 @@ def main():
                 print(f"  {kind:<8} {side:<12} {s['wall_s']:7.2f} s  {s['jobs_per_s']:7.1f} jobs/s  {head_part}"
                       f"coordinator CPU {s['coordinator_cpu_ms_per_job']:5.1f} ms/job  "
                       f"(with sshd and jobs {s['total_cpu_ms_per_job']:5.1f})", file=sys.stderr)
-        print(f"  {kind:<8} ratio vs parallel+ControlMaster: {summary['speedup_vs_parallel_cm']:.2f}x"
+        print(f"  {kind:<8} ratio vs parallel+ControlMaster: {summary['speedup_vs_parallel_cm']:.2f}x, "
+              f"local parallel / ours: {summary['local_parallel_over_ours']:.2f} (target >= 0.5)"
               + (f", vs parallel: {summary['speedup_vs_parallel']:.2f}x" if "speedup_vs_parallel" in summary else ""),
               file=sys.stderr)
     report("dispatch", result)

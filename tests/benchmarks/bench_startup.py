@@ -48,7 +48,9 @@ def main():
     pyz = Path(args.pyz) if args.pyz else pyz_path()
     python = sys.executable
     warm_home = Path(tempfile.mkdtemp(prefix="bench-startup-warm-"))
-    base_env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "PYTHONPATH")}
+    # as a user's shell has it: PYTHONDONTWRITEBYTECODE would make the cold start compile every module
+    base_env = {k: v for k, v in os.environ.items()
+                if k not in ("XDG_CACHE_HOME", "PYTHONPATH", "PYTHONDONTWRITEBYTECODE")}
     warm_env = dict(base_env, HOME=str(warm_home))
     subprocess.run([python, str(pyz), "--help"], env=warm_env, check=True, stdout=subprocess.DEVNULL)
 
