@@ -4550,10 +4550,6 @@ def iter_data(source: TarSource, size: int) -> Iterator[memoryview]:
 
 def tar_number(field: bytes, what: str, offset: int) -> int:
     """A tar header's number: octal text, or base-256 (GNU) for big ones."""
-    try:
-        return int(field[:-1], 8)           # the usual: digits, then one NUL or space
-    except ValueError:
-        pass
     if field[:1] in (b"\x80", b"\xff"):
         value = int.from_bytes(field[1:], "big")
         return value - (256 ** (len(field) - 1)) if field[0] == 0xff else value
@@ -4569,7 +4565,13 @@ def tar_text(field: bytes) -> str:
 
 def tar_header(block: bytes, offset: int) -> Tuple[str, bytes, int, int, float, str]:
     """(name, type, size, mode, mtime, link target) of a 512-byte ustar/GNU header block."""
-    checksum = tar_number(block[148:156], "checksum", offset)
+    numbers = None
+    if block[107] in (0, 32) and block[135] in (0, 32) and block[147] in (0, 32) and block[154] in (0, 32):
+        with contextlib.suppress(ValueError):       # the usual: octal digits ending in NUL or space
+            numbers = int(block[148:154], 8), int(block[124:135], 8), int(block[100:107], 8), int(block[136:147], 8)
+    checksum, size, mode, mtime = numbers or (
+        tar_number(block[148:156], "checksum", offset), tar_number(block[124:136], "size", offset),
+        tar_number(block[100:108], "mode", offset), tar_number(block[136:148], "mtime", offset))
     if checksum != sum(block) - sum(block[148:156]) + 256 and \
             checksum != sum(struct_unpack_signed(block)) + 256:
         raise ProtocolError(f"broken tar stream: the header at byte {offset} has a bad checksum")
@@ -4579,11 +4581,9 @@ def tar_header(block: bytes, offset: int) -> Tuple[str, bytes, int, int, float, 
         kind = TAR_FOLDER                    # the old way to write a folder
     if block[345] and block[257:262] == b"ustar" and kind not in (TAR_LONG_NAME, TAR_LONG_LINK, b"S"):
         name = tar_text(block[345:500]) + "/" + name
-    size = tar_number(block[124:136], "size", offset)
     if size < 0 or size >= 1 << 62:
         raise ProtocolError(f"broken tar stream: the header at byte {offset} has a bad size")
-    return (name, kind, size, tar_number(block[100:108], "mode", offset),
-            tar_number(block[136:148], "mtime", offset), tar_text(block[157:257]) if block[157] else "")
+    return name, kind, size, mode, mtime, tar_text(block[157:257]) if block[157] else ""
 
 
 def struct_unpack_signed(block: bytes) -> Tuple[int, ...]:
