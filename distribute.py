@@ -5272,6 +5272,17 @@ def openssh_failure(host: str, text: str, user: Optional[str] = None, port: Opti
     return f"ssh to {host} failed: {last}"
 
 
+def cpu_has_aes() -> bool:
+    """Whether this machine's CPU has AES instructions (x86 `aes`, ARM `aes` in /proc/cpuinfo;
+    True where that cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any(line.split(":", 1)[0].strip() in ("flags", "Features") and "aes" in line.split(":", 1)[1].split()
+                       for line in info)
+    except OSError:
+        return True
+
+
 def unix_connect(path: str):
     """A blocking stream socket connected to the Unix socket at path."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -5335,8 +5346,9 @@ class OpenSshForward:
         """Unix socket paths are limited to 108 bytes: a very long HOME cannot host ours."""
         return len(str(self.control)) < 100
 
-    def master_argv(self) -> List[str]:
+    def master_argv(self, ciphers: Optional[List[str]] = None) -> List[str]:
         argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        argv += ["-o", "Ciphers=" + ",".join(ciphers)] if ciphers else []
         argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
                  "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
                  "-o", "StreamLocalBindUnlink=yes", "-o", "StreamLocalBindMask=0177",
@@ -5379,13 +5391,34 @@ class OpenSshForward:
                 os.unlink(leftover)
         with open(os.open(str(self.log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as err:
             try:
-                code = subprocess.run(self.master_argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                code = subprocess.run(self.master_argv(self.ciphers()), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                       stderr=err, timeout=120).returncode
             except subprocess.TimeoutExpired:
                 raise Failed(f"ssh to {self.host}: no answer within 120 s") from None
         if code != 0 or not self.local.exists():
             text = self.log_path.read_text(errors="replace")
             raise Failed(one_line(openssh_failure(self.host, text, self.user, self.port, self.to_head)))
+
+    def ciphers(self) -> Optional[List[str]]:
+        """The ciphers ssh would offer this host (its configuration as `ssh -G` reads it), AES-GCM
+        first where the CPU has AES instructions: there it moves a GiB in about 60% of the time
+        chacha20-poly1305 (OpenSSH's first choice) takes, in ssh and in sshd.  Only the order
+        changes, never the set; None (ssh decides) when anything is unclear."""
+        if not cpu_has_aes():
+            return None
+        argv = [self.ssh] + (["-F", self.config] if self.config else []) + ["-G"]
+        argv += (["-l", self.user] if self.user else []) + (["-p", str(self.port)] if self.port else [])
+        try:
+            out = subprocess.run(argv + ["--", self.host], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        offered = next((line.split()[1].split(",") for line in out.splitlines()
+                        if line.startswith("ciphers ") and len(line.split()) == 2), None)
+        if not offered:
+            return None
+        first = [c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in offered]
+        return first + [c for c in offered if c not in first] if first else None
 
     def stop(self) -> None:
         """Ask the master to exit now (the head does when it stops; clients let it idle out)."""

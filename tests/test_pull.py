@@ -780,6 +780,32 @@ def no_ssh_path(tmp_path):
     return str(folder)
 
 
+@pytest.mark.parametrize("configured, expected", [
+    (None, ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com"]),          # ssh's default set, reordered
+    ("aes256-ctr,aes128-gcm@openssh.com", ["aes128-gcm@openssh.com", "aes256-ctr"]),
+    ("chacha20-poly1305@openssh.com,aes256-ctr", None),                      # no AES-GCM allowed: left alone
+])
+def test_the_kept_connection_offers_aes_gcm_first_within_the_users_ciphers(configured, expected, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(distribute, "cpu_has_aes", lambda: True)
+    forward = distribute.OpenSshForward(shutil.which("ssh"), "head.example", "dalice", 2222, "/run/head.sock")
+    config = tmp_path / "config"
+    config.write_text(f"Host *\n  Ciphers {configured}\n" if configured else "")
+    forward.config = str(config)
+    ciphers = forward.ciphers()
+    if expected is None:
+        assert ciphers is None
+    else:
+        assert ciphers[:len(expected)] == expected
+        offered = subprocess.run(["ssh", "-F", str(config), "-G", "head.example"], capture_output=True,
+                                 text=True).stdout.split("ciphers ")[1].split()[0].split(",")
+        assert sorted(ciphers) == sorted(offered)                           # the same set, another order
+        assert "Ciphers=" + ",".join(ciphers) in " ".join(forward.master_argv(ciphers))
+    monkeypatch.setattr(distribute, "cpu_has_aes", lambda: False)
+    assert forward.ciphers() is None
+
+
 @pytest.mark.parametrize("carrier", ["openssh", "asyncssh"])
 def test_unknown_host_key_is_refused_with_one_line(lab, tmp_path, carrier):
     with sshd_lib.SshClientHome("stranger") as stranger:
