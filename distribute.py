@@ -4922,10 +4922,18 @@ async def write_pipe(fd: int, data: bytes) -> None:
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
     Large files never sit in memory: a thread writes the tar into a pipe."""
+    await relay_from_thread(writer, write_entries_to_fd, entries)
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def relay_from_thread(writer, produce: Callable[..., None], *args: Any) -> None:
+    """Run produce(fd, *args) in a thread of its own, writing into a pipe (it closes fd when
+    done) that the event loop empties into writer as it drains."""
     import asyncio
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
-    producer = asyncio.ensure_future(in_own_thread(write_entries_to_fd, write_fd, entries))
+    producer = asyncio.ensure_future(in_own_thread(produce, write_fd, *args))
     try:
         while True:
             chunk = await read_pipe(read_fd, 1 << 20)
@@ -4936,8 +4944,6 @@ async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     finally:
         os.close(read_fd)
         await producer
-    if writer.can_write_eof():
-        writer.write_eof()
 
 
 async def stream_and_reply(channel: Channel, entries: List[Tuple[str, str]]) -> Dict[str, Any]:
@@ -7318,7 +7324,6 @@ async def send_archive_tar(writer, root: Path, paths: List[str]) -> None:
     """Stream a tar of root/paths to writer from a thread of its own: straight into the
     socket under writer when it is a plain Unix one (every client's connection to the head
     is), else through a pipe the event loop empties into writer."""
-    import asyncio
     transport = getattr(writer, "transport", None)
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None and sock.family == socket.AF_UNIX:
@@ -7326,19 +7331,7 @@ async def send_archive_tar(writer, root: Path, paths: List[str]) -> None:
         await writer.drain()            # what asyncio held is out: from here the thread writes the socket
         await in_own_thread(write_tar_to_fd, os.dup(sock.fileno()), root, paths)
         return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    producer = asyncio.ensure_future(in_own_thread(write_tar_to_fd, write_fd, root, paths))
-    try:
-        while True:
-            chunk = await read_pipe(read_fd, 1 << 20)
-            if not chunk:
-                break
-            writer.write(chunk)
-            await writer.drain()
-    finally:
-        os.close(read_fd)
-        await producer
+    await relay_from_thread(writer, write_tar_to_fd, root, paths)
 
 
 def widen_pipe(fd: int) -> None:
