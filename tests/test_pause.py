@@ -615,3 +615,11 @@ def test_pause_writes_its_lock_before_the_rest_of_the_program_loads(tmp_path, ar
                                            ("-1h", None), ("1234567890s", None), ("1h 2m", None)])
 def test_durations(text, seconds):
     assert distribute.duration_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("user", ["dalice", "o'brien", 'say "hi"', "back\\slash", "tab\there", "jürgen", "x\x7f\x00"])
+def test_the_lock_is_json_whatever_the_user_name(user):
+    """`pause` writes its lock without importing json; what it writes is JSON all the same."""
+    lock = {"user": user, "until": 1796000000.25, "pid": 4242, "detached": False, "since": 0.0,
+            "pid_started": None, "reason": ""}
+    assert json.loads(distribute.flat_json(lock)) == lock

@@ -7,6 +7,7 @@ as on a lab machine where nothing was installed.
 
 import ast
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -567,3 +568,16 @@ def test_unreachable_index_is_one_clear_line(tmp_path):
     assert proc.stderr.startswith("build_zipapp: error: pip could not download "), proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "x.pyz").exists()
+
+
+def test_the_bootstrap_ships_compiled_for_the_building_python(pyz, home):
+    """zipimport cannot cache bytecode, so the bootstrap (run at every start) comes compiled
+    for the interpreter that built the archive; another interpreter compiles its source."""
+    code = (f"import sys; sys.path.insert(0, {str(pyz)!r}); import _distribute_boot as b; "
+            "print(b.__file__.rsplit('/', 1)[1], b.BUILD_ID)")
+    result = run_code(code, home)
+    name, build_id = result.stdout.split()
+    assert name == "_distribute_boot.pyc" and len(build_id) == 16, result.stderr
+    with zipfile.ZipFile(str(pyz)) as zf:
+        data = zf.read("_distribute_boot.pyc")
+    assert data[:4] == importlib.util.MAGIC_NUMBER and int.from_bytes(data[4:8], "little") == 0b01  # unchecked hash
