@@ -4745,6 +4745,56 @@ ZERO_CHUNK = bytes(1 << 20)
 HOLE_MIN = 64 * 1024            # a run of zeros this long (or longer) in a received file becomes a hole
 
 
+class SparseWriter:
+    """Writes a file's bytes in order into fd, leaving every HOLE_MIN block of zeros aligned
+    in the file as a hole, whatever sizes the pieces come in (a block split between two reads
+    is put together first): how the stream was cut cannot change how sparse a file lands."""
+
+    def __init__(self, fd: int):
+        self.fd, self.pending, self.holes = fd, bytearray(), False
+
+    def write(self, piece) -> None:
+        view = memoryview(piece)
+        if self.pending:
+            take = HOLE_MIN - len(self.pending)
+            self.pending += view[:take]
+            view = view[take:]
+            if len(self.pending) < HOLE_MIN:
+                return
+            self.block(memoryview(self.pending))
+            self.pending = bytearray()
+        whole = len(view) - len(view) % HOLE_MIN
+        start = 0
+        for pos in range(0, whole, HOLE_MIN):
+            if self.is_zero(view[pos:pos + HOLE_MIN]):
+                write_all(self.fd, view[start:pos])
+                self.skip()
+                start = pos + HOLE_MIN
+        write_all(self.fd, view[start:whole])
+        self.pending += view[whole:]
+
+    def block(self, data: memoryview) -> None:
+        if self.is_zero(data):
+            self.skip()
+        else:
+            write_all(self.fd, data)
+
+    @staticmethod
+    def is_zero(block) -> bool:
+        return block[0] == 0 and block[-1] == 0 and ZERO_CHUNK.startswith(block)
+
+    def skip(self) -> None:
+        os.lseek(self.fd, HOLE_MIN, os.SEEK_CUR)
+        self.holes = True
+
+    def finish(self, size: int) -> None:
+        """The last partial block, and the file's length when it ends in a hole."""
+        write_all(self.fd, self.pending)
+        self.pending = bytearray()
+        if self.holes:
+            os.ftruncate(self.fd, size)
+
+
 def land_file(stream: TarSource, folders: "FolderCache", dir_fd: int, name: str, size: int, mode: int,
               mtime: float) -> None:
     """Write one regular file's `size` bytes from the stream under a temporary name in the
@@ -4760,18 +4810,12 @@ def land_file(stream: TarSource, folders: "FolderCache", dir_fd: int, name: str,
         fd = os.open(part, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
     try:
         try:
-            holes, remaining = False, size
+            out, remaining = SparseWriter(fd), size
             while remaining:
                 piece = stream.data(remaining)
+                out.write(piece)
                 remaining -= len(piece)
-                if len(piece) >= HOLE_MIN and piece[0] == 0 and piece[-1] == 0 and ZERO_CHUNK.startswith(piece):
-                    os.lseek(fd, len(piece), os.SEEK_CUR)
-                    holes = True
-                    continue
-                while piece:
-                    piece = piece[os.write(fd, piece):]
-            if holes:
-                os.ftruncate(fd, size)           # a file ending in a hole gets its length
+            out.finish(size)
             if mode & process_umask():
                 os.fchmod(fd, mode)             # the umask took bits away at creation
             os.utime(fd, (mtime, mtime))
