@@ -4750,10 +4750,14 @@ class SparseWriter:
     in the file as a hole, whatever sizes the pieces come in (a block split between two reads
     is put together first): how the stream was cut cannot change how sparse a file lands."""
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, size: int):
         self.fd, self.pending, self.holes = fd, bytearray(), False
+        self.sparse = size >= HOLE_MIN          # a smaller file cannot hold a hole: written as it comes
 
     def write(self, piece) -> None:
+        if not self.sparse:
+            write_all(self.fd, piece)
+            return
         view = memoryview(piece)
         if self.pending:
             take = HOLE_MIN - len(self.pending)
@@ -4810,7 +4814,7 @@ def land_file(stream: TarSource, folders: "FolderCache", dir_fd: int, name: str,
         fd = os.open(part, NEW_FILE_FLAGS, mode, dir_fd=dir_fd)
     try:
         try:
-            out, remaining = SparseWriter(fd), size
+            out, remaining = SparseWriter(fd, size), size
             while remaining:
                 piece = stream.data(remaining)
                 out.write(piece)

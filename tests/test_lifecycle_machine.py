@@ -78,14 +78,10 @@ def test_first_batch_on_a_two_slot_node_builds_once_then_fills_both_slots(tmp_pa
 
 
 def test_a_finished_job_lands_once_frees_its_slot_and_ends_the_batch(tmp_path):
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=1)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
-    (land,) = ops(life.finished("n1", run_of(start)), "land")
+    store, life, batch_id, start = first_start_on_one_node(tmp_path, jobs=1)
+    (landing,) = ops(life.finished("n1", run_of(start)), "land")
     assert store.busy_slots("n1") == {start.slot: start.run_id}      # held until the results are archived
-    actions = life.landed("n1", land.job_id, run_of(start), 100.0)
+    actions = life.landed("n1", landing.job_id, run_of(start), 100.0)
     assert store.busy_slots("n1") == {}
     assert store.batch(batch_id).state == "done"
     assert [a.op for a in actions].count("notify") == 1
@@ -102,8 +98,7 @@ def test_failed_job_with_retries_is_queued_again_then_fails_with_its_reason(tmp_
     for attempt in (1, 2):
         (start,) = ops(life.schedule(0), "start_job")
         run = dict(run_of(start), exit_code=3)
-        (land,) = ops(life.finished("n1", run), "land")
-        life.landed("n1", land.job_id, run, None)
+        land(life, "n1", run)
     job = store.jobs(1)[0]
     assert job.state == "failed" and job.attempts == 2
     assert job.reason == "exit code 3 on n1, attempt 2 of 2"
@@ -137,16 +132,12 @@ def test_a_job_retried_after_the_end_runs_under_a_new_run_id(tmp_path):
 
 
 def test_kill_tells_the_node_and_the_run_ends_killed(tmp_path):
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=2)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
+    store, life, batch_id, start = first_start_on_one_node(tmp_path, jobs=2)
     dropped, stopped, actions = life.kill(batch_id)
     assert (dropped, stopped) == (1, 1)
     assert [a.info for a in actions] == [{"op": "kill", "run_ids": [start.run_id]}]
     run = dict(run_of(start), killed=True, exit_code=-15)
-    life.landed("n1", ops(life.finished("n1", run), "land")[0].job_id, run, None)
+    land(life, "n1", run)
     assert store.batch_counts(batch_id) == {"killed": 2} and store.busy_slots("n1") == {}
 
 
@@ -203,11 +194,7 @@ def test_jobs_that_cannot_start_are_requeued_without_using_a_retry_until_the_nod
 
 
 def test_landing_that_keeps_failing_backs_off_exponentially_and_fails_visibly(tmp_path):
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=1)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
+    store, life, batch_id, start = first_start_on_one_node(tmp_path, jobs=1)
     run = run_of(start)
     delays = []
     for tries in itertools.count(1):
@@ -267,11 +254,7 @@ def test_every_node_that_built_the_batch_is_told_to_clean_up_when_it_ends(tmp_pa
 
 
 def test_a_lost_run_is_requeued_without_using_a_retry(tmp_path):
-    store = make_store(tmp_path)
-    life = life_with(store, n1=1)
-    batch_id = add(store, jobs=1)
-    build_everywhere(life)
-    (start,) = ops(life.schedule(0), "start_job")
+    store, life, batch_id, start = first_start_on_one_node(tmp_path, jobs=1)
     actions = life.finished("n1", dict(run_of(start), exit_code=None, lost="the node restarted"))
     assert not ops(actions, "land")
     job = store.jobs(batch_id)[0]
@@ -303,8 +286,7 @@ def test_jobs_with_resources_pack_by_capacity_get_their_own_gpus_and_keep_them_i
     assert all(a.info["cpus"] == 2 for a in starts)
     assert [store.job(a.job_id).gpus for a in starts] == [[0, 1], [2, 3]]
     assert not ops(life.schedule(0), "start_job")                 # no GPU is ever shared
-    (land,) = ops(life.finished("n1", run_of(starts[0])), "land")
-    life.landed("n1", land.job_id, run_of(starts[0]), None)
+    land(life, "n1", run_of(starts[0]))
     (third,) = ops(life.schedule(0), "start_job")
     assert third.info["gpus"] == [0, 1]                            # the freed ones
     # a head that lost the indices (an older store row) takes them back from the node's record
@@ -326,8 +308,7 @@ def test_a_batch_after_another_starts_when_that_one_is_done_and_why_says_so(tmp_
     (start,) = ops(life.schedule(0), "start_job")
     assert store.batch(start.batch_id).name == "first"
     assert life.dependency_reason(store.batch(second)) == "waits for lab/first (0 of 1 jobs done)"
-    (land,) = ops(life.finished("n1", run_of(start)), "land")
-    life.landed("n1", land.job_id, run_of(start), None)
+    land(life, "n1", run_of(start))
     build_everywhere(life)
     (then,) = ops(life.schedule(0), "start_job")
     assert then.batch_id == second and life.dependency_reason(store.batch(second)) is None
