@@ -3375,6 +3375,11 @@ class Store:
                               (batch_id,)).fetchone()
         return self._job(row) if row else None
 
+    def running_batches(self) -> List[Tuple[str, int]]:
+        """(node, batch id) of the running jobs, each pair once (no rows decoded)."""
+        return [(node or "", batch_id) for node, batch_id in
+                self.db.execute("SELECT DISTINCT node, batch_id FROM jobs WHERE state='running'")]
+
     def running_jobs(self, node: Optional[str] = None) -> List[JobRow]:
         if node is None:
             return [self._job(r) for r in self.db.execute("SELECT * FROM jobs WHERE state='running'")]
@@ -3538,14 +3543,24 @@ class Store:
 
 
 class _Transaction:
+    """BEGIN ... COMMIT; inside another transaction a savepoint of it (its changes commit with
+    the outer one, or are undone alone when it raises)."""
+
     def __init__(self, db):
         self.db = db
+        self.nested = False
 
     def __enter__(self):
-        self.db.execute("BEGIN")
+        self.nested = self.db.in_transaction
+        self.db.execute("SAVEPOINT nested" if self.nested else "BEGIN")
 
     def __exit__(self, kind, *_):
-        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+        if not self.nested:
+            self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+            return
+        if kind is not None:
+            self.db.execute("ROLLBACK TO nested")
+        self.db.execute("RELEASE nested")
 
 
 # Scheduling: which batch a node with a free slot should take next.
@@ -3796,6 +3811,8 @@ def pick_for_node(node: NodeView, batches: List[BatchView], last_owner: Optional
     leave room for the held job (backfill).  A batch holds one node at a time; a hold ends
     when its job starts there, or the batch has nothing queued or can no longer run there.
     Jobs without resources never hold a node (slots behave as before)."""
+    if held is None and all(b.request is None for b in batches):
+        return pick_batch(node, batches, last_owner), None     # no resources asked: nothing to hold for
     now = time.time() if now is None else now
     empty = dataclasses.replace(node, used=Amount(), jobs=0, free_slots=node.slots, running=[])
     target = next((b for b in batches if b.id == held and b.queued > 0), None) if held is not None else None
@@ -3926,17 +3943,18 @@ class Lifecycle:
     def busy(self, node: str) -> Dict[int, str]:
         return self.store.busy_slots(node)
 
-    def free_slot(self, node: NodeState) -> Optional[int]:
-        busy = self.busy(node.name)
+    def free_slot(self, node: NodeState, busy: Optional[Dict[int, str]] = None) -> Optional[int]:
+        busy = self.busy(node.name) if busy is None else busy
         if len(busy) >= (node.slots if node.capacity is None else min(node.slots, node.capacity)):
             return None
         return next((slot for slot in range(node.slots) if slot not in busy), None)
 
-    def node_view(self, node: NodeState) -> NodeView:
+    def node_view(self, node: NodeState, busy: Optional[Dict[int, str]] = None) -> NodeView:
         """What the scheduling functions see of a node: its free slots and, once its capacity is
         known, what its running jobs hold (derived from the store: requests from their plans,
-        GPU indices from their rows, ends from their start and time limit)."""
-        busy = self.busy(node.name)
+        GPU indices from their rows, ends from their start and time limit).  `busy`: its busy
+        slots, when the caller has just read them."""
+        busy = self.busy(node.name) if busy is None else busy
         slots_now = node.slots if node.capacity is None else min(node.slots, node.capacity)
         view = NodeView(node.name, node.capabilities, node.gpus, max(0, slots_now - len(busy)), node.paused,
                         node.up, node.upgrading)
@@ -3992,8 +4010,8 @@ class Lifecycle:
         views = []
         # a node still running jobs of a replaced batch of the same name keeps that folder busy
         running_keys: Dict[str, set] = {}
-        for job in self.store.running_jobs():
-            running_keys.setdefault(job.node or "", set()).add(job.batch_id)
+        for node_name, batch_id in self.store.running_batches():
+            running_keys.setdefault(node_name, set()).add(batch_id)
         for build in builds:
             if build.state == "running":
                 running_keys.setdefault(build.node, set()).add(build.batch_id)
@@ -4016,8 +4034,14 @@ class Lifecycle:
 
     def schedule(self, now: float) -> List[Action]:
         """Fill every usable node as far as its slots and resources allow (SPEC §6 order, see
-        pick_batch; a large job's reservation and backfill, see pick_for_node; `meta.after`)."""
+        pick_batch; a large job's reservation and backfill, see pick_for_node; `meta.after`).
+        One transaction: the jobs a pass starts are claimed in one commit, or none is."""
+        with self.store.transaction():
+            return self._schedule(now)
+
+    def _schedule(self, now: float) -> List[Action]:
         actions: List[Action] = []
+        seen: Dict[str, Tuple[NodeView, Dict[int, str]]] = {}   # a node's view, until it starts something
         batches, views = self.batch_views(now)
         later = [b.retry_at for b in self.store.builds() if b.retry_at and b.retry_at > now]
         if later:
@@ -4031,7 +4055,10 @@ class Lifecycle:
             for node in self.nodes.values():
                 if not node.up or node.paused:
                     continue
-                view = self.node_view(node)
+                if node.name not in seen:
+                    busy = self.busy(node.name)
+                    seen[node.name] = (self.node_view(node, busy), busy)
+                view, busy = seen[node.name]
                 elsewhere = [b for n, b in self.holds.items() if n != node.name]
                 choice, hold = pick_for_node(view, views, self.last_owner, self.holds.get(node.name), elsewhere, now)
                 if hold is None:
@@ -4040,12 +4067,12 @@ class Lifecycle:
                     self.holds[node.name] = hold
                 if choice is None:
                     continue
-                busy = self.busy(node.name)
-                slot = self.free_slot(node) if choice.request is None or node.resources is None else \
+                slot = self.free_slot(node, busy) if choice.request is None or node.resources is None else \
                     next(i for i in itertools.count() if i not in busy)
                 if slot is None:
                     continue
                 progress = True
+                del seen[node.name]                 # it starts a job or a build: read it afresh
                 self.last_owner = choice.owner
                 batch = batches[choice.id]
                 build = self.store.build(batch.id, node.name)
@@ -4371,6 +4398,9 @@ class FrameTooLarge(BadFrame):
     """A frame declared more than its op may carry; nothing of it was read."""
 
 
+SMALL_FRAME = 64 * 1024     # a payload up to this size goes out in the same write as its header
+
+
 class Channel:
     """Frames over a pair of asyncio-like streams; sends are serialised by a lock."""
 
@@ -4383,10 +4413,14 @@ class Channel:
         if "op" in header:
             header = dict({"op": header["op"]}, **header)       # first: receivers bound frames by it
         body = json.dumps(header, separators=(",", ":")).encode()
+        frame = len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body
         async with self._lock:
-            self.writer.write(len(body).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + body)
-            if payload:
-                self.writer.write(payload)
+            if payload and len(payload) <= SMALL_FRAME:     # one write: one SSH packet, not two
+                self.writer.write(frame + payload)
+            else:
+                self.writer.write(frame)
+                if payload:
+                    self.writer.write(payload)
             await self.writer.drain()
 
     async def receive(self, bounds: Optional[Callable[[Optional[str]], Tuple[int, int]]] = None
@@ -8567,8 +8601,10 @@ class Head:
             await self.apply(self.life.landing_failed(link.name, job.id, run, one_line(str(exc)), tries))
             return
         self.archiving.discard(run_id)
-        timeline_attempt(self, batch.id, job, link.name, run, state)
-        await self.apply(self.life.landed(link.name, job.id, run, action.info.get("progress")))
+        with self.store.transaction():          # the attempt's span and the job's end: one commit
+            timeline_attempt(self, batch.id, job, link.name, run, state)
+            actions = self.life.landed(link.name, job.id, run, action.info.get("progress"))
+        await self.apply(actions)
 
     async def land_later(self, link: NodeLink, action: Action) -> None:
         import asyncio
