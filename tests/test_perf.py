@@ -54,6 +54,91 @@ def test_empty_tar_is_a_valid_tar_and_a_cut_stream_still_refused(tmp_path):
     assert distribute.extract_tar(distribute.tar_of([("f.txt", str(source))]), tmp_path / "one") == 5
 
 
+def test_small_results_tar_matches_tarfile_and_falls_back_for_anything_else(tmp_path):
+    """tar_of's direct ustar headers (a job's stdout.txt and small files) extract to the same
+    files, modes and whole-second times as tarfile's; a folder, a link or a long name still
+    goes through tarfile."""
+    import tarfile
+    import io
+    out = tmp_path / "stdout.txt"
+    out.write_bytes(b"line\n" * 300)
+    os.chmod(out, 0o640)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    data = distribute.tar_of([("stdout.txt", str(out)), ("sub/empty.bin", str(empty))])
+    assert data == distribute.plain_files_tar([("stdout.txt", str(out)), ("sub/empty.bin", str(empty))])
+    members = tarfile.open(fileobj=io.BytesIO(data)).getmembers()
+    assert [(m.name, m.size, m.mode, m.mtime) for m in members] == [
+        ("stdout.txt", 1500, 0o640, int(out.stat().st_mtime)), ("sub/empty.bin", 0, 0o644, int(empty.stat().st_mtime))]
+    assert distribute.extract_tar(data, tmp_path / "x") == 1500
+    assert (tmp_path / "x" / "stdout.txt").read_bytes() == out.read_bytes()
+    assert (tmp_path / "x" / "stdout.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "x" / "sub" / "empty.bin").read_bytes() == b""
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    link = tmp_path / "link"
+    os.symlink(str(out), link)
+    for entries in ([("folder", str(folder))], [("link", str(link))], [("n" * 101, str(out))]):
+        assert distribute.plain_files_tar(entries) is None
+        names = [m.name for m in tarfile.open(fileobj=io.BytesIO(distribute.tar_of(entries))).getmembers()]
+        assert names == [entries[0][0]]
+
+
+def test_nested_transaction_undoes_only_its_own_part(tmp_path):
+    """Store transactions nest (a landed job's span and end in one commit): an inner one that
+    raises is undone alone, the outer one commits the rest."""
+    store = distribute.Store(tmp_path / "state.sqlite")
+    plan = distribute.BatchPlan("ns", "a", "shell")
+    batch = store.add_batch("ns", "a", "alice", plan, [], None, [(distribute.JobPlan("j0", command="true"), 0),
+                                                                 (distribute.JobPlan("j1", command="true"), 0)])
+    first, second = [j.id for j in store.jobs(batch)]
+    with store.transaction():
+        store.mark_ended(first, "done", 0)
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                store.mark_ended(second, "failed", 1)
+                raise RuntimeError("a transition failed half way")
+    assert not store.db.in_transaction
+    assert store.batch_counts(batch) == {"done": 1, "queued": 1}
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            with store.transaction():
+                store.mark_ended(second, "failed", 1)
+            raise RuntimeError("the outer one fails")
+    assert store.batch_counts(batch) == {"done": 1, "queued": 1}
+
+
+def test_reset_for_job_empties_input_and_save_whatever_the_last_job_left(tmp_path):
+    """The usual empty folders are reset with one rmdir each; a full one, a file or a link in
+    their place (a job may leave anything) is removed without touching what a link points at."""
+    ws = distribute.Workspace(tmp_path / "ws")
+    ws.create()
+    (ws.initial / "a.txt").write_text("initial")
+    plan = distribute.BatchPlan("ns", "b", "shell", initial=["a.txt"], mounts=["/data"])
+    ws.reset_for_job(plan)
+    assert sorted(os.listdir(ws.input)) == ["a.txt"] and os.listdir(ws.save) == []
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    (ws.save / "deep").mkdir()
+    (ws.save / "deep" / "r.bin").write_bytes(b"r")
+    (ws.root / "mounts" / "0" / "m.txt").write_text("m")
+    (ws.input / "b.txt").write_text("job's own")
+    ws.reset_for_job(plan)
+    assert sorted(os.listdir(ws.input)) == ["a.txt"] and os.listdir(ws.save) == []
+    assert os.listdir(ws.root / "mounts" / "0") == []
+    import shutil
+    shutil.rmtree(ws.save)
+    os.symlink(str(outside), ws.save)
+    ws.input.rmdir() if not os.listdir(ws.input) else shutil.rmtree(ws.input)
+    ws.input.write_text("a file where input/ was")
+    ws.reset_for_job(plan)
+    assert ws.save.is_dir() and not ws.save.is_symlink() and os.listdir(ws.save) == []
+    assert ws.input.is_dir() and sorted(os.listdir(ws.input)) == ["a.txt"]
+    assert (outside / "keep.txt").read_text() == "keep"
+
+
 def test_remove_run_folder_usual_and_unusual_contents(tmp_path):
     usual = tmp_path / "1.1"
     (usual / "save").mkdir(parents=True)
