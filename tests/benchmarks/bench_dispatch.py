@@ -20,6 +20,9 @@ Also GNU parallel on this machine alone (`-j nodes*slots`, no SSH): the floor of
 Targets (issue 16): >= 5x parallel with ControlMaster, and within 2x of local parallel.
 --profile DIR samples the head and one supervisor with py-spy (if installed)
 during the rounds and leaves collapsed stacks there (head.txt, supervisor.txt).
+--compare OLD.pyz also starts a head of another build (its own node workdirs, the same
+sshd nodes) and runs its batch in every round too, the two builds in alternating order:
+a before/after measured under the same load (medians and the ratio of the two).
 """
 
 import argparse
@@ -224,6 +227,8 @@ def main():
     parser.add_argument("--only", choices=("trivial", "files"), default=None)
     parser.add_argument("--pyz", default=None, help="an existing distribute.pyz (default: build one)")
     parser.add_argument("--profile", default=None, metavar="DIR", help="py-spy the head into DIR/head.txt")
+    parser.add_argument("--compare", default=None, metavar="OLD_PYZ",
+                        help="also run the batches on a head of this other build, alternately")
     args = parser.parse_args()
     if not shutil.which("parallel"):
         raise SystemExit("GNU parallel is not installed")
@@ -233,7 +238,7 @@ def main():
     cluster = Cluster(args.nodes)
     work = Path(tempfile.mkdtemp(prefix="bench-dispatch-", dir="/tmp"))
     os.chmod(work, 0o755)
-    head, profilers = None, []
+    head, profilers, other = None, [], None
     try:
         workdirs = node_workdirs(cluster.nodes)
         text = nodes_yaml(cluster.nodes, workdirs, slots={n.name: args.slots for n in cluster.nodes})
@@ -244,16 +249,30 @@ def main():
         meter = CpuMeter(head.proc.pid, [n.pid for n in cluster.nodes], workdirs.values())
         # One small batch first: supervisors started and pyz copied, as on a head that has been up a while.
         run_ours(head, meter, work, "warmup", 16, "true", False)
+        if args.compare:
+            other_dirs = node_workdirs(cluster.nodes)
+            other = HeadProcess(None, nodes_yaml(cluster.nodes, other_dirs,
+                                                 slots={n.name: args.slots for n in cluster.nodes}),
+                                env, pyz=Path(args.compare), extra=["--kill-grace", "2", "--supervisor-idle", "120"])
+            other.start()
+            wait_until(lambda: sum(n["reachable"] for n in other.nodes()) >= len(cluster.nodes), 120, "nodes up")
+            other_meter = CpuMeter(other.proc.pid, [n.pid for n in cluster.nodes], other_dirs.values())
+            run_ours(other, other_meter, work, "warmup_other", 16, "true", False)
         profilers = start_profilers(args.profile, head.proc.pid, meter.supervisors()) if args.profile else []
 
         kinds = [k for k in ("trivial", "files") if args.only in (None, k)]
-        sides = ("ours", "parallel_cm", "parallel", "parallel_local")
+        sides = ("ours", "other", "parallel_cm", "parallel", "parallel_local")
         runs = {f"{side}_{kind}": [] for kind in kinds for side in sides}
         for round_no in range(args.rounds):
             for kind in kinds:
                 count, files = (args.jobs, False) if kind == "trivial" else (args.files, True)
                 command = "true" if kind == "trivial" else SAVE_COMMAND
-                runs[f"ours_{kind}"].append(run_ours(head, meter, work, f"{kind}{round_no}", count, command, files))
+                mine = lambda: runs[f"ours_{kind}"].append(  # noqa: E731
+                    run_ours(head, meter, work, f"{kind}{round_no}", count, command, files))
+                theirs = lambda: runs[f"other_{kind}"].append(  # noqa: E731
+                    run_ours(other, other_meter, work, f"o_{kind}{round_no}", count, command, files))
+                for side in ((mine, theirs) if round_no % 2 == 0 else (theirs, mine)) if other else (mine,):
+                    side()
                 runs[f"parallel_cm_{kind}"].append(
                     run_parallel(cluster, meter, work, f"pcm_{kind}{round_no}", count, files, True))
                 runs[f"parallel_local_{kind}"].append(
@@ -272,26 +291,32 @@ def main():
         for profiler in profilers:
             profiler.send_signal(signal.SIGINT)
             profiler.wait()
-        if head is not None:
-            head.stop()
+        for one in (head, other):
+            if one is not None:
+                one.stop()
         cluster.close()
         shutil.rmtree(work, ignore_errors=True)
-        if head is not None:
-            shutil.rmtree(head.dir, ignore_errors=True)
+        for one in (head, other):
+            if one is not None:
+                shutil.rmtree(one.dir, ignore_errors=True)
 
     result = {"nodes": args.nodes, "slots": args.slots, "rounds": args.rounds, "jobs": args.jobs,
               "files": args.files, "machine": dict(load_before, load_after=round(os.getloadavg()[0], 2))}
     print("medians:", file=sys.stderr)
     for kind in kinds:
         count = args.jobs if kind == "trivial" else args.files
-        summary = {key[:-len(kind) - 1]: summarise(r, count, key.startswith("ours")) for key, r in runs.items()
-                   if key.endswith("_" + kind) and r}
+        summary = {key[:-len(kind) - 1]: summarise(r, count, key.startswith(("ours", "other")))
+                   for key, r in runs.items() if key.endswith("_" + kind) and r}
         ours, peer = summary["ours"], summary["parallel_cm"]
         summary["speedup_vs_parallel_cm"] = peer["wall_s"] / ours["wall_s"]
         if "parallel" in summary:
             summary["speedup_vs_parallel"] = summary["parallel"]["wall_s"] / ours["wall_s"]
         summary["local_parallel_over_ours"] = summary["parallel_local"]["wall_s"] / ours["wall_s"]
         summary["target_met"] = summary["speedup_vs_parallel_cm"] >= 5.0 and summary["local_parallel_over_ours"] >= 0.5
+        if "other" in summary:
+            summary["other_pyz"] = args.compare
+            summary["other_wall_over_ours"] = summary["other"]["wall_s"] / ours["wall_s"]
+            summary["other_speedup_vs_parallel_cm"] = peer["wall_s"] / summary["other"]["wall_s"]
         result[kind] = summary
         for side in sides:
             if side in summary:
@@ -305,6 +330,9 @@ def main():
               f"local parallel / ours: {summary['local_parallel_over_ours']:.2f} (target >= 0.5)"
               + (f", vs parallel: {summary['speedup_vs_parallel']:.2f}x" if "speedup_vs_parallel" in summary else ""),
               file=sys.stderr)
+        if "other" in summary:
+            print(f"  {kind:<8} other build ({args.compare}): {summary['other_wall_over_ours']:.2f}x our wall time, "
+                  f"its ratio vs parallel+ControlMaster {summary['other_speedup_vs_parallel_cm']:.2f}x", file=sys.stderr)
     report("dispatch", result)
 
 
