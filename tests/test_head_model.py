@@ -116,11 +116,11 @@ class HeadModel(RuleBasedStateMachine):
         if not self.batches:
             return
         key = data.draw(st.sampled_from(sorted(self.batches)))
-        before = self.head.batch(key)
-        result = self.cli("retry", key, *(["--all"] if everything else []))
+        before, runs_before = self.head.batch(key), self.ran(key)   # counted first: a retried job may
+        result = self.cli("retry", key, *(["--all"] if everything else []))   # run before retry returns
         assert result.returncode == 0, result.stderr
         if before["state"] != "active" and not result.stdout.strip().endswith(": 0 jobs queued again"):
-            self.retried_ended[key] = self.ran(key)
+            self.retried_ended[key] = runs_before
 
     @rule(data=st.data())
     def replace(self, data):
