@@ -890,3 +890,47 @@ def test_a_sparse_file_lands_sparse_however_the_stream_was_split(tmp_path):
         with open(landed, "rb") as handle:
             assert handle.read(4) == b"head" and handle.read(size - 8) == bytes(size - 8)
             assert handle.read() == b"tail"
+
+
+@pytest.mark.parametrize("how", ["o_direct", "flag_refused", "write_refused"])
+def test_a_big_file_lands_byte_for_byte_and_sparse_around_the_page_cache(tmp_path, monkeypatch, how):
+    """A received file of DIRECT_MIN or more is written with O_DIRECT (no copy into new
+    page-cache pages: the head's CPU per GiB received); where the file system refuses the flag
+    or a write with it, the usual way.  Either way every byte lands, the aligned blocks of zeros
+    become holes, the odd-sized tail is kept, and a small file beside it is written as it comes.
+    A client's pull (no `direct`) never asks for it."""
+    import fcntl
+    asked = []
+    real, pwrite = distribute.direct_writes, os.pwrite
+
+    def spy(fd, on):
+        asked.append(on)
+        return real(fd, on) if how != "flag_refused" else False
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return pwrite(fd, data, offset)
+    monkeypatch.setattr(distribute, "direct_writes", spy)
+    if how == "write_refused":
+        monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    hole, rng = distribute.HOLE_MIN, os.urandom
+    big = (bytes(3 * hole) + rng(5 * hole + 512) + bytes(2 * hole + 100) + rng(distribute.DIRECT_MIN)
+           + bytes(16 * hole) + rng(1234) + bytes(4 * hole))        # zeros at both ends, odd offsets between
+    small = rng(hole + 77)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big.bin").write_bytes(big)
+    (source / "small.bin").write_bytes(small)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("small.bin", "big.bin"):
+            tar.add(str(source / name), arcname=name)
+    dest = tmp_path / "dest"
+    distribute.extract_tar(io.BufferedReader(io.BytesIO(buffer.getvalue()), 99_999), dest, direct=True)
+    assert (dest / "big.bin").read_bytes() == big and (dest / "small.bin").read_bytes() == small
+    assert (dest / "big.bin").stat().st_blocks * 512 <= len(big) - 20 * hole
+    assert asked[:1] == [True] and len(asked) <= 2      # only the big file asked for it
+    asked.clear()
+    distribute.extract_tar(buffer.getvalue(), tmp_path / "pulled")         # a client's pull: page cache kept
+    assert (tmp_path / "pulled" / "big.bin").read_bytes() == big and asked == []
