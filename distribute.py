@@ -4971,12 +4971,41 @@ def entries_size(entries: Iterable[Tuple[str, str]]) -> int:
 
 
 def write_entries_to_fd(fd: int, entries: List[Tuple[str, str]]) -> None:
-    """Write a tar of the entries into a pipe (runs in a thread while the loop sends)."""
-    with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-        with contextlib.suppress(BrokenPipeError):
-            with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    """Write a tar of the entries into fd (a pipe, or a plain socket handed over: blocking or
+    not), then close it; runs in a thread of its own.  When every entry is a regular file (a
+    batch's uploads, most results) TarWriter writes them (big ones by sendfile, not through
+    Python's buffers); else tarfile, which knows links and folders too."""
+    try:
+        regular = all(stat.S_ISREG(os.lstat(path).st_mode) for _, path in entries)
+    except OSError:
+        regular = False                     # tarfile says which entry is missing
+    try:
+        if regular:
+            out = TarWriter(fd)
+            for name, path in entries:
+                with open(path, "rb") as handle:
+                    out.add(name, handle.fileno(), os.fstat(handle.fileno()))
+            out.finish()
+        else:
+            with tarfile.open(fileobj=DescriptorWriter(fd), mode="w|", bufsize=1 << 20,
+                              format=tarfile.PAX_FORMAT) as tar:
                 for name, path in entries:
                     tar.add(path, arcname=name, recursive=False)
+    except (BrokenPipeError, ConnectionResetError):
+        pass                                # the receiver went away or refused: it says why
+    finally:
+        os.close(fd)
+
+
+class DescriptorWriter:
+    """A file object's write() for tarfile, onto a descriptor that may be non-blocking."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data) -> int:
+        write_all(self.fd, data)
+        return len(data)
 
 
 async def in_own_thread(function, *args: Any) -> Any:
@@ -5039,10 +5068,32 @@ async def write_pipe(fd: int, data: bytes) -> None:
 
 async def send_tar_stream(writer, entries: List[Tuple[str, str]]) -> None:
     """Stream a tar of the entries to writer, then half-close it (the tar ends at EOF).
-    Large files never sit in memory: a thread writes the tar into a pipe."""
-    await relay_from_thread(writer, write_entries_to_fd, entries)
+    Large files never sit in memory: a thread writes the tar (see send_from_thread)."""
+    await send_from_thread(writer, write_entries_to_fd, entries)
     if writer.can_write_eof():
         writer.write_eof()
+
+
+async def send_from_thread(writer, produce: Callable[..., None], *args: Any) -> None:
+    """Run produce(fd, *args) in a thread of its own (it closes fd when done): fd is the socket
+    under writer itself when that is a plain Unix one (a client's connection to the head, an
+    OpenSSH forward, sshd's to a supervisor), so no byte passes through the event loop; else
+    a pipe the loop empties into writer (relay_from_thread).  Cancelled, the socket is shut
+    down, so the thread's next write fails and it ends."""
+    import asyncio
+    transport = getattr(writer, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        await relay_from_thread(writer, produce, *args)
+        return
+    transport.set_write_buffer_limits(0)
+    await writer.drain()                # what asyncio held is out: from here the thread writes the socket
+    try:
+        await in_own_thread(produce, os.dup(sock.fileno()), *args)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            sock.shutdown(socket.SHUT_RDWR)
+        raise
 
 
 async def relay_from_thread(writer, produce: Callable[..., None], *args: Any) -> None:
@@ -7413,8 +7464,14 @@ class TarWriter:
 
 
 def wait_writable(fd: int) -> None:
+    """Until fd takes more, or is shut down (poll hears of that; select's write set does not)."""
     import select
-    select.select([], [fd], [])
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        poller.poll()
+    else:
+        select.select([], [fd], [])
 
 
 def write_all(fd: int, data) -> None:
@@ -7442,14 +7499,7 @@ async def send_archive_tar(writer, root: Path, paths: List[str]) -> None:
     """Stream a tar of root/paths to writer from a thread of its own: straight into the
     socket under writer when it is a plain Unix one (every client's connection to the head
     is), else through a pipe the event loop empties into writer."""
-    transport = getattr(writer, "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is not None and sock.family == socket.AF_UNIX:
-        transport.set_write_buffer_limits(0)
-        await writer.drain()            # what asyncio held is out: from here the thread writes the socket
-        await in_own_thread(write_tar_to_fd, os.dup(sock.fileno()), root, paths)
-        return
-    await relay_from_thread(writer, write_tar_to_fd, root, paths)
+    await send_from_thread(writer, write_tar_to_fd, root, paths)
 
 
 def widen_pipe(fd: int) -> None:

@@ -92,11 +92,12 @@ class CpuWatch:
 def master_of(home: Path) -> psutil.Process:
     """The head's kept OpenSSH master (`ssh -f`: a process of its own, not the head's child)."""
     controls = [str(c) for c in (home / ".cache" / "distribute-ssh").glob("*.ctl")]
-    for proc in psutil.process_iter(["cmdline"]):
-        argv = proc.info["cmdline"] or []
-        if argv and os.path.basename(argv[0]) == "ssh" and any(f"ControlPath={c}" in argv for c in controls):
-            return proc
-    raise SystemExit(f"no ssh master for {controls}")
+    found = [proc for proc in psutil.process_iter(["cmdline", "create_time"])
+             if os.path.basename((proc.info["cmdline"] or [""])[0]) == "ssh"
+             and any(f"ControlPath={c}" in proc.info["cmdline"] for c in controls)]
+    if not found:
+        raise SystemExit(f"no ssh master for {controls}")
+    return max(found, key=lambda proc: proc.info["create_time"])     # an earlier round's may be idling out
 
 
 def run_head(cluster, pyz, work: Path, carrier: str, name: str, jobs: int, mib: int):
@@ -117,7 +118,7 @@ def run_head(cluster, pyz, work: Path, carrier: str, name: str, jobs: int, mib: 
         master_before = cpu_of(master) if master else 0.0
         before, start = cpu_of(proc), time.perf_counter()
         head.cli("add", path)
-        wait_batch_done(head.socket, f"bench/{name}", 1800)
+        wait_batch_done(head.socket, f"bench/{name}", 1800, poll=0.2)     # each poll costs the head CPU too
         wall, cpu = time.perf_counter() - start, cpu_of(proc) - before
         ssh_cpu = cpu_of(master) - master_before if master else 0.0
         for i in range(jobs):
