@@ -5131,13 +5131,24 @@ async def stream_and_reply(channel: Channel, entries: List[Tuple[str, str]]) -> 
     return reply
 
 
-def extract_then_close(source, dest: Path, on_bytes=None, direct: bool = False) -> int:
+def extract_then_close(source, dest: Path, on_bytes=None, direct: bool = False, niceness: int = 0) -> int:
     """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
-    instead of blocking for ever when extraction stops early (refused entry, full disk)."""
+    instead of blocking for ever when extraction stops early (refused entry, full disk).
+    A niceness lowers this thread's priority alone (Linux schedules threads one by one)."""
     try:
+        if niceness:
+            lower_this_thread(niceness)
         return extract_tar(source, dest, on_bytes, direct)
     finally:
         source.close()
+
+
+def lower_this_thread(niceness: int) -> None:
+    """Make the calling thread `niceness` nicer than it is (where threads have their own: Linux)."""
+    import threading
+    tid = getattr(threading, "get_native_id", lambda: 0)()
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 class SocketSource:
@@ -5173,11 +5184,12 @@ def plain_socket_of(reader):
     return transport, sock
 
 
-async def receive_tar(reader, dest: Path, on_bytes=None, direct: bool = False) -> int:
-    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely;
-    on_bytes(count) (called in that thread) hears of every chunk; direct as in extract_tar.  On a plain Unix socket
-    (the local head, an OpenSSH forward) the thread reads the socket itself: passing each
-    chunk through the event loop cost 4x the CPU of extracting it."""
+async def receive_tar(reader, dest: Path, on_bytes=None, niceness: int = 0, direct: bool = False) -> int:
+    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely (at
+    `niceness` above the caller's); on_bytes(count) (called in that thread) hears of every
+    chunk; direct as in extract_tar.  On a plain Unix socket (the local head, an OpenSSH
+    forward) the thread reads the socket itself: passing each chunk through the event loop
+    cost 4x the CPU of extracting it."""
     import asyncio
     transport, sock = plain_socket_of(reader)
     if transport is not None:
@@ -5186,7 +5198,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None, direct: bool = False) -
         reader._buffer.clear()
         source = SocketSource(buffered, socket.socket(fileno=os.dup(sock.fileno())))
         try:
-            return await in_own_thread(extract_then_close, source, dest, on_bytes, direct)
+            return await in_own_thread(extract_then_close, source, dest, on_bytes, direct, niceness)
         finally:
             source.close()
             with contextlib.suppress(Exception):
@@ -5195,7 +5207,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None, direct: bool = False) -
     widen_pipe(write_fd)
     os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=0)
-    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest, on_bytes, direct))
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest, on_bytes, direct, niceness))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -5299,7 +5311,8 @@ class SshTransport:
             self.bulk = False
             program, forward = openssh_program(), None
             try:
-                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path,
+                                                      niceness=BULK_NICENESS)
             except Failed as exc:
                 log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
             if forward and forward.usable and await self.bulk_works(forward):
@@ -5368,6 +5381,10 @@ def transport_for(node: NodeSpec):
 # asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
 
 SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
+# The head's bulk work (the `ssh` carrying a node's results, the threads landing them) runs at
+# this niceness: when eight nodes' results arrive at once, the event loop (dispatch, `status`)
+# still gets the CPU first, and the results take what is left.  Clients keep full priority.
+BULK_NICENESS = 10
 
 
 def openssh_program() -> Optional[str]:
@@ -5501,8 +5518,9 @@ class OpenSshForward:
     private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
 
     def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
-                 persist: int = SSH_PERSIST_SECONDS):
+                 persist: int = SSH_PERSIST_SECONDS, niceness: int = 0):
         self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
+        self.niceness = niceness        # the head's forwards to nodes yield the CPU to its event loop
         self.to_head = False            # a lab member's way to the head (errors in their terms), not a node's
         self.config = ssh_config_file()
         key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
@@ -5516,7 +5534,9 @@ class OpenSshForward:
         return len(str(self.control)) < 100
 
     def master_argv(self, ciphers: Optional[List[str]] = None) -> List[str]:
-        argv = [self.ssh] + (["-F", self.config] if self.config else [])
+        nice = shutil.which("nice") if self.niceness else None
+        argv = ([nice, "-n", str(self.niceness)] if nice else []) + [self.ssh]
+        argv += ["-F", self.config] if self.config else []
         argv += ["-o", "Ciphers=" + ",".join(ciphers)] if ciphers else []
         argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
                  "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
@@ -7970,6 +7990,7 @@ def default_socket_candidates() -> List[Path]:
 
 
 REMOTE_SOCKET = "/var/lib/distribute/head.sock"
+PROGRESS_WAIT = 0.1     # `status` waits this long for busy nodes' progress, then shows their last answer
 
 
 def program_argv() -> List[str]:
@@ -8296,7 +8317,7 @@ class NodeLink:
                 reply, _ = await channel.request({"op": "fetch", "run_id": run_id})
                 if not reply.get("ok"):
                     raise Failed(reply.get("error") or "the node refused")
-                await receive_tar(channel.reader, dest, direct=True)
+                await receive_tar(channel.reader, dest, niceness=BULK_NICENESS, direct=True)
             finally:
                 channel.close()
 
@@ -8426,6 +8447,8 @@ class Head:
             if name in self.links:
                 self.links[name].last_known = facts
         self.archiving: set = set()                 # run ids being archived right now (never twice at once)
+        self.progress_heard: Dict[str, Dict[str, Optional[float]]] = {}   # node: its last progress answer
+        self.progress_asking: Dict[str, Any] = {}   # node: the question in flight (one at a time)
         self.program = program_bytes(config.pyz)
         self.tasks = TaskOwner()
         self._local_build: Optional[str] = None
@@ -8942,20 +8965,32 @@ class Head:
                             "paused_nodes": paused, "stopped": stopped})
 
     async def running_progress(self) -> Dict[str, Optional[float]]:
-        """What running jobs last wrote to their progress file, asked of every busy node at once."""
+        """What running jobs last wrote to their progress file, asked of every busy node at once.
+        `status` waits PROGRESS_WAIT at most: a node slow to answer (sending results, far away)
+        shows what it said last time, and its answer still lands for the next `status`."""
         import asyncio
-
-        async def ask(link: NodeLink) -> Dict[str, Optional[float]]:
-            try:
-                reply, _ = await asyncio.wait_for(link.request({"op": "progress"}), 2.0)
-                return reply.get("progress", {})
-            except (Failed, asyncio.TimeoutError):
-                return {}
-        busy = [link for link in self.links.values() if link.up and link.slots]
+        asking = []
+        for link in self.links.values():
+            if link.up and link.slots:
+                task = self.progress_asking.get(link.name)
+                if task is None or task.done():
+                    task = self.tasks.spawn(self.ask_progress(link), f"asking node {link.name} for progress")
+                    self.progress_asking[link.name] = task
+                asking.append(task)
+        if asking:
+            await asyncio.wait(asking, timeout=PROGRESS_WAIT)
         merged: Dict[str, Optional[float]] = {}
-        for answer in await asyncio.gather(*(ask(link) for link in busy)):
-            merged.update(answer)
+        for heard in self.progress_heard.values():
+            merged.update(heard)
         return merged
+
+    async def ask_progress(self, link: NodeLink) -> None:
+        import asyncio
+        try:
+            reply, _ = await asyncio.wait_for(link.request({"op": "progress"}), 10.0)
+        except (Failed, asyncio.TimeoutError):
+            return
+        self.progress_heard[link.name] = reply.get("progress", {})
 
     async def api_report(self, channel, user, header, payload):
         """A batch's attempts, builds and pauses, for `report`'s timeline."""

@@ -85,3 +85,46 @@ def test_json_output_is_the_same_document_one_record_per_line():
     lines = text.splitlines()
     assert sum(line.lstrip().startswith('{"batch": "lab/b"') for line in lines) == 3
     assert '  "running": [],' in lines and lines[0] == "{" and lines[-1] == "}"
+
+
+def test_status_waits_a_moment_for_a_slow_nodes_progress_then_shows_its_last_answer():
+    """A node busy sending results answers `progress` late: `status` does not wait for it
+    (PROGRESS_WAIT), shows what it said last, and its late answer counts next time; a node
+    is asked one question at a time however often `status` is asked."""
+    import asyncio
+
+    class Link:
+        def __init__(self, name, answers):
+            self.name, self.up, self.slots, self.answers, self.asked = name, True, [object()], answers, 0
+
+        async def request(self, header):
+            self.asked += 1
+            progress, release = self.answers.pop(0)
+            if release is not None:
+                await release.wait()
+            return {"ok": True, "progress": progress}, b""
+
+    class Head:
+        running_progress = distribute.Head.running_progress
+        ask_progress = distribute.Head.ask_progress
+
+        def __init__(self, links):
+            self.links = {link.name: link for link in links}
+            self.tasks = distribute.TaskOwner("test")
+            self.progress_heard, self.progress_asking = {}, {}
+
+    async def scenario():
+        release = asyncio.Event()
+        quick = Link("quick", [({"1.1": 10.0}, None), ({"1.1": 20.0}, None), ({"1.1": 30.0}, None)])
+        slow = Link("slow", [({"2.1": 50.0}, release)])
+        head = Head([quick, slow])
+        assert await head.running_progress() == {"1.1": 10.0}          # answered without the slow node
+        assert not head.progress_asking["slow"].done()
+        assert await head.running_progress() == {"1.1": 20.0}          # its question is still out:
+        assert slow.asked == 1                                           # not asked again
+        release.set()
+        await head.progress_asking["slow"]
+        assert await head.running_progress() == {"1.1": 30.0, "2.1": 50.0}
+        await head.tasks.close()
+
+    asyncio.run(scenario())

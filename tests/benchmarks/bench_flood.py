@@ -80,6 +80,9 @@ def main():
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--steady", type=int, default=2000)
     parser.add_argument("--pyz", default=None)
+    parser.add_argument("--head-log", default=None,
+                        help="keep the head's log here, written in asyncio's debug mode (it names every "
+                             "event-loop step that took over 0.1 s)")
     parser.add_argument("--nodes-at-full-priority", action="store_true",
                         help="leave the node-side processes at normal priority (they compete with the head)")
     args = parser.parse_args()
@@ -96,7 +99,7 @@ def main():
         workdirs = node_workdirs(cluster.nodes)
         caps = {node.name: [f"only-{node.name}"] for node in cluster.nodes}
         text = nodes_yaml(cluster.nodes, workdirs, caps=caps, slots={n.name: 2 for n in cluster.nodes})
-        env = cluster.home.env()
+        env = cluster.home.env(**({"PYTHONASYNCIODEBUG": "1"} if args.head_log else {}))
         head = HeadProcess(None, text, env, pyz=pyz, extra=["--kill-grace", "2", "--supervisor-idle", "300"])
         head.start()
         wait_until(lambda: sum(n["reachable"] for n in head.nodes()) >= args.nodes, 180, "nodes up")
@@ -149,6 +152,8 @@ def main():
     finally:
         if head is not None:
             head.stop()
+            if args.head_log:
+                shutil.copyfile(head.log, args.head_log)
             shutil.rmtree(head.dir, ignore_errors=True)
         cluster.close()
         shutil.rmtree(work, ignore_errors=True)
