@@ -5131,24 +5131,13 @@ async def stream_and_reply(channel: Channel, entries: List[Tuple[str, str]]) -> 
     return reply
 
 
-def extract_then_close(source, dest: Path, on_bytes=None, direct: bool = False, niceness: int = 0) -> int:
+def extract_then_close(source, dest: Path, on_bytes=None, direct: bool = False) -> int:
     """extract_tar, then close the pipe it read: a writer still feeding it gets EPIPE
-    instead of blocking for ever when extraction stops early (refused entry, full disk).
-    A niceness lowers this thread's priority alone (Linux schedules threads one by one)."""
+    instead of blocking for ever when extraction stops early (refused entry, full disk)."""
     try:
-        if niceness:
-            lower_this_thread(niceness)
         return extract_tar(source, dest, on_bytes, direct)
     finally:
         source.close()
-
-
-def lower_this_thread(niceness: int) -> None:
-    """Make the calling thread `niceness` nicer than it is (where threads have their own: Linux)."""
-    import threading
-    tid = getattr(threading, "get_native_id", lambda: 0)()
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + niceness)
 
 
 class SocketSource:
@@ -5184,12 +5173,11 @@ def plain_socket_of(reader):
     return transport, sock
 
 
-async def receive_tar(reader, dest: Path, on_bytes=None, niceness: int = 0, direct: bool = False) -> int:
-    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely (at
-    `niceness` above the caller's); on_bytes(count) (called in that thread) hears of every
-    chunk; direct as in extract_tar.  On a plain Unix socket (the local head, an OpenSSH
-    forward) the thread reads the socket itself: passing each chunk through the event loop
-    cost 4x the CPU of extracting it."""
+async def receive_tar(reader, dest: Path, on_bytes=None, direct: bool = False) -> int:
+    """Extract the tar that arrives on reader until EOF into dest, in a thread, safely;
+    on_bytes(count) (called in that thread) hears of every chunk; direct as in extract_tar.
+    On a plain Unix socket (the local head, an OpenSSH forward) the thread reads the socket
+    itself: passing each chunk through the event loop cost 4x the CPU of extracting it."""
     import asyncio
     transport, sock = plain_socket_of(reader)
     if transport is not None:
@@ -5198,7 +5186,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None, niceness: int = 0, dire
         reader._buffer.clear()
         source = SocketSource(buffered, socket.socket(fileno=os.dup(sock.fileno())))
         try:
-            return await in_own_thread(extract_then_close, source, dest, on_bytes, direct, niceness)
+            return await in_own_thread(extract_then_close, source, dest, on_bytes, direct)
         finally:
             source.close()
             with contextlib.suppress(Exception):
@@ -5207,7 +5195,7 @@ async def receive_tar(reader, dest: Path, on_bytes=None, niceness: int = 0, dire
     widen_pipe(write_fd)
     os.set_blocking(write_fd, False)
     source = os.fdopen(read_fd, "rb", buffering=0)
-    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest, on_bytes, direct, niceness))
+    extractor = asyncio.ensure_future(in_own_thread(extract_then_close, source, dest, on_bytes, direct))
     try:
         while True:
             chunk = await reader.read(1 << 20)
@@ -5311,8 +5299,7 @@ class SshTransport:
             self.bulk = False
             program, forward = openssh_program(), None
             try:
-                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path,
-                                                      niceness=BULK_NICENESS)
+                forward = program and OpenSshForward(program, self.node.host, self.node.user, self.node.port, path)
             except Failed as exc:
                 log(f"node {self.node.name}: bulk transfers stay on asyncssh ({exc})")
             if forward and forward.usable and await self.bulk_works(forward):
@@ -5381,10 +5368,6 @@ def transport_for(node: NodeSpec):
 # asyncssh remains the fallback when there is no `ssh` (or DISTRIBUTE_SSH=asyncssh).
 
 SSH_PERSIST_SECONDS = 300           # an idle master connection exits after this long
-# The head's bulk work (the `ssh` carrying a node's results, the threads landing them) runs at
-# this niceness: when eight nodes' results arrive at once, the event loop (dispatch, `status`)
-# still gets the CPU first, and the results take what is left.  Clients keep full priority.
-BULK_NICENESS = 10
 
 
 def openssh_program() -> Optional[str]:
@@ -5518,9 +5501,8 @@ class OpenSshForward:
     private_runtime_dir(), made by ssh with mode 0600: nobody else can use the connection."""
 
     def __init__(self, ssh: str, host: str, user: Optional[str], port: Optional[int], remote: str,
-                 persist: int = SSH_PERSIST_SECONDS, niceness: int = 0):
+                 persist: int = SSH_PERSIST_SECONDS):
         self.ssh, self.host, self.user, self.port, self.remote, self.persist = ssh, host, user, port, remote, persist
-        self.niceness = niceness        # the head's forwards to nodes yield the CPU to its event loop
         self.to_head = False            # a lab member's way to the head (errors in their terms), not a node's
         self.config = ssh_config_file()
         key = hashlib.sha256(repr((host, user, port, remote, self.config)).encode()).hexdigest()[:20]
@@ -5534,9 +5516,7 @@ class OpenSshForward:
         return len(str(self.control)) < 100
 
     def master_argv(self, ciphers: Optional[List[str]] = None) -> List[str]:
-        nice = shutil.which("nice") if self.niceness else None
-        argv = ([nice, "-n", str(self.niceness)] if nice else []) + [self.ssh]
-        argv += ["-F", self.config] if self.config else []
+        argv = [self.ssh] + (["-F", self.config] if self.config else [])
         argv += ["-o", "Ciphers=" + ",".join(ciphers)] if ciphers else []
         argv += ["-o", "BatchMode=yes", "-o", "ControlMaster=yes", "-o", f"ControlPath={self.control}",
                  "-o", f"ControlPersist={self.persist}", "-o", "ExitOnForwardFailure=yes",
@@ -8317,7 +8297,7 @@ class NodeLink:
                 reply, _ = await channel.request({"op": "fetch", "run_id": run_id})
                 if not reply.get("ok"):
                     raise Failed(reply.get("error") or "the node refused")
-                await receive_tar(channel.reader, dest, niceness=BULK_NICENESS, direct=True)
+                await receive_tar(channel.reader, dest, direct=True)
             finally:
                 channel.close()
 

@@ -306,9 +306,6 @@ def test_big_uploads_and_results_travel_through_openssh(head, head_home, tmp_pat
         check = subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "check", "node"],
                                capture_output=True, text=True, timeout=30)
         assert check.returncode == 0 and "Master running" in check.stderr, check.stderr
-        # the masters carrying results yield the CPU to the head's event loop (dispatch, status)
-        master = int(check.stderr.split("pid=")[1].split(")")[0])
-        assert os.getpriority(os.PRIO_PROCESS, master) == 10            # distribute.BULK_NICENESS
 
 
 @pytest.mark.nodes(slots={"node1": 2, "node2": 2, "node3": 2})

@@ -443,30 +443,6 @@ def test_extract_lands_files_with_mode_and_mtime(tmp_path):
     assert partial_files(tmp_path) == []
 
 
-def test_results_land_in_a_thread_that_yields_the_cpu_and_the_caller_keeps_its_priority(tmp_path):
-    """The head lands a node's results at BULK_NICENESS (its event loop keeps the CPU first);
-    the thread lowered is the extractor's own, never the loop's."""
-    import asyncio
-    import threading
-    seen = []
-
-    def note_priority(count):
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-
-    async def land():
-        reader = asyncio.StreamReader()
-        reader.feed_data(tar_with((entry("job/r.bin"), os.urandom(300_000))))
-        reader.feed_eof()
-        return await distribute.receive_tar(reader, tmp_path / "d", note_priority,
-                                            niceness=distribute.BULK_NICENESS)
-
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert asyncio.run(land()) == 300_000
-    assert seen and set(seen) == {min(mine + distribute.BULK_NICENESS, 19)}
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
-    assert (tmp_path / "d" / "job" / "r.bin").stat().st_size == 300_000
-
-
 def test_truncated_stream_leaves_no_file_under_its_name(tmp_path):
     data = tar_with((entry("job/whole.txt"), b"w" * 100), (entry("job/cut.bin"), os.urandom(100_000)))
     with pytest.raises(distribute.ProtocolError):       # what node transfers retry on
