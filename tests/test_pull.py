@@ -890,3 +890,109 @@ def test_a_sparse_file_lands_sparse_however_the_stream_was_split(tmp_path):
         with open(landed, "rb") as handle:
             assert handle.read(4) == b"head" and handle.read(size - 8) == bytes(size - 8)
             assert handle.read() == b"tail"
+
+
+@pytest.mark.parametrize("how", ["o_direct", "flag_refused", "write_refused"])
+def test_a_big_file_lands_byte_for_byte_and_sparse_around_the_page_cache(tmp_path, monkeypatch, how):
+    """A received file of DIRECT_MIN or more is written with O_DIRECT (no copy into new
+    page-cache pages: the head's CPU per GiB received); where the file system refuses the flag
+    or a write with it, the usual way.  Either way every byte lands, the aligned blocks of zeros
+    become holes, the odd-sized tail is kept, and a small file beside it is written as it comes.
+    A client's pull (no `direct`) never asks for it."""
+    import fcntl
+    asked = []
+    real, pwrite = distribute.direct_writes, os.pwrite
+
+    def spy(fd, on):
+        asked.append(on)
+        return real(fd, on) if how != "flag_refused" else False
+
+    def refusing_pwrite(fd, data, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return pwrite(fd, data, offset)
+    monkeypatch.setattr(distribute, "direct_writes", spy)
+    if how == "write_refused":
+        monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    hole, rng = distribute.HOLE_MIN, os.urandom
+    big = (bytes(3 * hole) + rng(5 * hole + 512) + bytes(2 * hole + 100) + rng(distribute.DIRECT_MIN)
+           + bytes(16 * hole) + rng(1234) + bytes(4 * hole))        # zeros at both ends, odd offsets between
+    small = rng(hole + 77)
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "big.bin").write_bytes(big)
+    (source / "small.bin").write_bytes(small)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("small.bin", "big.bin"):
+            tar.add(str(source / name), arcname=name)
+    dest = tmp_path / "dest"
+    distribute.extract_tar(io.BufferedReader(io.BytesIO(buffer.getvalue()), 99_999), dest, direct=True)
+    assert (dest / "big.bin").read_bytes() == big and (dest / "small.bin").read_bytes() == small
+    assert (dest / "big.bin").stat().st_blocks * 512 <= len(big) - 20 * hole
+    assert asked[:1] == [True] and len(asked) <= 2      # only the big file asked for it
+    asked.clear()
+    distribute.extract_tar(buffer.getvalue(), tmp_path / "pulled")         # a client's pull: page cache kept
+    assert (tmp_path / "pulled" / "big.bin").read_bytes() == big and asked == []
+
+
+def test_uploads_of_regular_files_and_results_with_links_both_land(tmp_path):
+    """What a batch uploads (regular files under aliases) goes through TarWriter, big files by
+    sendfile straight into the socket; a result with a link and a folder through tarfile.
+    Either way every byte, mode and name arrives."""
+    import asyncio
+    import socket
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom((3 << 20) + 5))
+    (src / "small.txt").write_text("hello\n")
+    os.chmod(src / "small.txt", 0o751)
+    (src / "link").symlink_to("small.txt")
+    (src / "folder").mkdir()
+    uploads = [("jobs/j0/input/data.bin", str(src / "big.bin")), ("shared/initial_files/s.txt", str(src / "small.txt"))]
+    results = [("big.bin", str(src / "big.bin")), ("link", str(src / "link")), ("folder", str(src / "folder"))]
+
+    async def send(entries, dest):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        receiver = asyncio.get_event_loop().run_in_executor(None, distribute.extract_then_close, b.makefile("rb"), dest)
+        await distribute.send_tar_stream(writer, entries)
+        writer.close()
+        await receiver
+        b.close()
+    asyncio.run(send(uploads, tmp_path / "up"))
+    assert (tmp_path / "up/jobs/j0/input/data.bin").read_bytes() == (src / "big.bin").read_bytes()
+    assert (tmp_path / "up/shared/initial_files/s.txt").read_text() == "hello\n"
+    assert stat.S_IMODE((tmp_path / "up/shared/initial_files/s.txt").stat().st_mode) == 0o751
+    asyncio.run(send(results, tmp_path / "res"))
+    assert os.readlink(tmp_path / "res/link") == "small.txt" and (tmp_path / "res/folder").is_dir()
+    assert (tmp_path / "res/big.bin").read_bytes() == (src / "big.bin").read_bytes()    # more than a socket holds
+
+
+def test_a_sender_cancelled_while_its_receiver_stalls_ends_its_thread(tmp_path):
+    """The thread writing a tar straight into a socket would wait for ever on a receiver that
+    stopped reading; cancelling the send shuts the socket down, so the thread ends."""
+    import asyncio
+    import socket
+    import threading
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 << 20))
+
+    async def go():
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        reader, writer = await asyncio.open_unix_connection(sock=a)
+        before = threading.active_count()
+        task = asyncio.ensure_future(distribute.send_tar_stream(writer, [("big.bin", str(big))]))
+        deadline = time.monotonic() + 30
+        while not select.select([b], [], [], 0)[0] or threading.active_count() == before:
+            assert time.monotonic() < deadline, "the sender never started"
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while threading.active_count() > before:
+            assert time.monotonic() < deadline, "the sending thread still waits on the stalled receiver"
+            await asyncio.sleep(0.01)
+        writer.close()
+        b.close()
+    asyncio.run(go())
