@@ -4842,7 +4842,8 @@ class SparseWriter:
         if self.sparse:
             self.buffer = memoryview(stage_buffer())
             self.filled, self.offset = 0, 0     # bytes in the buffer; where its first one goes in the file
-            self.direct = direct and size >= DIRECT_MIN and direct_writes(fd, True)
+            self.direct = (direct and size >= DIRECT_MIN and file_system_type(fd) in LOCAL_DISK_FILE_SYSTEMS
+                           and direct_writes(fd, True))
 
     def write(self, piece) -> None:
         if not self.sparse:
@@ -4897,6 +4898,31 @@ class SparseWriter:
             self.flush()
             if self.holes:
                 os.ftruncate(self.fd, size)
+
+
+# O_DIRECT only where it is plain and fast: on NFS every direct write is a round trip of its own
+# to the server, and FUSE or overlay file systems may take the flag and handle it badly.
+LOCAL_DISK_FILE_SYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "f2fs", "jfs"})
+_FILE_SYSTEM_TYPES: Dict[int, str] = {}
+
+
+def file_system_type(fd: int) -> str:
+    """The type of the file system fd is on ("ext4", "nfs4", ...), from /proc/self/mountinfo by
+    device number; "" when unknown (no /proc, a device it does not list)."""
+    device = os.fstat(fd).st_dev
+    if device not in _FILE_SYSTEM_TYPES:
+        wanted, found = f"{os.major(device)}:{os.minor(device)}", ""
+        try:
+            with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+                for line in mounts:
+                    fields, _, rest = line.partition(" - ")
+                    if len(fields.split()) > 2 and fields.split()[2] == wanted and rest:
+                        found = rest.split()[0]
+                        break
+        except OSError:
+            pass
+        _FILE_SYSTEM_TYPES[device] = found
+    return _FILE_SYSTEM_TYPES[device]
 
 
 def direct_writes(fd: int, on: bool) -> bool:

@@ -912,6 +912,7 @@ def test_a_big_file_lands_byte_for_byte_and_sparse_around_the_page_cache(tmp_pat
             raise OSError(22, "Invalid argument")
         return pwrite(fd, data, offset)
     monkeypatch.setattr(distribute, "direct_writes", spy)
+    monkeypatch.setattr(distribute, "file_system_type", lambda fd: "ext4")     # whatever /tmp is here
     if how == "write_refused":
         monkeypatch.setattr(os, "pwrite", refusing_pwrite)
     hole, rng = distribute.HOLE_MIN, os.urandom
@@ -996,3 +997,21 @@ def test_a_sender_cancelled_while_its_receiver_stalls_ends_its_thread(tmp_path):
         writer.close()
         b.close()
     asyncio.run(go())
+
+
+def test_o_direct_is_asked_for_on_local_disks_only(tmp_path, monkeypatch):
+    """On NFS (or FUSE, overlay, tmpfs) a big received file goes through the page cache: a direct
+    write there is a round trip of its own to the server.  The type is read from the kernel."""
+    with open("/proc/self/status", "rb") as proc:
+        assert distribute.file_system_type(proc.fileno()) == "proc"
+    asked = []
+    monkeypatch.setattr(distribute, "direct_writes", lambda fd, on: asked.append(on) or False)
+    monkeypatch.setattr(distribute, "file_system_type", lambda fd: "nfs4")
+    big = os.urandom(distribute.DIRECT_MIN + 4096)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("big.bin")
+        info.size = len(big)
+        tar.addfile(info, io.BytesIO(big))
+    distribute.extract_tar(buffer.getvalue(), tmp_path / "archive", direct=True)
+    assert (tmp_path / "archive" / "big.bin").read_bytes() == big and asked == []
