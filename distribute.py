@@ -6582,7 +6582,7 @@ def watch_children_by_pidfd() -> None:
     if watcher is None or sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
         return
     try:
-        os.close(os.pidfd_open(os.getpid()))
+        os.close(os.pidfd_open(os.getpid()))       # novermin (3.9+: checked by hasattr above)
     except OSError:                     # a kernel before 5.3, or a sandbox that refuses it
         return
     chosen = watcher()
