@@ -2076,6 +2076,21 @@ def _plain_part(part: str) -> str:
     return part
 
 
+def open_regular_file(path: Union[str, Path], extra_flags: int = 0) -> Optional[Tuple[int, os.stat_result]]:
+    """(descriptor, stat) of path opened for reading, never through a link; None when it is
+    not a regular file that can be opened (gone, a link, a folder, a FIFO)."""
+    import stat
+    try:
+        fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC | extra_flags)
+    except OSError:
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        return None
+    return fd, info
+
+
 def open_folder_at(dir_fd: int, name: str, create: bool = False) -> int:
     """The folder `name` inside the folder dir_fd, opened without following a link
     (made first when missing and `create`)."""
@@ -4495,17 +4510,13 @@ def plain_files_tar(entries: List[Tuple[str, str]]) -> Optional[bytes]:
     and small results): ustar headers made directly (see ustar_header), whole seconds, no
     owner names, no padding to tarfile's 10 KiB records.  None when any entry is something
     else (a folder, a link, a long name): then tarfile writes it all, as before."""
-    import stat
     parts = []
     for name, path in entries:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | _CLOEXEC)
-        except OSError:
+        opened = open_regular_file(path)
+        if opened is None:
             return None
+        fd, info = opened
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                return None
             header = ustar_header(name, info.st_size, int(info.st_mtime), info.st_mode & 0o777)
             if header is None:
                 return None
@@ -5814,16 +5825,11 @@ def remove_pause_lock(folder: Path, user: str, pid: Optional[int] = None) -> boo
 
 def read_pause_lock(path: Path) -> Optional[Tuple[PauseLock, os.stat_result]]:
     """The lock in `path` and the file's stat, or None for anything that is not a sound lock file."""
-    import stat
-    try:
-        # O_NONBLOCK: a FIFO planted under a lock's name must not hang the supervisor.
-        fd = os.open(str(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
+    opened = open_regular_file(path, os.O_NONBLOCK)   # a FIFO planted under a lock's name must not hang us
+    if opened is None:
         return None
+    fd, info = opened
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return None
         data = json.loads(os.read(fd, _PAUSE_LOCK_MAX_BYTES).decode())
         lock = PauseLock(
             # Who paused is whoever owns the file: a lock cannot speak for someone else.
