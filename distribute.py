@@ -2091,6 +2091,17 @@ def open_regular_file(path: Union[str, Path], extra_flags: int = 0) -> Optional[
     return fd, info
 
 
+def read_up_to(fd: int, size: int) -> bytes:
+    """size bytes from fd's position on; fewer only where the file ends sooner."""
+    data = os.read(fd, size) if size else b""
+    while data and len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 def open_folder_at(dir_fd: int, name: str, create: bool = False) -> int:
     """The folder `name` inside the folder dir_fd, opened without following a link
     (made first when missing and `create`)."""
@@ -4520,12 +4531,9 @@ def plain_files_tar(entries: List[Tuple[str, str]]) -> Optional[bytes]:
             header = ustar_header(name, info.st_size, int(info.st_mtime), info.st_mode & 0o777)
             if header is None:
                 return None
-            data = os.read(fd, info.st_size) if info.st_size else b""
-            while len(data) < info.st_size:
-                more = os.read(fd, info.st_size - len(data))
-                if not more:
-                    return None
-                data += more
+            data = read_up_to(fd, info.st_size)
+            if len(data) < info.st_size:
+                return None                     # it shrank meanwhile
         finally:
             os.close(fd)
         parts += [header, data, bytes(-len(data) % 512)]
@@ -4927,7 +4935,8 @@ def file_system_type(fd: int) -> str:
             with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
                 for line in mounts:
                     fields, _, rest = line.partition(" - ")
-                    if len(fields.split()) > 2 and fields.split()[2] == wanted and rest:
+                    fields = fields.split()
+                    if len(fields) > 2 and fields[2] == wanted and rest:
                         found = rest.split()[0]
                         break
         except OSError:
@@ -7465,7 +7474,6 @@ def open_archived_file(root: Path, rel: str, checked_dirs: Optional[set] = None)
     """root/rel opened for reading if it is a regular file reached through no symlink
     (a client may name any path, not only what the manifest listed); else None.
     checked_dirs remembers folders already found symlink-free (one realpath per folder)."""
-    import stat
     path = os.path.join(str(root), check_archive_rel(rel))    # the realpath test below keeps it inside
     folder = os.path.dirname(path)
     if checked_dirs is None or folder not in checked_dirs:
@@ -7473,15 +7481,8 @@ def open_archived_file(root: Path, rel: str, checked_dirs: Optional[set] = None)
             return None
         if checked_dirs is not None:
             checked_dirs.add(folder)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC)
-    except OSError:
-        return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        return None
-    return ArchivedFile(fd, info)
+    opened = open_regular_file(path, os.O_NONBLOCK)
+    return ArchivedFile(*opened) if opened is not None else None
 
 
 class ArchivedFile(io.FileIO):
@@ -7554,12 +7555,9 @@ class TarWriter:
             self.flush()
             self.send_file(rel, fd, size)
         elif size:
-            data = os.read(fd, size)
-            while len(data) < size:
-                more = os.read(fd, size - len(data))
-                if not more:
-                    raise Failed(f"{rel}: the file shrank while being sent")
-                data += more
+            data = read_up_to(fd, size)
+            if len(data) < size:
+                raise Failed(f"{rel}: the file shrank while being sent")
             self.buffer += data
         self.buffer += bytes(-size % tarfile.BLOCKSIZE)
         if len(self.buffer) >= self.FLUSH:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchcommon import INSTALLED, ROOT, HeadProcess, compile_module, machine, report, shell_job_file  # noqa: E402
+from benchcommon import INSTALLED, ROOT, compile_module, head_behind_sshd, machine, report, shell_job_file  # noqa: E402
 
 import sshd as sshd_lib  # noqa: E402
 
@@ -81,15 +81,7 @@ def main():
     compile_module()
     base = Path(tempfile.mkdtemp(prefix="bench-client-", dir="/var/tmp"))
     os.chmod(base, 0o755)
-    keys = sshd_lib.KeyStore(base / "keys")
-    head_sshd = sshd_lib.Sshd("head", host_key=keys.get("host-head")).start()
-    alice = sshd_lib.SshClientHome("alice", key=keys.get("client"))
-    alice.add_host("head", head_sshd, "dalice")
-    head_env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "SSH_AGENT_PID")}
-    head_env["HOME"] = str(base)
-    nodes_text = ("nodes:\n  - name: away\n    host: 127.0.0.1\n    port: 9\n    user: nobody\n"
-                  "    capabilities: [benchcap]\n")
-    head = HeadProcess(None, nodes_text, head_env, extra=["--group", "distribute"])
+    head_sshd, alice, head = head_behind_sshd(base)
     result = {"batches": args.batches, "per_batch": args.per_batch, "rounds": args.rounds, "machine": machine()}
     try:
         head.start()
@@ -107,10 +99,10 @@ def main():
         timed(remote + ["add", str(mine)], client_env)
         job = "dalice/mine/j00000"
         runs = {
-            "python_pass": ([sys.executable, "-c", "pass"], head_env),
-            "local_status": (local + ["status", "--json"], head_env),
-            "local_nodes": (local + ["nodes"], head_env),
-            "local_logs": (local + ["logs", job], head_env),
+            "python_pass": ([sys.executable, "-c", "pass"], head.env),
+            "local_status": (local + ["status", "--json"], head.env),
+            "local_nodes": (local + ["nodes"], head.env),
+            "local_logs": (local + ["logs", job], head.env),
             "ssh_true": (alice.ssh("head", "true"), client_env),
             "ssh_status": (remote + ["status", "--json"], client_env),
             "ssh_nodes": (remote + ["nodes"], client_env),

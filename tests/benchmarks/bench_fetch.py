@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchcommon import (INSTALLED, Cluster, HeadProcess, compile_module, machine, node_workdirs,  # noqa: E402
+from benchcommon import (INSTALLED, Cluster, HeadProcess, compile_module, head_behind_sshd, machine, node_workdirs,  # noqa: E402
                          nodes_yaml, pyz_path, report, shell_job_file, wait_batch_done, wait_until)
 
 import psutil  # noqa: E402
@@ -219,15 +219,7 @@ def measure(args, work: Path, carriers):
         sshd_lib.ensure_users()
         sshd_lib.ensure_privsep_dir()
         compile_module()
-        keys = sshd_lib.KeyStore(work / "keys")
-        head_sshd = sshd_lib.Sshd("head", host_key=keys.get("host-head")).start()
-        alice = sshd_lib.SshClientHome("alice", key=keys.get("client"))
-        alice.add_host("head", head_sshd, "dalice")
-        head_env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "SSH_AGENT_PID")}
-        head_env["HOME"] = str(work)
-        nodes_text = ("nodes:\n  - name: away\n    host: 127.0.0.1\n    port: 9\n    user: nobody\n"
-                      "    capabilities: [benchcap]\n")
-        head = HeadProcess(None, nodes_text, head_env, extra=["--group", "distribute"])
+        head_sshd, alice, head = head_behind_sshd(work)
         head.start()
         os.chmod(head.dir, 0o755)
         cleanup = [head.stop, alice.close, head_sshd.stop, lambda: shutil.rmtree(head.dir, ignore_errors=True)]

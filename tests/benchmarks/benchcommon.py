@@ -1,4 +1,4 @@
-"""Helpers shared by bench_dispatch.py, bench_scale.py and bench_startup.py.
+"""Helpers shared by the benchmark scripts in this folder.
 
 Not a test module: the benchmark scripts import it from their own folder.  It
 starts real sshd nodes (tests/sshd.py), a real head (tests/cluster.py), builds
@@ -37,6 +37,22 @@ INSTALLED = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r
 def compile_module() -> None:
     import py_compile
     py_compile.compile(str(ROOT / "distribute.py"), doraise=True)
+
+
+def head_behind_sshd(home: Path):
+    """A head on this machine (socket group `distribute`; one node, declared with `benchcap`,
+    that never answers, so jobs stay queued) and a lab member, dalice, who reaches its machine
+    through a real sshd with her own key and known_hosts: (sshd, her SSH home, the head, not
+    started; the head's own HOME is `home`)."""
+    keys = sshd.KeyStore(home / "keys")
+    head_sshd = sshd.Sshd("head", host_key=keys.get("host-head")).start()
+    alice = sshd.SshClientHome("alice", key=keys.get("client"))
+    alice.add_host("head", head_sshd, "dalice")
+    head_env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "SSH_AGENT_PID")}
+    head_env["HOME"] = str(home)
+    nodes_text = ("nodes:\n  - name: away\n    host: 127.0.0.1\n    port: 9\n    user: nobody\n"
+                  "    capabilities: [benchcap]\n")
+    return head_sshd, alice, HeadProcess(None, nodes_text, head_env, extra=["--group", "distribute"])
 
 
 def machine() -> dict:
